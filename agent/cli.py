@@ -1,0 +1,115 @@
+"""The `device-agent` commands of CONTRACT.md; maps errors to exit codes (0, 78 config, 1 other).
+
+Each command's module is imported only when that command runs, so `check-config` and `status`
+start fast on a Pi and `watch` does not pay for msal or luma.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from agent import __version__
+from agent.errors import AgentError, ConfigError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h; systemd's RestartPreventExitStatus uses it
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="device-agent",
+                                description="Device-code sign-in and durable telemetry for headless devices.")
+    p.add_argument("--version", action="version", version=f"device-agent {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("--config", metavar="PATH",
+                        help="config file (default: $DEVICE_AGENT_CONFIG, else /etc/device-agent/config.toml)")
+        return sp
+
+    with_config(sub.add_parser("run", help="run the agent (the systemd service)"))
+    demo = sub.add_parser("demo", help="the whole agent on simulated hardware and services; nothing to configure")
+    demo.add_argument("--auto-approve", type=float, metavar="S", default=None,
+                      help="approve the sign-in automatically after S seconds")
+    demo.add_argument("--duration", type=float, metavar="S", default=None, help="stop after S seconds")
+    demo.add_argument("--display", choices=("console", "png", "none"), default="console",
+                      help="where to draw the panel (default: console)")
+    with_config(sub.add_parser("check-config", help="validate and print the effective config"))
+    st = with_config(sub.add_parser("status", help="sign-in state, account, outbox, last upload"))
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    with_config(sub.add_parser("sign-out", help="forget the cached account and tokens"))
+
+    w = sub.add_parser("watch", help="admin view: every device's code and status from the broker")
+    w.add_argument("--url", required=True, help="mqtt://host:port or mqtts://host:port")
+    w.add_argument("--prefix", default="device-agent", help="topic prefix (default: device-agent)")
+    w.add_argument("--ca-file", default="", help="PEM CA bundle for mqtts://")
+    w.add_argument("--username", default="")
+    w.add_argument("--password-file", default="")
+    w.add_argument("--json", action="store_true", help="one JSON object per line")
+    w.add_argument("--count", type=int, default=None, help=argparse.SUPPRESS)  # tests/bench: stop after N
+    w.add_argument("--timeout", type=float, default=None, help="stop after S seconds")
+
+    sim = sub.add_parser("sim", help="run a simulated service standalone (loopback only)")
+    sim.add_argument("service", choices=("idp", "api"))
+    sim.add_argument("args", nargs=argparse.REMAINDER, help="options of the simulated service (--help)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except AgentError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from agent import config
+
+    cmd = args.command
+    if cmd == "check-config":
+        settings = config.load(config.config_path(args.config))
+        print(json.dumps(config.masked(settings), indent=2, ensure_ascii=False))
+        print(f"{settings.path}: OK", file=sys.stderr)
+        return EXIT_OK
+    if cmd == "run":
+        from agent import service
+
+        return service.run_service(config.load(config.config_path(args.config)))
+    if cmd == "demo":
+        from agent import demo
+
+        return demo.run_demo(auto_approve_s=args.auto_approve, duration_s=args.duration,
+                             display=args.display)
+    if cmd == "status":
+        from agent import statusfile
+
+        return statusfile.show_status(config.load(config.config_path(args.config)), as_json=args.json)
+    if cmd == "sign-out":
+        from agent import statusfile
+
+        return statusfile.sign_out(config.load(config.config_path(args.config)))
+    if cmd == "watch":
+        from agent import watch
+
+        return watch.run_watch(url=args.url, prefix=args.prefix, ca_file=args.ca_file,
+                               username=args.username, password_file=args.password_file,
+                               as_json=args.json, count=args.count, timeout_s=args.timeout)
+    if cmd == "sim":
+        if args.service == "idp":
+            from agent.sim import idp
+
+            return idp.main(args.args)
+        from agent.sim import api
+
+        return api.main(args.args)
+    raise AssertionError(cmd)  # argparse restricts the choices

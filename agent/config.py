@@ -1,0 +1,501 @@
+"""TOML configuration -> frozen dataclasses. The only reader of the config file and environment.
+
+Every key is checked here so that the rest of the agent can trust its settings; a mistake
+becomes one ``ConfigError`` line naming the file and the dotted key (CONTRACT.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from agent.errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/device-agent/config.toml")
+DEFAULT_STATE_DIR = Path("/var/lib/device-agent")
+
+_DEVICE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_SENSOR_NAME = re.compile(r"^[a-z0-9_.-]{1,64}$")
+_TOPIC_PREFIX = re.compile(r"^[^#+\x00]{1,128}$")
+
+SENSOR_TYPES = ("cpu_temperature", "ds18b20", "bme280", "gpio_counter", "simulated")
+DISPLAY_DRIVERS = ("ssd1306", "sh1106", "png", "console", "none")
+SINKS = ("http", "graph_list", "graph_excel")
+WAVEFORMS = ("sine", "square", "sawtooth", "constant", "ramp")
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    id: str
+    state_dir: Path
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    client_id: str
+    scopes: tuple[str, ...]
+    authority: str | None = None
+    oidc_authority: str | None = None
+    instance_discovery: bool = True
+    ca_file: str = ""
+    timeout_s: float = 30.0
+    auto_renew_codes: int = 3
+
+    @property
+    def authority_url(self) -> str:
+        """Whichever of ``authority``/``oidc_authority`` is set (exactly one is)."""
+        return self.authority or self.oidc_authority or ""
+
+
+@dataclass(frozen=True)
+class DisplaySettings:
+    driver: str = "none"
+    interface: str = "i2c"
+    port: int = 1
+    address: int = 0x3C
+    rotate: int = 0
+    contrast: int = 255
+    path: str = "/run/device-agent/screen.png"
+    sleep_after_s: float = 300.0
+    on_stop: str = "stopped"   # stopped | blank: what the panel shows after the service stops
+
+
+@dataclass(frozen=True)
+class GpioSettings:
+    backend: str = "rpi"
+    button: int | None = None
+    led: int | None = None
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    url: str
+    username: str = ""
+    password_file: str = ""
+    ca_file: str = ""
+    client_cert: str = ""
+    client_key: str = ""
+    topic_prefix: str = "device-agent"
+    allow_insecure: bool = False
+    keepalive_s: int = 30
+
+
+@dataclass(frozen=True)
+class SensorSettings:
+    name: str
+    type: str
+    interval_s: float = 60.0
+    path: str = ""          # cpu_temperature: sysfs file; ds18b20: optional sysfs base
+    device: str = ""        # ds18b20: 28-xxxxxxxxxxxx
+    address: int = 0x76     # bme280
+    port: int = 1           # bme280: /dev/i2c-N
+    pin: int | None = None  # gpio_counter (BCM)
+    waveform: str = "sine"  # simulated
+    period_s: float = 60.0  # simulated
+    amplitude: float = 5.0  # simulated
+    offset: float = 20.0    # simulated
+    unit: str = ""          # simulated (default °C)
+
+
+@dataclass(frozen=True)
+class UploadSettings:
+    sink: str = "http"
+    url: str = ""
+    ca_file: str = ""
+    batch_max: int = 500
+    interval_s: float = 10.0
+    timeout_s: float = 30.0
+    outbox_max_rows: int = 1_000_000
+    outbox_max_bytes: int = 256 * 1024 * 1024
+    graph_url: str = "https://graph.microsoft.com/v1.0"
+    site_id: str = ""
+    list_id: str = ""
+    item_path: str = ""
+    table: str = ""
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Settings:
+    path: Path
+    device: DeviceSettings
+    auth: AuthSettings
+    display: DisplaySettings = field(default_factory=DisplaySettings)
+    gpio: GpioSettings = field(default_factory=GpioSettings)
+    mqtt: MqttSettings | None = None
+    sensors: tuple[SensorSettings, ...] = ()
+    upload: UploadSettings = field(default_factory=UploadSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+    @property
+    def token_cache_path(self) -> Path:
+        return self.device.state_dir / "token_cache.json"
+
+    @property
+    def outbox_path(self) -> Path:
+        return self.device.state_dir / "outbox.sqlite3"
+
+
+def config_path(cli_value: str | None, environ: Mapping[str, str] | None = None) -> Path:
+    """``--config``, else ``$DEVICE_AGENT_CONFIG``, else /etc/device-agent/config.toml."""
+    env = os.environ if environ is None else environ
+    if cli_value:
+        return Path(cli_value)
+    if env.get("DEVICE_AGENT_CONFIG"):
+        return Path(env["DEVICE_AGENT_CONFIG"])
+    return DEFAULT_PATH
+
+
+def load(path: Path, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate ``path``.
+
+    Raises:
+        ConfigError: one line, ``FILE: KEY: what is wrong and what is allowed``.
+    """
+    env = os.environ if environ is None else environ
+    try:
+        with path.open("rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found (pass --config PATH or set DEVICE_AGENT_CONFIG)") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: {_toml_position(err)}: TOML syntax error: {_toml_reason(err)}") from err
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from err
+    return parse(raw, path, env)
+
+
+def parse(raw: Mapping[str, Any], path: Path, environ: Mapping[str, str] | None = None) -> Settings:
+    """Validate an already-parsed TOML document (tests and the demo build dicts directly)."""
+    env = os.environ if environ is None else environ
+    c = _Checker(path)
+    c.unknown(raw, {"device", "auth", "display", "gpio", "mqtt", "sensors", "upload", "log"}, "")
+
+    dev = c.table(raw, "device")
+    c.unknown(dev, {"id", "state_dir"}, "device")
+    device_id = c.string(dev, "id", "device", default=_default_device_id())
+    if not _DEVICE_ID.match(device_id):
+        c.fail("device.id", f"{device_id!r} is not allowed; use 1-64 of A-Z a-z 0-9 . _ -")
+    state_dir = c.string(dev, "state_dir", "device",
+                         default=env.get("STATE_DIRECTORY", "").split(":")[0] or str(DEFAULT_STATE_DIR))
+    if not state_dir:
+        c.fail("device.state_dir", "must not be empty")
+    device = DeviceSettings(id=device_id, state_dir=Path(state_dir))
+
+    auth = _auth(c, c.table(raw, "auth", required=True))
+    display = _display(c, c.table(raw, "display"))
+    gpio = _gpio(c, c.table(raw, "gpio"))
+    mqtt = _mqtt(c, c.table(raw, "mqtt")) if "mqtt" in raw else None
+    sensors = _sensors(c, raw.get("sensors", []), gpio)
+    upload = _upload(c, c.table(raw, "upload"))
+
+    log_t = c.table(raw, "log")
+    c.unknown(log_t, {"level"}, "log")
+    level = c.choice(log_t, "level", "log", ("debug", "info", "warning", "error"), default="info")
+
+    return Settings(path=path, device=device, auth=auth, display=display, gpio=gpio, mqtt=mqtt,
+                    sensors=sensors, upload=upload, log=LogSettings(level=level))
+
+
+def _auth(c: _Checker, t: Mapping[str, Any]) -> AuthSettings:
+    c.unknown(t, {f.name for f in fields(AuthSettings)}, "auth")
+    client_id = c.string(t, "client_id", "auth", required=True)
+    if not client_id.strip():
+        c.fail("auth.client_id", "must not be empty")
+    authority = c.string(t, "authority", "auth", default="") or None
+    oidc = c.string(t, "oidc_authority", "auth", default="") or None
+    if authority and oidc:
+        c.fail("auth.authority, auth.oidc_authority", "set exactly one of them, not both")
+    if not authority and not oidc:
+        c.fail("auth.authority", "required (or auth.oidc_authority for a generic OIDC provider)")
+    key = "auth.authority" if authority else "auth.oidc_authority"
+    url = authority or oidc or ""
+    c.https(url, key)
+    parts = urlsplit(url)
+    if not parts.path.strip("/"):
+        c.fail(key, f"{url!r} needs a path segment (tenant or realm), e.g. https://host/tenant")
+    scopes_raw = t.get("scopes")
+    if scopes_raw is None:
+        c.fail("auth.scopes", "required: a non-empty list of scope strings")
+    if not isinstance(scopes_raw, list) or not scopes_raw:
+        c.fail("auth.scopes", "must be a non-empty list of strings")
+    for i, s in enumerate(scopes_raw):
+        if not isinstance(s, str) or not s.strip():
+            c.fail(f"auth.scopes[{i}]", "must be a non-empty string")
+    timeout_s = c.number(t, "timeout_s", "auth", default=30.0, minimum=0.1, maximum=600)
+    renew = c.integer(t, "auto_renew_codes", "auth", default=3, minimum=0, maximum=1000)
+    ca_file = c.file(t, "ca_file", "auth")
+    return AuthSettings(client_id=client_id, scopes=tuple(scopes_raw), authority=authority,
+                        oidc_authority=oidc,
+                        instance_discovery=c.boolean(t, "instance_discovery", "auth", default=True),
+                        ca_file=ca_file, timeout_s=timeout_s, auto_renew_codes=renew)
+
+
+def _display(c: _Checker, t: Mapping[str, Any]) -> DisplaySettings:
+    c.unknown(t, {f.name for f in fields(DisplaySettings)}, "display")
+    return DisplaySettings(
+        driver=c.choice(t, "driver", "display", DISPLAY_DRIVERS, default="none"),
+        interface=c.choice(t, "interface", "display", ("i2c", "spi"), default="i2c"),
+        port=c.integer(t, "port", "display", default=1, minimum=0, maximum=255),
+        address=c.integer(t, "address", "display", default=0x3C, minimum=0x03, maximum=0x77),
+        rotate=c.integer(t, "rotate", "display", default=0, minimum=0, maximum=3),
+        contrast=c.integer(t, "contrast", "display", default=255, minimum=0, maximum=255),
+        path=c.string(t, "path", "display", default="/run/device-agent/screen.png"),
+        sleep_after_s=c.number(t, "sleep_after_s", "display", default=300.0, minimum=0),
+        on_stop=c.choice(t, "on_stop", "display", ("stopped", "blank"), default="stopped"),
+    )
+
+
+def _gpio(c: _Checker, t: Mapping[str, Any]) -> GpioSettings:
+    c.unknown(t, {"backend", "button", "led"}, "gpio")
+    button = c.integer(t, "button", "gpio", default=None, minimum=0, maximum=53)
+    led = c.integer(t, "led", "gpio", default=None, minimum=0, maximum=53)
+    if button is not None and button == led:
+        c.fail("gpio.button, gpio.led", f"both use BCM pin {button}; give each its own pin")
+    return GpioSettings(backend=c.choice(t, "backend", "gpio", ("rpi", "fake"), default="rpi"),
+                        button=button, led=led)
+
+
+def _mqtt(c: _Checker, t: Mapping[str, Any]) -> MqttSettings:
+    c.unknown(t, {f.name for f in fields(MqttSettings)}, "mqtt")
+    url = c.string(t, "url", "mqtt", required=True)
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        c.fail("mqtt.url", f"{url!r} must look like mqtts://host[:port] or mqtt://host[:port]")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        c.fail("mqtt.url", f"{url!r} has an invalid port")
+    allow_insecure = c.boolean(t, "allow_insecure", "mqtt", default=False)
+    if parts.scheme == "mqtt" and not _is_loopback(parts.hostname or "") and not allow_insecure:
+        c.fail("mqtt.url", "mqtt:// (no TLS) is refused for a non-loopback host because the sign-in "
+                           "code would travel in clear; use mqtts:// or set mqtt.allow_insecure = true")
+    cert = c.file(t, "client_cert", "mqtt")
+    key = c.file(t, "client_key", "mqtt")
+    if bool(cert) != bool(key):
+        c.fail("mqtt.client_cert, mqtt.client_key", "set both or neither")
+    prefix = c.string(t, "topic_prefix", "mqtt", default="device-agent")
+    if not _TOPIC_PREFIX.match(prefix) or prefix.startswith("/") or prefix.endswith("/"):
+        c.fail("mqtt.topic_prefix", f"{prefix!r} must be a topic without + or # and no leading/trailing /")
+    return MqttSettings(url=url, username=c.string(t, "username", "mqtt", default=""),
+                        password_file=c.file(t, "password_file", "mqtt"),
+                        ca_file=c.file(t, "ca_file", "mqtt"), client_cert=cert, client_key=key,
+                        topic_prefix=prefix, allow_insecure=allow_insecure,
+                        keepalive_s=c.integer(t, "keepalive_s", "mqtt", default=30, minimum=5, maximum=3600))
+
+
+def _sensors(c: _Checker, raw: Any, gpio: GpioSettings) -> tuple[SensorSettings, ...]:
+    if not isinstance(raw, list):
+        c.fail("sensors", "must be an array of tables: [[sensors]]")
+    out: list[SensorSettings] = []
+    seen: dict[str, int] = {}
+    for i, t in enumerate(raw):
+        where = f"sensors[{i}]"
+        if not isinstance(t, dict):
+            c.fail(where, "must be a table")
+        c.unknown(t, {f.name for f in fields(SensorSettings)}, where)
+        name = c.string(t, "name", where, required=True)
+        if not _SENSOR_NAME.match(name):
+            c.fail(f"{where}.name", f"{name!r} is not allowed; use 1-64 of a-z 0-9 _ . -")
+        if name in seen:
+            c.fail(f"sensors[{seen[name]}].name, {where}.name", f"duplicate sensor name {name!r}")
+        seen[name] = i
+        kind = c.choice(t, "type", where, SENSOR_TYPES, required=True)
+        interval = c.number(t, "interval_s", where, default=60.0, minimum=0.01)
+        pin = c.integer(t, "pin", where, default=None, minimum=0, maximum=53)
+        if kind == "gpio_counter" and pin is None:
+            c.fail(f"{where}.pin", "required for type gpio_counter (BCM pin number)")
+        if pin is not None and pin in (gpio.button, gpio.led):
+            c.fail(f"{where}.pin", f"BCM pin {pin} is already used by [gpio]")
+        device = c.string(t, "device", where, default="")
+        if kind == "ds18b20" and not device:
+            c.fail(f"{where}.device", "required for type ds18b20 (e.g. '28-0316a2793fff')")
+        period = c.number(t, "period_s", where, default=60.0, minimum=0.001)
+        out.append(SensorSettings(
+            name=name, type=kind, interval_s=interval, path=c.string(t, "path", where, default=""),
+            device=device, address=c.integer(t, "address", where, default=0x76, minimum=0x03, maximum=0x77),
+            port=c.integer(t, "port", where, default=1, minimum=0, maximum=255), pin=pin,
+            waveform=c.choice(t, "waveform", where, WAVEFORMS, default="sine"), period_s=period,
+            amplitude=c.number(t, "amplitude", where, default=5.0),
+            offset=c.number(t, "offset", where, default=20.0),
+            unit=c.string(t, "unit", where, default=""),
+        ))
+    return tuple(out)
+
+
+def _upload(c: _Checker, t: Mapping[str, Any]) -> UploadSettings:
+    c.unknown(t, {f.name for f in fields(UploadSettings)}, "upload")
+    sink = c.choice(t, "sink", "upload", SINKS, default="http")
+    url = c.string(t, "url", "upload", default="")
+    graph_url = c.string(t, "graph_url", "upload", default="https://graph.microsoft.com/v1.0")
+    site_id = c.string(t, "site_id", "upload", default="")
+    list_id = c.string(t, "list_id", "upload", default="")
+    item_path = c.string(t, "item_path", "upload", default="")
+    table = c.string(t, "table", "upload", default="")
+    if sink == "http":
+        if not url:
+            c.fail("upload.url", "required for sink = \"http\"")
+        c.https(url, "upload.url")
+    else:
+        c.https(graph_url, "upload.graph_url")
+        needed = ("site_id", "list_id") if sink == "graph_list" else ("item_path", "table")
+        values = {"site_id": site_id, "list_id": list_id, "item_path": item_path, "table": table}
+        for k in needed:
+            if not values[k]:
+                c.fail(f"upload.{k}", f"required for sink = \"{sink}\"")
+        if sink == "graph_excel" and not item_path.startswith("/"):
+            c.fail("upload.item_path", "must start with / (e.g. \"/me/drive/root:/sensors.xlsx:\")")
+    return UploadSettings(
+        sink=sink, url=url, ca_file=c.file(t, "ca_file", "upload"),
+        batch_max=c.integer(t, "batch_max", "upload", default=500, minimum=1, maximum=10000),
+        interval_s=c.number(t, "interval_s", "upload", default=10.0, minimum=0.001),
+        timeout_s=c.number(t, "timeout_s", "upload", default=30.0, minimum=0.1, maximum=600),
+        outbox_max_rows=c.integer(t, "outbox_max_rows", "upload", default=1_000_000, minimum=10),
+        outbox_max_bytes=c.integer(t, "outbox_max_bytes", "upload", default=256 * 1024 * 1024,
+                                   minimum=64 * 1024),
+        graph_url=graph_url, site_id=site_id, list_id=list_id, item_path=item_path, table=table,
+    )
+
+
+def masked(settings: Settings) -> dict[str, Any]:
+    """The effective config as plain data, secrets masked (for ``check-config``)."""
+    data = _plain(dataclasses.asdict(settings))
+    if data.get("mqtt") and data["mqtt"].get("password_file"):
+        data["mqtt"]["password_file"] = data["mqtt"]["password_file"] + " (contents not shown)"
+    return data
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _default_device_id() -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64]
+    return name or "device"
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _toml_position(err: tomllib.TOMLDecodeError) -> str:
+    m = re.search(r"line (\d+)", str(err))
+    return f"line {m.group(1)}" if m else "syntax"
+
+
+def _toml_reason(err: tomllib.TOMLDecodeError) -> str:
+    return re.sub(r"\s*\(at line \d+, column \d+\)", "", str(err)) or "invalid TOML"
+
+
+class _Checker:
+    """Type/range checks that raise ConfigError naming ``file: dotted.key``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, key: str, message: str) -> Any:
+        raise ConfigError(f"{self.path}: {key}: {message}")
+
+    def _key(self, section: str, name: str) -> str:
+        return f"{section}.{name}" if section else name
+
+    def unknown(self, table: Mapping[str, Any], allowed: set[str], section: str) -> None:
+        extra = sorted(set(table) - allowed)
+        if extra:
+            self.fail(self._key(section, extra[0]),
+                      f"unknown key; allowed here: {', '.join(sorted(allowed))}")
+
+    def table(self, raw: Mapping[str, Any], name: str, required: bool = False) -> Mapping[str, Any]:
+        if name not in raw:
+            if required:
+                self.fail(name, f"required table [{name}] is missing")
+            return {}
+        t = raw[name]
+        if not isinstance(t, dict):
+            self.fail(name, f"must be a table [{name}], not {_typename(t)}")
+        return t
+
+    def string(self, t: Mapping[str, Any], name: str, section: str, *, required: bool = False,
+               default: str = "") -> str:
+        if name not in t:
+            if required:
+                self.fail(self._key(section, name), "required key is missing")
+            return default
+        v = t[name]
+        if not isinstance(v, str):
+            self.fail(self._key(section, name), f"must be a string, not {_typename(v)}")
+        return v
+
+    def file(self, t: Mapping[str, Any], name: str, section: str) -> str:
+        """A path that, when set, must name a readable file (checked now, not at 3 a.m.)."""
+        v = self.string(t, name, section, default="")
+        if v and not os.path.isfile(v):
+            self.fail(self._key(section, name), f"{v!r} is not a readable file")
+        return v
+
+    def boolean(self, t: Mapping[str, Any], name: str, section: str, *, default: bool) -> bool:
+        v = t.get(name, default)
+        if not isinstance(v, bool):
+            self.fail(self._key(section, name), f"must be true or false, not {_typename(v)}")
+        return v
+
+    def integer(self, t: Mapping[str, Any], name: str, section: str, *, default: Any,
+                minimum: int | None = None, maximum: int | None = None) -> Any:
+        if name not in t:
+            return default
+        v = t[name]
+        if isinstance(v, bool) or not isinstance(v, int):
+            self.fail(self._key(section, name), f"must be an integer, not {_typename(v)}")
+        self._range(v, section, name, minimum, maximum)
+        return v
+
+    def number(self, t: Mapping[str, Any], name: str, section: str, *, default: float,
+               minimum: float | None = None, maximum: float | None = None) -> float:
+        if name not in t:
+            return default
+        v = t[name]
+        if isinstance(v, bool) or not isinstance(v, int | float) or v != v:
+            self.fail(self._key(section, name), f"must be a number, not {_typename(v)}")
+        self._range(v, section, name, minimum, maximum)
+        return float(v)
+
+    def choice(self, t: Mapping[str, Any], name: str, section: str, allowed: tuple[str, ...], *,
+               default: str = "", required: bool = False) -> str:
+        v = self.string(t, name, section, default=default, required=required)
+        if v not in allowed:
+            self.fail(self._key(section, name), f"{v!r} is not one of: {', '.join(allowed)}")
+        return v
+
+    def https(self, url: str, key: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "https" or not parts.hostname:
+            self.fail(key, f"{url!r} must be an https:// URL")
+
+    def _range(self, v: float, section: str, name: str, lo: float | None, hi: float | None) -> None:
+        if lo is not None and v < lo or hi is not None and v > hi:
+            bounds = (f"{lo}..{hi}" if lo is not None and hi is not None
+                      else f">= {lo}" if lo is not None else f"<= {hi}")
+            self.fail(self._key(section, name), f"{v} is out of range; allowed {bounds}")
+
+
+def _typename(v: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "an array", dict: "a table"}.get(type(v), type(v).__name__)

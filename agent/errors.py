@@ -1,0 +1,41 @@
+"""The agent's one exception tree.
+
+    AgentError
+     ├── ConfigError (also ValueError)   bad config: exit 78, one line, no traceback
+     ├── AuthError                       sign-in could not proceed (message is for operators)
+     ├── UploadError                     a sink failed; ``retryable`` says whether to try again
+     └── NotifyError                     MQTT could not be set up (bad URL, TLS files, credentials)
+"""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Root of everything the agent raises on purpose."""
+
+
+class ConfigError(AgentError, ValueError):
+    """The configuration is wrong; the message names file and key."""
+
+
+class AuthError(AgentError):
+    """Sign-in failed in a way that has an operator-facing explanation."""
+
+
+class UploadError(AgentError):
+    """A batch could not be delivered.
+
+    ``retryable`` is False for rejections that will never succeed (dead-letter the batch);
+    ``retry_after_s`` is the minimum wait the server asked for, if any.
+    """
+
+    def __init__(self, message: str, *, retryable: bool, retry_after_s: float | None = None,
+                 status: int | None = None) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.retry_after_s = retry_after_s
+        self.status = status
+
+
+class NotifyError(AgentError):
+    """MQTT notifier setup failed."""

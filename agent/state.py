@@ -1,0 +1,182 @@
+"""AgentState: what the device knows, changed through methods, observed by screen, MQTT and status.
+
+Components never reach into each other; they publish here. Every change produces a new frozen
+``Snapshot`` and calls each observer with it (in the changing thread, so observers must be quick:
+the screen and the MQTT notifier hand work to their own threads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+Phase = Literal["starting", "signing_in", "signed_in", "error", "stopped"]
+LinkState = Literal["up", "down", "unknown", "off"]
+
+
+@dataclass(frozen=True)
+class DeviceCode:
+    """A user code as the IdP issued it. Times: monotonic for countdowns, wall for display/MQTT."""
+
+    user_code: str
+    verification_uri: str
+    expires_at_monotonic: float
+    expires_at_wall: datetime
+    interval_s: float
+    message: str = ""
+    verification_uri_complete: str | None = None
+
+    def seconds_left(self, now_monotonic: float | None = None) -> float:
+        now = time.monotonic() if now_monotonic is None else now_monotonic
+        return max(0.0, self.expires_at_monotonic - now)
+
+    @property
+    def qr_uri(self) -> str:
+        """What the QR holds: exactly the complete URI when the IdP sent one, else the plain URI."""
+        return self.verification_uri_complete or self.verification_uri
+
+    def public(self, device_id: str) -> dict[str, Any]:
+        """The MQTT/JSON shape of CONTRACT.md (no secrets in a user code)."""
+        data: dict[str, Any] = {
+            "device_id": device_id,
+            "user_code": self.user_code,
+            "verification_uri": self.verification_uri,
+            "expires_at": self.expires_at_wall.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "message": self.message or f"To sign in, open {self.verification_uri} and enter the code "
+                                       f"{self.user_code}.",
+        }
+        if self.verification_uri_complete:
+            data["verification_uri_complete"] = self.verification_uri_complete
+        return data
+
+
+@dataclass(frozen=True)
+class OutboxCounts:
+    pending: int = 0
+    dead: int = 0
+    dropped: int = 0
+
+
+@dataclass(frozen=True)
+class LastReading:
+    sensor: str
+    value: float | None
+    unit: str
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One consistent view of the agent; observers get a new one on every change."""
+
+    phase: Phase = "starting"
+    account: str | None = None
+    code: DeviceCode | None = None
+    error: str | None = None                  # one short operator line: what to do
+    renewals_exhausted: bool = False          # codes ran out: button / renew_code / restart
+    notice: str | None = None                 # transient message (e.g. "code declined", "hold to sign out")
+    outbox: OutboxCounts = field(default_factory=OutboxCounts)
+    last_upload: datetime | None = None
+    last_reading: LastReading | None = None
+    links: dict[str, LinkState] = field(default_factory=dict)   # "idp", "api", "mqtt"
+    version: int = 0                          # increases on every change
+
+    def status_payload(self, version: str) -> dict[str, Any]:
+        """The retained MQTT status / `status --json` shape of CONTRACT.md."""
+        return {
+            "state": self.phase if self.phase != "stopped" else "offline",
+            "account": self.account,
+            "error": self.error,
+            "outbox": dataclasses.asdict(self.outbox),
+            "last_upload": iso(self.last_upload),
+            "version": version,
+        }
+
+
+Observer = Callable[[Snapshot], None]
+
+
+class AgentState:
+    """Thread-safe holder of the current ``Snapshot``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._snapshot = Snapshot()
+        self._observers: list[Observer] = []
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    def subscribe(self, observer: Observer) -> None:
+        """Call ``observer`` now with the current snapshot and after every change."""
+        with self._lock:
+            self._observers.append(observer)
+            snap = self._snapshot
+        _call(observer, snap)
+
+    def unsubscribe(self, observer: Observer) -> None:
+        with self._lock:
+            if observer in self._observers:
+                self._observers.remove(observer)
+
+    def update(self, **changes: Any) -> Snapshot:
+        """Apply ``changes`` (Snapshot field names) and notify observers if anything changed."""
+        with self._lock:
+            old = self._snapshot
+            if all(getattr(old, k) == v for k, v in changes.items()):
+                return old
+            snap = dataclasses.replace(old, version=old.version + 1, **changes)
+            self._snapshot = snap
+            observers = list(self._observers)
+        for obs in observers:
+            _call(obs, snap)
+        return snap
+
+    # Named transitions, so callers say what happened rather than which fields to set.
+
+    def code_issued(self, code: DeviceCode) -> None:
+        self.update(phase="signing_in", code=code, error=None, renewals_exhausted=False)
+
+    def code_cleared(self, notice: str | None = None) -> None:
+        self.update(code=None, notice=notice)
+
+    def signed_in(self, account: str | None) -> None:
+        self.update(phase="signed_in", account=account, code=None, error=None,
+                    renewals_exhausted=False, notice=None)
+
+    def signed_out(self) -> None:
+        self.update(phase="signing_in", account=None, code=None)
+
+    def failed(self, message: str) -> None:
+        self.update(phase="error", error=message, code=None)
+
+    def set_link(self, name: str, link: LinkState) -> None:
+        with self._lock:
+            links = dict(self._snapshot.links)
+        if links.get(name) != link:
+            links[name] = link
+            self.update(links=links)
+
+
+def iso(when: datetime | None) -> str | None:
+    """UTC ISO-8601 with milliseconds and Z, as in CONTRACT.md payloads."""
+    if when is None:
+        return None
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+
+
+def _call(observer: Observer, snap: Snapshot) -> None:
+    try:
+        observer(snap)
+    except Exception:
+        # An observer bug must not break the component that changed the state.
+        log.exception("state observer %r failed", observer)

@@ -1,0 +1,60 @@
+"""The small protocols the agent programs against. Real backends and fakes both implement them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+from PIL import Image
+
+Pull = Literal["up", "down", "off"]
+Edge = Literal["rising", "falling", "both"]
+
+
+@runtime_checkable
+class Gpio(Protocol):
+    """Digital pins, BCM numbering. Implemented by RpiGpio and FakeGpio."""
+
+    def setup_input(self, pin: int, *, pull: Pull = "up",
+                    on_edge: Callable[[int, bool], None] | None = None,
+                    edge: Edge = "both", bounce_ms: int = 0) -> None: ...
+    def setup_output(self, pin: int, *, initial: bool = False) -> None: ...
+    def read(self, pin: int) -> bool: ...
+    def write(self, pin: int, value: bool) -> None: ...
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Display(Protocol):
+    """A panel that shows a PIL image of exactly ``size`` in ``mode`` ("1" for OLEDs)."""
+
+    size: tuple[int, int]
+    mode: str
+
+    def show(self, image: Image.Image) -> None: ...
+    def power(self, on: bool) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One value read from a sensor, in ``unit``.
+
+    ``quantity`` is empty for single-value sensors; multi-value ones (BME280) name each value
+    ("temperature", "humidity", "pressure") and the sampler reports it as ``<sensor>.<quantity>``.
+    """
+
+    value: float
+    unit: str
+    quantity: str = ""
+
+
+@runtime_checkable
+class Sensor(Protocol):
+    """Something that can be read. ``read`` raises HardwareError when it cannot."""
+
+    kind: str
+
+    def read(self) -> list[Measurement]: ...
+    def close(self) -> None: ...
