@@ -1,0 +1,118 @@
+"""`device-agent demo`: the whole agent on a laptop, nothing to configure, nothing written outside a temp dir.
+
+Starts the simulated Entra ID and telemetry API on loopback (with a throwaway CA), then runs the
+real service with fake GPIO, simulated sensors and the console (or png) display. A person signs in
+in a browser at the printed URL, or ``--auto-approve S`` approves after S seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from agent import config, logs
+from agent.service import Service
+
+log = logging.getLogger("agent.demo")
+
+DEMO_CLIENT_ID = "device-agent-demo"
+DEMO_SCOPE = "api://telemetry/Readings.Write"
+
+
+def demo_config(tmp: Path, *, authority: str, api_url: str, ca_file: Path, display: str) -> dict[str, Any]:
+    """The TOML the demo would have needed, as a dict: printed so people can copy it."""
+    return {
+        "device": {"id": "demo-device", "state_dir": str(tmp / "state")},
+        "auth": {"client_id": DEMO_CLIENT_ID, "authority": authority, "instance_discovery": False,
+                 "scopes": [DEMO_SCOPE], "ca_file": str(ca_file), "timeout_s": 10, "auto_renew_codes": 3},
+        "display": {"driver": display, "path": str(tmp / "screen.png"), "sleep_after_s": 0},
+        "gpio": {"backend": "fake", "button": 17, "led": 27},
+        "sensors": [
+            {"name": "temperature", "type": "simulated", "interval_s": 1.0, "waveform": "sine",
+             "period_s": 60.0, "amplitude": 3.0, "offset": 21.0, "unit": "°C"},
+            {"name": "humidity", "type": "simulated", "interval_s": 2.0, "waveform": "sawtooth",
+             "period_s": 120.0, "amplitude": 10.0, "offset": 45.0, "unit": "%"},
+        ],
+        "upload": {"sink": "http", "url": api_url, "ca_file": str(ca_file), "interval_s": 2.0,
+                   "batch_max": 100},
+        "log": {"level": "info"},
+    }
+
+
+def run_demo(*, auto_approve_s: float | None, duration_s: float | None, display: str = "console") -> int:
+    from agent.sim.api import SimApi
+    from agent.sim.idp import SimIdp
+    from agent.sim.tls import make_tls
+
+    logs.setup("info")
+    tmp = Path(tempfile.mkdtemp(prefix="device-agent-demo-"))
+    idp = api = None
+    try:
+        tls = make_tls(tmp / "tls")
+        idp = SimIdp(tls, client_id=DEMO_CLIENT_ID).start()
+        idp.auto_approve_after_s = auto_approve_s
+        api = SimApi(tls, jwks_url=idp.jwks_url, issuer=idp.issuer, audience="api://telemetry",
+                     ca_file=str(tls.ca_file), db_path=tmp / "api.sqlite3").start()
+        raw = demo_config(tmp, authority=idp.authority, api_url=api.url, ca_file=tls.ca_file, display=display)
+        settings = config.parse(raw, Path("<demo>"))
+        _banner(idp, api, tmp, auto_approve_s)
+        service = Service(settings)
+        watcher = threading.Thread(target=_summaries, args=(service, api, settings.device.id, duration_s),
+                                   name="demo-summary", daemon=True)
+        watcher.start()
+        code = service.run()
+        _final(service, api, settings.device.id)
+        return code
+    finally:
+        for peer in (api, idp):
+            if peer is not None:
+                peer.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _banner(idp: Any, api: Any, tmp: Path, auto_approve_s: float | None) -> None:
+    lines = [
+        "device-agent demo — everything below runs on this machine (loopback only)",
+        f"  identity provider  {idp.authority}   (simulated Entra ID)",
+        f"  telemetry API      {api.url}",
+        f"  temp dir           {tmp}   (removed at exit)",
+        f"  sign in            open {idp.devicelogin_url} and enter the code the panel shows",
+        "                     (the demo CA is self-made: your browser will warn; that is expected)",
+    ]
+    if auto_approve_s is not None:
+        lines.append(f"  auto-approve       the code will be approved after {auto_approve_s:g} s")
+    lines.append("  stop               Ctrl-C")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def _summaries(service: Service, api: Any, device_id: str, duration_s: float | None) -> None:
+    """A live one-line summary every few seconds; stops the service after ``duration_s``."""
+    start = time.monotonic()
+    stop = service.stop_event
+    while not stop.wait(5.0 if duration_s is None else min(5.0, max(0.05, duration_s - (time.monotonic() - start)))):
+        if duration_s is not None and time.monotonic() - start >= duration_s:
+            log.info("demo: --duration %g s reached; stopping", duration_s)
+            service.request_stop()
+            return
+        print(_summary_line(service, api, device_id), file=sys.stderr, flush=True)
+
+
+def _summary_line(service: Service, api: Any, device_id: str) -> str:
+    snap = service.state.snapshot
+    received = len(api.seqs(device_id))
+    last = snap.last_reading
+    reading = f"{last.sensor}={last.value:.2f}{last.unit}" if last and last.value is not None else "-"
+    who = f"signed in as {snap.account}" if snap.phase == "signed_in" else (
+        f"waiting for code {snap.code.user_code}" if snap.code else snap.phase)
+    return (f"demo: {who} | last reading {reading} | API has {received} readings | "
+            f"outbox {snap.outbox.pending} pending, {snap.outbox.dead} dead, {snap.outbox.dropped} dropped")
+
+
+def _final(service: Service, api: Any, device_id: str) -> None:
+    print(_summary_line(service, api, device_id), file=sys.stderr, flush=True)

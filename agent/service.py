@@ -1,0 +1,303 @@
+"""The service: wiring, lifecycle, signals, the sd_notify watchdog, and component supervision.
+
+config -> hardware -> sign-in -> announcers (screen, journal, MQTT) -> sampler -> uploader.
+Each long-running component is a thread under a supervisor: if one crashes it is logged and
+restarted with back-off, the process keeps running. SIGTERM/SIGINT stop everything within 2 s.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, Protocol
+
+from agent import __version__, logs
+from agent.config import Settings
+from agent.errors import AgentError
+from agent.fsutil import ensure_private_dir
+from agent.sdnotify import Notifier
+from agent.state import AgentState, Snapshot
+from agent.statusfile import SIGN_OUT_SIGNAL, InstanceLock, StatusWriter, status_path
+
+log = logging.getLogger(__name__)
+
+STOP_BUDGET_S = 1.5          # of the 2 s CONTRACT promise, what the joins may use
+RESTART_BACKOFF_S = (1.0, 60.0)
+
+
+class Runnable(Protocol):
+    def run(self, stop: threading.Event) -> None: ...
+
+
+@dataclass
+class Supervised:
+    """A component thread that is restarted when it dies with an exception."""
+
+    name: str
+    target: Callable[[threading.Event], None]
+    stop: threading.Event
+    thread: threading.Thread | None = None
+    crashes: int = 0
+    restart_at: float = 0.0
+    done: bool = False
+    error: str | None = field(default=None)
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._body, name=self.name, daemon=True)
+        self.thread.start()
+
+    def _body(self) -> None:
+        try:
+            self.target(self.stop)
+            self.done = True
+        except Exception as err:  # the supervisor restarts us; the process must not die
+            self.crashes += 1
+            self.error = f"{type(err).__name__}: {err}"
+            delay = min(RESTART_BACKOFF_S[1], RESTART_BACKOFF_S[0] * 2 ** (self.crashes - 1))
+            self.restart_at = time.monotonic() + delay * random.uniform(0.8, 1.2)
+            log.exception("%s crashed (%d so far); restarting in %.0f s", self.name, self.crashes, delay)
+
+    def check(self, now: float) -> None:
+        """Restart the thread if it died and its back-off elapsed."""
+        if self.stop.is_set() or self.done or self.thread is None or self.thread.is_alive():
+            return
+        if now >= self.restart_at:
+            log.warning("restarting %s", self.name)
+            self.start()
+
+    def join(self, deadline: float) -> None:
+        if self.thread is not None:
+            self.thread.join(timeout=max(0.0, deadline - time.monotonic()))
+
+
+class Service:
+    """One agent process. ``run`` blocks until ``stop`` is set (by a signal or a caller)."""
+
+    def __init__(self, settings: Settings, *, install_signals: bool = True,
+                 hardware: dict[str, Any] | None = None) -> None:
+        self.settings = settings
+        self.state = AgentState()
+        self.stop_event = threading.Event()
+        self._install_signals = install_signals
+        self._hardware = hardware or {}
+        self._sd = Notifier()
+        self._components: list[Supervised] = []
+        self._closers: list[tuple[str, Callable[[], None]]] = []
+        self.auth: Any = None
+        self.sampler: Any = None
+        self.uploader: Any = None
+        self.panel: Any = None
+        self.notifier: Any = None
+        self.outbox: Any = None
+        self._lock = InstanceLock(settings.device.state_dir)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        s = self.settings
+        ensure_private_dir(s.device.state_dir)
+        self._lock.acquire()
+        try:
+            if self._install_signals:
+                self._signals()
+            self._start()
+            self._sd.notify("READY=1", f"STATUS={self._status_line(self.state.snapshot)}")
+            log.info("device-agent %s running as %s (state in %s)", __version__, s.device.id, s.device.state_dir)
+            self._main_loop()
+        finally:
+            self._shutdown()
+            self._lock.release()
+        return 0
+
+    def request_stop(self) -> None:
+        self.stop_event.set()
+
+    def _signals(self) -> None:
+        def on_stop(signum: int, frame: FrameType | None) -> None:
+            log.info("received %s; stopping", signal.Signals(signum).name)
+            self.stop_event.set()
+
+        def on_sign_out(signum: int, frame: FrameType | None) -> None:
+            # Never do the work in the handler (it interrupts arbitrary code): hand it to a thread.
+            threading.Thread(target=self._sign_out_cmd, name="sign-out", daemon=True).start()
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(SIGN_OUT_SIGNAL, on_sign_out)
+
+    def _start(self) -> None:
+        """Bring up hardware, then components; hardware failures are fatal (exit 1, one line)."""
+        from agent.auth import Authenticator
+        from agent.outbox import Outbox
+        from agent.sampler import Sampler
+        from agent.sinks import make_sink
+        from agent.uploader import Uploader
+
+        s = self.settings
+        status = StatusWriter(status_path(s), self.state, s.device.id)
+        status.start()
+        self._closers.append(("status file", status.stop))
+
+        gpio, display, sensors = self._open_hardware()
+
+        self.outbox = Outbox(s.outbox_path, s.device.id, max_rows=s.upload.outbox_max_rows,
+                             max_bytes=s.upload.outbox_max_bytes)
+        self._closers.append(("outbox", self.outbox.close))
+        self.state.update(outbox=self.outbox.counts())
+
+        self.auth = Authenticator(s.auth, s.token_cache_path, self.state, device_id=s.device.id)
+        self.sampler = Sampler(sensors, self.outbox, self.state)
+        self.uploader = Uploader(self.outbox, make_sink(s.upload, s.device.id), self.auth, self.state, s.upload)
+
+        if display is not None:
+            from agent.panel import Panel
+
+            self.panel = Panel(display, self.state, sleep_after_s=s.display.sleep_after_s)
+            self.panel.start()
+            self._closers.append(("panel", lambda: self.panel.stop(final=s.display.on_stop)))
+        if gpio is not None and (s.gpio.button is not None or s.gpio.led is not None):
+            from agent.controls import Controls
+
+            controls = Controls(gpio, self.state, button_pin=s.gpio.button, led_pin=s.gpio.led,
+                                on_short_press=self._button_short, on_long_press=self._button_long)
+            controls.start()
+            self._closers.append(("controls", controls.stop))
+        if s.mqtt is not None:
+            from agent.notifier import MqttNotifier
+
+            self.notifier = MqttNotifier(s.mqtt, s.device.id, self.state, self._commands(), __version__)
+            self.notifier.start()
+            self._closers.append(("mqtt", self.notifier.stop))
+        else:
+            self.state.set_link("mqtt", "off")
+
+        for name, comp in (("auth", self.auth), ("sampler", self.sampler), ("uploader", self.uploader)):
+            sup = Supervised(name, comp.run, self.stop_event)
+            sup.start()
+            self._components.append(sup)
+
+    def _open_hardware(self) -> tuple[Any, Any, list[tuple[Any, Any]]]:
+        """GPIO, display and sensors from config (or injected by tests/demo)."""
+        from hw import registry
+        from hw.errors import HardwareError
+
+        s = self.settings
+        try:
+            gpio = self._hardware.get("gpio")
+            needs_gpio = (s.gpio.button is not None or s.gpio.led is not None
+                          or any(x.type == "gpio_counter" for x in s.sensors))
+            if gpio is None and needs_gpio:
+                gpio = registry.open_gpio(s.gpio.backend)
+            if gpio is not None:
+                self._closers.append(("gpio", gpio.close))
+            display = self._hardware.get("display")
+            if display is None and s.display.driver != "none":
+                d = s.display
+                display = registry.open_display(d.driver, interface=d.interface, port=d.port,
+                                                address=d.address, rotate=d.rotate, contrast=d.contrast,
+                                                path=d.path)
+            if display is not None:
+                self._closers.append(("display", display.close))
+            sensors = []
+            for cfg in s.sensors:
+                options = {k: getattr(cfg, k) for k in ("name", "path", "device", "address", "port", "pin",
+                                                         "waveform", "period_s", "amplitude", "offset",
+                                                         "unit", "interval_s")}
+                sensor = registry.open_sensor(cfg.type, options, gpio)
+                self._closers.append((f"sensor {cfg.name}", sensor.close))
+                sensors.append((cfg, sensor))
+        except HardwareError as err:
+            raise AgentError(str(err)) from err
+        return gpio, display, sensors
+
+    def _main_loop(self) -> None:
+        """Supervise, feed the watchdog only while the loop and the sampler really advance."""
+        wd = self._sd.watchdog_s
+        beat_every = min(1.0, wd / 4) if wd else 1.0
+        stale_after = max(5.0, wd / 2) if wd else 30.0
+        last_status = ""
+        while not self.stop_event.wait(beat_every):
+            now = time.monotonic()
+            for comp in self._components:
+                comp.check(now)
+            snap = self.state.snapshot
+            line = self._status_line(snap)
+            fields = []
+            if line != last_status:
+                fields.append(f"STATUS={line}")
+                last_status = line
+            sampler_beat = getattr(self.sampler, "heartbeat", now)
+            if wd and now - sampler_beat < stale_after:
+                fields.append("WATCHDOG=1")
+            if fields:
+                self._sd.notify(*fields)
+
+    def _shutdown(self) -> None:
+        self.stop_event.set()
+        self._sd.notify("STOPPING=1")
+        deadline = time.monotonic() + STOP_BUDGET_S
+        if self.auth is not None and hasattr(self.auth, "cancel"):
+            self.auth.cancel()
+        for comp in self._components:
+            comp.join(deadline)
+        for comp in self._components:
+            if comp.thread is not None and comp.thread.is_alive():
+                log.warning("%s did not stop in time; exiting anyway (outbox commits are atomic)", comp.name)
+        self.state.update(phase="stopped", code=None)
+        for name, close in reversed(self._closers):
+            try:
+                close()
+            except Exception:
+                log.exception("closing %s failed", name)
+        self._closers.clear()
+        self._sd.close()
+        log.info("stopped")
+
+    # ---- controls and commands -------------------------------------------------------------
+
+    def _commands(self) -> dict[str, Callable[[], None]]:
+        return {"renew_code": self._renew_code_cmd, "sign_out": self._sign_out_cmd, "flush": self._flush_cmd}
+
+    def _renew_code_cmd(self) -> None:
+        if not self.auth.request_new_code():
+            raise AgentError("already signed in; send sign_out first to get a new code")
+
+    def _sign_out_cmd(self) -> None:
+        log.info("signing out (requested)")
+        self.auth.sign_out()
+
+    def _flush_cmd(self) -> None:
+        self.uploader.flush()
+
+    def _button_short(self) -> None:
+        if self.panel is not None:
+            self.panel.wake()
+        snap = self.state.snapshot
+        if snap.phase != "signed_in" and snap.code is None:
+            self.auth.request_new_code()
+
+    def _button_long(self) -> None:
+        self.state.update(notice="Signing out…")
+        self._sign_out_cmd()
+
+    @staticmethod
+    def _status_line(snap: Snapshot) -> str:
+        if snap.phase == "signed_in":
+            return f"signed in as {snap.account}; {snap.outbox.pending} readings pending"
+        if snap.code is not None:
+            return f"waiting for sign-in with code {snap.code.user_code}"
+        if snap.error:
+            return f"error: {snap.error}"
+        return snap.phase
+
+
+def run_service(settings: Settings) -> int:
+    """`device-agent run`: configure logging, run until SIGTERM/SIGINT, return the exit code."""
+    logs.setup(settings.log.level)
+    return Service(settings).run()

@@ -1,0 +1,240 @@
+"""`status.json` in the state dir, the single-instance lock, and the `status` / `sign-out` commands.
+
+The running service rewrites ``status.json`` atomically (0600, no secrets) whenever its state
+changes, so ``device-agent status`` never has to open the live token cache or take the outbox's
+write lock. ``sign-out`` asks a running service to do it (SIGUSR1), because only the process that
+owns the token cache may write it; with no service running it removes the cache itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+from agent import __version__
+from agent.config import Settings
+from agent.errors import AgentError
+from agent.fsutil import atomic_write
+from agent.state import AgentState, Snapshot, iso
+
+log = logging.getLogger(__name__)
+
+STATUS_NAME = "status.json"
+LOCK_NAME = "agent.lock"
+SIGN_OUT_SIGNAL = signal.SIGUSR1
+
+
+def status_path(settings: Settings) -> Path:
+    return settings.device.state_dir / STATUS_NAME
+
+
+class InstanceLock:
+    """An flock on ``state_dir/agent.lock`` holding our pid: one service per state dir."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / LOCK_NAME
+        self._file: IO[str] | None = None
+
+    def acquire(self) -> None:
+        f = self.path.open("a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            f.close()
+            if err.errno in (errno.EAGAIN, errno.EACCES):
+                raise AgentError(f"another device-agent is already running on {self.path.parent} "
+                                 f"(pid {running_pid(self.path.parent) or '?'})") from None
+            raise
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        if self._file:
+            self._file.close()
+            self._file = None
+
+
+def running_pid(state_dir: Path) -> int | None:
+    """Pid of the service holding the lock on ``state_dir``, or None if none runs."""
+    path = state_dir / LOCK_NAME
+    try:
+        f = path.open("r")
+    except OSError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            text = f.read().strip()
+            return int(text) if text.isdigit() else -1
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return None
+
+
+class StatusWriter:
+    """Observes the state and rewrites status.json at most every ``min_interval_s``."""
+
+    def __init__(self, path: Path, state: AgentState, device_id: str, *, min_interval_s: float = 1.0) -> None:
+        self.path = path
+        self._state = state
+        self._device_id = device_id
+        self._min_interval_s = min_interval_s
+        self._dirty = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="status-file", daemon=True)
+
+    def start(self) -> None:
+        self._state.subscribe(self._on_change)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._state.unsubscribe(self._on_change)
+        self._stop.set()
+        self._dirty.set()
+        self._thread.join(timeout=2)
+        self.write(self._state.snapshot)  # the final word: "stopped"
+
+    def _on_change(self, snap: Snapshot) -> None:
+        self._dirty.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._dirty.wait()
+            if self._stop.is_set():
+                return
+            self._dirty.clear()
+            self.write(self._state.snapshot)
+            self._stop.wait(self._min_interval_s)
+
+    def write(self, snap: Snapshot) -> None:
+        data = snapshot_document(snap, self._device_id)
+        try:
+            atomic_write(self.path, (json.dumps(data, indent=1) + "\n").encode())
+        except OSError as err:
+            log.warning("cannot write %s: %s", self.path, err)
+
+
+def snapshot_document(snap: Snapshot, device_id: str) -> dict[str, Any]:
+    """What status.json and `status --json` hold: CONTRACT's status payload plus details."""
+    doc = snap.status_payload(__version__)
+    doc.update({
+        "device_id": device_id,
+        "pid": os.getpid(),
+        "updated_at": iso(datetime.now(UTC)),
+        "renewals_exhausted": snap.renewals_exhausted,
+        "links": dict(snap.links),
+        "code": snap.code.public(device_id) if snap.code else None,
+        "last_reading": None if snap.last_reading is None else {
+            "sensor": snap.last_reading.sensor, "value": snap.last_reading.value,
+            "unit": snap.last_reading.unit, "error": snap.last_reading.error},
+    })
+    return doc
+
+
+def read_status(settings: Settings) -> dict[str, Any]:
+    """The service's view if it runs, else what can be read from the state dir without it."""
+    state_dir = settings.device.state_dir
+    pid = running_pid(state_dir)
+    doc: dict[str, Any] | None = None
+    with contextlib.suppress(OSError, ValueError):
+        doc = json.loads(status_path(settings).read_text())
+    if pid is not None and doc is not None:
+        doc["running"] = True
+        return doc
+    # Not running: derive from the files, never writing them.
+    from agent.outbox import Outbox
+
+    counts = Outbox.read_counts(settings.outbox_path) if settings.outbox_path.exists() else None
+    account = _cached_account(settings.token_cache_path)
+    return {
+        "running": False,
+        "device_id": settings.device.id,
+        "state": "offline",
+        "account": account,
+        "error": None,
+        "outbox": {"pending": counts.pending, "dead": counts.dead, "dropped": counts.dropped}
+        if counts else {"pending": 0, "dead": 0, "dropped": 0},
+        "last_upload": (doc or {}).get("last_upload"),
+        "version": __version__,
+    }
+
+
+def _cached_account(cache_path: Path) -> str | None:
+    """The username in the MSAL cache, read as data (no msal import, no tokens touched)."""
+    try:
+        data = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        return None
+    accounts = data.get("Account") or {}
+    for acc in accounts.values():
+        if isinstance(acc, dict):
+            return str(acc.get("username") or acc.get("home_account_id") or "") or None
+    return None
+
+
+def show_status(settings: Settings, *, as_json: bool, out: IO[str] | None = None) -> int:
+    out = out or sys.stdout
+    doc = read_status(settings)
+    if as_json:
+        print(json.dumps(doc, ensure_ascii=False), file=out)
+        return 0
+    ob = doc.get("outbox") or {}
+    lines = [
+        f"device:      {doc.get('device_id')}",
+        f"service:     {'running (pid %s)' % doc.get('pid') if doc.get('running') else 'not running'}",
+        f"state:       {doc.get('state')}",
+        f"account:     {doc.get('account') or '-'}",
+        f"outbox:      {ob.get('pending', 0)} pending, {ob.get('dead', 0)} dead-lettered, "
+        f"{ob.get('dropped', 0)} dropped",
+        f"last upload: {doc.get('last_upload') or 'never'}",
+    ]
+    if doc.get("code"):
+        c = doc["code"]
+        lines.append(f"sign in:     open {c.get('verification_uri')} and enter {c.get('user_code')} "
+                     f"(expires {c.get('expires_at')})")
+    if doc.get("error"):
+        lines.append(f"error:       {doc['error']}")
+    print("\n".join(lines), file=out)
+    return 0
+
+
+def sign_out(settings: Settings, *, wait_s: float = 5.0, out: IO[str] | None = None) -> int:
+    out = out or sys.stdout
+    pid = running_pid(settings.device.state_dir)
+    if pid and pid > 0:
+        try:
+            os.kill(pid, SIGN_OUT_SIGNAL)
+        except ProcessLookupError:
+            pid = None
+        except PermissionError as err:
+            raise AgentError(f"cannot signal the running service (pid {pid}): {err.strerror}; "
+                             "run as root or as the service user") from err
+        else:
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                if _cached_account(settings.token_cache_path) is None:
+                    print("signed out; the running service will show a new sign-in code", file=out)
+                    return 0
+                time.sleep(0.1)
+            raise AgentError(f"the running service (pid {pid}) did not sign out within {wait_s:.0f} s")
+    path = settings.token_cache_path
+    if path.exists():
+        path.unlink()
+        print(f"signed out: removed {path}", file=out)
+    else:
+        print("not signed in", file=out)
+    return 0

@@ -1,0 +1,105 @@
+"""Run `device-agent run` as a real subprocess, the way systemd would, for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    raise TypeError(type(v))
+
+
+def write_config(path: Path, cfg: dict[str, Any]) -> Path:
+    """Write a config dict as TOML (tables, and arrays of tables for ``sensors``)."""
+    lines: list[str] = []
+    for section, body in cfg.items():
+        if isinstance(body, list):
+            for item in body:
+                lines.append(f"[[{section}]]")
+                lines += [f"{k} = {toml_value(v)}" for k, v in item.items()]
+                lines.append("")
+        else:
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in body.items()]
+            lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+class AgentProcess:
+    """`python -m agent run --config PATH` with its stderr collected line by line."""
+
+    def __init__(self, config_path: Path, *, env: dict[str, str] | None = None) -> None:
+        self.config_path = config_path
+        full_env = dict(os.environ)
+        full_env.pop("JOURNAL_STREAM", None)
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--config", str(config_path)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=full_env, cwd=Path(__file__).resolve().parents[1])
+        self.lines: list[str] = []
+        self._q: queue.Queue[str] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            self._q.put(line)
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for_line(self, predicate: Callable[[str], bool], timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        for line in list(self.lines):
+            if predicate(line):
+                return line
+        while time.monotonic() < deadline:
+            try:
+                line = self._q.get(timeout=0.1)
+            except queue.Empty:
+                if self.proc.poll() is not None and self._q.empty():
+                    break
+                continue
+            if predicate(line):
+                return line.rstrip("\n")
+        raise AssertionError(f"no matching line within {timeout_s} s; output:\n{self.output[-4000:]}")
+
+    def terminate(self, timeout_s: float = 5.0) -> tuple[int, float]:
+        """SIGTERM; returns (exit code, seconds until exit)."""
+        t0 = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout=timeout_s)
+        elapsed = time.monotonic() - t0
+        self._reader.join(timeout=2)
+        return rc, elapsed
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+        self._reader.join(timeout=2)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.kill()
