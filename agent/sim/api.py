@@ -48,9 +48,16 @@ class ApiRequest:
 
 @dataclass
 class Fault:
-    status: int | None       # None = reset the connection
-    retry_after: str | None = None
-    consume_body: bool = True
+    status: int | None                 # None = reset the connection
+    retry_after_s: float | None = None
+    http_date: bool = False            # Retry-After as an HTTP date, computed when answering
+
+    def retry_after(self) -> str | None:
+        if self.retry_after_s is None:
+            return None
+        if self.http_date:
+            return email.utils.formatdate(time.time() + self.retry_after_s, usegmt=True)
+        return str(int(self.retry_after_s))
 
 
 class SimApi:
@@ -73,6 +80,7 @@ class SimApi:
         self.latency_s = 0.0
         self.requests: list[ApiRequest] = []
         self.duplicates = 0
+        self._closed = False
         api = self
 
         class Handler(JsonHandler):
@@ -104,6 +112,7 @@ class SimApi:
     def stop(self) -> None:
         self.server.stop()
         with self._lock:
+            self._closed = True
             self._db.close()
 
     # ------------------------------------------------------------ switches
@@ -115,12 +124,7 @@ class SimApi:
         ``retry_after`` adds a Retry-After header: seconds, or an HTTP date that far ahead.
         """
         with self._lock:
-            for _ in range(count):
-                ra: str | None = None
-                if retry_after is not None:
-                    ra = (email.utils.formatdate(time.time() + retry_after, usegmt=True) if http_date
-                          else str(int(retry_after)))
-                self._faults.append(Fault(status, ra))
+            self._faults.extend(Fault(status, retry_after, http_date) for _ in range(count))
 
     def reset(self, *, count: int = 1) -> None:
         """The next ``count`` requests are read, then the connection is closed with a TCP RST."""
@@ -172,7 +176,8 @@ class SimApi:
                 _reset(h)
                 return
             self._log(t, fault.status, count, key)
-            headers = {"Retry-After": fault.retry_after} if fault.retry_after else None
+            ra = fault.retry_after()
+            headers = {"Retry-After": ra} if ra else None
             h.send_json(fault.status, {"error": "simulated", "status": fault.status}, headers)
             return
         verdict = self.verifier.check(h.headers.get("Authorization"))
@@ -194,6 +199,8 @@ class SimApi:
             return
         now = time.time()
         with self._lock:
+            if self._closed:      # a slow request still running while the test tears down
+                return
             before = self._db.total_changes
             self._db.execute("BEGIN")
             self._db.executemany(

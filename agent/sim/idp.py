@@ -690,19 +690,22 @@ class _IdpHandler(JsonHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib name
         url = urlsplit(self.path)
+        arrived = self.idp.clock()
         status = self._route_get(url.path, parse_qs(url.query))
-        self._record(url.path, None, status)
+        self._record(arrived, url.path, None, status)
 
     def do_POST(self) -> None:  # noqa: N802 - stdlib name
         url = urlsplit(self.path)
         raw = self.read_body().decode("utf-8", "replace")
         form = {k: v[0] for k, v in parse_qs(raw, keep_blank_values=True).items()}
+        arrived = self.idp.clock()
         status = self._route_post(url.path, form)
-        self._record(url.path, form.get("grant_type") if url.path.endswith("/token") else None, status)
+        self._record(arrived, url.path, form.get("grant_type") if url.path.endswith("/token") else None, status)
 
-    def _record(self, path: str, grant_type: str | None, status: int) -> None:
+    def _record(self, arrived: float, path: str, grant_type: str | None, status: int) -> None:
+        # Stamped on arrival: recording after the reply would race with a client that reacts to it.
         with self.idp._lock:
-            self.idp.requests.append(RequestRecord(self.idp.clock(), path, grant_type, status))
+            self.idp.requests.append(RequestRecord(arrived, path, grant_type, status))
             if len(self.idp.requests) > MAX_REQUEST_RECORDS:   # `sim idp` may run for days
                 del self.idp.requests[: MAX_REQUEST_RECORDS // 2]
 
