@@ -166,12 +166,18 @@ def load(path: Path, environ: Mapping[str, str] | None = None) -> Settings:
     """
     env = os.environ if environ is None else environ
     try:
-        with path.open("rb") as f:
-            raw = tomllib.load(f)
+        data = path.read_bytes()
+        text = data.decode("utf-8")
+        raw = tomllib.loads(text)
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found (pass --config PATH or set DEVICE_AGENT_CONFIG)") from None
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 (byte 0x{data[err.start]:02x}); "
+                          "save the file as UTF-8") from err
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: {_toml_position(err)}: TOML syntax error: {_toml_reason(err)}") from err
+        raise ConfigError(f"{path}: {_toml_position(err, text)}: TOML syntax error: "
+                          f"{_toml_reason(err)}") from err
     except OSError as err:
         raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from err
     return parse(raw, path, env)
@@ -396,13 +402,17 @@ def _is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
-def _toml_position(err: tomllib.TOMLDecodeError) -> str:
+def _toml_position(err: tomllib.TOMLDecodeError, text: str = "") -> str:
     m = re.search(r"line (\d+)", str(err))
-    return f"line {m.group(1)}" if m else "syntax"
+    if m:
+        return f"line {m.group(1)}"
+    if "end of document" in str(err) and text:
+        return f"line {len(text.rstrip(chr(10)).splitlines()) or 1}"
+    return "syntax"
 
 
 def _toml_reason(err: tomllib.TOMLDecodeError) -> str:
-    return re.sub(r"\s*\(at line \d+, column \d+\)", "", str(err)) or "invalid TOML"
+    return re.sub(r"\s*\(at (?:line \d+, column \d+|end of document)\)", "", str(err)) or "invalid TOML"
 
 
 class _Checker:

@@ -8,6 +8,7 @@ pytest_plugins = [
     "tests.fixtures.api",
     "tests.fixtures.broker",
     "tests.fixtures.hardware",
+    "tests.fixtures.e2e",
 ]
 
 

@@ -66,7 +66,8 @@ class SimGraph:
         self.item_throttle_every = 0        # every Nth list item inside $batch: 429
         self.item_retry_after_s = 1
         self.lost_answers = 0               # next N rows/add: append, then answer 504 (lost answer)
-        self._faults: deque[tuple[int, str | None]] = deque()
+        self.reject_titles: set[str] = set()  # list items with these Titles: 400 (e.g. a bad column)
+        self._faults: deque[tuple[int, str | None] | None] = deque()
         self._item_counter = 0
         graph = self
 
@@ -94,9 +95,11 @@ class SimGraph:
     def stop(self) -> None:
         self.server.stop()
 
-    def fail(self, status: int, *, count: int = 1, retry_after: float | None = None) -> None:
-        """The next ``count`` top-level requests get ``status`` (429/503/504…), nothing applied."""
+    def fail(self, status: int, *, count: int = 1, retry_after: float | None = None, after: int = 0) -> None:
+        """After ``after`` untouched requests, the next ``count`` top-level requests get ``status``
+        (429/503/504…) and nothing is applied."""
         with self._lock:
+            self._faults.extend([None] * after)
             for _ in range(count):
                 self._faults.append((status, None if retry_after is None else str(int(retry_after))))
 
@@ -211,6 +214,8 @@ class SimGraph:
             if throttle and self.item_throttle_every and self._item_counter % self.item_throttle_every == 0:
                 return _error(429, "tooManyRequests", "Too many requests",
                               {"Retry-After": str(self.item_retry_after_s)})
+            if fields["Title"] in self.reject_titles:
+                return _error(400, "invalidRequest", "Field 'Value' is not recognized as a number")
             items = self.lists.setdefault((site, list_id), [])
             if any(i["fields"]["Title"] == fields["Title"] for i in items):
                 return _error(409, "nameAlreadyExists", "The specified value is already used in column Title")

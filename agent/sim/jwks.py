@@ -120,7 +120,7 @@ class TokenVerifier:
         token = authorization[len("Bearer "):].strip()
         try:
             key = self._key(token)
-            options = {"require": ["exp"], "verify_aud": self.audience is not None}
+            options: Any = {"require": ["exp"], "verify_aud": self.audience is not None}
             claims = jwt.decode(token, key, algorithms=["RS256"], audience=self.audience,
                                 issuer=self.issuer, options=options, leeway=5)
         except jwt.ExpiredSignatureError:

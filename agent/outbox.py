@@ -1,0 +1,451 @@
+"""Durable SQLite queue between the sampler and the uploader: put / claim / ack / dead-letter.
+
+Why it looks like this:
+
+- WAL + ``synchronous=FULL``: ``put`` returns only after its transaction is on disk, so a
+  reading that ``put`` accepted survives a power cut or SIGKILL.
+- One transaction per ``put`` call (the sampler's group commit: every reading due at a tick).
+- ``seq`` is assigned here, from 1 per device, and never reused. The database holds the
+  high-water mark (``meta.seq_hw:<device>`` plus the pending rows). Because a corrupt database is
+  replaced by an empty one, a small side file (``<db>.meta.json``, written atomically) reserves
+  seqs in blocks of ``SEQ_BLOCK``: the fresh database continues after the reserved block, so a
+  seq already sent can never be sent again for a different reading. Writing the side file once
+  per block keeps SD-card wear at one small file per ``SEQ_BLOCK`` readings.
+- Bounded by rows and bytes (payload bytes of pending rows): when full, the OLDEST pending
+  rows are dropped in the same transaction and counted in ``meta.dropped`` (persistent).
+- A corrupt file is moved aside to ``<db>.corrupt-<n>`` (with its -wal), logged at ERROR,
+  counted in the side file (``corrupt_replaced``) and a new database is started.
+
+Thread-safe: one connection guarded by a lock (the sampler puts, the uploader claims/acks).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from agent.fsutil import atomic_write
+from agent.state import OutboxCounts
+
+if TYPE_CHECKING:
+    from agent.state import AgentState
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SEQ_BLOCK = 10_000          # seqs reserved in the side file at a time
+_SQL_VARS = 500             # chunk size for IN (...) lists (SQLite's limit is 999 on old builds)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, payload BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS dead (
+    id INTEGER PRIMARY KEY, device TEXT NOT NULL, seq INTEGER NOT NULL, payload BLOB NOT NULL,
+    reason TEXT NOT NULL, at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+"""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One pending reading. ``reading`` is the CONTRACT.md reading object (id and seq included)."""
+
+    seq: int
+    reading: dict[str, Any]
+
+
+class Outbox:
+    """The durable queue. See the module docstring for the guarantees.
+
+    ``state`` (optional): where a corrupt-file replacement is announced (``notice``).
+
+    Raises:
+        sqlite3.OperationalError: the file cannot be opened at all (permissions, disk full).
+    """
+
+    def __init__(self, path: Path, device_id: str, *, max_rows: int, max_bytes: int,
+                 state: AgentState | None = None) -> None:
+        if max_rows < 1 or max_bytes < 1:
+            raise ValueError("max_rows and max_bytes must be positive")
+        self.path = Path(path)
+        self.device_id = device_id
+        self.max_rows = max_rows
+        self.max_bytes = max_bytes
+        self._state = state
+        self._lock = threading.RLock()
+        self._side_path = self.path.with_name(self.path.name + ".meta.json")
+        self._side = self._read_side()
+        self.corrupt_files: list[Path] = []
+        self._db: sqlite3.Connection | None = None
+        self._pending = 0
+        self._pending_bytes = 0
+        self._dead = 0
+        self._dropped = 0
+        self._next_seq = 1
+        self._open_checked()
+
+    # ----------------------------------------------------------------- public API
+
+    def put(self, readings: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Queue ``readings`` (sensor, type, value, unit, time) in one durable transaction.
+
+        Returns the assigned seqs. When this returns, the readings are on disk.
+        """
+        if not readings:
+            return []
+        payloads = [json.dumps(dict(r), ensure_ascii=False, separators=(",", ":")).encode()
+                    for r in readings]
+        with self._lock:
+            return self._retry_corrupt(lambda: self._put(payloads))
+
+    def claim(self, limit: int) -> list[Row]:
+        """The oldest ``limit`` pending rows, ascending seq. They stay queued until acked."""
+        with self._lock:
+            return self._retry_corrupt(lambda: self._claim(limit))
+
+    def ack(self, seqs: Iterable[int]) -> None:
+        """The sink confirmed these: remove them for good."""
+        seqs = sorted(set(seqs))
+        if not seqs:
+            return
+        with self._lock:
+            self._retry_corrupt(lambda: self._remove(seqs, dead_reason=None))
+
+    def dead_letter(self, seqs: Iterable[int], reason: str) -> None:
+        """The sink will never accept these: move them to the dead-letter table (kept, counted)."""
+        seqs = sorted(set(seqs))
+        if not seqs:
+            return
+        with self._lock:
+            self._retry_corrupt(lambda: self._remove(seqs, dead_reason=reason))
+
+    def counts(self) -> OutboxCounts:
+        with self._lock:
+            return OutboxCounts(pending=self._pending, dead=self._dead, dropped=self._dropped)
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._pending_bytes
+
+    @property
+    def corrupt_replaced(self) -> int:
+        """How many corrupt database files were moved aside over the device's life."""
+        return int(self._side.get("corrupt_replaced", 0))
+
+    @property
+    def next_seq(self) -> int:
+        return self._next_seq
+
+    def dead_rows(self, limit: int = 100) -> list[tuple[int, str, dict[str, Any]]]:
+        """(seq, reason, reading) of dead-lettered rows of this device, oldest first."""
+        with self._lock:
+            cur = self._conn().execute(
+                "SELECT seq, reason, payload FROM dead WHERE device = ? ORDER BY id LIMIT ?",
+                (self.device_id, limit))
+            return [(s, r, self._reading(s, p)) for s, r, p in cur]
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                try:
+                    self._db.close()
+                finally:
+                    self._db = None
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @staticmethod
+    def read_counts(path: Path) -> OutboxCounts:
+        """Counts for ``device-agent status`` while the service runs: a read-only connection
+        (``mode=ro``) that takes no write locks and never checkpoints, so the live writer is
+        undisturbed. A missing file reads as empty.
+
+        A corrupt file reads as empty, with a WARNING: the service moves it aside when it starts.
+
+        Raises:
+            sqlite3.OperationalError: the file cannot be read (permissions, locked for > 5 s).
+        """
+        path = Path(path)
+        if not path.exists():
+            return OutboxCounts()
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+        try:
+            pending = db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+            dead = db.execute("SELECT count(*) FROM dead").fetchone()[0]
+            row = db.execute("SELECT value FROM meta WHERE key = 'dropped'").fetchone()
+            return OutboxCounts(pending=pending, dead=dead, dropped=int(row[0]) if row else 0)
+        except sqlite3.DatabaseError as err:
+            if "no such table" in str(err):
+                return OutboxCounts()
+            if _is_corruption(err):
+                log.warning("outbox %s is corrupt (%s); the service will move it aside", path, err)
+                return OutboxCounts()
+            raise
+        finally:
+            db.close()
+
+    # ----------------------------------------------------------------- internals
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("outbox is closed")
+        return self._db
+
+    def _open_checked(self) -> None:
+        try:
+            self._open()
+        except sqlite3.DatabaseError as err:
+            if not _is_corruption(err):
+                raise
+            self._replace_corrupt(err)
+            self._open()
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
+        try:
+            os.chmod(self.path, 0o600)
+            db.execute("PRAGMA journal_mode=WAL").fetchone()
+            db.execute("PRAGMA synchronous=FULL")
+            # Checkpoint in small steps so the WAL stays small on an SD card.
+            db.execute("PRAGMA wal_autocheckpoint=256")
+            db.executescript(_SCHEMA)
+            self._load(db)
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
+
+    def _load(self, db: sqlite3.Connection) -> None:
+        """Counters from the database; one scan of the pending rows (lengths only)."""
+        dev = self.device_id
+        meta = dict(db.execute("SELECT key, value FROM meta"))
+        stored_dev = meta.get("device_id")
+        if stored_dev is None:
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('device_id', ?)", (dev,))
+        elif stored_dev != dev:
+            self._adopt_other_device(db, str(stored_dev))
+            meta = dict(db.execute("SELECT key, value FROM meta"))
+        self._pending, self._pending_bytes, max_pending = db.execute(
+            "SELECT count(*), coalesce(sum(length(payload)), 0), coalesce(max(seq), 0) FROM outbox"
+        ).fetchone()
+        self._dead = db.execute("SELECT count(*) FROM dead").fetchone()[0]
+        self._dropped = int(meta.get("dropped", 0))
+        hw = max(int(meta.get(f"seq_hw:{dev}", 0)), max_pending)
+        if hw == 0 and self._reserved():
+            # A new database (the old one was corrupt or deleted): continue after everything the
+            # old one may have handed out, so no seq is ever reused.
+            hw = self._reserved()
+            log.warning("outbox: new database; seq continues at %d", hw + 1)
+        self._next_seq = hw + 1
+
+    def _adopt_other_device(self, db: sqlite3.Connection, old: str) -> None:
+        """The device id changed: pending rows carry the old id, so dead-letter them (visible)."""
+        now = _now_iso()
+        with _tx(db):
+            n = db.execute(
+                "INSERT INTO dead (device, seq, payload, reason, at) "
+                "SELECT ?, seq, payload, ?, ? FROM outbox",
+                (old, f"device id changed from {old} to {self.device_id}", now)).rowcount
+            db.execute("DELETE FROM outbox")
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('device_id', ?)", (self.device_id,))
+        if n:
+            log.warning("outbox: device id changed from %s to %s; %d pending readings dead-lettered",
+                        old, self.device_id, n)
+
+    def _put(self, payloads: list[bytes]) -> list[int]:
+        db = self._conn()
+        first = self._next_seq
+        seqs = list(range(first, first + len(payloads)))
+        if seqs[-1] > self._reserved():
+            self._reserve(seqs[-1] + SEQ_BLOCK)
+        added = sum(len(p) for p in payloads)
+        with _tx(db):
+            db.executemany("INSERT INTO outbox (seq, payload) VALUES (?, ?)",
+                           zip(seqs, payloads, strict=True))
+            pending = self._pending + len(seqs)
+            pending_bytes = self._pending_bytes + added
+            dropped = 0
+            if pending > self.max_rows or pending_bytes > self.max_bytes:
+                dropped, freed, last = self._drop_oldest(db, pending - self.max_rows,
+                                                         pending_bytes - self.max_bytes)
+                pending -= dropped
+                pending_bytes -= freed
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)", (self._dropped + dropped,))
+                db.execute("INSERT OR REPLACE INTO meta VALUES (?, max(coalesce((SELECT value FROM meta "
+                           "WHERE key = ?), 0), ?))", (f"seq_hw:{self.device_id}",
+                                                       f"seq_hw:{self.device_id}", last))
+        # Only after the commit: a failed transaction leaves the counters untouched.
+        self._next_seq = seqs[-1] + 1
+        self._pending, self._pending_bytes = pending, pending_bytes
+        if dropped:
+            self._dropped += dropped
+            log.warning("outbox full (%d rows / %d bytes max): dropped the %d oldest readings "
+                        "(%d dropped in total)", self.max_rows, self.max_bytes, dropped, self._dropped)
+        return seqs
+
+    def _drop_oldest(self, db: sqlite3.Connection, rows_over: int, bytes_over: int) -> tuple[int, int, int]:
+        """Delete the oldest pending rows until both bounds hold. Returns (rows, bytes, last seq)."""
+        n = freed = last = 0
+        while rows_over > 0 or bytes_over > 0:
+            take = max(rows_over, 0) + (64 if bytes_over > 0 else 0)
+            cur = db.execute("SELECT seq, length(payload) FROM outbox ORDER BY seq LIMIT ?", (take,))
+            victims = []
+            for seq, size in cur:
+                if rows_over <= 0 and bytes_over <= 0:
+                    break
+                victims.append(seq)
+                rows_over -= 1
+                bytes_over -= size
+                freed += size
+                last = seq
+            if not victims:
+                break
+            db.execute("DELETE FROM outbox WHERE seq <= ?", (victims[-1],))
+            n += len(victims)
+        return n, freed, last
+
+    def _claim(self, limit: int) -> list[Row]:
+        cur = self._conn().execute("SELECT seq, payload FROM outbox ORDER BY seq LIMIT ?", (max(0, limit),))
+        return [Row(seq, self._reading(seq, payload)) for seq, payload in cur]
+
+    def _reading(self, seq: int, payload: bytes) -> dict[str, Any]:
+        body = json.loads(payload)
+        return {"id": f"{self.device_id}:{seq}", "seq": seq, **body}
+
+    def _remove(self, seqs: list[int], *, dead_reason: str | None) -> None:
+        db = self._conn()
+        removed = removed_bytes = 0
+        with _tx(db):
+            for i in range(0, len(seqs), _SQL_VARS):
+                chunk = seqs[i:i + _SQL_VARS]
+                marks = ",".join("?" * len(chunk))
+                removed_bytes += db.execute(
+                    f"SELECT coalesce(sum(length(payload)), 0) FROM outbox WHERE seq IN ({marks})",  # noqa: S608
+                    chunk).fetchone()[0]
+                if dead_reason is not None:
+                    db.execute(
+                        f"INSERT INTO dead (device, seq, payload, reason, at) SELECT ?, seq, payload, ?, ? "  # noqa: S608
+                        f"FROM outbox WHERE seq IN ({marks})",
+                        (self.device_id, dead_reason[:500], _now_iso(), *chunk))
+                removed += db.execute(f"DELETE FROM outbox WHERE seq IN ({marks})", chunk).rowcount  # noqa: S608
+            key = f"seq_hw:{self.device_id}"
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, max(coalesce((SELECT value FROM meta "
+                       "WHERE key = ?), 0), ?))", (key, key, seqs[-1]))
+        self._pending -= removed
+        self._pending_bytes -= removed_bytes
+        if dead_reason is not None:
+            self._dead += removed
+            log.error("outbox: %d readings dead-lettered (seq %d..%d): %s",
+                      removed, seqs[0], seqs[-1], dead_reason)
+
+    # ---- seq reservation side file
+
+    def _read_side(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self._side_path.read_bytes())
+            return data if isinstance(data, dict) else {}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as err:
+            log.error("outbox: %s unreadable (%s); seq reservations start afresh", self._side_path, err)
+            return {}
+
+    def _write_side(self) -> None:
+        atomic_write(self._side_path, json.dumps(self._side, sort_keys=True).encode(), mode=0o600)
+
+    def _reserved(self) -> int:
+        return int(self._side.get("seq_reserved", {}).get(self.device_id, 0))
+
+    def _reserve(self, upto: int) -> None:
+        self._side.setdefault("seq_reserved", {})[self.device_id] = upto
+        self._write_side()
+
+    # ---- corruption
+
+    def _retry_corrupt(self, op: Callable[[], T]) -> T:
+        try:
+            return op()
+        except sqlite3.DatabaseError as err:
+            if not _is_corruption(err):
+                raise
+            # Found while running: we know how many readings the old file held, so they are
+            # accounted for as dropped (with those dropped before) in the new database.
+            lost = self._dropped + self._pending
+            self.close()
+            self._replace_corrupt(err)
+            self._open()
+            if lost:
+                with _tx(self._conn()) as db:
+                    db.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)", (self._dropped + lost,))
+                self._dropped += lost
+            return op()
+
+    def _replace_corrupt(self, err: Exception) -> None:
+        n = 1
+        while self.path.with_name(f"{self.path.name}.corrupt-{n}").exists():
+            n += 1
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{n}")
+        if self.path.exists():
+            os.replace(self.path, aside)
+        for suffix in ("-wal", "-shm"):
+            extra = self.path.with_name(self.path.name + suffix)
+            if extra.exists():
+                if suffix == "-wal":
+                    os.replace(extra, aside.with_name(aside.name + suffix))
+                else:
+                    extra.unlink()
+        self.corrupt_files.append(aside)
+        self._side["corrupt_replaced"] = int(self._side.get("corrupt_replaced", 0)) + 1
+        self._write_side()
+        self._pending = self._pending_bytes = self._dead = self._dropped = 0
+        msg = (f"outbox database was corrupt ({err}); moved aside to {aside.name}, "
+               f"started a new one; its pending readings are lost")
+        log.error("%s", msg)
+        if self._state is not None:
+            self._state.update(notice=f"outbox corrupt: moved aside to {aside.name}")
+
+
+class _tx:
+    """``BEGIN IMMEDIATE`` .. ``COMMIT`` (``ROLLBACK`` on error) on an autocommit connection."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.db.execute("COMMIT")
+        else:
+            try:
+                self.db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+
+
+def _is_corruption(err: sqlite3.Error) -> bool:
+    """SQLITE_CORRUPT / SQLITE_NOTADB only: a constraint or I/O error must never replace a good file."""
+    code = getattr(err, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (11, 26)           # SQLITE_CORRUPT, SQLITE_NOTADB (extended codes too)
+    text = str(err).lower()
+    return any(s in text for s in ("malformed", "not a database", "corrupt", "disk image"))
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"

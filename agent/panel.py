@@ -1,0 +1,209 @@
+"""The panel: observes AgentState and keeps the display showing the right screen.
+
+One thread draws; state observers only hand it the newest Snapshot and wake it, so a new code
+reaches the glass within one render (a few ms) of ``state.code_issued``.
+
+Burn-in care, for OLEDs that show the same status for months:
+- blank (``display.power(False)``) after ``sleep_after_s`` without a *meaningful* change — a new
+  screen, code, error or notice, or ``wake()`` (the button). New readings and outbox counts do
+  not count, or a 60 s sampler would keep the panel lit forever.
+- never blank while a code is shown: the person may be walking over to read it, a code lives
+  at most ~15 min, and the countdown keeps changing pixels anyway.
+- shift everything but the code screen by a pixel every ``shift_every_s`` (the QR stays put).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Literal
+
+from PIL import Image
+
+from agent import screens
+from agent.state import AgentState, Snapshot
+from hw.base import Display
+from hw.errors import HardwareError
+
+log = logging.getLogger(__name__)
+
+SHIFTS = ((0, 0), (1, 0), (1, 1), (0, 1))
+MAX_WAIT_S = 1.0
+
+
+class Panel:
+    """Draws ``state`` on ``display`` from its own thread until ``stop``."""
+
+    def __init__(self, display: Display, state: AgentState, *, sleep_after_s: float = 300.0,
+                 clock: Callable[[], float] = time.monotonic, page_s: float = screens.PAGE_S,
+                 shift_every_s: float = 60.0) -> None:
+        self.display = display
+        self.state = state
+        self.sleep_after_s = sleep_after_s
+        self.page_s = page_s
+        self.shift_every_s = shift_every_s
+        self._clock = clock
+        self._snap: Snapshot = state.snapshot
+        self._wakeup = threading.Event()
+        self._stopping = threading.Event()
+        self._display_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._last_frame: bytes | None = None
+        self._last_key: tuple[object, ...] | None = None
+        self._activity_at = clock()
+        self._wake_requested = False
+        self._asleep = False
+        self._code_key: tuple[str, float] | None = None
+        self._code_seen_at = 0.0
+        self._code_lifetime_s = screens.DEFAULT_CODE_LIFETIME_S
+        self._failing = False
+        self.frames_shown = 0
+        self.warmed_up = threading.Event()     # set once fonts/QR paths are loaded (tests, bench)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def start(self, *, thread: bool = True) -> Panel:
+        """Subscribe to state and start drawing. ``thread=False``: tests call ``step()``."""
+        self.state.subscribe(self._observe)
+        if thread:
+            self._thread = threading.Thread(target=self._run, name="panel", daemon=True)
+            self._thread.start()
+        return self
+
+    def wake(self) -> None:
+        """The button was pressed: light the panel and restart the sleep timer."""
+        self._wake_requested = True
+        self._wakeup.set()
+
+    def stop(self, final: Literal["stopped", "blank"] = "stopped", timeout_s: float = 1.0) -> None:
+        """Stop drawing and leave the panel showing "stopped", or dark. Returns within ~1 s."""
+        self.state.unsubscribe(self._observe)
+        self._stopping.set()
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.warning("panel thread did not stop within %.1f s", timeout_s)
+        try:
+            with self._display_lock:
+                if final == "blank":
+                    self.display.power(False)
+                else:
+                    self.display.show(screens.render_stopped(self.display.size))
+                    self.display.power(True)
+        except HardwareError as err:
+            log.warning("could not leave the final screen on the display: %s", err)
+
+    @property
+    def asleep(self) -> bool:
+        return self._asleep
+
+    # -- drawing ----------------------------------------------------------------------------------
+
+    def _observe(self, snap: Snapshot) -> None:
+        self._snap = snap
+        self._wakeup.set()
+
+    def _run(self) -> None:
+        warmed = False
+        while not self._stopping.is_set():
+            self._wakeup.clear()
+            try:
+                delay = self.step()
+            except Exception:     # a drawing bug must not kill the panel thread for good
+                log.exception("panel step failed")
+                delay = MAX_WAIT_S
+            if not warmed:
+                # After the first frame is up: fonts and QR code paths, so the first code is quick.
+                warmed = True
+                screens.warm_up(self.display.size)
+                self.warmed_up.set()
+            self._wakeup.wait(delay)
+
+    def step(self, now: float | None = None) -> float:
+        """Draw what is due now; returns seconds until something on the panel changes next."""
+        now = self._clock() if now is None else now
+        snap = self._snap
+        name = screens.screen_name(snap)
+        code = snap.code
+        key = (name, code.user_code if code else None, snap.error, snap.notice,
+               snap.renewals_exhausted, snap.phase, snap.account)
+        if key != self._last_key:
+            self._last_key = key
+            self._activity_at = now
+        if code is not None and self._code_key != (code.user_code, code.expires_at_monotonic):
+            self._code_key = (code.user_code, code.expires_at_monotonic)
+            self._code_seen_at = now
+            self._code_lifetime_s = max(1.0, code.seconds_left(now))
+        if self._wake_requested:
+            self._wake_requested = False
+            self._activity_at = now
+
+        sleepy = name not in ("code", "hold") and self.sleep_after_s > 0
+        should_sleep = sleepy and now - self._activity_at >= self.sleep_after_s
+        if should_sleep != self._asleep:
+            if not self._power(not should_sleep):
+                return MAX_WAIT_S
+            self._asleep = should_sleep
+            log.debug("panel %s", "asleep" if should_sleep else "awake")
+        if self._asleep:
+            return MAX_WAIT_S
+
+        page = 0
+        if name == "code":
+            page = int((now - self._code_seen_at) // self.page_s) % screens.page_count(snap)
+        img = screens.render(snap, now, page, size=self.display.size,
+                             code_lifetime_s=self._code_lifetime_s if code else None)
+        if name != "code" and self.shift_every_s > 0:
+            img = _shifted(img, SHIFTS[int(now // self.shift_every_s) % len(SHIFTS)])
+        frame = img.tobytes()
+        if frame != self._last_frame and self._show(img):
+            self._last_frame = frame
+        return self._next_delay(now, name, snap)
+
+    def _next_delay(self, now: float, name: str, snap: Snapshot) -> float:
+        waits = [MAX_WAIT_S]
+        if name == "code" and snap.code is not None:
+            left = snap.code.seconds_left(now)
+            waits.append((left % 1.0) + 0.005 if left > 0 else MAX_WAIT_S)      # next whole second
+            waits.append(self.page_s - ((now - self._code_seen_at) % self.page_s) + 0.005)
+        if self.sleep_after_s > 0 and name not in ("code", "hold"):
+            waits.append(max(0.0, self._activity_at + self.sleep_after_s - now))
+        return max(0.005, min(waits))
+
+    def _show(self, img: Image.Image) -> bool:
+        try:
+            with self._display_lock:
+                self.display.show(img)
+        except HardwareError as err:
+            self._report(err)
+            return False
+        self.frames_shown += 1
+        if self._failing:
+            log.info("display answers again")
+            self._failing = False
+        return True
+
+    def _power(self, on: bool) -> bool:
+        try:
+            with self._display_lock:
+                self.display.power(on)
+        except HardwareError as err:
+            self._report(err)
+            return False
+        return True
+
+    def _report(self, err: HardwareError) -> None:
+        if not self._failing:      # once per outage, not once a second
+            log.warning("display: %s", err)
+            self._failing = True
+
+
+def _shifted(img: Image.Image, offset: tuple[int, int]) -> Image.Image:
+    if offset == (0, 0):
+        return img
+    out = Image.new(img.mode, img.size, 0)
+    out.paste(img, offset)
+    return out

@@ -1,0 +1,153 @@
+"""Sensors -> outbox, each sensor on its own interval, in every sign-in state.
+
+Schedule: monotonic, slot k of a sensor is due at ``start + k * interval`` (computed, not
+accumulated, so there is no drift). A tick that runs late still keeps the grid; after a stall
+longer than an interval the missed slots are skipped (logged), not caught up in a burst.
+
+One ``outbox.put`` per tick holds every reading due at that tick: one SQLite transaction, one
+fsync, however many sensors fire together.
+
+A failed read (HardwareError or any other exception, or a non-finite value) queues nothing:
+the readings sent keep CONTRACT.md's shape (``value`` is always a number) so a strict receiver
+never rejects a whole batch because one sensor broke. The failure is counted per sensor
+(``errors``), shown in ``state.last_reading`` (``LastReading.error``) and logged at WARNING when
+a sensor starts failing and at INFO when it recovers. The gap in the sensor's readings is the
+far side's signal.
+
+Reading times are wall-clock UTC (``agent.state.iso``) — the only use of wall time here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from agent.state import LastReading, iso
+
+if TYPE_CHECKING:
+    from agent.config import SensorSettings
+    from agent.outbox import Outbox
+    from agent.state import AgentState
+    from hw.base import Sensor
+
+log = logging.getLogger(__name__)
+
+MAX_WAIT_S = 1.0          # longest single wait: keeps heartbeat and stop responsive
+STATE_EVERY_S = 1.0       # last_reading / outbox depth published at most this often
+
+
+@dataclass
+class _Slot:
+    settings: SensorSettings
+    sensor: Sensor
+    start: float = 0.0
+    started: bool = False
+    k: int = 0
+    failing: str | None = None
+    skipped: int = 0
+    last_reading: LastReading | None = field(default=None)
+
+    def due(self) -> float:
+        return self.start + self.k * self.settings.interval_s
+
+
+class Sampler:
+    """Reads sensors on schedule into the outbox. ``run(stop)`` in its own thread."""
+
+    def __init__(self, pairs: Sequence[tuple[SensorSettings, Sensor]], outbox: Outbox, state: AgentState,
+                 *, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self.slots = [_Slot(s, sensor) for s, sensor in pairs]
+        self.outbox = outbox
+        self.state = state
+        self.clock = clock
+        self.wall = wall
+        self.heartbeat = clock()
+        self.errors: dict[str, int] = {s.name: 0 for s, _ in pairs}
+        self.readings_queued = 0
+        self.put_failures = 0
+        self._last_state = -math.inf
+        self._latest: LastReading | None = None
+
+    def run(self, stop: threading.Event) -> None:
+        """Sample until ``stop`` is set."""
+        log.info("sampler started: %s", ", ".join(f"{s.settings.name} every {s.settings.interval_s:g} s"
+                                                   for s in self.slots) or "no sensors")
+        while not stop.is_set():
+            next_due = self.tick()
+            self.heartbeat = self.clock()
+            stop.wait(max(0.0, min(next_due - self.clock(), MAX_WAIT_S)))
+        log.info("sampler stopped")
+
+    def tick(self) -> float:
+        """Read every sensor that is due, queue them in one transaction. Returns the next due time."""
+        now = self.clock()
+        readings: list[dict[str, Any]] = []
+        for slot in self.slots:
+            if not slot.started:
+                slot.start, slot.started = now, True
+            if slot.due() > now:
+                continue
+            readings.extend(self._read(slot))
+            slot.k += 1
+            if slot.due() <= now:
+                # Stalled for more than an interval: jump to the next slot in the future.
+                interval = slot.settings.interval_s
+                k_next = math.floor((now - slot.start) / interval) + 1
+                missed = k_next - slot.k
+                slot.skipped += missed
+                slot.k = k_next
+                log.warning("sampler: %s skipped %d missed readings after a %.1f s stall",
+                            slot.settings.name, missed, (missed + 1) * interval)
+        if readings:
+            try:
+                self.outbox.put(readings)
+                self.readings_queued += len(readings)
+            except Exception:
+                self.put_failures += 1
+                log.exception("sampler: could not queue %d readings", len(readings))
+        self._publish(now)
+        return min((s.due() for s in self.slots), default=now + MAX_WAIT_S)
+
+    def _read(self, slot: _Slot) -> list[dict[str, Any]]:
+        name = slot.settings.name
+        try:
+            measurements = slot.sensor.read()
+            for m in measurements:
+                if not isinstance(m.value, int | float) or not math.isfinite(m.value):
+                    raise ValueError(f"non-finite value {m.value!r}")
+        except Exception as err:  # HardwareError or a driver bug: never kill the sampler
+            self.errors[name] = self.errors.get(name, 0) + 1
+            text = f"{type(err).__name__}: {err}"[:200]
+            if slot.failing is None:
+                log.warning("sensor %s: read failed: %s (no reading queued)", name, text)
+            else:
+                log.debug("sensor %s: read failed again: %s", name, text)
+            slot.failing = text
+            self._latest = LastReading(sensor=name, value=None, unit="", error=text)
+            return []
+        if slot.failing is not None:
+            log.info("sensor %s: reading again after %s", name, slot.failing)
+            slot.failing = None
+        when = iso(self.wall())
+        out = []
+        for m in measurements:
+            sensor = f"{name}.{m.quantity}" if m.quantity else name
+            value = float(m.value)
+            log.debug("reading %s = %s %s", sensor, value, m.unit)
+            out.append({"sensor": sensor, "type": slot.settings.type, "value": value,
+                        "unit": m.unit, "time": when})
+            self._latest = LastReading(sensor=sensor, value=value, unit=m.unit)
+        return out
+
+    def _publish(self, now: float) -> None:
+        if now - self._last_state < STATE_EVERY_S or self._latest is None:
+            return
+        self._last_state = now
+        self.state.update(last_reading=self._latest, outbox=self.outbox.counts())

@@ -1,0 +1,503 @@
+"""What the panel shows: pure functions from a Snapshot (+ monotonic now, page) to a PIL image.
+
+128x64 mode "1", lit pixel = 1. A person reads these at arm's length, so the user code is drawn
+as large as fits and the QR uses whole 2-px modules with a lit quiet zone (normal polarity:
+dark modules on light, what every phone camera expects). Portrait sizes (rotate 1/3) get a
+stacked layout. Burn-in care (blanking, pixel shift) is the panel's job, not these functions'.
+
+``python -m agent.screens --out DIR`` writes every screen as a PNG (for the README, for eyes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from agent.state import DeviceCode, LastReading, OutboxCounts, Snapshot
+
+SIZE = (128, 64)
+PAGE_S = 4.0                       # each page of an alternating screen stays this long (>= 3 s)
+DEFAULT_CODE_LIFETIME_S = 900.0    # bar scale when the panel did not see the code arrive
+HOLD_PREFIX = "Keep holding"       # agent.controls writes this notice while the button is held
+EXHAUSTED_TEXT = "Press button or send renew_code for a new code"
+
+Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
+
+
+@functools.lru_cache(maxsize=32)
+def font(size: int) -> Font:
+    """Pillow's bundled scalable font (Aileron); readable down to 9-10 px on an OLED."""
+    return ImageFont.load_default(size=size)
+
+
+def hold_notice(seconds_left: float) -> str:
+    """The notice agent.controls shows while the button is held towards a sign-out."""
+    return f"{HOLD_PREFIX} to sign out: {max(0, math.ceil(seconds_left))} s"
+
+
+def is_hold_notice(notice: str | None) -> bool:
+    return bool(notice) and notice.startswith(HOLD_PREFIX)  # type: ignore[union-attr]
+
+
+# -- dispatch ---------------------------------------------------------------------------------------
+
+def screen_name(snap: Snapshot) -> str:
+    """Which screen ``snap`` calls for, in priority order (the panel uses it for wake/sleep)."""
+    if snap.phase == "stopped":
+        return "stopped"
+    if is_hold_notice(snap.notice):
+        return "hold"              # the person is holding the button: feedback beats everything
+    if snap.code is not None:
+        return "code"
+    if snap.renewals_exhausted:
+        return "exhausted"
+    if snap.phase == "error" and snap.error:
+        return "error"
+    if snap.notice:
+        return "notice"
+    if snap.phase == "signed_in":
+        return "status"
+    return "starting"
+
+
+def page_count(snap: Snapshot) -> int:
+    return 2 if screen_name(snap) == "code" else 1
+
+
+def render(snap: Snapshot, now_monotonic: float, page: int = 0, *,
+           size: tuple[int, int] = SIZE, code_lifetime_s: float | None = None) -> Image.Image:
+    """The screen for ``snap``. ``page`` alternates multi-page screens (code: QR / URL text)."""
+    name = screen_name(snap)
+    if name == "stopped":
+        return render_stopped(size)
+    if name == "hold":
+        return render_notice(snap.notice or "", size, title="Sign out?")
+    if name == "code":
+        assert snap.code is not None
+        return render_code(snap.code, now_monotonic, page, size=size, lifetime_s=code_lifetime_s)
+    if name == "exhausted":
+        return render_exhausted(size)
+    if name == "error":
+        return render_error(snap.error or "", size)
+    if name == "notice":
+        return render_notice(snap.notice or "", size)
+    if name == "status":
+        return render_status(snap, size)
+    return render_starting(snap, size)
+
+
+# -- drawing helpers ----------------------------------------------------------------------------------
+
+def _canvas(size: tuple[int, int]) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    img = Image.new("1", size, 0)
+    return img, ImageDraw.Draw(img)
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str, f: Font) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the ink of ``text`` drawn at (0, 0)."""
+    box = draw.textbbox((0, 0), text, font=f)
+    return int(box[0]), int(box[1]), int(box[2]), int(box[3])
+
+
+def _ink_text(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, f: Font,
+              fill: int = 1, bold: bool = False) -> None:
+    """Draw ``text`` so its ink's top-left lands on ``xy`` (fonts carry blank space above caps)."""
+    left, top, _, _ = _text_size(draw, text, f)
+    x, y = xy[0] - left, xy[1] - top
+    draw.text((x, y), text, font=f, fill=fill)
+    if bold:   # 1-px strokes of the bundled font are thin on an OLED; double them sideways
+        draw.text((x + 1, y), text, font=f, fill=fill)
+
+
+def _fit_size(draw: ImageDraw.ImageDraw, lines: Sequence[str], width: int, height: int,
+              gap: int, *, bold: bool, max_size: int = 40, min_size: int = 9) -> int:
+    """The largest font size at which ``lines`` (stacked, ``gap`` apart) fit in width x height."""
+    for size in range(max_size, min_size - 1, -1):
+        f = font(size)
+        widths, heights = [], []
+        for line in lines:
+            left, top, right, bottom = _text_size(draw, line, f)
+            widths.append(right - left + (1 if bold else 0))
+            heights.append(bottom - top)
+        cap = _text_size(draw, "H", f)
+        line_h = max([cap[3] - cap[1], *heights])
+        total = line_h * len(lines) + gap * (len(lines) - 1)
+        if max(widths) <= width and total <= height:
+            return size
+    return min_size
+
+
+def _wrap_pixels(draw: ImageDraw.ImageDraw, text: str, f: Font, width: int,
+                 *, break_anywhere: bool = False) -> list[str]:
+    """Greedy word wrap by measured width; long words (URLs) are split where they must be."""
+    if break_anywhere:      # URLs, ids: prefer breaking after / ? & = . - then anywhere
+        words = [t for t in re.findall(r"[^/?&=.-]*[/?&=.-]?", text) if t]
+        sep = ""
+    else:
+        words, sep = text.split(), " "
+    lines: list[str] = []
+    cur = ""
+    for word in words:
+        candidate = f"{cur}{sep}{word}" if cur else word
+        if _width(draw, candidate, f) <= width:
+            cur = candidate
+            continue
+        if cur:
+            lines.append(cur)
+        cur = word
+        while _width(draw, cur, f) > width and len(cur) > 1:   # a single over-long word
+            cut = len(cur)
+            while cut > 1 and _width(draw, cur[:cut], f) > width:
+                cut -= 1
+            lines.append(cur[:cut])
+            cur = cur[cut:]
+    if cur:
+        lines.append(cur)
+    return lines
+
+
+def _width(draw: ImageDraw.ImageDraw, text: str, f: Font) -> int:
+    left, _, right, _ = _text_size(draw, text, f)
+    return right - left
+
+
+def _line_height(draw: ImageDraw.ImageDraw, f: Font) -> int:
+    """Height of a line with ascenders and descenders ("Hg"), so wrapped lines never touch."""
+    _, top, _, bottom = _text_size(draw, "Hgjy", f)
+    return bottom - top
+
+
+def _text_block(draw: ImageDraw.ImageDraw, lines: Sequence[str], f: Font, x: int, y: int,
+                width: int, *, center: bool = False, gap: int = 2) -> int:
+    """Draw lines from ``y`` down; returns the y below the block."""
+    lh = _line_height(draw, f)
+    _, top_hg, _, _ = _text_size(draw, "Hgjy", f)
+    for line in lines:
+        left, _, right, _ = _text_size(draw, line, f)
+        lx = x + (width - (right - left)) // 2 if center else x
+        draw.text((lx - left, y - top_hg), line, font=f, fill=1)
+        y += lh + gap
+    return y - gap
+
+
+def _title(draw: ImageDraw.ImageDraw, text: str, width: int) -> int:
+    """A title row in inverse video; returns the y below it."""
+    f = font(11)
+    h = _line_height(draw, f) + 3
+    draw.rectangle((0, 0, width - 1, h - 1), fill=1)
+    _, top, _, _ = _text_size(draw, "Hgjy", f)
+    left, _, right, _ = _text_size(draw, text, f)
+    draw.text(((width - (right - left)) // 2 - left, 2 - top), text, font=f, fill=0)
+    return h + 2
+
+
+def _message_screen(title: str, body: str, size: tuple[int, int], *, max_size: int = 14) -> Image.Image:
+    """A title bar and ``body`` wrapped as large as fits below it, centred."""
+    img, draw = _canvas(size)
+    w, h = size
+    y0 = _title(draw, title, w)
+    avail_h = h - y0 - 1
+    chosen = None
+    for fsize in range(max_size, 8, -1):
+        f = font(fsize)
+        lines = _wrap_pixels(draw, body, f, w - 4)
+        block = len(lines) * (_line_height(draw, f) + 2) - 2
+        if block <= avail_h:
+            chosen = (f, lines, block)
+            break
+    if chosen is None:
+        f = font(9)
+        lh = _line_height(draw, f) + 2
+        lines = _wrap_pixels(draw, body, f, w - 4)[: max(1, (avail_h + 2) // lh)]
+        chosen = (f, lines, len(lines) * lh - 2)
+    f, lines, block = chosen
+    _text_block(draw, lines, f, 2, y0 + (avail_h - block) // 2, w - 4, center=True)
+    return img
+
+
+# -- QR ---------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=8)
+def _qr_rows(uri: str) -> tuple[tuple[bool, ...], ...]:
+    # segno spends ~20 ms choosing a mask; the countdown redraws every second with the same URI.
+    # Imported here: ~50 ms (x86) the first screen ("starting") does not need to wait for.
+    import segno
+
+    qr = segno.make(uri, error="l", boost_error=False, micro=False)
+    return tuple(tuple(bool(v) for v in row) for row in qr.matrix_iter(scale=1, border=1))
+
+
+def qr_matrix(uri: str, max_px: int) -> tuple[list[list[bool]], int]:
+    """The QR for ``uri`` as rows of dark-module flags (with a 1-module quiet zone) and a scale.
+
+    Smallest version at ECC L without boosting (segno otherwise raises ECC silently, which can
+    push the symbol past what fits at 2 px/module); 2 px per module whenever that fits.
+    """
+    rows = [list(row) for row in _qr_rows(uri)]
+    scale = max(1, min(2, max_px // len(rows)))
+    return rows, scale
+
+
+def draw_qr(img: Image.Image, uri: str, x: int, y: int, max_px: int) -> int:
+    """Draw the QR with its top-left at (x, y) within ``max_px``; returns its side in px."""
+    rows, scale = qr_matrix(uri, max_px)
+    side = len(rows) * scale
+    px = img.load()
+    assert px is not None
+    for r, row in enumerate(rows):
+        for c, dark in enumerate(row):
+            if not dark:     # lit background and quiet zone; dark modules stay unlit
+                for dy in range(scale):
+                    for dx in range(scale):
+                        px[x + c * scale + dx, y + r * scale + dy] = 1
+    return side
+
+
+# -- screens ----------------------------------------------------------------------------------------
+
+def split_code(code: str) -> list[str]:
+    """Break a user code into two halves for big type ("ABCD-EFGH" -> "ABCD", "EFGH")."""
+    if "-" in code:
+        a, _, b = code.partition("-")
+        return [a, b]
+    if " " in code:
+        a, _, b = code.partition(" ")
+        return [a, b]
+    mid = (len(code) + 1) // 2
+    return [code[:mid], code[mid:]]
+
+
+def _time_left_text(seconds: float) -> str:
+    s = int(math.ceil(seconds))
+    return f"{s // 60}:{s % 60:02d} left" if s > 0 else "expired"
+
+
+def _bar(draw: ImageDraw.ImageDraw, x: int, y: int, w: int, h: int, fraction: float) -> None:
+    draw.rectangle((x, y, x + w - 1, y + h - 1), outline=1, fill=0)
+    inner = int(round((w - 2) * max(0.0, min(1.0, fraction))))
+    if inner > 0:
+        draw.rectangle((x + 1, y + 1, x + inner, y + h - 2), fill=1)
+
+
+def render_code(code: DeviceCode, now_monotonic: float, page: int = 0, *,
+                size: tuple[int, int] = SIZE, lifetime_s: float | None = None) -> Image.Image:
+    """Page 0: QR + big code + time bar. Page 1: the URL to open + code + time bar."""
+    img, draw = _canvas(size)
+    w, h = size
+    left_s = code.seconds_left(now_monotonic)
+    total = lifetime_s if lifetime_s and lifetime_s > 0 else max(DEFAULT_CODE_LIFETIME_S, left_s)
+    fraction = left_s / total
+    if w < h:
+        return _render_code_portrait(img, draw, code, left_s, fraction)
+    small = font(9)
+    if page % 2 == 0:
+        rows, scale = qr_matrix(code.qr_uri, h)
+        qr_side = len(rows) * scale
+        draw_qr(img, code.qr_uri, 0, (h - qr_side) // 2, h)
+        x0 = qr_side + 3
+        rw = w - x0 - 1
+        _ink_text(draw, (x0, 1), "Sign-in code", small)
+        top = 1 + _line_height(draw, small) + 3
+        bottom_area = _line_height(draw, small) + 9
+        parts = split_code(code.user_code)
+        one_line = _fit_size(draw, [code.user_code], rw, h - top - bottom_area, 0, bold=True, max_size=30)
+        two_line = _fit_size(draw, parts, rw, h - top - bottom_area, 4, bold=True, max_size=30)
+        lines = [code.user_code] if one_line >= two_line else parts
+        f = font(max(one_line, two_line))
+        cap = _text_size(draw, "H", f)
+        lh = cap[3] - cap[1]
+        block = lh * len(lines) + 4 * (len(lines) - 1)
+        y = top + (h - top - bottom_area - block) // 2
+        for line in lines:
+            _ink_text(draw, (x0 + (rw - _width(draw, line, f) - 1) // 2, y), line, f, bold=True)
+            y += lh + 4
+        ty = h - bottom_area + 1
+        _ink_text(draw, (x0, ty - 1), _time_left_text(left_s), font(10))
+        _bar(draw, x0, h - 5, rw, 5, fraction)
+        return img
+    # page 1: where to go, in text
+    x0, rw = 2, w - 4
+    f = font(10)
+    _ink_text(draw, (x0, 1), "On a phone or PC, open", small)
+    y = 1 + _line_height(draw, small) + 2
+    url_lines = _wrap_pixels(draw, code.verification_uri, f, rw, break_anywhere=True)[:3]
+    y = _text_block(draw, url_lines, f, x0, y, rw, gap=1) + 3
+    _ink_text(draw, (x0, y), "and enter", small)
+    label_w = _width(draw, "and enter", small) + 4
+    avail_h = h - 7 - y
+    csize = _fit_size(draw, [code.user_code], rw - label_w, avail_h, 0, bold=True, max_size=18)
+    cf = font(csize)
+    _ink_text(draw, (x0 + label_w, y), code.user_code, cf, bold=True)
+    _bar(draw, x0, h - 5, rw, 5, fraction)
+    return img
+
+
+def _render_code_portrait(img: Image.Image, draw: ImageDraw.ImageDraw, code: DeviceCode,
+                          left_s: float, fraction: float) -> Image.Image:
+    w, h = img.size
+    rows, scale = qr_matrix(code.qr_uri, w)
+    side = len(rows) * scale
+    draw_qr(img, code.qr_uri, (w - side) // 2, 0, w)
+    parts = split_code(code.user_code)
+    top = side + 4
+    avail = h - top - 16
+    f = font(_fit_size(draw, parts, w - 2, avail, 4, bold=True, max_size=24))
+    cap = _text_size(draw, "H", f)
+    y = top
+    for line in parts:
+        _ink_text(draw, ((w - _width(draw, line, f) - 1) // 2, y), line, f, bold=True)
+        y += cap[3] - cap[1] + 4
+    _ink_text(draw, (1, h - 17), _time_left_text(left_s), font(10))
+    _bar(draw, 1, h - 5, w - 2, 5, fraction)
+    return img
+
+
+def render_starting(snap: Snapshot, size: tuple[int, int] = SIZE) -> Image.Image:
+    """Before a code exists: starting up, or asking the IdP for a code."""
+    if snap.phase == "starting":
+        return _message_screen("device-agent", "Starting\u2026", size)
+    return _message_screen("Sign-in", "Getting a sign-in code\u2026", size)
+
+
+def render_exhausted(size: tuple[int, int] = SIZE) -> Image.Image:
+    return _message_screen("Code expired", EXHAUSTED_TEXT, size)
+
+
+def render_error(message: str, size: tuple[int, int] = SIZE) -> Image.Image:
+    return _message_screen("Problem", message or "Unknown error: see the journal", size, max_size=12)
+
+
+def render_notice(notice: str, size: tuple[int, int] = SIZE, *, title: str = "Note") -> Image.Image:
+    return _message_screen(title, notice, size)
+
+
+def render_stopped(size: tuple[int, int] = SIZE) -> Image.Image:
+    return _message_screen("device-agent", "Stopped", size, max_size=16)
+
+
+def _fmt_value(value: float) -> str:
+    if value == int(value) and abs(value) < 1e6:
+        return str(int(value))
+    return f"{value:.4g}" if abs(value) >= 1000 else f"{value:.1f}"
+
+
+def _link_dot(draw: ImageDraw.ImageDraw, x: int, y: int, state: str) -> None:
+    """Filled = up, hollow = down, dash = off/unknown (the font has no check marks)."""
+    if state == "up":
+        draw.ellipse((x, y, x + 5, y + 5), fill=1)
+    elif state == "down":
+        draw.ellipse((x, y, x + 5, y + 5), outline=1)
+        draw.line((x, y, x + 5, y + 5), fill=1)
+    else:
+        draw.line((x, y + 3, x + 5, y + 3), fill=1)
+
+
+def render_status(snap: Snapshot, size: tuple[int, int] = SIZE) -> Image.Image:
+    """Signed in: account, latest reading, outbox depth, link states."""
+    img, draw = _canvas(size)
+    w, h = size
+    small = font(9)
+    lh = _line_height(draw, small)
+    account = snap.account or "signed in"
+    acc_lines = _wrap_pixels(draw, account, small, w - 2, break_anywhere=True)
+    acc = acc_lines[0] if len(acc_lines) == 1 else acc_lines[0][:-1] + "\u2026"
+    _ink_text(draw, (1, 0), acc, small)
+    draw.line((0, lh + 1, w - 1, lh + 1), fill=1)
+    links_y = h - lh
+    queue_y = links_y - lh - 2
+    y = lh + 4
+    r: LastReading | None = snap.last_reading
+    if r is None:
+        _ink_text(draw, (1, y + 2), "no readings yet", small)
+    else:
+        text = f"{_fmt_value(r.value)} {r.unit}".strip() if r.value is not None else "read error"
+        name_h = lh + 1
+        big_h = queue_y - y - name_h - 2
+        big = font(_fit_size(draw, [text], w - 2, big_h, 0, bold=True, max_size=18))
+        _ink_text(draw, (1, y), text, big, bold=True)
+        name = _wrap_pixels(draw, r.sensor, small, w - 2, break_anywhere=True)
+        label = name[0] if len(name) == 1 else name[0][:-1] + "\u2026"
+        _ink_text(draw, (1, queue_y - name_h - 1), label, small)
+    o: OutboxCounts = snap.outbox
+    queue = f"queued {o.pending}"
+    if o.dead:
+        queue += f"  dead {o.dead}"
+    if o.dropped:
+        queue += f"  dropped {o.dropped}"
+    _ink_text(draw, (1, queue_y), queue, small)
+    x = 1
+    for name_ in ("idp", "api", "mqtt"):
+        state = snap.links.get(name_, "off" if name_ == "mqtt" else "unknown")
+        label_ = {"idp": "IdP", "api": "API", "mqtt": "MQTT"}[name_]
+        _ink_text(draw, (x, links_y), label_, small)
+        x += _width(draw, label_, small) + 3
+        _link_dot(draw, x, links_y + 1, state)
+        x += 12
+    return img
+
+
+def warm_up(size: tuple[int, int] = SIZE) -> None:
+    """Load the fonts and code paths of the code screen, so the first real code draws fast."""
+    wall = datetime(2026, 1, 1, tzinfo=UTC)
+    code = DeviceCode("WARM-UPXY", "https://example.invalid/device", 900.0, wall, 5)
+    for page in (0, 1):
+        render(Snapshot(phase="signing_in", code=code), 0.0, page, size=size)
+
+
+# -- every screen, for eyes and the README -----------------------------------------------------------
+
+def examples(now: float = 1000.0) -> dict[str, Image.Image]:
+    """A representative image of every screen, keyed by file stem."""
+    wall = datetime(2026, 11, 25, 14, 54, 32, tzinfo=UTC)
+    entra = DeviceCode("F7KQ2XLPD", "https://microsoft.com/devicelogin", now + 754, wall, 5)
+    oidc = DeviceCode("WDJB-MJHT", "https://idp.example.com/oidc/device", now + 301, wall, 5,
+                      verification_uri_complete="https://idp.example.com/oidc/device?user_code=WDJB-MJHT")
+    signed = Snapshot(phase="signed_in", account="greenhouse@contoso.onmicrosoft.com",
+                      last_reading=LastReading("greenhouse.temperature", 21.4, "°C"),
+                      outbox=OutboxCounts(pending=12, dead=1, dropped=0),
+                      links={"idp": "up", "api": "down", "mqtt": "up"})
+    return {
+        "starting": render(Snapshot(), now),
+        "getting_code": render(Snapshot(phase="signing_in"), now),
+        "code_entra_qr": render(Snapshot(phase="signing_in", code=entra), now, 0),
+        "code_entra_url": render(Snapshot(phase="signing_in", code=entra), now, 1),
+        "code_complete_qr": render(Snapshot(phase="signing_in", code=oidc), now, 0, code_lifetime_s=600),
+        "code_complete_url": render(Snapshot(phase="signing_in", code=oidc), now, 1, code_lifetime_s=600),
+        "code_portrait": render(Snapshot(phase="signing_in", code=oidc), now, 0, size=(64, 128)),
+        "exhausted": render(Snapshot(phase="signing_in", renewals_exhausted=True), now),
+        "status": render(signed, now),
+        "status_no_reading": render(Snapshot(phase="signed_in", account="pi@example.org"), now),
+        "error": render(Snapshot(phase="error",
+                                 error="Device sign-in is disabled for this app: ask your admin to allow "
+                                       "public client flows"), now),
+        "notice": render(Snapshot(phase="signing_in", notice="Code declined. Getting a new one\u2026"), now),
+        "hold": render(Snapshot(phase="signed_in", notice=hold_notice(3.2)), now),
+        "stopped": render(Snapshot(phase="stopped"), now),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m agent.screens",
+                                     description="write every panel screen as a PNG")
+    parser.add_argument("--out", required=True, type=Path, help="directory for the PNGs")
+    parser.add_argument("--scale", type=int, default=1, help="enlarge N times (nearest neighbour)")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, img in examples().items():
+        if args.scale > 1:
+            img = img.resize((img.width * args.scale, img.height * args.scale), Image.Resampling.NEAREST)
+        img.save(args.out / f"{name}.png")
+        print(args.out / f"{name}.png")  # noqa: T201 - the CLI's output
+    return 0
+
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,62 @@
+"""``sink = "http"``: JSON batches to the user's API, exactly as CONTRACT.md "Custom API" says."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING
+
+from agent.errors import UploadError
+from agent.sinks import HttpsClient, SendResult, network_error, status_error
+
+if TYPE_CHECKING:
+    from agent.config import UploadSettings
+    from agent.outbox import Row
+
+log = logging.getLogger(__name__)
+
+
+class HttpSink:
+    """``POST {url}`` with Bearer token and an ``Idempotency-Key`` naming the seq range."""
+
+    name = "http"
+
+    def __init__(self, settings: UploadSettings, device_id: str) -> None:
+        self.url = settings.url
+        self.device_id = device_id
+        self.client = HttpsClient(settings.ca_file, settings.timeout_s)
+
+    def send(self, batch: list[Row], token: str) -> SendResult:
+        """Deliver ``batch`` (ascending seq) in one request.
+
+        Raises:
+            UploadError: status 401/403 (token), retryable (408/429/5xx/network, with
+                ``retry_after_s``) or not (other 4xx: dead-letter the batch).
+        """
+        import requests
+
+        if not batch:
+            return SendResult()
+        first, last = batch[0].seq, batch[-1].seq
+        body = json.dumps({"device_id": self.device_id, "readings": [r.reading for r in batch]},
+                          ensure_ascii=False, separators=(",", ":")).encode()
+        headers = {
+            "Authorization": f"Bearer {token}",
+            "Content-Type": "application/json",
+            "Idempotency-Key": f"{self.device_id}:{first}-{last}",
+        }
+        what = f"POST {self.url} (seq {first}..{last})"
+        try:
+            resp = self.client.request("POST", self.url, data=body, headers=headers)
+        except requests.RequestException as err:
+            raise network_error(err, what) from err
+        with resp:
+            if 200 <= resp.status_code < 300:
+                return SendResult(acked=[r.seq for r in batch])
+            raise status_error(resp, what)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+__all__ = ["HttpSink", "UploadError"]

@@ -1,0 +1,241 @@
+"""Outbox -> sink, one batch at a time, with the status handling of CONTRACT.md "Custom API".
+
+- 2xx: ack; while a backlog remains the next batch goes at once, else wait ``interval_s``
+  (or until ``flush()``).
+- 401: ``tokens.token_rejected()`` once and retry with the new token; if there is none, or the
+  new one is refused too, wait until sign-in hands out a different token. Readings keep queuing.
+- 403: keep the readings, back off (30 s doubling to 10 min), state error
+  "the API refused the token (403): check the scopes".
+- 408/429/5xx/network: retry; ``Retry-After`` (seconds or HTTP date) is a minimum wait
+  (at least half the current back-off, so ``Retry-After: 0`` cannot cause a tight loop),
+  otherwise exponential back-off with equal jitter (1 s doubling to 5 min).
+- other 4xx: dead-letter the batch and carry on.
+
+All waits are on the monotonic clock. ``step()`` does one unit of work and returns how long to
+wait before the next, so tests drive it with a fake clock and never sleep.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Protocol
+
+from agent.errors import UploadError
+from agent.sinks import SendResult
+
+if TYPE_CHECKING:
+    from agent.config import UploadSettings
+    from agent.outbox import Outbox, Row
+    from agent.sinks import Sink
+    from agent.state import AgentState
+
+log = logging.getLogger(__name__)
+
+SCOPE_ERROR = "the API refused the token (403): check the scopes"
+REFUSED_ERROR = "the API rejected even a fresh token (401): check the API's audience and issuer"
+BACKOFF_FIRST_S = 1.0
+BACKOFF_CAP_S = 300.0
+FORBIDDEN_FIRST_S = 30.0
+FORBIDDEN_CAP_S = 600.0
+NO_TOKEN_POLL_S = 2.0          # how often to look for a token while signed out (cheap, local)
+TICK_S = 0.25                  # run(): longest single wait, so stop/flush/heartbeat stay responsive
+
+
+class TokenSource(Protocol):
+    """What the uploader needs from sign-in (agent/auth.py's Authenticator)."""
+
+    def access_token(self) -> str | None: ...
+    def token_rejected(self) -> str | None: ...
+
+
+class Uploader:
+    """Moves readings from the outbox to the sink. ``run(stop)`` in its own thread."""
+
+    def __init__(self, outbox: Outbox, sink: Sink, tokens: TokenSource, state: AgentState,
+                 settings: UploadSettings, *, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 rng: Callable[[], float] = random.random) -> None:
+        self.outbox = outbox
+        self.sink = sink
+        self.tokens = tokens
+        self.state = state
+        self.settings = settings
+        self.clock = clock
+        self.wall = wall
+        self.rng = rng
+        self.heartbeat = clock()
+        self._wake = threading.Event()
+        self._not_before = 0.0          # monotonic; server-imposed (Retry-After, 403) minimum
+        self._backoff_until = 0.0       # monotonic; our own back-off (flush() may cut it short)
+        self._failures = 0
+        self._forbidden = 0
+        self._refused_token: str | None = None   # digest of a token the API refused twice
+        self._waiting_for_token = False
+
+    # ---------------------------------------------------------------- thread API
+
+    def run(self, stop: threading.Event) -> None:
+        """Upload until ``stop`` is set (returns within ``TICK_S``)."""
+        log.info("uploader started (sink %s, batch_max %d)", self.sink.name, self.settings.batch_max)
+        while not stop.is_set():
+            self.heartbeat = self.clock()
+            try:
+                delay = self.step()
+            except Exception:
+                # A bug here must not stop delivery for good; the watchdog sees the heartbeat.
+                log.exception("uploader step failed; retrying in %.0f s", BACKOFF_FIRST_S * 5)
+                delay = BACKOFF_FIRST_S * 5
+            deadline = self.clock() + delay
+            while not stop.is_set():
+                left = deadline - self.clock()
+                if left <= 0:
+                    break
+                if self._wake.wait(min(left, TICK_S)):
+                    self._wake.clear()
+                    break
+                self.heartbeat = self.clock()
+        log.info("uploader stopped")
+
+    def flush(self) -> None:
+        """Upload now (the MQTT ``flush`` command): ends the idle wait and our own back-off.
+        A server's ``Retry-After`` is still honoured."""
+        self._backoff_until = 0.0
+        self._wake.set()
+
+    # ---------------------------------------------------------------- one step
+
+    def step(self) -> float:
+        """Send at most one batch. Returns seconds to wait before the next step (0 = at once)."""
+        now = self.clock()
+        hold = max(self._not_before, self._backoff_until) - now
+        if hold > 0:
+            return hold
+        token = self.tokens.access_token()
+        if token is None or _digest(token) == self._refused_token:
+            if not self._waiting_for_token:
+                log.info("uploader: waiting for sign-in; readings keep queuing (%d pending)",
+                         self.outbox.counts().pending)
+                self._waiting_for_token = True
+            return NO_TOKEN_POLL_S
+        if self._waiting_for_token:
+            log.info("uploader: have a token, uploading")
+            self._waiting_for_token = False
+        self._refused_token = None
+        batch = self.outbox.claim(self.settings.batch_max)
+        if not batch:
+            return self.settings.interval_s
+        result = self._send(batch, token)
+        if result is None:
+            return NO_TOKEN_POLL_S
+        return self._apply(batch, result)
+
+    def _send(self, batch: list[Row], token: str) -> SendResult | None:
+        """``sink.send`` with the 401 dance: refresh once, retry once. None: wait for sign-in."""
+        result = self._call(batch, token)
+        if _status(result) != 401:
+            return result
+        log.warning("API answered 401 for seq %d..%d; refreshing the token once",
+                    batch[0].seq, batch[-1].seq)
+        fresh = self.tokens.token_rejected()
+        if fresh is None:
+            self._apply_partial(result)
+            self._refused_token = _digest(token)
+            log.warning("uploader: no token after the 401; waiting for sign-in")
+            return None
+        pending = [r for r in batch if r.seq not in set(result.acked) | set(result.dead)]
+        retry = self._call(pending, fresh)
+        retry.acked.extend(result.acked)
+        retry.dead.update(result.dead)
+        if _status(retry) == 401:
+            self._refused_token = _digest(fresh)
+            log.error("%s; waiting for a different token", REFUSED_ERROR)
+            self.state.update(error=REFUSED_ERROR)
+            self.state.set_link("api", "down")
+            self._apply_partial(retry)
+            return None
+        return retry
+
+    def _call(self, batch: list[Row], token: str) -> SendResult:
+        try:
+            return self.sink.send(batch, token)
+        except UploadError as err:
+            return SendResult(retry=[r.seq for r in batch], error=err)
+
+    def _apply_partial(self, result: SendResult) -> None:
+        if result.acked:
+            self.outbox.ack(result.acked)
+        for reason in set(result.dead.values()):
+            self.outbox.dead_letter([s for s, r in result.dead.items() if r == reason], reason)
+
+    def _apply(self, batch: list[Row], result: SendResult) -> float:
+        self._apply_partial(result)
+        err = result.error
+        now = self.clock()
+        if err is not None and not err.retryable:
+            self.outbox.dead_letter(result.retry, str(err))
+            self._delivered(bool(result.acked))
+            return 0.0
+        if err is not None and err.status == 403:
+            self._forbidden += 1
+            wait = min(FORBIDDEN_CAP_S, FORBIDDEN_FIRST_S * 2.0 ** (self._forbidden - 1))
+            wait = max(wait, err.retry_after_s or 0.0)
+            self._not_before = now + wait
+            log.error("%s; keeping %d readings, next try in %.0f s", SCOPE_ERROR, len(result.retry), wait)
+            self.state.update(error=SCOPE_ERROR)
+            self.state.set_link("api", "down")
+            self._publish_counts()
+            return wait
+        if err is not None or result.retry:
+            self._failures += 1
+            backoff = min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2.0 ** (self._failures - 1))
+            backoff = backoff / 2 + self.rng() * backoff / 2        # "equal jitter": never ~0
+            server = err.retry_after_s if err is not None else result.retry_after_s
+            if server is not None:
+                # A minimum: never earlier than asked, and "Retry-After: 0" from a struggling
+                # server does not turn into a tight retry loop.
+                wait = max(server, backoff / 2)
+                self._not_before = now + wait
+            else:
+                self._backoff_until = now + backoff
+                wait = backoff
+            what = str(err) if err is not None else f"{len(result.retry)} readings throttled"
+            log.warning("upload failed (%s); retrying in %.1f s%s", what, wait,
+                        " (Retry-After)" if server is not None else "")
+            if err is not None:
+                self.state.set_link("api", "down")
+            if result.acked:
+                self._delivered(True)
+            else:
+                self._publish_counts()
+            return wait
+        self._delivered(True)
+        return 0.0 if self.outbox.counts().pending > 0 else self.settings.interval_s
+
+    def _delivered(self, any_acked: bool) -> None:
+        self._failures = 0
+        self._forbidden = 0
+        self.state.set_link("api", "up")
+        changes: dict[str, object] = {"outbox": self.outbox.counts()}
+        if any_acked:
+            changes["last_upload"] = self.wall()
+        if self.state.snapshot.error in (SCOPE_ERROR, REFUSED_ERROR):
+            changes["error"] = None
+        self.state.update(**changes)
+
+    def _publish_counts(self) -> None:
+        self.state.update(outbox=self.outbox.counts())
+
+
+def _status(result: SendResult) -> int | None:
+    return result.error.status if result.error is not None else None
+
+
+def _digest(token: str) -> str:
+    # Remember which token was refused without keeping the token itself around.
+    return hashlib.sha256(token.encode()).hexdigest()

@@ -1,0 +1,263 @@
+"""The durable queue: seq rules, bounds, dead letters, corruption, concurrency, SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from agent.outbox import SEQ_BLOCK, Outbox
+from agent.state import AgentState, OutboxCounts
+from tests.fixtures.api import DEVICE, reading
+
+BIG = 10**9
+
+
+def open_box(path: Path, **kw: int) -> Outbox:
+    return Outbox(path, DEVICE, max_rows=kw.get("max_rows", 1_000_000), max_bytes=kw.get("max_bytes", BIG))
+
+
+def test_put_assigns_seq_from_one_and_claim_is_oldest_first(outbox: Outbox) -> None:
+    assert outbox.put([reading(0), reading(1)]) == [1, 2]
+    assert outbox.put([reading(2)]) == [3]
+    rows = outbox.claim(2)
+    assert [r.seq for r in rows] == [1, 2]
+    assert rows[0].reading == {"id": f"{DEVICE}:1", "seq": 1, **reading(0)}
+    outbox.ack([1])
+    assert [r.seq for r in outbox.claim(10)] == [2, 3]
+    assert outbox.counts() == OutboxCounts(pending=2, dead=0, dropped=0)
+
+
+def test_dead_letter_keeps_rows_visible_and_queue_moves_on(outbox: Outbox) -> None:
+    outbox.put([reading(i) for i in range(5)])
+    outbox.dead_letter([1, 2], "HTTP 400 invalid_request")
+    assert [r.seq for r in outbox.claim(10)] == [3, 4, 5]
+    assert outbox.counts() == OutboxCounts(pending=3, dead=2, dropped=0)
+    dead = outbox.dead_rows()
+    why = "HTTP 400 invalid_request"
+    assert [(s, w) for s, w, _ in dead] == [(1, why), (2, why)]
+    assert dead[0][2]["id"] == f"{DEVICE}:1"
+
+
+def test_seq_never_reused_after_restart_even_when_everything_was_acked(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    box = open_box(path)
+    box.put([reading(i) for i in range(7)])
+    box.ack(range(1, 8))
+    box.close()
+    box = open_box(path)
+    assert box.put([reading()]) == [8]
+    assert box.counts().pending == 1
+    box.close()
+
+
+def test_overflow_drops_oldest_counts_them_persistently_and_keeps_seq(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    box = open_box(path, max_rows=5)
+    for i in range(8):
+        box.put([reading(i)])
+    assert box.counts() == OutboxCounts(pending=5, dead=0, dropped=3)
+    assert [r.seq for r in box.claim(10)] == [4, 5, 6, 7, 8]
+    box.ack([4, 5, 6, 7, 8])
+    box.close()
+    box = open_box(path, max_rows=5)
+    assert box.counts() == OutboxCounts(pending=0, dead=0, dropped=3)
+    assert box.put([reading()]) == [9]
+    box.close()
+
+
+def test_byte_bound_drops_oldest(tmp_path: Path) -> None:
+    one = len(json.dumps(reading(), ensure_ascii=False, separators=(",", ":")).encode())
+    box = open_box(tmp_path / "o.sqlite3", max_bytes=one * 10)
+    for i in range(25):
+        box.put([reading(i)])
+    counts = box.counts()
+    assert counts.pending + counts.dropped == 25
+    assert box.pending_bytes <= one * 10
+    assert counts.pending >= 9
+    assert box.claim(1)[0].seq == 25 - counts.pending + 1
+    box.close()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_file_is_moved_aside_and_seq_continues(tmp_path: Path, damage: str,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    box = open_box(path)
+    for _ in range(40):
+        box.put([reading(i) for i in range(25)])
+    last = box.next_seq - 1
+    box.close()
+    if damage == "garbage":
+        path.write_bytes(os.urandom(64 * 1024))
+    else:
+        with path.open("r+b") as f:
+            f.truncate(path.stat().st_size // 2)
+    state = AgentState()
+    with caplog.at_level(logging.ERROR, logger="agent.outbox"):
+        box = Outbox(path, DEVICE, max_rows=1_000_000, max_bytes=BIG, state=state)
+    assert (tmp_path / "outbox.sqlite3.corrupt-1").exists()
+    assert box.corrupt_replaced == 1
+    assert "corrupt" in caplog.text and "corrupt-1" in caplog.text
+    assert state.snapshot.notice and "corrupt" in state.snapshot.notice
+    seqs = box.put([reading()])
+    assert seqs[0] > last, "a seq the old database handed out must never be handed out again"
+    assert box.counts().pending == 1
+    box.close()
+    # The replacement is a working database: a restart continues from it.
+    box = open_box(path)
+    assert box.put([reading()]) == [seqs[0] + 1]
+    assert box.corrupt_replaced == 1
+    box.close()
+
+
+def test_corruption_found_while_running_is_replaced_and_lost_rows_counted(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    box = open_box(path)
+    for _ in range(30):
+        box.put([reading(i) for i in range(50)])
+    # White-box: push everything into the main file and keep SQLite's page cache tiny, so the
+    # damage below is read from disk (as it would be after days of running), not from memory.
+    box._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    box._conn().execute("PRAGMA cache_size=1")
+    box._conn().execute("PRAGMA shrink_memory")
+    with path.open("r+b") as f:
+        f.seek(4096)
+        f.write(os.urandom(path.stat().st_size - 4096))
+    assert box.claim(2000) == []
+    assert box.corrupt_replaced == 1 and (tmp_path / "outbox.sqlite3.corrupt-1").exists()
+    assert box.counts() == OutboxCounts(pending=0, dead=0, dropped=1500), "lost readings are accounted for"
+    assert box.put([reading()])[0] > 1500
+    box.close()
+    with open_box(path) as again:
+        assert again.counts().dropped == 1500
+
+
+def test_constraint_errors_never_replace_a_good_database(outbox: Outbox, tmp_path: Path) -> None:
+    import sqlite3
+
+    outbox.put([reading()])
+    with pytest.raises(sqlite3.IntegrityError):
+        outbox._retry_corrupt(lambda: outbox._conn().execute("INSERT INTO outbox VALUES (1, x'00')"))
+    assert outbox.corrupt_replaced == 0 and outbox.counts().pending == 1
+    assert not list(tmp_path.glob("*.corrupt-*"))
+
+
+def test_second_corruption_gets_a_new_name_and_seq_still_grows(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    seen: list[int] = []
+    for _ in range(2):
+        box = open_box(path)
+        seen += box.put([reading(i) for i in range(3)])
+        box.close()
+        path.write_bytes(b"not a database" * 100)
+    box = open_box(path)
+    seen += box.put([reading()])
+    box.close()
+    assert len(seen) == len(set(seen)) and seen == sorted(seen)
+    assert (tmp_path / "outbox.sqlite3.corrupt-1").exists()
+    assert (tmp_path / "outbox.sqlite3.corrupt-2").exists()
+
+
+def test_deleted_database_does_not_restart_seq_at_one(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    box = open_box(path)
+    box.put([reading()])
+    box.close()
+    path.unlink()
+    box = open_box(path)
+    assert box.put([reading()]) == [SEQ_BLOCK + 2]
+    box.close()
+
+
+def test_read_counts_while_writer_is_open(outbox: Outbox, tmp_path: Path) -> None:
+    outbox.put([reading(i) for i in range(4)])
+    outbox.dead_letter([1], "bad")
+    assert Outbox.read_counts(tmp_path / "outbox.sqlite3") == outbox.counts() == OutboxCounts(3, 1, 0)
+    # The writer is undisturbed by the reader.
+    assert outbox.put([reading()]) == [5]
+    assert Outbox.read_counts(tmp_path / "missing.sqlite3") == OutboxCounts()
+
+
+def test_read_counts_when_the_service_is_stopped_or_the_file_corrupt(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    with open_box(path) as box:
+        box.put([reading(i) for i in range(3)])
+    assert Outbox.read_counts(path) == OutboxCounts(pending=3, dead=0, dropped=0)
+    path.write_bytes(b"\0garbage" * 1000)
+    assert Outbox.read_counts(path) == OutboxCounts()
+
+
+def test_device_id_change_dead_letters_old_rows(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    box = open_box(path)
+    box.put([reading(), reading()])
+    box.close()
+    box = Outbox(path, "renamed-01", max_rows=100, max_bytes=BIG)
+    assert box.counts() == OutboxCounts(pending=0, dead=2, dropped=0)
+    assert box.put([reading()]) == [1]
+    assert box.claim(1)[0].reading["id"] == "renamed-01:1"
+    box.close()
+
+
+def test_concurrent_put_and_ack_lose_nothing(outbox: Outbox) -> None:
+    done = threading.Event()
+    acked: list[int] = []
+
+    def producer() -> None:
+        for i in range(200):
+            outbox.put([reading(i), reading(i, "other")])
+        done.set()
+
+    def consumer() -> None:
+        while not (done.is_set() and outbox.counts().pending == 0):
+            rows = outbox.claim(37)
+            outbox.ack([r.seq for r in rows])
+            acked.extend(r.seq for r in rows)
+
+    threads = [threading.Thread(target=producer), threading.Thread(target=consumer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(acked) == list(range(1, 401))
+
+
+_KILL_CHILD = """
+import sys
+from pathlib import Path
+from agent.outbox import Outbox
+box = Outbox(Path(sys.argv[1]), "greenhouse-01", max_rows=10**6, max_bytes=10**9)
+r = {"sensor": "cpu", "type": "cpu_temperature", "value": 1.0, "unit": "C",
+     "time": "2026-11-25T14:39:32.123Z"}
+while True:
+    seqs = box.put([r, r])
+    print(seqs[-1], flush=True)
+"""
+
+
+def test_put_survives_sigkill(tmp_path: Path) -> None:
+    """Whatever put() returned before a SIGKILL is in the database afterwards."""
+    path = tmp_path / "outbox.sqlite3"
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_CHILD, str(path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    confirmed = 0
+    for line in proc.stdout:
+        confirmed = int(line)
+        if confirmed >= 60:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    proc.stdout.close()
+    box = open_box(path)
+    pending = [r.seq for r in box.claim(10**6)]
+    assert pending[:confirmed] == list(range(1, confirmed + 1))
+    assert box.put([reading()])[0] == pending[-1] + 1
+    box.close()

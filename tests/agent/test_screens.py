@@ -1,0 +1,145 @@
+"""Screens: golden images, and QR codes decoded from what the real luma drivers put on the glass."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import zxingcpp
+from PIL import Image, ImageOps
+
+from agent import screens
+from agent.state import DeviceCode, LastReading, Snapshot
+from hw.fakebus import FakeI2CBus
+from hw.registry import open_display
+from tests.fixtures.hardware import lit, pixel_diff
+
+GOLDEN = Path(__file__).resolve().parent.parent / "golden"
+NOW = 1000.0
+WALL = datetime(2026, 11, 25, 14, 54, 32, tzinfo=UTC)
+
+ENTRA = DeviceCode("F7KQ2XLPD", "https://microsoft.com/devicelogin", NOW + 754, WALL, 5)
+COMPLETE = DeviceCode("WDJB-MJHT", "https://127.0.0.1:8443/oidc/device", NOW + 300, WALL, 5,
+                      verification_uri_complete="https://127.0.0.1:8443/oidc/device?user_code=WDJB-MJHT")
+LONG = DeviceCode("QWERTY-ASDFG", "https://login.example-identity-provider.com/realms/iot/device",
+                  NOW + 600, WALL, 5,
+                  verification_uri_complete="https://login.example-identity-provider.com/realms/iot/"
+                                            "device?user_code=QWERTY-ASDFG&client_id=greenhouse-01")
+
+
+def decode(img: Image.Image) -> list[str]:
+    """What a phone would read: normal polarity only (try_invert off hides polarity bugs)."""
+    return [r.text for r in zxingcpp.read_barcodes(lit(img), try_invert=False)]
+
+
+@pytest.mark.parametrize("name", sorted(screens.examples()))
+def test_golden(name: str, request: pytest.FixtureRequest) -> None:
+    img = screens.examples()[name]
+    path = GOLDEN / f"{name}.png"
+    if request.config.getoption("--update-golden"):
+        GOLDEN.mkdir(exist_ok=True)
+        img.save(path)
+    assert path.exists(), f"no golden for {name}: run pytest --update-golden and look at it"
+    with Image.open(path) as golden:
+        assert pixel_diff(img, golden) is None, f"{name} differs from {path}"
+
+
+@pytest.mark.parametrize("controller", ["ssd1306", "sh1106"])
+@pytest.mark.parametrize("code", [ENTRA, COMPLETE, LONG], ids=["plain-uri", "complete-uri", "long-uri"])
+@pytest.mark.parametrize("rotate", [0, 2, 1])
+def test_qr_from_the_rebuilt_frame_holds_the_exact_uri(controller: str, code: DeviceCode,
+                                                       rotate: int) -> None:
+    bus = FakeI2CBus(controller)
+    display = open_display(controller, bus=bus, rotate=rotate)
+    assert display is not None
+    img = screens.render(Snapshot(phase="signing_in", code=code), NOW, 0, size=display.size)
+    display.show(img)
+    # What a person in front of the mounted panel sees: the glass, turned back by the mounting.
+    seen = bus.image.rotate(90 * rotate, expand=True)
+    assert pixel_diff(seen, img) is None
+    assert decode(seen) == [code.verification_uri_complete or code.verification_uri]
+
+
+def test_qr_polarity_is_normal() -> None:
+    """Inverted (lit modules on dark) would only decode with try_invert: make sure we are not that."""
+    img = screens.render(Snapshot(phase="signing_in", code=ENTRA), NOW, 0)
+    assert decode(img) == [ENTRA.verification_uri]
+    assert decode(ImageOps.invert(lit(img))) == []          # the check can fail
+
+
+@pytest.mark.parametrize(("uri", "scale"), [("https://microsoft.com/devicelogin", 2),
+                                            ("https://idp.example.com/device?user_code=ABCD-EFGH", 2),
+                                            (LONG.verification_uri_complete, 1)])
+def test_qr_uses_2px_modules_where_they_fit(uri: str, scale: int) -> None:
+    rows, got = screens.qr_matrix(uri, 64)
+    assert got == scale and len(rows) * got <= 64
+    assert not any(rows[0]) and not any(r[0] for r in rows)      # lit quiet zone, 1 module
+
+
+def test_plain_uri_is_version_3() -> None:
+    rows, _ = screens.qr_matrix("https://microsoft.com/devicelogin", 64)
+    assert len(rows) == 29 + 2
+
+
+def lit_count(img: Image.Image, box: tuple[int, int, int, int]) -> int:
+    return sum(1 for v in lit(img.crop(box)).getdata() if v)
+
+
+def test_countdown_bar_shrinks() -> None:
+    snap = Snapshot(phase="signing_in", code=ENTRA)
+    bar = (40, 59, 128, 64)
+    full = lit_count(screens.render(snap, NOW - 146, 0, code_lifetime_s=900), bar)
+    half = lit_count(screens.render(snap, NOW + 304, 0, code_lifetime_s=900), bar)
+    gone = lit_count(screens.render(snap, NOW + 800, 0, code_lifetime_s=900), bar)
+    assert full > half > gone > 0          # the outline stays
+
+
+def test_url_page_alternates_with_qr_page() -> None:
+    snap = Snapshot(phase="signing_in", code=ENTRA)
+    assert screens.page_count(snap) == 2
+    assert decode(screens.render(snap, NOW, 1)) == []
+    assert decode(screens.render(snap, NOW, 2)) == [ENTRA.verification_uri]
+
+
+@pytest.mark.parametrize(("snap", "name"), [
+    (Snapshot(), "starting"),
+    (Snapshot(phase="signing_in"), "starting"),
+    (Snapshot(phase="signing_in", code=ENTRA), "code"),
+    (Snapshot(phase="signing_in", code=ENTRA, notice="Code declined"), "code"),
+    (Snapshot(phase="signing_in", code=ENTRA, notice=screens.hold_notice(2)), "hold"),
+    (Snapshot(phase="signing_in", renewals_exhausted=True), "exhausted"),
+    (Snapshot(phase="error", error="Check the client_id"), "error"),
+    (Snapshot(phase="signing_in", notice="Code declined"), "notice"),
+    (Snapshot(phase="signed_in", account="a@b"), "status"),
+    (Snapshot(phase="stopped", code=ENTRA), "stopped"),
+])
+def test_screen_priority(snap: Snapshot, name: str) -> None:
+    assert screens.screen_name(snap) == name
+
+
+def test_every_screen_is_128x64_mode_1() -> None:
+    for name, img in screens.examples().items():
+        assert img.mode == "1", name
+        assert img.size == ((64, 128) if name == "code_portrait" else (128, 64)), name
+
+
+def test_long_texts_do_not_crash_and_stay_on_panel() -> None:
+    long = "Sign-in is blocked by a Conditional Access policy (AADSTS53003): ask your admin " * 3
+    img = screens.render(Snapshot(phase="error", error=long), NOW)
+    assert img.getbbox() is not None
+    snap = Snapshot(phase="signed_in", account="x" * 80,
+                    last_reading=LastReading("a_very_long_sensor_name.temperature", -1234.5678, "hPa"))
+    assert screens.render(snap, NOW).size == (128, 64)
+
+
+@pytest.mark.parametrize(("code", "parts"), [("ABCD-EFGH", ["ABCD", "EFGH"]),
+                                             ("F7KQ2XLPD", ["F7KQ2", "XLPD"]),
+                                             ("BCDFGHJK", ["BCDF", "GHJK"])])
+def test_split_code(code: str, parts: list[str]) -> None:
+    assert screens.split_code(code) == parts
+
+
+def test_cli_writes_every_screen(tmp_path: Path) -> None:
+    assert screens.main(["--out", str(tmp_path)]) == 0
+    assert {p.stem for p in tmp_path.glob("*.png")} == set(screens.examples())

@@ -1,0 +1,105 @@
+"""Supervision, sd_notify and the status file: the parts of the service that need no peers."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from agent import service as service_mod
+from agent.config import parse
+from agent.errors import AgentError
+from agent.sdnotify import Notifier
+from agent.service import Supervised
+from agent.state import AgentState
+from agent.statusfile import InstanceLock, StatusWriter, running_pid
+
+
+def test_crashed_component_is_restarted_not_fatal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service_mod, "RESTART_BACKOFF_S", (0.01, 0.05))
+    stop = threading.Event()
+    runs: list[int] = []
+
+    def flaky(ev: threading.Event) -> None:
+        runs.append(1)
+        if len(runs) < 3:
+            raise RuntimeError("sensor bus glitch")
+        ev.wait()
+
+    sup = Supervised("flaky", flaky, stop)
+    sup.start()
+    deadline = time.monotonic() + 3
+    while len(runs) < 3 and time.monotonic() < deadline:
+        sup.check(time.monotonic())
+        time.sleep(0.01)
+    assert len(runs) == 3 and sup.crashes == 2
+    assert sup.thread is not None and sup.thread.is_alive()
+    stop.set()
+    sup.join(time.monotonic() + 1)
+    assert not sup.thread.is_alive()
+
+
+def test_sd_notify_datagrams(tmp_path: Path) -> None:
+    path = tmp_path / "notify.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(path))
+    server.settimeout(2)
+    n = Notifier({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "4000000"})
+    assert n.enabled and n.watchdog_s == 4.0
+    n.notify("READY=1", "STATUS=waiting for sign-in")
+    assert server.recv(1024) == b"READY=1\nSTATUS=waiting for sign-in"
+    n.close()
+    server.close()
+
+
+def test_sd_notify_is_silent_without_systemd() -> None:
+    n = Notifier({})
+    assert not n.enabled and n.watchdog_s is None
+    n.notify("READY=1")  # nothing to send to, nothing raised
+
+
+def test_second_instance_on_same_state_dir_is_refused(state_dir: Path) -> None:
+    first = InstanceLock(state_dir)
+    first.acquire()
+    try:
+        assert running_pid(state_dir) == os.getpid()
+        with pytest.raises(AgentError, match="already running"):
+            InstanceLock(state_dir).acquire()
+    finally:
+        first.release()
+    assert running_pid(state_dir) is None
+
+
+def test_status_file_follows_state_without_secrets(state_dir: Path) -> None:
+    state = AgentState()
+    path = state_dir / "status.json"
+    writer = StatusWriter(path, state, "dev-1", min_interval_s=0.01)
+    writer.start()
+    state.signed_in("ada@contoso.example")
+    deadline = time.monotonic() + 2
+    doc: dict = {}
+    while time.monotonic() < deadline:
+        if path.exists():
+            doc = json.loads(path.read_text())
+            if doc.get("state") == "signed_in":
+                break
+        time.sleep(0.01)
+    writer.stop()
+    assert doc["state"] == "signed_in" and doc["account"] == "ada@contoso.example"
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert json.loads(path.read_text())["state"] == "signed_in"
+
+
+def test_demo_config_is_valid(tmp_path: Path) -> None:
+    from agent.demo import demo_config
+
+    raw = demo_config(tmp_path, authority="https://127.0.0.1:1/simtenant", api_url="https://127.0.0.1:2/v1/readings",
+                      ca_file=Path(__file__), display="console")
+    s = parse(raw, Path("<demo>"))
+    assert s.gpio.backend == "fake" and s.display.driver == "console"
+    assert str(s.device.state_dir).startswith(str(tmp_path))

@@ -1,0 +1,103 @@
+"""The http sink against the simulated API: CONTRACT.md body and headers, status mapping, TLS."""
+
+from __future__ import annotations
+
+import dataclasses
+import email.utils
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import certifi
+import pytest
+
+from agent.config import UploadSettings
+from agent.errors import UploadError
+from agent.outbox import Outbox
+from agent.sim.api import SimApi
+from agent.sim.tls import TlsFiles
+from agent.sinks import ca_bundle, make_sink, parse_retry_after
+from agent.sinks.http import HttpSink
+from tests.fixtures.api import DEVICE, FakeTokens, reading
+
+
+def test_batch_is_exactly_the_contract_shape(outbox: Outbox, api_settings: UploadSettings, sim_api: SimApi,
+                                            tokens: FakeTokens) -> None:
+    outbox.put([reading(0), reading(1, "env.humidity")])
+    sink = make_sink(api_settings, DEVICE)
+    assert isinstance(sink, HttpSink)
+    result = sink.send(outbox.claim(10), tokens.token or "")
+    sink.close()
+    assert result.acked == [1, 2] and not result.retry and not result.dead
+    assert sim_api.requests[-1].idempotency_key == f"{DEVICE}:1-2"
+    got = sim_api.readings(DEVICE)
+    assert got[0] == {"id": f"{DEVICE}:1", "seq": 1, "sensor": "cpu", "type": "cpu_temperature",
+                      "value": 40.0, "unit": "°C", "time": "2026-11-25T14:39:32.123Z"}
+    assert got[1]["sensor"] == "env.humidity"
+
+
+@pytest.mark.parametrize(("status", "retryable"), [(408, True), (429, True), (500, True), (503, True),
+                                                   (504, True), (400, False), (404, False), (413, False),
+                                                   (422, False)])
+def test_status_mapping(outbox: Outbox, api_settings: UploadSettings, sim_api: SimApi, tokens: FakeTokens,
+                        status: int, retryable: bool) -> None:
+    outbox.put([reading()])
+    sim_api.fail(status, retry_after=7)
+    sink = HttpSink(api_settings, DEVICE)
+    with pytest.raises(UploadError) as info:
+        sink.send(outbox.claim(1), tokens.token or "")
+    sink.close()
+    assert info.value.status == status and info.value.retryable is retryable
+    assert info.value.retry_after_s == (7.0 if retryable else None)
+
+
+def test_401_and_403_carry_their_status(outbox: Outbox, api_settings: UploadSettings, sim_api: SimApi,
+                                        tokens: FakeTokens) -> None:
+    outbox.put([reading()])
+    sink = HttpSink(api_settings, DEVICE)
+    with pytest.raises(UploadError) as e401:
+        sink.send(outbox.claim(1), "not-a-jwt")
+    with pytest.raises(UploadError) as e403:
+        sink.send(outbox.claim(1), tokens.keys.mint({"scp": "User.Read"}))
+    sink.close()
+    assert e401.value.status == 401
+    assert e403.value.status == 403 and "check the scopes" in str(e403.value)
+
+
+def test_env_ca_bundle_never_overrides_ca_file(outbox: Outbox, api_settings: UploadSettings, sim_api: SimApi,
+                                               tokens: FakeTokens, monkeypatch: pytest.MonkeyPatch) -> None:
+    # certifi's bundle does not hold the test CA: if the env won, TLS verification would fail.
+    for var in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE"):
+        monkeypatch.setenv(var, certifi.where())
+    outbox.put([reading()])
+    sink = HttpSink(api_settings, DEVICE)
+    assert sink.send(outbox.claim(1), tokens.token or "").acked == [1]
+    sink.close()
+
+
+def test_without_ca_file_the_test_ca_is_not_trusted(outbox: Outbox, api_settings: UploadSettings,
+                                                    sim_api: SimApi, tokens: FakeTokens) -> None:
+    outbox.put([reading()])
+    sink = HttpSink(dataclasses.replace(api_settings, ca_file=""), DEVICE)
+    with pytest.raises(UploadError) as info:
+        sink.send(outbox.claim(1), tokens.token or "")
+    sink.close()
+    assert info.value.retryable and "SSL" in str(info.value)
+
+
+def test_ca_bundle_is_system_store_plus_ca_file(tls: TlsFiles) -> None:
+    path = Path(ca_bundle(str(tls.ca_file)))
+    data = path.read_bytes()
+    assert tls.ca_file.read_bytes().strip() in data
+    assert data.count(b"BEGIN CERTIFICATE") > 10, "system CAs are kept"
+    assert path.stat().st_mode & 0o077 == 0
+
+
+def test_parse_retry_after() -> None:
+    now = datetime(2026, 11, 25, 14, 0, 0, tzinfo=UTC)
+    assert parse_retry_after("120", now=now) == 120.0
+    later = email.utils.format_datetime(now + timedelta(seconds=90), usegmt=True)
+    assert parse_retry_after(later, now=now) == 90.0
+    earlier = email.utils.format_datetime(now - timedelta(seconds=90), usegmt=True)
+    assert parse_retry_after(earlier, now=now) == 0.0
+    assert parse_retry_after("soon", now=now) is None
+    assert parse_retry_after(None) is None and parse_retry_after("") is None
