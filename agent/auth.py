@@ -432,8 +432,7 @@ class Authenticator:
             self._last_refresh = now
         self._renewals_used = 0
         self._exhausted = False
-        username = (account or {}).get("username") or \
-            (result.get("id_token_claims") or {}).get("preferred_username")
+        username = _display_name(account, result.get("id_token_claims") or {})
         if not self._signed_in:
             self._signed_in = True
             log.info("signed in as %s", username or "(unknown account)")
@@ -668,3 +667,16 @@ def _retry_after(resp: requests.Response) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return min(3600.0, max(0.0, (when - datetime.now(UTC)).total_seconds()))
+
+
+def _display_name(account: Mapping[str, Any] | None, claims: Mapping[str, Any]) -> str | None:
+    """Something a person recognises: Entra sends preferred_username; a bare OIDC provider may
+    send only ``sub`` (msal then fills the account's username with a placeholder sentence)."""
+    username = str((account or {}).get("username") or "")
+    if username and " " not in username:
+        return username
+    for claim in ("preferred_username", "email", "name", "sub"):
+        value = claims.get(claim)
+        if isinstance(value, str) and value:
+            return value
+    return username or None

@@ -82,9 +82,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"{settings.path}: OK", file=sys.stderr)
         return EXIT_OK
     if cmd == "run":
+        # SIGTERM may come while the heavy imports below still run (systemd stopping a box that
+        # is still booting): catch it now so that it still means "exit 0", not death by signal.
+        import signal
+        import threading
+
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+        settings = config.load(config.config_path(args.config))
         from agent import service
 
-        return service.run_service(config.load(config.config_path(args.config)))
+        return service.run_service(settings, stop_event=stop)
     if cmd == "demo":
         from agent import demo
 

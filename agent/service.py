@@ -80,10 +80,10 @@ class Service:
     """One agent process. ``run`` blocks until ``stop`` is set (by a signal or a caller)."""
 
     def __init__(self, settings: Settings, *, install_signals: bool = True,
-                 hardware: dict[str, Any] | None = None) -> None:
+                 hardware: dict[str, Any] | None = None, stop_event: threading.Event | None = None) -> None:
         self.settings = settings
         self.state = AgentState()
-        self.stop_event = threading.Event()
+        self.stop_event = stop_event or threading.Event()
         self._install_signals = install_signals
         self._hardware = hardware or {}
         self._sd = Notifier()
@@ -147,7 +147,7 @@ class Service:
         gpio, display, sensors = self._open_hardware()
 
         self.outbox = Outbox(s.outbox_path, s.device.id, max_rows=s.upload.outbox_max_rows,
-                             max_bytes=s.upload.outbox_max_bytes)
+                             max_bytes=s.upload.outbox_max_bytes, state=self.state)
         self._closers.append(("outbox", self.outbox.close))
         self.state.update(outbox=self.outbox.counts())
 
@@ -297,7 +297,7 @@ class Service:
         return snap.phase
 
 
-def run_service(settings: Settings) -> int:
+def run_service(settings: Settings, *, stop_event: threading.Event | None = None) -> int:
     """`device-agent run`: configure logging, run until SIGTERM/SIGINT, return the exit code."""
     logs.setup(settings.log.level)
-    return Service(settings).run()
+    return Service(settings, stop_event=stop_event).run()

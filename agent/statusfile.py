@@ -195,7 +195,7 @@ def show_status(settings: Settings, *, as_json: bool, out: IO[str] | None = None
     ob = doc.get("outbox") or {}
     lines = [
         f"device:      {doc.get('device_id')}",
-        f"service:     {'running (pid %s)' % doc.get('pid') if doc.get('running') else 'not running'}",
+        "service:     " + (f"running (pid {doc.get('pid')})" if doc.get("running") else "not running"),
         f"state:       {doc.get('state')}",
         f"account:     {doc.get('account') or '-'}",
         f"outbox:      {ob.get('pending', 0)} pending, {ob.get('dead', 0)} dead-lettered, "

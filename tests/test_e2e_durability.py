@@ -39,8 +39,10 @@ def highest_assigned_seq(state_dir: Path) -> int:
     """The highest seq the outbox ever handed out, read from its own database."""
     db = sqlite3.connect(f"file:{state_dir / 'outbox.sqlite3'}?mode=ro", uri=True)
     try:
-        row = db.execute("SELECT value FROM meta WHERE key = ?", (f"seq_hw:{DEVICE}",)).fetchone()
-        return int(row[0]) if row else 0
+        hw = db.execute("SELECT coalesce(max(value), 0) FROM meta WHERE key = ?", (f"seq_hw:{DEVICE}",))
+        pending = db.execute("SELECT coalesce(max(seq), 0) FROM outbox")
+        dead = db.execute("SELECT coalesce(max(seq), 0) FROM dead")
+        return max(int(hw.fetchone()[0]), int(pending.fetchone()[0]), int(dead.fetchone()[0]))
     finally:
         db.close()
 
@@ -68,6 +70,8 @@ def test_sigkill_50_times_loses_nothing(tmp_path: Path, idp: Any, idp_api: Any, 
 
     last = AgentProcess(config)
     try:
+        last.wait_for_line(lambda line: "running as" in line, timeout_s=20)
+        time.sleep(0.5)
         target = highest_assigned_seq(tmp_path / "state")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
