@@ -61,9 +61,9 @@ def run_demo(*, auto_approve_s: float | None, duration_s: float | None, display:
                      ca_file=str(tls.ca_file), db_path=tmp / "api.sqlite3").start()
         raw = demo_config(tmp, authority=idp.authority, api_url=api.url, ca_file=tls.ca_file, display=display)
         settings = config.parse(raw, Path("<demo>"))
-        _banner(idp, api, tmp, auto_approve_s)
         service = Service(settings)
-        watcher = threading.Thread(target=_summaries, args=(service, api, settings.device.id, duration_s),
+        watcher = threading.Thread(target=_summaries,
+                                   args=(service, idp, api, tmp, auto_approve_s, duration_s),
                                    name="demo-summary", daemon=True)
         watcher.start()
         code = service.run()
@@ -76,13 +76,13 @@ def run_demo(*, auto_approve_s: float | None, duration_s: float | None, display:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _banner(idp: Any, api: Any, tmp: Path, auto_approve_s: float | None) -> None:
+def _banner(idp: Any, api: Any, tmp: Path, auto_approve_s: float | None, user_code: str) -> None:
     lines = [
         "device-agent demo — everything below runs on this machine (loopback only)",
         f"  identity provider  {idp.authority}   (simulated Entra ID)",
         f"  telemetry API      {api.url}",
         f"  temp dir           {tmp}   (removed at exit)",
-        f"  sign in            open {idp.devicelogin_url} and enter the code the panel shows",
+        f"  sign in            open {idp.devicelogin_url} and enter the code {user_code}",
         "                     (the demo CA is self-made: your browser will warn; that is expected)",
     ]
     if auto_approve_s is not None:
@@ -91,11 +91,25 @@ def _banner(idp: Any, api: Any, tmp: Path, auto_approve_s: float | None) -> None
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 
-def _summaries(service: Service, api: Any, device_id: str, duration_s: float | None) -> None:
-    """A live one-line summary every few seconds; stops the service after ``duration_s``."""
+def _summaries(service: Service, idp: Any, api: Any, tmp: Path, auto_approve_s: float | None,
+               duration_s: float | None) -> None:
+    """The banner once the first code is out, then a one-line summary every few seconds;
+    stops the service after ``duration_s``."""
     start = time.monotonic()
     stop = service.stop_event
-    while not stop.wait(5.0 if duration_s is None else min(5.0, max(0.05, duration_s - (time.monotonic() - start)))):
+    device_id = service.settings.device.id
+    # Printed after the panel took the top of the terminal, so that it stays readable below it.
+    while not stop.wait(0.1) and service.state.snapshot.code is None and time.monotonic() - start < 10:
+        pass
+    code = service.state.snapshot.code
+    _banner(idp, api, tmp, auto_approve_s, code.user_code if code else "the panel shows")
+
+    def next_wait() -> float:
+        if duration_s is None:
+            return 5.0
+        return min(5.0, max(0.05, duration_s - (time.monotonic() - start)))
+
+    while not stop.wait(next_wait()):
         if duration_s is not None and time.monotonic() - start >= duration_s:
             log.info("demo: --duration %g s reached; stopping", duration_s)
             service.request_stop()

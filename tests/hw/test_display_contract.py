@@ -131,13 +131,43 @@ class Tty(io.StringIO):
         return True
 
 
-def test_console_redraws_in_place_on_a_tty() -> None:
+def test_console_redraws_in_place_on_a_tty(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wide terminal: half blocks; the panel stays on top and the log scrolls below it."""
+    monkeypatch.setattr("shutil.get_terminal_size", lambda *a, **k: os.terminal_size((140, 60)))
     out = Tty()
     display = ConsoleDisplay(out)
     display.show(picture())
     display.show(Image.new("1", (128, 64)))
     text = out.getvalue()
-    assert text.startswith("\x1b[2J\x1b[H") and text.count("\x1b[H") == 2
+    assert text.startswith("\x1b[2J\x1b[35;60r\x1b[35;1H")   # 34 frame lines, log region below
+    assert text.count("\x1b7\x1b[H") == 2 and text.count("\x1b8") == 2
+    assert "\u2580" in text or "\u2584" in text or "\u2588" in text
+    display.close()
+    assert out.getvalue().endswith("\x1b[r\x1b[60;1H\n")
+
+
+def test_console_small_tty_uses_braille(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("shutil.get_terminal_size", lambda *a, **k: os.terminal_size((80, 24)))
+    out = Tty()
+    display = ConsoleDisplay(out)
+    display.show(picture())
+    text = out.getvalue()
+    assert text.startswith("\x1b[2J\x1b[19;24r")
+    frame = text.split("\x1b[H", 1)[1].split("\x1b8")[0]
+    lines = frame.rstrip("\n").split("\n")
+    assert len(lines) == 18 and all(len(line) == 66 for line in lines)
+
+
+def test_braille_maps_each_pixel() -> None:
+    from hw.console import render_braille
+
+    # Unicode braille: dots 1-3 left column, 4-6 right column, 7 and 8 the bottom row.
+    expected = {(0, 0): 0x01, (0, 1): 0x02, (0, 2): 0x04, (1, 0): 0x08, (1, 1): 0x10, (1, 2): 0x20,
+                (0, 3): 0x40, (1, 3): 0x80}
+    for (x, y), bits in expected.items():
+        img = Image.new("1", (2, 4))
+        img.putpixel((x, y), 1)
+        assert render_braille(img).split("\n")[1][1] == chr(0x2800 + bits)
 
 
 def test_console_pipe_prints_only_changed_frames() -> None:

@@ -1,0 +1,29 @@
+"""`device-agent demo`: nothing to configure, readings flow after the (auto-)approved sign-in."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_signs_in_and_delivers_readings_then_cleans_up(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TMPDIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "agent", "demo", "--auto-approve", "1", "--duration", "14"],
+                         capture_output=True, text=True, timeout=90, env=env, cwd=tmp_path)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-3000:]
+    assert "Traceback" not in text
+    code = re.search(r"enter the code ([A-Z0-9]{9})", text)
+    assert code, text[-3000:]
+    assert "signed in as ada@contoso.example" in text
+    finals = re.findall(r"API has (\d+) readings", text)
+    assert finals and int(finals[-1]) >= 5, text[-2000:]
+    # The console panel drew the code (a pipe gets whole frames, half blocks).
+    assert "\u2588" in out.stdout
+    # Nothing left behind: the demo's temp dir is gone.
+    assert not list(tmp_path.glob("device-agent-demo-*"))
