@@ -96,6 +96,7 @@ class Service:
         self.notifier: Any = None
         self.outbox: Any = None
         self._lock = InstanceLock(settings.device.state_dir)
+        self._was_signed_in = False
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -177,6 +178,7 @@ class Service:
         else:
             self.state.set_link("mqtt", "off")
 
+        self.state.subscribe(self._on_state)
         for name, comp in (("auth", self.auth), ("sampler", self.sampler), ("uploader", self.uploader)):
             sup = Supervised(name, comp.run, self.stop_event)
             sup.start()
@@ -258,6 +260,13 @@ class Service:
         self._closers.clear()
         self._sd.close()
         log.info("stopped")
+
+    def _on_state(self, snap: Snapshot) -> None:
+        """Upload the backlog the moment a token exists, not at the next interval."""
+        signed_in = snap.phase == "signed_in"
+        if signed_in and not self._was_signed_in and self.uploader is not None:
+            self.uploader.flush()
+        self._was_signed_in = signed_in
 
     # ---- controls and commands -------------------------------------------------------------
 

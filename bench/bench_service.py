@@ -1,0 +1,176 @@
+"""Whole-agent figures: process start to code on the panel, and idle cost of a signed-in agent.
+
+    .venv/bin/python bench/bench_service.py startup [--runs 10]
+    .venv/bin/python bench/bench_service.py idle [--minutes 10]
+
+startup: `device-agent run` (png display) from exec to a panel image whose QR decodes to the
+sign-in URL, against a bare msal script (import msal, initiate_device_flow, print the code)
+against the same simulated IdP in the same run; medians and the ratio.
+idle: a signed-in agent sampling one sensor a minute; CPU seconds used and RSS after N minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from agent.sim.api import SimApi  # noqa: E402
+from agent.sim.idp import SimIdp  # noqa: E402
+from agent.sim.tls import make_tls  # noqa: E402
+from tests.agentproc import write_config  # noqa: E402
+
+CLIENT = "sim-device-agent"
+SCOPE = "api://telemetry/Readings.Write"
+
+
+def config(tmp: Path, idp: SimIdp, api: SimApi, tls: Any, *, interval_s: float, state: str) -> Path:
+    return write_config(tmp / f"{state}.toml", {
+        "device": {"id": "bench-01", "state_dir": str(tmp / state)},
+        "auth": {"client_id": CLIENT, "authority": idp.authority, "instance_discovery": False,
+                 "scopes": [SCOPE], "ca_file": str(tls.ca_file)},
+        "display": {"driver": "png", "path": str(tmp / f"{state}.png"), "sleep_after_s": 0},
+        "sensors": [{"name": "temp", "type": "simulated", "interval_s": interval_s}],
+        "upload": {"sink": "http", "url": api.url, "ca_file": str(tls.ca_file)},
+        "log": {"level": "warning"},
+    })
+
+
+def qr_text(path: Path) -> str | None:
+    import zxingcpp
+    from PIL import Image
+
+    try:
+        img = Image.open(path).convert("L")
+        img.load()
+    except (OSError, ValueError):
+        return None
+    found = zxingcpp.read_barcodes(img, try_invert=False)
+    return str(found[0].text) if found else None
+
+
+def time_agent_to_code(tmp: Path, idp: SimIdp, api: SimApi, tls: Any, n: int) -> float:
+    cfg = config(tmp, idp, api, tls, interval_s=60, state=f"start{n}")
+    png = tmp / f"start{n}.png"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while time.perf_counter() - t0 < 30:
+            if png.exists() and qr_text(png) == idp.devicelogin_url:
+                return time.perf_counter() - t0
+            time.sleep(0.002)
+        raise RuntimeError("no code on the panel within 30 s")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def time_bare_msal(idp: SimIdp, tls: Any) -> float:
+    script = textwrap.dedent(f"""
+        import msal, requests
+        s = requests.Session(); s.verify = {str(tls.ca_file)!r}; s.trust_env = False
+        app = msal.PublicClientApplication({CLIENT!r}, authority={idp.authority!r},
+                                           instance_discovery=False, http_client=s)
+        flow = app.initiate_device_flow(scopes=[{SCOPE!r}])
+        print(flow["user_code"], flush=True)
+    """)
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    elapsed = time.perf_counter() - t0
+    if out.returncode != 0 or len(out.stdout.strip()) != 9:
+        raise RuntimeError(out.stderr)
+    return elapsed
+
+
+def startup(runs: int) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        tls = make_tls(tmp / "tls")
+        with SimIdp(tls, client_id=CLIENT) as idp:
+            api = SimApi(tls, jwks_url=idp.jwks_url, ca_file=str(tls.ca_file)).start()
+            try:
+                agent, bare = [], []
+                for i in range(runs):   # interleaved, so both see the same machine load
+                    bare.append(time_bare_msal(idp, tls))
+                    agent.append(time_agent_to_code(tmp, idp, api, tls, i))
+            finally:
+                api.stop()
+    a, b = statistics.median(agent), statistics.median(bare)
+    print(f"process start -> code on the panel (png, QR decoded): median {a * 1000:.0f} ms "
+          f"(min {min(agent) * 1000:.0f}, max {max(agent) * 1000:.0f}), {runs} runs")
+    print(f"bare msal script -> code printed:                    median {b * 1000:.0f} ms "
+          f"(min {min(bare) * 1000:.0f}, max {max(bare) * 1000:.0f}), {runs} runs")
+    print(f"ratio agent / bare msal: {a / b:.2f}")
+
+
+def proc_stats(pid: int) -> tuple[float, int, int]:
+    """(CPU seconds, RSS KiB, peak RSS KiB) of ``pid`` from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = (int(fields[11]) + int(fields[12])) / ticks
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return cpu, int(status["VmRSS"].split()[0]), int(status["VmHWM"].split()[0])
+
+
+def idle(minutes: float) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        tls = make_tls(tmp / "tls")
+        with SimIdp(tls, client_id=CLIENT) as idp:
+            idp.auto_approve_after_s = 0.0
+            api = SimApi(tls, jwks_url=idp.jwks_url, ca_file=str(tls.ca_file)).start()
+            cfg = config(tmp, idp, api, tls, interval_s=60, state="idle")
+            proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)], cwd=ROOT,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                deadline = time.monotonic() + 60
+                while not api.seqs("bench-01") and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                if not api.seqs("bench-01"):
+                    raise RuntimeError("the agent never delivered a reading")
+                cpu0, _, _ = proc_stats(proc.pid)
+                t0 = time.monotonic()
+                samples = []
+                while time.monotonic() - t0 < minutes * 60:
+                    time.sleep(min(30.0, minutes * 60))
+                    samples.append(proc_stats(proc.pid)[1])
+                cpu1, rss, hwm = proc_stats(proc.pid)
+                elapsed = time.monotonic() - t0
+                delivered = len(api.seqs("bench-01"))
+            finally:
+                proc.terminate()
+                proc.wait(10)
+                api.stop()
+    print(f"idle, signed in, 1 reading/min, {elapsed / 60:.1f} min: CPU {cpu1 - cpu0:.2f} s "
+          f"({100 * (cpu1 - cpu0) / elapsed:.3f} % of one core)")
+    print(f"RSS at the end {rss / 1024:.1f} MiB (median over the run {statistics.median(samples) / 1024:.1f} MiB, "
+          f"peak {hwm / 1024:.1f} MiB); readings delivered: {delivered}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("startup")
+    s.add_argument("--runs", type=int, default=10)
+    i = sub.add_parser("idle")
+    i.add_argument("--minutes", type=float, default=10.0)
+    args = p.parse_args()
+    if args.what == "startup":
+        startup(args.runs)
+    else:
+        idle(args.minutes)
+
+
+if __name__ == "__main__":
+    main()
