@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import shutil
 import sys
-import threading
 from typing import TextIO
 
 from PIL import Image
 
-from hw.errors import HardwareError
+from hw.imagedisplay import ImageDisplay
 
 _BLOCKS = {(False, False): " ", (True, False): "\u2580", (False, True): "\u2584", (True, True): "\u2588"}
 HOME = "\x1b[H"
@@ -62,31 +61,13 @@ def render_text(image: Image.Image) -> str:
     return "\n".join(lines) + "\n"
 
 
-class ConsoleDisplay:
-    mode = "1"
-
+class ConsoleDisplay(ImageDisplay):
     def __init__(self, stream: TextIO | None = None, size: tuple[int, int] = (128, 64)) -> None:
-        self.size = size
+        super().__init__(size)
         self._stream = stream if stream is not None else sys.stdout
         self._tty = bool(getattr(self._stream, "isatty", lambda: False)())
-        self._lock = threading.Lock()
-        self._image = Image.new("1", size, 0)
-        self._on = True
         self._last: str | None = None
         self._cleared = False
-
-    def show(self, image: Image.Image) -> None:
-        if image.size != self.size or image.mode != self.mode:
-            raise HardwareError(f"display wants a {self.size} mode {self.mode!r} image, "
-                                f"got {image.size} mode {image.mode!r}")
-        with self._lock:
-            self._image = image.copy()
-            self._draw()
-
-    def power(self, on: bool) -> None:
-        with self._lock:
-            self._on = on
-            self._draw()
 
     def close(self) -> None:
         with self._lock:
@@ -95,8 +76,7 @@ class ConsoleDisplay:
                 self._stream.write(f"\x1b[r\x1b[{rows};1H\n")  # give the whole terminal back
             self._stream.flush()
 
-    def _draw(self) -> None:
-        image = self._image if self._on else Image.new("1", self.size, 0)
+    def _output(self, image: Image.Image) -> None:
         cols, rows = shutil.get_terminal_size()
         # Half blocks need 130x38; smaller terminals get braille (2x4 pixels a character).
         small = self._tty and (cols < self.size[0] + 2 or rows < self.size[1] // 2 + 6)

@@ -10,27 +10,22 @@ import io
 import logging
 import os
 import tempfile
-import threading
 from pathlib import Path
 
 from PIL import Image
 
 from hw.errors import HardwareError, HardwareUnavailable
+from hw.imagedisplay import ImageDisplay
 
 log = logging.getLogger(__name__)
 
 
-class PngDisplay:
+class PngDisplay(ImageDisplay):
     """Writes each shown image to ``path``; ``power(False)`` writes an all-dark image."""
 
-    mode = "1"
-
     def __init__(self, path: str | os.PathLike[str], size: tuple[int, int] = (128, 64)) -> None:
+        super().__init__(size)
         self.path = Path(path)
-        self.size = size
-        self._lock = threading.Lock()
-        self._image = Image.new("1", size, 0)
-        self._on = True
         self._last_bytes: bytes | None = None
         self._closed = False
         try:
@@ -41,33 +36,13 @@ class PngDisplay:
         except OSError as err:
             raise HardwareUnavailable(f"{self.path.parent}: {err.strerror}") from err
 
-    def show(self, image: Image.Image) -> None:
-        if image.size != self.size or image.mode != self.mode:
-            raise HardwareError(f"display wants a {self.size} mode {self.mode!r} image, "
-                                f"got {image.size} mode {image.mode!r}")
-        with self._lock:
-            self._image = image.copy()
-            self._write()
-
-    def power(self, on: bool) -> None:
-        with self._lock:
-            self._on = on
-            self._write()
-
     def close(self) -> None:
         with self._lock:
             self._closed = True
 
-    @property
-    def image(self) -> Image.Image:
-        """What the file shows (dark when powered off)."""
-        with self._lock:
-            return self._image.copy() if self._on else Image.new("1", self.size, 0)
-
-    def _write(self) -> None:
+    def _output(self, img: Image.Image) -> None:
         if self._closed:
             raise HardwareError("display is closed")
-        img = self._image if self._on else Image.new("1", self.size, 0)
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         data = buf.getvalue()

@@ -313,6 +313,7 @@ def test_slow_down_adds_five_seconds_between_polls(fast_idp: SimIdp, harness: Ca
     assert gaps[1] >= 6 - 0.1, gaps
 
 
+@pytest.mark.slow  # msal sleeps whole seconds between polls
 def test_zero_interval_is_clamped_to_one_second(idp: SimIdp, harness: Callable[..., Harness]) -> None:
     idp.set(interval_s=0)
     h = harness()
@@ -323,6 +324,7 @@ def test_zero_interval_is_clamped_to_one_second(idp: SimIdp, harness: Callable[.
     assert 2 <= len(polls) <= 4, f"{len(polls)} polls in 2.2 s: busy loop?"
 
 
+@pytest.mark.slow  # msal sleeps whole seconds between polls
 def test_missing_interval_means_five_seconds(idp: SimIdp, harness: Callable[..., Harness]) -> None:
     idp.set(include_interval=False, include_message=False)
     h = harness()
@@ -335,6 +337,7 @@ def test_missing_interval_means_five_seconds(idp: SimIdp, harness: Callable[...,
 
 # ---- codes that are not used ----------------------------------------------------------------------
 
+@pytest.mark.slow  # msal sleeps whole seconds between polls
 def test_expired_code_is_replaced_by_a_new_one(fast_idp: SimIdp, harness: Callable[..., Harness]) -> None:
     fast_idp.set(code_expires_in_s=2)
     h = harness()
@@ -421,6 +424,7 @@ def test_stop_ends_polling_within_1_5_s(idp: SimIdp, harness: Callable[..., Harn
     assert h.snap.code is None
 
 
+@pytest.mark.slow  # msal sleeps whole seconds between polls
 @pytest.mark.parametrize("jump_s", [YEAR_S, -YEAR_S], ids=["forward-1y", "back-1y"])
 def test_wall_clock_jump_neither_ends_nor_extends_the_code(
         fast_idp: SimIdp, harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch,
@@ -711,6 +715,7 @@ def test_refresh_errors_return_to_code_flow(fast_idp: SimIdp, harness: Callable[
     assert any(s.error == AADSTS[code][1] for _, s in h.timeline)
 
 
+@pytest.mark.slow  # msal sleeps whole seconds between polls
 def test_config_backoff_grows_to_its_cap(idp: SimIdp, harness: Callable[..., Harness]) -> None:
     idp.set(devicecode_error=7000218)
     h = harness()
