@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import threading
 import time
@@ -32,8 +31,8 @@ import requests
 
 from agent.aadsts import Problem, explain
 from agent.config import AuthSettings
-from agent.fsutil import atomic_write
 from agent.state import AgentState, DeviceCode
+from agent.tlsutil import ca_bundle
 from agent.token_cache import TokenCacheFile
 
 log = logging.getLogger(__name__)
@@ -107,30 +106,6 @@ class IdpSession(requests.Session):
         return resp
 
 
-def build_ca_bundle(ca_file: str, out: Path) -> Path:
-    """Write ``ca_file`` plus the system trust store to ``out``; ``ca_file`` is trusted *in
-    addition* to the system store (CONTRACT.md), and requests takes a single bundle path."""
-    import ssl
-
-    import certifi
-
-    parts: list[bytes] = []
-    sources = [certifi.where(), ssl.get_default_verify_paths().cafile or "",
-               "/etc/ssl/certs/ca-certificates.crt"]
-    seen: set[str] = set()
-    for src in sources:
-        real = os.path.realpath(src) if src else ""
-        if real and real not in seen:
-            seen.add(real)
-            try:
-                parts.append(Path(src).read_bytes())
-            except OSError:
-                continue
-    parts.append(Path(ca_file).read_bytes())
-    atomic_write(out, b"\n".join(p.rstrip(b"\n") + b"\n" for p in parts), mode=0o644)
-    return out
-
-
 @dataclass
 class _Token:
     value: str
@@ -171,7 +146,6 @@ class Authenticator:
         self._clock = clock
         self._cache = TokenCacheFile(cache_path)
         self._cache.load()
-        self._ca_bundle_path = cache_path.parent / "idp-ca-bundle.pem"
         self._lock = threading.RLock()          # silent MSAL calls and the token fields
         self._app: msal.PublicClientApplication | None = None
         self._session: IdpSession | None = None
@@ -329,9 +303,7 @@ class Authenticator:
             return self._app
         s = self._settings
         if self._session is None:
-            verify: str | bool = True
-            if s.ca_file:
-                verify = str(build_ca_bundle(s.ca_file, self._ca_bundle_path))
+            verify = ca_bundle(s.ca_file)
             self._session = IdpSession(verify=verify, timeout_s=s.timeout_s, on_link=self._set_link)
         kwargs: dict[str, Any] = {"client_id": s.client_id, "token_cache": self._cache.cache,
                                   "http_client": self._session, "http_cache": self._http_cache}

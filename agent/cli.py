@@ -70,6 +70,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AgentError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILURE
+    except OSError as err:
+        # A user's mistake as often as not (permissions on the state dir, a port in use): one line.
+        where = f"{err.filename}: " if err.filename else ""
+        hint = ("; run as root or as the service user (device-agent), or fix the ownership"
+                if isinstance(err, PermissionError) else "")
+        print(f"error: {where}{err.strerror or err}{hint}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -88,12 +95,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         import threading
 
         stop = threading.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: stop.set())
-        settings = config.load(config.config_path(args.config))
-        from agent import service
+        previous = {signum: signal.signal(signum, lambda *_: stop.set())
+                    for signum in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            settings = config.load(config.config_path(args.config))
+            from agent import service
 
-        return service.run_service(settings, stop_event=stop)
+            return service.run_service(settings, stop_event=stop)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
     if cmd == "demo":
         from agent import demo
 

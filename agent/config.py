@@ -251,14 +251,18 @@ def _auth(c: _Checker, t: Mapping[str, Any]) -> AuthSettings:
 
 def _display(c: _Checker, t: Mapping[str, Any]) -> DisplaySettings:
     c.unknown(t, {f.name for f in fields(DisplaySettings)}, "display")
+    driver = c.choice(t, "driver", "display", DISPLAY_DRIVERS, default="none")
+    path = c.string(t, "path", "display", default="/run/device-agent/screen.png")
+    if driver == "png" and (not path or path.endswith("/")):
+        c.fail("display.path", f"{path!r} must name the PNG file to write for driver = \"png\"")
     return DisplaySettings(
-        driver=c.choice(t, "driver", "display", DISPLAY_DRIVERS, default="none"),
+        driver=driver,
         interface=c.choice(t, "interface", "display", ("i2c", "spi"), default="i2c"),
         port=c.integer(t, "port", "display", default=1, minimum=0, maximum=255),
         address=c.integer(t, "address", "display", default=0x3C, minimum=0x03, maximum=0x77),
         rotate=c.integer(t, "rotate", "display", default=0, minimum=0, maximum=3),
         contrast=c.integer(t, "contrast", "display", default=255, minimum=0, maximum=255),
-        path=c.string(t, "path", "display", default="/run/device-agent/screen.png"),
+        path=path,
         sleep_after_s=c.number(t, "sleep_after_s", "display", default=300.0, minimum=0),
         on_stop=c.choice(t, "on_stop", "display", ("stopped", "blank"), default="stopped"),
     )

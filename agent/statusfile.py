@@ -73,8 +73,8 @@ def running_pid(state_dir: Path) -> int | None:
     path = state_dir / LOCK_NAME
     try:
         f = path.open("r")
-    except OSError:
-        return None
+    except FileNotFoundError:
+        return None   # never ran here (a PermissionError propagates: "not running" would be a lie)
     with f:
         try:
             fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)

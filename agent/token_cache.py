@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import stat
 import threading
 from collections.abc import Iterator
@@ -28,6 +29,9 @@ log = logging.getLogger(__name__)
 
 # The top-level sections MSAL writes; anything else at the top level means the file is not ours.
 _SECTIONS = ("AccessToken", "RefreshToken", "IdToken", "Account", "AppMetadata")
+# Anything long enough to be (part of) a token: removed from the post-mortem copy of a bad file,
+# because no file in the state dir but the cache itself may hold a secret.
+_TOKENISH = re.compile(r"[A-Za-z0-9._~+/=-]{16,}")
 
 
 class TokenCacheFile:
@@ -54,6 +58,7 @@ class TokenCacheFile:
         with self._lock:
             try:
                 ensure_private_dir(self.path.parent)
+                self._remove_stale_temp_files()
                 st = self.path.stat()
             except FileNotFoundError:
                 self.cache.deserialize("")
@@ -86,14 +91,21 @@ class TokenCacheFile:
             return True
 
     def _quarantine(self, why: str) -> None:
-        """Move the unusable file aside (kept for a post-mortem) and start empty."""
+        """Set the unusable file aside for a post-mortem, with anything token-like removed
+        (a half-written cache may still hold a valid refresh token), and start empty."""
         self.cache.deserialize("")
         for n in range(1, 1000):
             target = self.path.with_name(f"{self.path.name}.corrupt-{n}")
             if not target.exists():
                 break
         try:
-            os.replace(self.path, target)
+            if self.path.is_file():
+                raw = self.path.read_bytes()
+                scrubbed = _TOKENISH.sub("[removed]", raw.decode("utf-8", "replace"))
+                atomic_write(target, scrubbed.encode(), mode=0o600)
+                self.path.unlink()
+            else:
+                os.replace(self.path, target)
         except OSError as err:
             log.warning("token cache %s is unusable (%s) and could not be moved aside (%s); "
                         "signing in again", self.path, why, err.strerror or err)
@@ -102,8 +114,17 @@ class TokenCacheFile:
             except OSError:
                 pass
             return
-        log.warning("token cache %s is unusable (%s); moved it to %s and signing in again",
-                    self.path, why, target.name)
+        log.warning("token cache %s is unusable (%s); set it aside as %s (secrets removed) and "
+                    "signing in again", self.path, why, target.name)
+
+    def _remove_stale_temp_files(self) -> None:
+        """A power cut during atomic_write can leave its temp file, with tokens, behind."""
+        for tmp in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            try:
+                tmp.unlink()
+                log.info("removed %s left by an interrupted write", tmp.name)
+            except OSError as err:
+                log.warning("cannot remove %s: %s", tmp, err.strerror or err)
 
     # -- saving ---------------------------------------------------------------------------
 

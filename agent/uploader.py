@@ -153,8 +153,11 @@ class Uploader:
         retry.acked.extend(result.acked)
         retry.dead.update(result.dead)
         if _status(retry) == 401:
+            # CONTRACT: refresh once, then sign in again. Telling the sign-in component a second
+            # time that the (fresh) token was refused is what starts the new sign-in.
             self._refused_token = _digest(fresh)
-            log.error("%s; waiting for a different token", REFUSED_ERROR)
+            self.tokens.token_rejected()
+            log.error("%s; signing in again, readings keep queuing", REFUSED_ERROR)
             self.state.update(error=REFUSED_ERROR)
             self.state.set_link("api", "down")
             self._apply_partial(retry)

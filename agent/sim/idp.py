@@ -943,7 +943,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _banner(idp: SimIdp, tls: TlsFiles, client_id: str | None) -> str:
     approve = (f"every code is approved {idp.auto_approve_after_s:g} s after issue"
                if idp.auto_approve_after_s is not None
-               else f"open {idp.devicelogin_url} (trust the CA above) to approve codes")
+               else "open it in a browser that trusts the CA file below to approve codes")
     return (
         "Simulated Entra ID — loopback only, for testing; it signs anyone in without a password.\n"
         f"  authority:  {idp.authority}\n"

@@ -11,19 +11,15 @@ when ``verify`` is left at True, which would silently replace the configured ``c
 
 from __future__ import annotations
 
-import atexit
 import email.utils
 import logging
-import os
-import ssl
-import tempfile
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
 
 from agent.errors import UploadError
+from agent.tlsutil import ca_bundle
 
 if TYPE_CHECKING:
     import requests
@@ -113,6 +109,12 @@ def status_error(resp: requests.Response, what: str) -> UploadError:
     if status == 403:
         return UploadError(f"{what}: the API refused the token (403): check the scopes",
                            retryable=True, status=403, retry_after_s=retry_after)
+    if 300 <= status < 400:
+        # Following it would turn the POST into a GET (and drop the token on another host);
+        # the readings stay queued until someone fixes the URL.
+        target = resp.headers.get("Location", "?")
+        return UploadError(f"{what}: HTTP {status} redirect to {target}: set the final URL in the config",
+                           retryable=True, status=status, retry_after_s=retry_after)
     if status in RETRYABLE_STATUS or status >= 500:
         return UploadError(f"{what}: HTTP {status} {detail}".rstrip(), retryable=True,
                            retry_after_s=retry_after, status=status)
@@ -143,63 +145,10 @@ class HttpsClient:
 
     def request(self, method: str, url: str, **kwargs: object) -> requests.Response:
         return self.session.request(method, url, verify=self.verify, timeout=self.timeout_s,
-                                    **kwargs)  # type: ignore[arg-type]
+                                    allow_redirects=False, **kwargs)  # type: ignore[arg-type]
 
     def close(self) -> None:
         self.session.close()
-
-
-_bundles: dict[str, str] = {}
-_bundles_lock = threading.Lock()
-
-
-def ca_bundle(ca_file: str) -> str:
-    """A PEM file holding the system CAs plus ``ca_file`` (when set): what ``verify=`` gets.
-
-    Without ``ca_file`` it is the system bundle itself (not certifi's copy, so an admin's
-    update-ca-certificates applies). The combined file lives in the temp dir, 0600, removed at exit.
-    """
-    system = _system_bundle()
-    if not ca_file:
-        return system
-    with _bundles_lock:
-        key = f"{system}\0{ca_file}\0{_mtime(ca_file)}"
-        if key in _bundles and os.path.exists(_bundles[key]):
-            return _bundles[key]
-        with open(system, "rb") as f:
-            data = f.read()
-        with open(ca_file, "rb") as f:
-            data += b"\n" + f.read()
-        fd, path = tempfile.mkstemp(prefix="device-agent-ca-", suffix=".pem")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        atexit.register(_unlink, path)
-        _bundles[key] = path
-        return path
-
-
-def _system_bundle() -> str:
-    paths = ssl.get_default_verify_paths()
-    for candidate in (paths.cafile, paths.openssl_cafile, "/etc/ssl/certs/ca-certificates.crt"):
-        if candidate and os.path.isfile(candidate):
-            return candidate
-    import certifi  # requests' own dependency
-
-    return str(certifi.where())
-
-
-def _mtime(path: str) -> float:
-    try:
-        return os.stat(path).st_mtime
-    except OSError:
-        return 0.0
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def chunks(items: list[Row], size: int) -> list[list[Row]]:

@@ -643,7 +643,8 @@ def test_ca_file_wins_over_ca_environment_variables(
 def test_without_ca_file_a_bogus_bundle_fails_with_a_tls_message(
         fast_idp: SimIdp, idp_settings: AuthSettings, harness: Callable[..., Harness],
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    # The control for the test above: the environment really is in effect.
+    # The control for the test above: without ca_file the test CA is not trusted, whatever
+    # the environment says (the system store is passed explicitly).
     bogus = tmp_path / "other-ca.pem"
     trustme.CA().cert_pem.write_to_path(str(bogus))
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bogus))
@@ -658,7 +659,9 @@ def test_ca_bundle_keeps_the_system_store(
 
     fast_idp.auto_approve_after_s = 0
     harness().wait_signed_in(5)
-    bundle = (state_dir / "idp-ca-bundle.pem").read_text()
+    from agent.tlsutil import ca_bundle
+
+    bundle = Path(ca_bundle(str(tls.ca_file))).read_text()
     first_public_ca = Path(certifi.where()).read_text().split("-----END CERTIFICATE-----")[0]
     assert first_public_ca.split("-----BEGIN CERTIFICATE-----")[1] in bundle
     assert tls.ca_file.read_text().strip() in bundle

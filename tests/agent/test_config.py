@@ -61,6 +61,7 @@ SENSOR = '[[sensors]]\nname = "cpu"\ntype = "cpu_temperature"\n'
 # (id, sections override, extra TOML, dotted key the message must name)
 BAD: list[tuple[str, dict[str, str | None], str, str]] = [
     ("unknown-table", {}, "[colour]\nx = 1\n", "colour"),
+    ("png-without-path", {"display": 'driver = "png"\npath = ""'}, "", "display.path"),
     ("unknown-auth-key", {"auth": auth(colour='"blue"')}, "", "auth.colour"),
     ("auth-missing", {"auth": None}, "", "auth"),
     ("client-id-missing", {"auth": auth(client_id=None)}, "", "auth.client_id"),

@@ -103,3 +103,17 @@ def test_demo_config_is_valid(tmp_path: Path) -> None:
     s = parse(raw, Path("<demo>"))
     assert s.gpio.backend == "fake" and s.display.driver == "console"
     assert str(s.device.state_dir).startswith(str(tmp_path))
+
+
+def test_unusable_state_dir_is_one_line_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    config = tmp_path / "c.toml"
+    config.write_text(f'[device]\nstate_dir = "{blocker}/state"\n[auth]\nclient_id = "x"\n'
+                      'authority = "https://login.example.com/t"\nscopes = ["s"]\n'
+                      '[upload]\nurl = "https://api.example.com/r"\n')
+    assert main(["run", "--config", str(config)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"error: {blocker}/state") and "Traceback" not in err

@@ -15,8 +15,9 @@ from agent.errors import UploadError
 from agent.outbox import Outbox
 from agent.sim.api import SimApi
 from agent.sim.tls import TlsFiles
-from agent.sinks import ca_bundle, make_sink, parse_retry_after
+from agent.sinks import make_sink, parse_retry_after
 from agent.sinks.http import HttpSink
+from agent.tlsutil import ca_bundle
 from tests.fixtures.api import DEVICE, FakeTokens, reading
 
 
@@ -35,7 +36,8 @@ def test_batch_is_exactly_the_contract_shape(outbox: Outbox, api_settings: Uploa
     assert got[1]["sensor"] == "env.humidity"
 
 
-@pytest.mark.parametrize(("status", "retryable"), [(408, True), (429, True), (500, True), (503, True),
+@pytest.mark.parametrize(("status", "retryable"), [(301, True), (308, True),   # kept, not dead-lettered
+                                                   (408, True), (429, True), (500, True), (503, True),
                                                    (504, True), (400, False), (404, False), (413, False),
                                                    (422, False)])
 def test_status_mapping(outbox: Outbox, api_settings: UploadSettings, sim_api: SimApi, tokens: FakeTokens,

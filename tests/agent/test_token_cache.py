@@ -118,9 +118,10 @@ def test_damaged_file_is_moved_aside_with_a_warning(path: Path, content: bytes,
         assert tc.load() is False
     assert tc.accounts() == []
     aside = path.with_name("token_cache.json.corrupt-1")
-    assert aside.read_bytes() == content, "kept for a post-mortem"
+    # Kept for a post-mortem (these samples hold nothing token-like, so nothing is removed).
+    assert aside.read_bytes() == content.decode("utf-8", "replace").encode()
     assert not path.exists()
-    assert any("moved it to token_cache.json.corrupt-1" in r.getMessage() for r in caplog.records)
+    assert any("set it aside as token_cache.json.corrupt-1" in r.getMessage() for r in caplog.records)
     # And the next sign-in saves a fresh file next to it.
     with tc.using() as cache:
         fake_sign_in(cache)
@@ -219,3 +220,29 @@ def test_concurrent_changes_all_reach_the_disk(path: Path) -> None:
     # Same account each time: the last response wins, and the file is whole and parseable.
     assert len(reloaded.accounts()) == 1
     assert json.loads(path.read_text())["RefreshToken"]
+
+
+def test_a_set_aside_cache_keeps_no_secret(tmp_path: Path) -> None:
+    """A cache msal cannot use may still hold a live refresh token: the copy kept for a
+    post-mortem must not (no file in the state dir but the cache holds a secret)."""
+    from agent.token_cache import TokenCacheFile
+
+    secret = "0.AAAA" + "x7Qm2-Lp_9" * 12
+    path = tmp_path / "token_cache.json"
+    path.write_text('{"RefreshToken": {"k": {"secret": "' + secret + '"}}, "AppMetadata": []')  # truncated
+    path.chmod(0o600)
+    assert TokenCacheFile(path).load() is False
+    aside = list(tmp_path.glob("token_cache.json.corrupt-*"))
+    assert len(aside) == 1 and not path.exists()
+    kept = aside[0].read_text()
+    assert secret not in kept and secret[:16] not in kept and "RefreshToken" in kept
+    assert oct(aside[0].stat().st_mode & 0o777) == "0o600"
+
+
+def test_temp_file_left_by_a_power_cut_is_removed(tmp_path: Path) -> None:
+    from agent.token_cache import TokenCacheFile
+
+    leftover = tmp_path / ".token_cache.json.abc123.tmp"
+    leftover.write_text('{"RefreshToken": {"k": {"secret": "live-refresh-token-value-123"}}}')
+    TokenCacheFile(tmp_path / "token_cache.json").load()
+    assert not leftover.exists()

@@ -165,7 +165,7 @@ def test_401_then_no_token_waits_for_sign_in_while_readings_queue(make, outbox: 
     assert sim_api.seqs(DEVICE) == set(range(1, 11))
 
 
-def test_401_again_with_the_fresh_token_waits_for_a_different_token(make, outbox: Outbox, sim_api: SimApi,
+def test_401_again_with_the_fresh_token_asks_for_a_new_sign_in(make, outbox: Outbox, sim_api: SimApi,
                                                                     tokens: FakeTokens, sim_keys: SimKeys,
                                                                     clock: Clock, state: AgentState) -> None:
     fill(outbox, 5)
@@ -175,8 +175,10 @@ def test_401_again_with_the_fresh_token_waits_for_a_different_token(make, outbox
     up = make()
     for _ in range(4):
         clock.t += up.step()
-    assert statuses(sim_api) == [401, 401] and tokens.rejections == 1
+    # The second rejection is reported too: that is what sends the device back to the code flow.
+    assert statuses(sim_api) == [401, 401] and tokens.rejections == 2
     assert state.snapshot.error == REFUSED_ERROR
+    assert outbox.counts().pending == 5                # nothing dead-lettered, nothing lost
     tokens.token = sim_keys.mint()
     up.step()
     assert statuses(sim_api)[-1] == 200 and outbox.counts().pending == 0
