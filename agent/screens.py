@@ -26,7 +26,7 @@ SIZE = (128, 64)
 PAGE_S = 4.0                       # each page of an alternating screen stays this long (>= 3 s)
 DEFAULT_CODE_LIFETIME_S = 900.0    # bar scale when the panel did not see the code arrive
 HOLD_PREFIX = "Keep holding"       # agent.controls writes this notice while the button is held
-EXHAUSTED_TEXT = "Press button or send renew_code for a new code"
+EXHAUSTED_TEXT = "New code: press button, send renew_code or restart"
 
 Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 
@@ -83,7 +83,7 @@ def render(snap: Snapshot, now_monotonic: float, page: int = 0, *,
         assert snap.code is not None
         return render_code(snap.code, now_monotonic, page, size=size, lifetime_s=code_lifetime_s)
     if name == "exhausted":
-        return render_exhausted(size)
+        return render_exhausted(size, snap.notice)
     if name == "error":
         return render_error(snap.error or "", size)
     if name == "notice":
@@ -366,8 +366,10 @@ def render_starting(snap: Snapshot, size: tuple[int, int] = SIZE) -> Image.Image
     return _message_screen("Sign-in", "Getting a sign-in code\u2026", size)
 
 
-def render_exhausted(size: tuple[int, int] = SIZE) -> Image.Image:
-    return _message_screen("Code expired", EXHAUSTED_TEXT, size)
+def render_exhausted(size: tuple[int, int] = SIZE, notice: str | None = None) -> Image.Image:
+    """Codes ran out; the title says why (expired, declined, not accepted)."""
+    title = notice[:1].upper() + notice[1:] if notice and len(notice) <= 20 else "No sign-in code"
+    return _message_screen(title, EXHAUSTED_TEXT, size)
 
 
 def render_error(message: str, size: tuple[int, int] = SIZE) -> Image.Image:
@@ -471,7 +473,7 @@ def examples(now: float = 1000.0) -> dict[str, Image.Image]:
         "code_complete_qr": render(Snapshot(phase="signing_in", code=oidc), now, 0, code_lifetime_s=600),
         "code_complete_url": render(Snapshot(phase="signing_in", code=oidc), now, 1, code_lifetime_s=600),
         "code_portrait": render(Snapshot(phase="signing_in", code=oidc), now, 0, size=(64, 128)),
-        "exhausted": render(Snapshot(phase="signing_in", renewals_exhausted=True), now),
+        "exhausted": render(Snapshot(phase="error", renewals_exhausted=True, notice="code expired"), now),
         "status": render(signed, now),
         "status_no_reading": render(Snapshot(phase="signed_in", account="pi@example.org"), now),
         "error": render(Snapshot(phase="error",

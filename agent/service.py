@@ -23,7 +23,7 @@ from agent.errors import AgentError
 from agent.fsutil import ensure_private_dir
 from agent.sdnotify import Notifier
 from agent.state import AgentState, Snapshot
-from agent.statusfile import SIGN_OUT_SIGNAL, InstanceLock, StatusWriter, status_path
+from agent.statusfile import SIGN_OUT_SIGNAL, InstanceLock, StatusWriter, previous_last_upload, status_path
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,9 @@ class Service:
         from agent.uploader import Uploader
 
         s = self.settings
+        previous = previous_last_upload(status_path(s))
+        if previous is not None:
+            self.state.update(last_upload=previous)     # "last upload" survives a restart
         status = StatusWriter(status_path(s), self.state, s.device.id)
         status.start()
         self._closers.append(("status file", status.stop))

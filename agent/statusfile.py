@@ -145,6 +145,15 @@ def snapshot_document(snap: Snapshot, device_id: str) -> dict[str, Any]:
     return doc
 
 
+def previous_last_upload(path: Path) -> datetime | None:
+    """``last_upload`` from the status file a previous run left, if any and readable."""
+    try:
+        value = json.loads(path.read_text()).get("last_upload")
+        return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+
+
 def read_status(settings: Settings) -> dict[str, Any]:
     """The service's view if it runs, else what can be read from the state dir without it."""
     state_dir = settings.device.state_dir

@@ -117,3 +117,17 @@ def test_unusable_state_dir_is_one_line_not_a_traceback(tmp_path: Path, capsys: 
     assert main(["run", "--config", str(config)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith(f"error: {blocker}/state") and "Traceback" not in err
+
+
+def test_last_upload_is_read_back_after_a_restart(state_dir: Path) -> None:
+    from datetime import UTC, datetime
+
+    from agent.statusfile import previous_last_upload
+
+    state = AgentState()
+    when = datetime(2026, 11, 25, 14, 39, 32, 123000, tzinfo=UTC)
+    state.update(last_upload=when)
+    StatusWriter(state_dir / "status.json", state, "dev-1").write(state.snapshot)
+    assert previous_last_upload(state_dir / "status.json") == when
+    (state_dir / "status.json").write_text("{garbage")
+    assert previous_last_upload(state_dir / "status.json") is None
