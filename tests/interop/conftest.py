@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +29,12 @@ from tests.interop.peers import (
 
 def require_node() -> str:
     """Path of node with oidc-provider installed next to provider.mjs; skip/fail otherwise."""
-    node = need_binary("node", "apt-get install nodejs npm (Node >= 20.19)")
+    venv_node = Path(sys.executable).with_name("node")     # .ci/setup puts one there if needed
+    node = str(venv_node) if venv_node.exists() else need_binary("node", "run .ci/setup (Node >= 20.19)")
+    version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+    major, minor = (int(x) for x in version.lstrip("v").split(".")[:2])
+    if (major, minor) < (20, 19):
+        missing(f"{node} is {version}; oidc-provider 9 needs Node >= 20.19 (run .ci/setup)")
     if installed_oidc_provider_version() is None:
         missing(f"oidc-provider not installed in {NODE_MODULES}; run .ci/setup "
                 "(it runs `npm ci` in tests/interop)")
