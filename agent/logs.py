@@ -10,18 +10,20 @@ import sys
 # Belt and braces: the agent never passes tokens to the logger, but a library might echo a
 # response. JWTs (three base64url parts) and long opaque refresh tokens are masked.
 _SECRETISH = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"
-                        r"|(?i:(?:access|refresh|id)_token[\"']?\s*[:=]\s*[\"']?)[^\s\"',}]{8,}")
+                        r"|(?i:(?:access|refresh|id)_token[\"']?\s*[:=]\s*[\"']?)[^\s\"',}]{8,}"
+                        r"|(?i:bearer\s+)[^\s\"',}]{8,}")
 
 
-class RedactingFilter(logging.Filter):
-    """Masks anything shaped like a token in the final message."""
+def redact(text: str) -> str:
+    """``text`` with anything shaped like a token (JWT, ``Bearer …``, ``*_token=…``) masked."""
+    return _SECRETISH.sub("[redacted]", text)
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        clean = _SECRETISH.sub("[redacted]", msg)
-        if clean != msg:
-            record.msg, record.args = clean, None
-        return True
+
+class RedactingFormatter(logging.Formatter):
+    """Masks token-shaped text in the whole formatted record, tracebacks included."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
 
 def setup(level: str = "info", *, stream=None) -> None:  # type: ignore[no-untyped-def]
@@ -31,8 +33,7 @@ def setup(level: str = "info", *, stream=None) -> None:  # type: ignore[no-untyp
         fmt = "%(levelname)s %(name)s: %(message)s"
     else:
         fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    handler.setFormatter(logging.Formatter(fmt))
-    handler.addFilter(RedactingFilter())
+    handler.setFormatter(RedactingFormatter(fmt))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

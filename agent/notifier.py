@@ -638,7 +638,10 @@ class MqttNotifier:
                 error = f"internal error: {type(err).__name__}: {err}"
             client = self._client
             if client is not None:
-                self._reply(client, action, error, correlation)
+                try:
+                    self._reply(client, action, error, correlation)
+                except Exception:   # this thread is not supervised: it must outlive a bad reply
+                    log.exception("MQTT: could not publish the result of %s", action)
 
     # ----- publishing
 

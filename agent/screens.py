@@ -29,6 +29,8 @@ HOLD_PREFIX = "Keep holding"       # agent.controls writes this notice while the
 EXHAUSTED_TEXT = "New code: press button, send renew_code or restart"
 
 Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
+MAX_WRAP_CHARS = 240      # 128x64 shows ~4 lines of ~25 characters
+QR_MAX_BYTES = 321        # version 11 at ECC L (63 px with its quiet zone): the most a 64 px panel holds
 
 
 @functools.lru_cache(maxsize=32)
@@ -136,7 +138,11 @@ def _fit_size(draw: ImageDraw.ImageDraw, lines: Sequence[str], width: int, heigh
 
 def _wrap_pixels(draw: ImageDraw.ImageDraw, text: str, f: Font, width: int,
                  *, break_anywhere: bool = False) -> list[str]:
-    """Greedy word wrap by measured width; long words (URLs) are split where they must be."""
+    """Greedy word wrap by measured width; long words (URLs) are split where they must be.
+
+    Text beyond what any panel could show is cut first (a malformed reply must not cost seconds).
+    """
+    text = text[:MAX_WRAP_CHARS]
     if break_anywhere:      # URLs, ids: prefer breaking after / ? & = . - then anywhere
         words = [t for t in re.findall(r"[^/?&=.-]*[/?&=.-]?", text) if t]
         sep = ""
@@ -153,11 +159,15 @@ def _wrap_pixels(draw: ImageDraw.ImageDraw, text: str, f: Font, width: int,
             lines.append(cur)
         cur = word
         while _width(draw, cur, f) > width and len(cur) > 1:   # a single over-long word
-            cut = len(cur)
-            while cut > 1 and _width(draw, cur[:cut], f) > width:
-                cut -= 1
-            lines.append(cur[:cut])
-            cur = cur[cut:]
+            lo, hi = 1, len(cur)      # the longest prefix that fits, by bisection
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if _width(draw, cur[:mid], f) <= width:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            lines.append(cur[:lo])
+            cur = cur[lo:]
     if cur:
         lines.append(cur)
     return lines
@@ -249,6 +259,8 @@ def draw_qr(img: Image.Image, uri: str, x: int, y: int, max_px: int) -> int:
     """Draw the QR with its top-left at (x, y) within ``max_px``; returns its side in px."""
     rows, scale = qr_matrix(uri, max_px)
     side = len(rows) * scale
+    if side > max_px:
+        raise ValueError(f"a QR code of {len(rows)} modules does not fit {max_px} px")
     px = img.load()
     assert px is not None
     for r, row in enumerate(rows):
@@ -286,6 +298,17 @@ def _bar(draw: ImageDraw.ImageDraw, x: int, y: int, w: int, h: int, fraction: fl
         draw.rectangle((x + 1, y + 1, x + inner, y + h - 2), fill=1)
 
 
+def _qr_fits(uri: str, max_px: int) -> bool:
+    """Whether the QR of ``uri`` fits; a URI too long for any panel QR gets the URL page only."""
+    if len(uri.encode()) > QR_MAX_BYTES:
+        return False
+    try:
+        rows, scale = qr_matrix(uri, max_px)
+    except Exception:  # noqa: BLE001 - segno's DataOverflowError and friends: no QR, not no screen
+        return False
+    return len(rows) * scale <= max_px
+
+
 def render_code(code: DeviceCode, now_monotonic: float, page: int = 0, *,
                 size: tuple[int, int] = SIZE, lifetime_s: float | None = None) -> Image.Image:
     """Page 0: QR + big code + time bar. Page 1: the URL to open + code + time bar."""
@@ -297,7 +320,7 @@ def render_code(code: DeviceCode, now_monotonic: float, page: int = 0, *,
     if w < h:
         return _render_code_portrait(img, draw, code, left_s, fraction)
     small = font(9)
-    if page % 2 == 0:
+    if page % 2 == 0 and _qr_fits(code.qr_uri, h):
         rows, scale = qr_matrix(code.qr_uri, h)
         qr_side = len(rows) * scale
         draw_qr(img, code.qr_uri, 0, (h - qr_side) // 2, h)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from agent.statusfile import SIGN_OUT_SIGNAL, InstanceLock, StatusWriter, previo
 log = logging.getLogger(__name__)
 
 STOP_BUDGET_S = 1.5          # of the 2 s CONTRACT promise, what the joins may use
+STOP_TOTAL_S = 1.9           # ... and everything, MQTT's goodbye included
 RESTART_BACKOFF_S = (1.0, 60.0)
 
 
@@ -97,6 +99,7 @@ class Service:
         self.outbox: Any = None
         self._lock = InstanceLock(settings.device.state_dir)
         self._was_signed_in = False
+        self._running = False
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -108,6 +111,7 @@ class Service:
             if self._install_signals:
                 self._signals()
             self._start()
+            self._running = True
             self._sd.notify("READY=1", f"STATUS={self._status_line(self.state.snapshot)}")
             log.info("device-agent %s running as %s (state in %s)", __version__, s.device.id, s.device.state_dir)
             self._main_loop()
@@ -150,8 +154,12 @@ class Service:
 
         gpio, display, sensors = self._open_hardware()
 
-        self.outbox = Outbox(s.outbox_path, s.device.id, max_rows=s.upload.outbox_max_rows,
-                             max_bytes=s.upload.outbox_max_bytes, state=self.state)
+        try:
+            self.outbox = Outbox(s.outbox_path, s.device.id, max_rows=s.upload.outbox_max_rows,
+                                 max_bytes=s.upload.outbox_max_bytes, state=self.state)
+        except sqlite3.Error as err:
+            raise AgentError(f"{s.outbox_path}: cannot open the outbox ({err}); check that "
+                             f"{s.device.state_dir} belongs to the user running the agent") from err
         self._closers.append(("outbox", self.outbox.close))
         self.state.update(outbox=self.outbox.counts())
 
@@ -246,7 +254,16 @@ class Service:
     def _shutdown(self) -> None:
         self.stop_event.set()
         self._sd.notify("STOPPING=1")
-        deadline = time.monotonic() + STOP_BUDGET_S
+        started = time.monotonic()
+        deadline = started + STOP_BUDGET_S
+        # The broker is the one peer that can be slow to answer: say "offline" and clear the code
+        # while the component threads wind down, not after them.
+        mqtt_closer = next((c for c in self._closers if c[0] == "mqtt"), None)
+        mqtt_thread: threading.Thread | None = None
+        if mqtt_closer is not None:
+            self._closers.remove(mqtt_closer)
+            mqtt_thread = threading.Thread(target=self._close, args=mqtt_closer, name="mqtt-stop", daemon=True)
+            mqtt_thread.start()
         if self.auth is not None and hasattr(self.auth, "cancel"):
             self.auth.cancel()
         for comp in self._components:
@@ -256,13 +273,13 @@ class Service:
                 log.warning("%s did not stop in time; exiting anyway (outbox commits are atomic)", comp.name)
         self.state.update(phase="stopped", code=None)
         for name, close in reversed(self._closers):
-            try:
-                close()
-            except Exception:
-                log.exception("closing %s failed", name)
+            self._close(name, close)
         self._closers.clear()
+        if mqtt_thread is not None:
+            mqtt_thread.join(max(0.0, started + STOP_TOTAL_S - time.monotonic()))
         self._sd.close()
-        log.info("stopped")
+        if self._running:
+            log.info("stopped")
 
     def _on_state(self, snap: Snapshot) -> None:
         """Upload the backlog the moment a token exists, not at the next interval."""
@@ -270,6 +287,13 @@ class Service:
         if signed_in and not self._was_signed_in and self.uploader is not None:
             self.uploader.flush()
         self._was_signed_in = signed_in
+
+    @staticmethod
+    def _close(name: str, close: Callable[[], None]) -> None:
+        try:
+            close()
+        except Exception:
+            log.exception("closing %s failed", name)
 
     # ---- controls and commands -------------------------------------------------------------
 

@@ -143,3 +143,19 @@ def test_split_code(code: str, parts: list[str]) -> None:
 def test_cli_writes_every_screen(tmp_path: Path) -> None:
     assert screens.main(["--out", str(tmp_path)]) == 0
     assert {p.stem for p in tmp_path.glob("*.png")} == set(screens.examples())
+
+
+def test_absurd_verification_uri_still_gives_a_screen_quickly() -> None:
+    """A malformed IdP reply (a huge URI) must neither freeze the panel nor hide the code."""
+    import time as _time
+
+    from agent.screens import render_code
+    from agent.state import DeviceCode
+
+    for n in (300, 3000):
+        uri = "https://idp.example.com/device?x=" + "a" * n
+        code = DeviceCode("ABCD-EFGH", uri, 900.0, datetime.now(UTC), 5.0)
+        t0 = _time.perf_counter()
+        pages = [render_code(code, 0.0, page) for page in (0, 1)]
+        assert _time.perf_counter() - t0 < 2.0
+        assert all(p.size == (128, 64) for p in pages)

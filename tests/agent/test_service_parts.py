@@ -131,3 +131,25 @@ def test_last_upload_is_read_back_after_a_restart(state_dir: Path) -> None:
     assert previous_last_upload(state_dir / "status.json") == when
     (state_dir / "status.json").write_text("{garbage")
     assert previous_last_upload(state_dir / "status.json") is None
+
+
+def test_log_lines_and_tracebacks_never_carry_a_token() -> None:
+    import io
+    import logging
+
+    from agent import logs
+
+    stream = io.StringIO()
+    logs.setup("debug", stream=stream)
+    log = logging.getLogger("agent.test")
+    jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhZGEifQ.c2lnbmF0dXJlLXNpZ25hdHVyZQ"
+    opaque = "opaque-SECRET-token-value-123"
+    log.warning("API said: Invalid header value b'Bearer %s\\n'", opaque)
+    try:
+        raise ValueError(f"refresh failed for {jwt}")
+    except ValueError:
+        log.exception("sign-in step failed")
+    text = stream.getvalue()
+    logging.getLogger().handlers.clear()
+    assert "sign-in step failed" in text and "Traceback" in text and "[redacted]" in text
+    assert opaque not in text and jwt not in text and jwt[:30] not in text
