@@ -14,7 +14,20 @@ Why it looks like this:
 - Bounded by rows and bytes (payload bytes of pending rows): when full, the OLDEST pending
   rows are dropped in the same transaction and counted in ``meta.dropped`` (persistent).
 - A corrupt file is moved aside to ``<db>.corrupt-<n>`` (with its -wal), logged at ERROR,
-  counted in the side file (``corrupt_replaced``) and a new database is started.
+  counted in the side file (``corrupt_replaced``), announced as a state ``notice`` and a new
+  database is started.
+
+What ``dropped`` counts (``counts().dropped``, shown by status/MQTT/screen) and what it cannot:
+
+- overflow: the oldest rows dropped for the bounds (persistent, exact);
+- readings whose ``put`` failed (disk full, I/O error, side-file write error): the caller
+  reports them with ``count_lost(n)``. They never got a seq. They are added to the persistent
+  counter when the database can still be written, else kept in memory (``counts()`` includes
+  them) and written with the next successful ``put``; a crash before that loses the count;
+- corruption found while running: the pending rows and the old dropped count, from memory (exact);
+- corruption found at start: counted from the moved-aside copy when it can still be partly read
+  (``SELECT count(*) FROM outbox`` and the old ``dropped``); when it cannot, the readings it
+  held are NOT countable: only ``corrupt_replaced``, the ERROR log and the notice show the loss.
 
 Thread-safe: one connection guarded by a lock (the sampler puts, the uploader claims/acks).
 """
@@ -89,6 +102,7 @@ class Outbox:
         self._pending_bytes = 0
         self._dead = 0
         self._dropped = 0
+        self._lost_unsaved = 0      # lost readings not yet in meta.dropped (the DB was unwritable)
         self._next_seq = 1
         self._open_checked()
 
@@ -127,9 +141,29 @@ class Outbox:
         with self._lock:
             self._retry_corrupt(lambda: self._remove(seqs, dead_reason=reason))
 
+    def count_lost(self, n: int) -> bool:
+        """``n`` readings were lost before they got a seq (their ``put`` failed): count them as
+        dropped. Never raises. Returns False when the count could only be kept in memory (the
+        database is unwritable too); the next successful ``put`` writes it."""
+        if n <= 0:
+            return True
+        with self._lock:
+            self._lost_unsaved += n
+            try:
+                with _tx(self._conn()) as db:
+                    db.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)",
+                               (self._dropped + self._lost_unsaved,))
+            except (sqlite3.Error, RuntimeError) as err:
+                log.debug("outbox: could not record %d lost readings on disk: %s", n, err)
+                return False
+            self._dropped += self._lost_unsaved
+            self._lost_unsaved = 0
+            return True
+
     def counts(self) -> OutboxCounts:
         with self._lock:
-            return OutboxCounts(pending=self._pending, dead=self._dead, dropped=self._dropped)
+            return OutboxCounts(pending=self._pending, dead=self._dead,
+                                dropped=self._dropped + self._lost_unsaved)
 
     @property
     def pending_bytes(self) -> int:
@@ -209,8 +243,10 @@ class Outbox:
         except sqlite3.DatabaseError as err:
             if not _is_corruption(err):
                 raise
-            self._replace_corrupt(err)
+            lost = self._replace_corrupt(err, lost=None)
             self._open()
+            if lost:
+                self._add_dropped(lost)
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -278,18 +314,24 @@ class Outbox:
             pending = self._pending + len(seqs)
             pending_bytes = self._pending_bytes + added
             dropped = 0
+            unsaved = self._lost_unsaved     # lost while the database was unwritable: write now
+            if unsaved:
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)", (self._dropped + unsaved,))
             if pending > self.max_rows or pending_bytes > self.max_bytes:
                 dropped, freed, last = self._drop_oldest(db, pending - self.max_rows,
                                                          pending_bytes - self.max_bytes)
                 pending -= dropped
                 pending_bytes -= freed
-                db.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)", (self._dropped + dropped,))
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)",
+                           (self._dropped + unsaved + dropped,))
                 db.execute("INSERT OR REPLACE INTO meta VALUES (?, max(coalesce((SELECT value FROM meta "
                            "WHERE key = ?), 0), ?))", (f"seq_hw:{self.device_id}",
                                                        f"seq_hw:{self.device_id}", last))
         # Only after the commit: a failed transaction leaves the counters untouched.
         self._next_seq = seqs[-1] + 1
         self._pending, self._pending_bytes = pending, pending_bytes
+        self._dropped += unsaved
+        self._lost_unsaved -= unsaved
         if dropped:
             self._dropped += dropped
             log.warning("outbox full (%d rows / %d bytes max): dropped the %d oldest readings "
@@ -385,15 +427,20 @@ class Outbox:
             # accounted for as dropped (with those dropped before) in the new database.
             lost = self._dropped + self._pending
             self.close()
-            self._replace_corrupt(err)
+            self._replace_corrupt(err, lost=lost)
             self._open()
             if lost:
-                with _tx(self._conn()) as db:
-                    db.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)", (self._dropped + lost,))
-                self._dropped += lost
+                self._add_dropped(lost)
             return op()
 
-    def _replace_corrupt(self, err: Exception) -> None:
+    def _add_dropped(self, n: int) -> None:
+        with _tx(self._conn()) as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)", (self._dropped + n,))
+        self._dropped += n
+
+    def _replace_corrupt(self, err: Exception, *, lost: int | None) -> int | None:
+        """Move the corrupt file aside. ``lost``: what it held, if known; else counted from the
+        aside copy when it can still be partly read. Returns that count (None: not countable)."""
         n = 1
         while self.path.with_name(f"{self.path.name}.corrupt-{n}").exists():
             n += 1
@@ -411,11 +458,15 @@ class Outbox:
         self._side["corrupt_replaced"] = int(self._side.get("corrupt_replaced", 0)) + 1
         self._write_side()
         self._pending = self._pending_bytes = self._dead = self._dropped = 0
-        msg = (f"outbox database was corrupt ({err}); moved aside to {aside.name}, "
-               f"started a new one; its pending readings are lost")
-        log.error("%s", msg)
+        if lost is None:
+            lost = _salvage_count(aside)
+        what = (f"{lost} readings lost (counted as dropped)" if lost is not None
+                else "the readings it held are lost and could not be counted")
+        log.error("outbox database was corrupt (%s); moved aside to %s, started a new one; %s "
+                  "(%d corrupt files replaced so far)", err, aside.name, what, self.corrupt_replaced)
         if self._state is not None:
-            self._state.update(notice=f"outbox corrupt: moved aside to {aside.name}")
+            self._state.update(notice=f"outbox corrupt: moved aside to {aside.name}; {what}")
+        return lost
 
 
 class _tx:
@@ -445,6 +496,29 @@ def _is_corruption(err: sqlite3.Error) -> bool:
         return code & 0xFF in (11, 26)           # SQLITE_CORRUPT, SQLITE_NOTADB (extended codes too)
     text = str(err).lower()
     return any(s in text for s in ("malformed", "not a database", "corrupt", "disk image"))
+
+
+def _salvage_count(aside: Path) -> int | None:
+    """Readings a corrupt file held (pending rows + its dropped count), if SQLite can still read
+    that much of it; None when it cannot. Read-only: the aside copy is evidence, kept as it is."""
+    try:
+        db = sqlite3.connect(f"{aside.resolve().as_uri()}?mode=ro", uri=True, timeout=1)
+    except sqlite3.Error:
+        return None
+    try:
+        pending = int(db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+    except sqlite3.Error as err:
+        log.warning("outbox: %s cannot be counted (%s)", aside.name, err)
+        db.close()
+        return None
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = 'dropped'").fetchone()
+        dropped = int(row[0]) if row else 0
+    except (sqlite3.Error, ValueError, TypeError):
+        dropped = 0
+    finally:
+        db.close()
+    return pending + dropped
 
 
 def _now_iso() -> str:

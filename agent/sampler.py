@@ -14,6 +14,12 @@ never rejects a whole batch because one sensor broke. The failure is counted per
 a sensor starts failing and at INFO when it recovers. The gap in the sensor's readings is the
 far side's signal.
 
+A failed ``outbox.put`` (disk full, I/O error, side-file write error) loses that tick's
+readings: there is nowhere else to keep them. They are counted as dropped
+(``Outbox.count_lost``, so ``state.outbox.dropped`` as seen by status/MQTT/screen includes them),
+logged once with the exception at ERROR, then at most once a minute as a one-line summary, and
+at INFO when ``put`` works again.
+
 Reading times are wall-clock UTC (``agent.state.iso``) — the only use of wall time here.
 """
 
@@ -40,6 +46,7 @@ log = logging.getLogger(__name__)
 
 MAX_WAIT_S = 1.0          # longest single wait: keeps heartbeat and stop responsive
 STATE_EVERY_S = 1.0       # last_reading / outbox depth published at most this often
+PUT_LOG_EVERY_S = 60.0    # while outbox.put keeps failing: one summary line this often
 
 
 @dataclass
@@ -72,6 +79,10 @@ class Sampler:
         self.errors: dict[str, int] = {s.name: 0 for s, _ in pairs}
         self.readings_queued = 0
         self.put_failures = 0
+        self.readings_lost = 0            # readings whose put failed (counted as dropped too)
+        self._put_failing_since: float | None = None
+        self._put_lost_run = 0            # lost since put started failing
+        self._put_logged = -math.inf
         self._last_state = -math.inf
         self._latest: LastReading | None = None
 
@@ -108,12 +119,34 @@ class Sampler:
         if readings:
             try:
                 self.outbox.put(readings)
+            except Exception as err:  # disk full, I/O error...: never kill the sampler
+                self._put_failed(err, len(readings), now)
+            else:
                 self.readings_queued += len(readings)
-            except Exception:
-                self.put_failures += 1
-                log.exception("sampler: could not queue %d readings", len(readings))
+                if self._put_failing_since is not None:
+                    log.info("sampler: queuing readings again after %.0f s; %d readings were lost",
+                             now - self._put_failing_since, self._put_lost_run)
+                    self._put_failing_since = None
         self._publish(now)
         return min((s.due() for s in self.slots), default=now + MAX_WAIT_S)
+
+    def _put_failed(self, err: Exception, n: int, now: float) -> None:
+        """Count the lost readings where status shows them; log without flooding the journal."""
+        self.put_failures += 1
+        self.readings_lost += n
+        self._put_lost_run += n
+        self.outbox.count_lost(n)
+        if self._put_failing_since is None:
+            self._put_failing_since = now
+            self._put_lost_run = n
+            self._put_logged = now
+            log.error("sampler: could not queue %d readings, they are lost (counted as dropped)", n,
+                      exc_info=err)
+        elif now - self._put_logged >= PUT_LOG_EVERY_S:
+            self._put_logged = now
+            log.error("outbox put failing: %d readings lost so far: %s", self._put_lost_run,
+                      f"{type(err).__name__}: {err}"[:200])
+        self._last_state = -math.inf          # show the new dropped count at once
 
     def _read(self, slot: _Slot) -> list[dict[str, Any]]:
         name = slot.settings.name

@@ -2,8 +2,11 @@
 
 - 2xx: ack; while a backlog remains the next batch goes at once, else wait ``interval_s``
   (or until ``flush()``).
-- 401: ``tokens.token_rejected()`` once and retry with the new token; if there is none, or the
-  new one is refused too, wait until sign-in hands out a different token. Readings keep queuing.
+- 401: ``tokens.token_rejected()`` once and retry with the new token. If it returns None (the
+  refresh failed, e.g. the IdP is unreachable), wait ``NO_TOKEN_POLL_S`` and try again with
+  whatever ``access_token()`` then gives (the sign-in side refreshes a rejected token itself).
+  If the fresh token is refused too, report it once more (that starts a new sign-in) and wait
+  until sign-in hands out a different token. Readings keep queuing.
 - 403: keep the readings, back off (30 s doubling to 10 min), state error
   "the API refused the token (403): check the scopes".
 - 408/429/5xx/network: retry; ``Retry-After`` (seconds or HTTP date) is a minimum wait
@@ -77,6 +80,7 @@ class Uploader:
         self._forbidden = 0
         self._refused_token: str | None = None   # digest of a token the API refused twice
         self._waiting_for_token = False
+        self._refresh_failed = False             # the last 401's refresh gave no token (log once)
 
     # ---------------------------------------------------------------- thread API
 
@@ -139,15 +143,22 @@ class Uploader:
         """``sink.send`` with the 401 dance: refresh once, retry once. None: wait for sign-in."""
         result = self._call(batch, token)
         if _status(result) != 401:
+            self._refresh_failed = False
             return result
         log.warning("API answered 401 for seq %d..%d; refreshing the token once",
                     batch[0].seq, batch[-1].seq)
         fresh = self.tokens.token_rejected()
         if fresh is None:
+            # The refresh failed (IdP unreachable) or sign-in starts over. The token is NOT
+            # recorded as refused: the sign-in side refreshes a rejected token itself, so after
+            # the poll interval whatever access_token() then hands out is tried again.
             self._apply_partial(result)
-            self._refused_token = _digest(token)
-            log.warning("uploader: no token after the 401; waiting for sign-in")
+            if not self._refresh_failed:
+                log.warning("uploader: no fresh token after the 401; trying again in %.0f s",
+                            NO_TOKEN_POLL_S)
+            self._refresh_failed = True
             return None
+        self._refresh_failed = False
         pending = [r for r in batch if r.seq not in set(result.acked) | set(result.dead)]
         retry = self._call(pending, fresh)
         retry.acked.extend(result.acked)
@@ -217,7 +228,7 @@ class Uploader:
             else:
                 self._publish_counts()
             return wait
-        self._delivered(True)
+        self._delivered(bool(result.acked))
         return 0.0 if self.outbox.counts().pending > 0 else self.settings.interval_s
 
     def _delivered(self, any_acked: bool) -> None:

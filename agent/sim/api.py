@@ -3,7 +3,8 @@
 It checks bearer JWTs (RS256) against a JWKS, validates each batch strictly (so agent bugs show
 up as 400s in tests), de-duplicates by reading id, stores readings in SQLite and keeps a request
 log. Switches make it fail the way real APIs do: 503/429 with ``Retry-After`` (seconds or an
-HTTP date), 400, connection resets, slowness.
+HTTP date), 400, connection resets, slowness, and a body size limit (``max_body_bytes``: 413,
+as a front door such as nginx's ``client_max_body_size`` answers).
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class SimApi:
         self._lock = threading.Lock()
         self._faults: deque[Fault] = deque()
         self.latency_s = 0.0
+        self.max_body_bytes: int | None = None      # larger bodies get 413, before auth
         self.requests: list[ApiRequest] = []
         self.duplicates = 0
         self._closed = False
@@ -167,6 +169,12 @@ class SimApi:
         if h.path.split("?")[0] != READINGS_PATH:
             self._log(t, 404, count, key)
             h.send_json(404, {"error": "not_found", "message": f"POST {READINGS_PATH}"})
+            return
+        limit = self.max_body_bytes
+        if limit is not None and len(raw) > limit:
+            self._log(t, 413, count, key)
+            h.send_json(413, {"error": "payload_too_large",
+                              "message": f"request body over {limit} bytes"})
             return
         with self._lock:
             fault = self._faults.popleft() if self._faults else None

@@ -1,6 +1,7 @@
 """A Microsoft Graph stand-in for the two sinks: SharePoint list items, JSON ``$batch`` and Excel
 table rows, with Graph's response shapes and throttling behaviour (429/503/504 + Retry-After,
-per item inside ``$batch`` too).
+per item inside ``$batch`` too), any status on demand (``fail``: e.g. 409/423 for a workbook
+open in Excel) and a request size limit (``max_body_bytes``: 413 payloadTooLarge).
 
 Routes under ``{base_url}/v1.0`` (= ``graph_url``):
 ``POST /$batch`` (max 20 requests, else 400 ``invalidRequest``),
@@ -67,6 +68,7 @@ class SimGraph:
         self.item_retry_after_s = 1
         self.lost_answers = 0               # next N rows/add: append, then answer 504 (lost answer)
         self.reject_titles: set[str] = set()  # list items with these Titles: 400 (e.g. a bad column)
+        self.max_body_bytes: int | None = None  # larger request bodies: 413 payloadTooLarge
         self._faults: deque[tuple[int, str | None] | None] = deque()
         self._item_counter = 0
         graph = self
@@ -124,9 +126,14 @@ class SimGraph:
             fault = self._faults.popleft() if self._faults else None
         if fault is not None:
             status, ra = fault
-            code = {429: "tooManyRequests", 503: "serviceNotAvailable", 504: "gatewayTimeout"}.get(
+            # 409/423: what Excel answers while the workbook is open or locked in the desktop app.
+            code = {429: "tooManyRequests", 503: "serviceNotAvailable", 504: "gatewayTimeout",
+                    409: "conflict", 423: "resourceLocked", 413: "payloadTooLarge"}.get(
                 status, "generalException")
             answer = _error(status, code, "simulated", {"Retry-After": ra} if ra else None)
+        elif self.max_body_bytes is not None and len(raw) > self.max_body_bytes:
+            answer = _error(413, "payloadTooLarge", "The request size exceeds the maximum limit.")
+            items = _count_values(raw)
         elif not self._authorized(h.headers.get("Authorization")):
             answer = _error(401, "InvalidAuthenticationToken", "Access token validation failure.")
         elif not path.startswith(VERSION + "/"):
@@ -257,3 +264,12 @@ class SimGraph:
             page = [{"index": i, "values": [list(rows[i])]} for i in range(skip, min(len(rows), skip + top))]
         return 200, {}, {"@odata.context": f"{self.graph_url}/$metadata#Collection(workbookTableRow)",
                          "value": page}
+
+
+def _count_values(raw: bytes) -> int:
+    """Rows in a rows/add body (for the request log), 0 if it is not one."""
+    try:
+        values = json.loads(raw).get("values")
+    except (ValueError, AttributeError):
+        return 0
+    return len(values) if isinstance(values, list) else 0

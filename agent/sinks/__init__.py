@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import email.utils
 import logging
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 from agent.errors import UploadError
 from agent.tlsutil import ca_bundle
@@ -30,6 +32,37 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+TOO_LARGE = 413
+
+# A query string (``?code=<function key>``) after a URL or after requests' "url: /path".
+_QUERY_IN_TEXT = re.compile(r"((?:https?://|\burl: )[^\s?'\"]*)\?[^\s'\")]*")
+_USERINFO_IN_TEXT = re.compile(r"(https?://)[^\s/@'\"]*@")
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit for logs and dead-letter reasons: no query string, fragment or userinfo.
+
+    Azure Functions and similar put the API key in the query (``?code=...``); it must never
+    reach a log line, the journal or a dead-letter reason.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    netloc = f"{host}:{port}" if port is not None else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def redact_text(text: str) -> str:
+    """``text`` (e.g. a requests exception, which quotes the URL) without query strings or userinfo."""
+    return _USERINFO_IN_TEXT.sub(r"\1", _QUERY_IN_TEXT.sub(r"\1", text))
 
 
 @dataclass
@@ -99,8 +132,13 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     return max(0.0, (when - current).total_seconds())
 
 
-def status_error(resp: requests.Response, what: str) -> UploadError:
-    """An UploadError for a non-2xx answer: retryable or not, with Retry-After."""
+def status_error(resp: requests.Response, what: str, *,
+                 also_retryable: frozenset[int] = frozenset()) -> UploadError:
+    """An UploadError for a non-2xx answer: retryable or not, with Retry-After.
+
+    ``also_retryable``: statuses that are temporary for this sink only (Excel answers 409/423
+    while the workbook is open or locked).
+    """
     status = resp.status_code
     detail = _short_body(resp)
     retry_after = parse_retry_after(resp.headers.get("Retry-After"))
@@ -112,17 +150,19 @@ def status_error(resp: requests.Response, what: str) -> UploadError:
     if 300 <= status < 400:
         # Following it would turn the POST into a GET (and drop the token on another host);
         # the readings stay queued until someone fixes the URL.
-        target = resp.headers.get("Location", "?")
+        target = redact_url(resp.headers.get("Location", "?"))
         return UploadError(f"{what}: HTTP {status} redirect to {target}: set the final URL in the config",
                            retryable=True, status=status, retry_after_s=retry_after)
-    if status in RETRYABLE_STATUS or status >= 500:
+    if status in RETRYABLE_STATUS or status in also_retryable or status >= 500:
         return UploadError(f"{what}: HTTP {status} {detail}".rstrip(), retryable=True,
                            retry_after_s=retry_after, status=status)
     return UploadError(f"{what}: HTTP {status} {detail}".rstrip(), retryable=False, status=status)
 
 
 def network_error(err: Exception, what: str) -> UploadError:
-    return UploadError(f"{what}: {type(err).__name__}: {err}"[:300], retryable=True)
+    """A retryable UploadError; the exception text is scrubbed of query strings (requests quotes
+    the whole URL in it)."""
+    return UploadError(redact_text(f"{what}: {type(err).__name__}: {err}")[:300], retryable=True)
 
 
 def _short_body(resp: requests.Response) -> str:
@@ -130,7 +170,7 @@ def _short_body(resp: requests.Response) -> str:
         text = resp.text
     except Exception:  # noqa: BLE001 - a body we cannot decode is no detail
         return ""
-    return " ".join(text.split())[:200]
+    return redact_text(" ".join(text.split()))[:200]
 
 
 class HttpsClient:
@@ -158,3 +198,43 @@ def chunks(items: list[Row], size: int) -> list[list[Row]]:
 def headers_of(obj: Mapping[str, object] | None) -> dict[str, str]:
     """Case-insensitive lookups on a Graph ``$batch`` response's ``headers`` object."""
     return {str(k).lower(): str(v) for k, v in (obj or {}).items()}
+
+
+_warned_413 = False        # the first split is a WARNING (with advice), the rest DEBUG
+
+
+def send_splitting(batch: list[Row], send_part: Callable[[list[Row]], None]) -> SendResult:
+    """``send_part(batch)``, halving any part the far side answers 413 (payload too large) until
+    it is accepted; only a single reading that still gets 413 is dead-lettered.
+
+    ``send_part`` raises UploadError. A part with any other non-retryable answer is
+    dead-lettered and the rest carry on; a retryable one stops here (the rest go to ``retry``).
+    When nothing has been answered yet the UploadError is raised, as an unsplit send would.
+    """
+    result = SendResult()
+    todo: list[list[Row]] = [batch]
+    while todo:
+        part = todo.pop(0)
+        try:
+            send_part(part)
+        except UploadError as err:
+            if err.status == TOO_LARGE and len(part) > 1:
+                global _warned_413
+                level = logging.DEBUG if _warned_413 else logging.WARNING
+                _warned_413 = True
+                log.log(level, "HTTP 413 (too large) for %d readings (seq %d..%d): sending them in two "
+                        "halves (a smaller upload.batch_max avoids the extra requests)",
+                        len(part), part[0].seq, part[-1].seq)
+                half = len(part) // 2
+                todo[:0] = [part[:half], part[half:]]
+                continue
+            if not (result.acked or result.dead) and (err.retryable or not todo):
+                raise
+            if not err.retryable:
+                result.dead.update((r.seq, str(err)) for r in part)
+                continue
+            result.retry = [r.seq for p in (part, *todo) for r in p]
+            result.error = err
+            return result
+        result.acked.extend(r.seq for r in part)
+    return result

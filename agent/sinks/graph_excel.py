@@ -11,6 +11,10 @@ mid-append), the next send first reads the table's row count
 (``GET …/tables/{table}/dataBodyRange?$select=rowCount``) and its last rows
 (``GET …/tables/{table}/rows?$top=N&$skip=rowCount-N``), acks the readings whose ids are
 already there and appends only the rest. A clean 429/503 with no body is not ambiguous.
+
+409/423 (workbook open or locked in Excel) are retried with back-off, not dead-lettered.
+413 (payload too large): the batch is halved until accepted; a single row that still gets 413
+is dead-lettered.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from agent.errors import UploadError
-from agent.sinks import HttpsClient, SendResult, network_error, status_error
+from agent.sinks import HttpsClient, SendResult, network_error, redact_url, send_splitting, status_error
 
 if TYPE_CHECKING:
     import requests
@@ -31,6 +35,10 @@ if TYPE_CHECKING:
     from agent.outbox import Row
 
 log = logging.getLogger(__name__)
+
+# Excel answers 409 (conflict) / 423 (locked) while the workbook is open or locked in Excel:
+# temporary, so retried with back-off (Retry-After honoured), never dead-lettered.
+EXCEL_RETRYABLE = frozenset({409, 423})
 
 _workbook_locks: dict[str, threading.Lock] = {}
 _locks_guard = threading.Lock()
@@ -77,18 +85,19 @@ class GraphExcelSink:
                 if not batch:
                     return SendResult(acked=already)
             try:
-                self._append(batch, token)
+                result = send_splitting(batch, lambda part: self._append(part, token))
             except UploadError as err:
                 if already:
                     return SendResult(acked=already, retry=[r.seq for r in batch], error=err)
                 raise
-            return SendResult(acked=already + [r.seq for r in batch])
+            result.acked[:0] = already
+            return result
 
     def _append(self, batch: list[Row], token: str) -> None:
         import requests
 
         url = f"{self.table_url}/rows/add"
-        what = f"POST {url} (seq {batch[0].seq}..{batch[-1].seq})"
+        what = f"POST {redact_url(url)} (seq {batch[0].seq}..{batch[-1].seq})"
         body = {"values": [excel_row(r.reading, self.device_id) for r in batch]}
         try:
             resp = self.client.request("POST", url, data=json.dumps(body, ensure_ascii=False).encode(),
@@ -103,7 +112,7 @@ class GraphExcelSink:
                 return
             if resp.status_code >= 500 or resp.status_code == 408:
                 self.unsure = True
-            raise status_error(resp, what)
+            raise status_error(resp, what, also_retryable=EXCEL_RETRYABLE)
 
     def _present_ids(self, batch: list[Row], token: str) -> set[str]:
         """Ids in the last ``len(batch)`` rows of the table (where a lost append would be)."""
@@ -121,13 +130,14 @@ class GraphExcelSink:
     def _get(self, url: str, token: str) -> dict[str, Any]:
         import requests
 
+        what = f"GET {redact_url(url)}"
         try:
             resp = self.client.request("GET", url, headers=self._headers(token))
         except requests.RequestException as err:
-            raise network_error(err, f"GET {url}") from err
+            raise network_error(err, what) from err
         with resp:
             if not 200 <= resp.status_code < 300:
-                raise status_error(resp, f"GET {url}")
+                raise status_error(resp, what, also_retryable=EXCEL_RETRYABLE)
             return _json(resp)
 
     def _headers(self, token: str) -> dict[str, str]:
@@ -141,5 +151,6 @@ def _json(resp: requests.Response) -> dict[str, Any]:
     try:
         data = resp.json()
     except ValueError as err:
-        raise UploadError(f"malformed JSON from {resp.url}", retryable=True, status=resp.status_code) from err
+        raise UploadError(f"malformed JSON from {redact_url(resp.url)}", retryable=True,
+                          status=resp.status_code) from err
     return data if isinstance(data, dict) else {}

@@ -24,6 +24,7 @@ from agent.sinks import (
     headers_of,
     network_error,
     parse_retry_after,
+    redact_url,
     status_error,
 )
 
@@ -83,7 +84,7 @@ class GraphListSink:
              "body": {"fields": list_fields(r.reading, self.device_id)}}
             for r in part]}
         url = f"{self.graph_url}/$batch"
-        what = f"POST {url} (seq {part[0].seq}..{part[-1].seq})"
+        what = f"POST {redact_url(url)} (seq {part[0].seq}..{part[-1].seq})"
         try:
             resp = self.client.request(
                 "POST", url, data=json.dumps(body, ensure_ascii=False).encode(),

@@ -7,7 +7,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from agent.errors import UploadError
-from agent.sinks import HttpsClient, SendResult, network_error, status_error
+from agent.sinks import HttpsClient, SendResult, network_error, redact_url, send_splitting, status_error
 
 if TYPE_CHECKING:
     from agent.config import UploadSettings
@@ -27,16 +27,20 @@ class HttpSink:
         self.client = HttpsClient(settings.ca_file, settings.timeout_s)
 
     def send(self, batch: list[Row], token: str) -> SendResult:
-        """Deliver ``batch`` (ascending seq) in one request.
+        """Deliver ``batch`` (ascending seq) in one request; on 413 in halves (see
+        ``send_splitting``), each half with its own Idempotency-Key.
 
         Raises:
             UploadError: status 401/403 (token), retryable (408/429/5xx/network, with
                 ``retry_after_s``) or not (other 4xx: dead-letter the batch).
         """
-        import requests
-
         if not batch:
             return SendResult()
+        return send_splitting(batch, lambda part: self._post(part, token))
+
+    def _post(self, batch: list[Row], token: str) -> None:
+        import requests
+
         first, last = batch[0].seq, batch[-1].seq
         body = json.dumps({"device_id": self.device_id, "readings": [r.reading for r in batch]},
                           ensure_ascii=False, separators=(",", ":")).encode()
@@ -45,14 +49,14 @@ class HttpSink:
             "Content-Type": "application/json",
             "Idempotency-Key": f"{self.device_id}:{first}-{last}",
         }
-        what = f"POST {self.url} (seq {first}..{last})"
+        what = f"POST {redact_url(self.url)} (seq {first}..{last})"
         try:
             resp = self.client.request("POST", self.url, data=body, headers=headers)
         except requests.RequestException as err:
             raise network_error(err, what) from err
         with resp:
             if 200 <= resp.status_code < 300:
-                return SendResult(acked=[r.seq for r in batch])
+                return
             raise status_error(resp, what)
 
     def close(self) -> None:

@@ -261,3 +261,57 @@ def test_put_survives_sigkill(tmp_path: Path) -> None:
     assert pending[:confirmed] == list(range(1, confirmed + 1))
     assert box.put([reading()])[0] == pending[-1] + 1
     box.close()
+
+
+def test_corrupt_at_start_but_partly_readable_counts_the_lost_rows_as_dropped(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "outbox.sqlite3"
+    with Outbox(path, DEVICE, max_rows=1000, max_bytes=BIG) as box:
+        for _ in range(12):
+            box.put([reading(i) for i in range(100)])          # 1200 queued, 200 dropped (bound)
+        box.dead_letter(range(201, 501), "HTTP 400")            # the dead table spans many pages
+        assert box.counts() == OutboxCounts(pending=700, dead=300, dropped=200)
+    # Damage only the dead-letter table: the service cannot open the file, but SQLite can still
+    # count the outbox table of the moved-aside copy.
+    db = sqlite3.connect(path)
+    root = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'dead'").fetchone()[0]
+    size = db.execute("PRAGMA page_size").fetchone()[0]
+    db.close()
+    with path.open("r+b") as f:
+        f.seek((root - 1) * size)
+        f.write(b"\xff" * size)
+    state = AgentState()
+    box = Outbox(path, DEVICE, max_rows=1000, max_bytes=BIG, state=state)
+    assert box.corrupt_replaced == 1
+    assert box.counts() == OutboxCounts(pending=0, dead=0, dropped=700 + 200)
+    assert state.snapshot.notice and "900 readings lost" in state.snapshot.notice
+    box.close()
+    assert Outbox.read_counts(path).dropped == 900, "persisted in the new database"
+
+
+def test_corrupt_at_start_and_unreadable_says_the_loss_could_not_be_counted(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    with open_box(path) as box:
+        box.put([reading(i) for i in range(10)])
+    path.write_bytes(os.urandom(16 * 1024))
+    state = AgentState()
+    with Outbox(path, DEVICE, max_rows=1000, max_bytes=BIG, state=state) as box:
+        assert box.corrupt_replaced == 1 and box.counts().dropped == 0
+    assert state.snapshot.notice and "could not be counted" in state.snapshot.notice
+
+
+def test_count_lost_after_a_side_file_write_error(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    box = open_box(path)
+    box.put([reading()])                                       # reserves seqs up to SEQ_BLOCK + 1
+    side = path.with_name(path.name + ".meta.json")
+    side.unlink()
+    side.mkdir()                                               # the next reservation cannot be written
+    batch = [reading(i) for i in range(SEQ_BLOCK + 5)]
+    with pytest.raises(OSError):
+        box.put(batch)
+    assert box.count_lost(len(batch)) is True
+    assert box.counts() == OutboxCounts(pending=1, dead=0, dropped=SEQ_BLOCK + 5)
+    box.close()
+    assert Outbox.read_counts(path).dropped == SEQ_BLOCK + 5

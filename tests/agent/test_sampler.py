@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from agent.config import SensorSettings
 from agent.outbox import Outbox
@@ -177,4 +181,68 @@ def test_failing_sensor_never_kills_the_sampler_and_is_reported(tmp_path: Path) 
     sampler.run(SteppingStop(clock, until=1009.0))  # type: ignore[arg-type]
     assert sampler.errors["broken"] == 7
     assert box.counts().pending == 5 + 2 + 2 * 2
+    box.close()
+
+
+def _fill_until_full(box: Outbox) -> None:
+    """Cap the database at its current size (SQLite's max_page_count: a real SQLITE_FULL) and
+    fill what room is left, so every further put fails with "database or disk is full"."""
+    db = box._conn()
+    pages = db.execute("PRAGMA page_count").fetchone()[0]
+    db.execute(f"PRAGMA max_page_count={pages + 1}")
+    for i in range(10_000):
+        try:
+            box.put([{"sensor": "fill", "type": "simulated", "value": float(i), "unit": "",
+                      "time": "2026-11-25T14:00:00.000Z"}] * 5)
+        except sqlite3.OperationalError as err:
+            assert "full" in str(err)
+            return
+    raise AssertionError("never filled up")
+
+
+def test_disk_full_losses_are_counted_as_dropped_and_logged_without_flooding(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    state = AgentState()
+    path = tmp_path / "o.sqlite3"
+    box = Outbox(path, DEVICE, max_rows=10**6, max_bytes=10**9)
+    _fill_until_full(box)
+    before = box.counts()
+    pairs = [(settings("a", 1.0), FakeSensor()), (settings("b", 1.0), FakeSensor())]
+    sampler = Sampler(pairs, box, state, clock=clock)
+    with caplog.at_level(logging.INFO, logger="agent.sampler"):
+        sampler.run(SteppingStop(clock, until=1000.0 + 150.0))  # type: ignore[arg-type]
+    lost = 2 * 150
+    assert sampler.readings_lost == lost
+    assert box.counts().dropped == before.dropped + lost
+    assert state.snapshot.outbox.dropped == before.dropped + lost, "status/MQTT see the loss"
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 3, "first failure, then one summary a minute (not one per tick)"
+    assert errors[0].exc_info is not None and "full" in str(errors[0].exc_info[1])
+    assert all(r.exc_info is None for r in errors[1:])
+    assert errors[1].getMessage().startswith("outbox put failing: ")
+    assert "readings lost so far: OperationalError: database or disk is full" in errors[2].getMessage()
+    box._conn().execute("PRAGMA max_page_count=1000000")
+    with caplog.at_level(logging.INFO, logger="agent.sampler"):
+        sampler.run(SteppingStop(clock, until=clock.t + 3.0))  # type: ignore[arg-type]
+    assert "queuing readings again" in caplog.text
+    box.close()
+    with Outbox(path, DEVICE, max_rows=10**6, max_bytes=10**9) as again:
+        assert again.counts().dropped == before.dropped + lost, "the count survives a restart"
+
+
+def test_losses_while_the_database_is_unwritable_are_kept_in_memory_then_saved(tmp_path: Path) -> None:
+    clock = Clock()
+    state = AgentState()
+    path = tmp_path / "o.sqlite3"
+    box = Outbox(path, DEVICE, max_rows=10**6, max_bytes=10**9)
+    box._conn().execute("PRAGMA query_only=ON")       # every write fails: "readonly database"
+    sampler = Sampler([(settings("a", 1.0), FakeSensor())], box, state, clock=clock)
+    sampler.run(SteppingStop(clock, until=1010.0))  # type: ignore[arg-type]
+    assert box.counts().dropped == 10 and state.snapshot.outbox.dropped == 10
+    assert Outbox.read_counts(path).dropped == 0, "not on disk yet"
+    box._conn().execute("PRAGMA query_only=OFF")
+    sampler.run(SteppingStop(clock, until=1012.0))  # type: ignore[arg-type]
+    assert box.counts().dropped == 10 and box.counts().pending == 2
+    assert Outbox.read_counts(path).dropped == 10, "written with the first put that worked"
     box.close()

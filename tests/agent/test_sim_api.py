@@ -122,6 +122,17 @@ def test_switches_fail_then_recover(sim_api: SimApi, tls: TlsFiles, sim_keys: Si
     assert [q.status for q in sim_api.requests] == [503, 503, 429, None, 200]
 
 
+def test_body_over_the_size_limit_gets_413_before_auth(sim_api: SimApi, tls: TlsFiles,
+                                                      sim_keys: SimKeys) -> None:
+    sim_api.max_body_bytes = 1000
+    big = post(sim_api, tls, body(list(range(1, 21))), None)          # no token: size is checked first
+    small = post(sim_api, tls, body([1, 2]), sim_keys.mint())
+    assert big.status_code == 413 and big.json()["error"] == "payload_too_large"
+    assert small.status_code == 200
+    assert [(q.status, q.count) for q in sim_api.requests] == [(413, 20), (200, 2)]
+    assert sim_api.seqs(DEV) == {1, 2}
+
+
 def test_verifies_against_the_simulated_idps_jwks_over_https(tls: TlsFiles) -> None:
     idp = SimIdp(tls, tenant="simtenant").start()
     api = SimApi(tls, jwks_url=idp.jwks_url, issuer=idp.issuer, audience=SIM_AUDIENCE,

@@ -205,3 +205,53 @@ def test_excel_restart_after_append_before_ack_does_not_duplicate(
     assert second.send(outbox.claim(10), "token").acked == list(range(1, 11))
     second.close()
     assert [r[2] for r in sim_graph.table_rows(ITEM, TABLE)] == list(range(1, 11))
+
+
+@pytest.mark.parametrize("status", [409, 423])
+def test_excel_workbook_open_or_locked_is_retried_with_retry_after_not_dead_lettered(
+        outbox: Outbox, excel_settings: UploadSettings, excel_sink: GraphExcelSink, sim_graph: SimGraph,
+        tokens: FakeTokens, status: int) -> None:
+    outbox.put([reading(i) for i in range(10)])
+    sim_graph.fail(status, count=2, retry_after=30, after=2)     # the two start-up GETs pass
+    clock = Clock()
+    state = AgentState()
+    up = Uploader(outbox, excel_sink, tokens, state, excel_settings, clock=clock, rng=lambda: 0.5)
+    waits = []
+    for _ in range(3):
+        waits.append(up.step())
+        clock.t += waits[-1]
+    assert waits[:2] == [30.0, 30.0], "Retry-After honoured, not a tight loop"
+    assert outbox.counts() == OutboxCounts(pending=0, dead=0, dropped=0)
+    assert [r[2] for r in sim_graph.table_rows(ITEM, TABLE)] == list(range(1, 11))
+    adds = [r.status for r in sim_graph.requests if r.path.endswith("/rows/add")]
+    assert adds == [status, status, 201]
+
+
+def test_excel_413_halves_the_batch_until_the_rows_fit(outbox: Outbox, excel_settings: UploadSettings,
+                                                       excel_sink: GraphExcelSink, sim_graph: SimGraph,
+                                                       tokens: FakeTokens) -> None:
+    outbox.put([reading(i) for i in range(40)])
+    sim_graph.max_body_bytes = 1500                  # ~12 rows of ~110 bytes
+    clock = Clock()
+    up = Uploader(outbox, excel_sink, tokens, AgentState(), excel_settings, clock=clock)
+    drain(up, clock, outbox)
+    assert outbox.counts() == OutboxCounts(pending=0, dead=0, dropped=0)
+    assert [r[2] for r in sim_graph.table_rows(ITEM, TABLE)] == list(range(1, 41)), "in order, once"
+    adds = [(r.status, r.items) for r in sim_graph.requests if r.path.endswith("/rows/add")]
+    assert adds[0] == (413, 40)
+    assert [n for s, n in adds if s == 201] == [10, 10, 10, 10]
+
+
+def test_excel_single_row_still_too_large_is_the_only_one_dead_lettered(
+        outbox: Outbox, excel_settings: UploadSettings, excel_sink: GraphExcelSink, sim_graph: SimGraph,
+        tokens: FakeTokens) -> None:
+    outbox.put([reading(i) for i in range(5)] + [reading(5, sensor="x" * 3000)]
+               + [reading(i) for i in range(6, 9)])
+    sim_graph.max_body_bytes = 2000
+    clock = Clock()
+    up = Uploader(outbox, excel_sink, tokens, AgentState(), excel_settings, clock=clock)
+    drain(up, clock, outbox)
+    assert outbox.counts() == OutboxCounts(pending=0, dead=1, dropped=0)
+    seq, reason, _ = outbox.dead_rows()[0]
+    assert seq == 6 and "413" in reason
+    assert [r[2] for r in sim_graph.table_rows(ITEM, TABLE)] == [1, 2, 3, 4, 5, 7, 8, 9]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import email.utils
+import logging
+import socket
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,9 +17,11 @@ from agent.errors import UploadError
 from agent.outbox import Outbox
 from agent.sim.api import SimApi
 from agent.sim.tls import TlsFiles
-from agent.sinks import make_sink, parse_retry_after
+from agent.sinks import make_sink, parse_retry_after, redact_text, redact_url
 from agent.sinks.http import HttpSink
+from agent.state import AgentState, OutboxCounts
 from agent.tlsutil import ca_bundle
+from agent.uploader import Uploader
 from tests.fixtures.api import DEVICE, FakeTokens, reading
 
 
@@ -103,3 +107,81 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after(earlier, now=now) == 0.0
     assert parse_retry_after("soon", now=now) is None
     assert parse_retry_after(None) is None and parse_retry_after("") is None
+
+
+def _uploader(outbox: Outbox, sink: HttpSink, tokens: FakeTokens, settings: UploadSettings) -> Uploader:
+    return Uploader(outbox, sink, tokens, AgentState(), settings, clock=lambda: 0.0, rng=lambda: 0.5)
+
+
+def test_413_halves_the_batch_until_it_fits_and_delivers_everything(
+        outbox: Outbox, api_settings: UploadSettings, sim_api: SimApi, tokens: FakeTokens) -> None:
+    outbox.put([reading(i) for i in range(40)])
+    sim_api.max_body_bytes = 2500                 # ~14 readings of ~160 bytes
+    sink = HttpSink(api_settings, DEVICE)
+    try:
+        assert _uploader(outbox, sink, tokens, api_settings).step() == 10.0
+    finally:
+        sink.close()
+    assert outbox.counts() == OutboxCounts(pending=0, dead=0, dropped=0)
+    assert sim_api.seqs(DEVICE) == set(range(1, 41))
+    assert [(r.status, r.count) for r in sim_api.requests if r.status == 413][:2] == [(413, 40), (413, 20)]
+    assert [r.idempotency_key for r in sim_api.requests if r.status == 200] == [
+        f"{DEVICE}:1-10", f"{DEVICE}:11-20", f"{DEVICE}:21-30", f"{DEVICE}:31-40"]
+
+
+def test_413_for_a_single_reading_dead_letters_only_that_one(
+        outbox: Outbox, api_settings: UploadSettings, sim_api: SimApi, tokens: FakeTokens) -> None:
+    outbox.put([reading(i) for i in range(5)] + [reading(5, sensor="x" * 4000)]
+               + [reading(i) for i in range(6, 12)])
+    sim_api.max_body_bytes = 3000
+    sink = HttpSink(api_settings, DEVICE)
+    try:
+        _uploader(outbox, sink, tokens, api_settings).step()
+    finally:
+        sink.close()
+    assert outbox.counts() == OutboxCounts(pending=0, dead=1, dropped=0)
+    seq, reason, _ = outbox.dead_rows()[0]
+    assert seq == 6 and "413" in reason
+    assert sim_api.seqs(DEVICE) == set(range(1, 13)) - {6}
+
+
+def test_function_key_in_the_url_never_reaches_logs_or_dead_letter_reasons(
+        outbox: Outbox, api_settings: UploadSettings, sim_api: SimApi, tokens: FakeTokens,
+        caplog: pytest.LogCaptureFixture) -> None:
+    secret = "s3cretFunctionKey=="
+    keyed = dataclasses.replace(api_settings, url=f"{sim_api.url}?code={secret}")
+    outbox.put([reading(i) for i in range(3)])
+    sim_api.fail(500)
+    sim_api.fail(400)
+    sink = HttpSink(keyed, DEVICE)
+    clock = [0.0]
+    up = Uploader(outbox, sink, tokens, AgentState(), keyed, clock=lambda: clock[0], rng=lambda: 0.5)
+    # (urllib3 logs the request line at DEBUG; agent.logs caps urllib3 at INFO.)
+    with caplog.at_level(logging.DEBUG, logger="agent"):
+        clock[0] += up.step()                     # 500: logged, retried
+        up.step()                                 # 400: dead-lettered with a reason
+    sink.close()
+    # And a network failure: requests quotes the whole URL (query included) in its exception.
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    down = HttpSink(dataclasses.replace(keyed, url=f"https://user:pw@127.0.0.1:{port}/v1/readings?code={secret}"),
+                    DEVICE)
+    outbox.put([reading()])
+    with pytest.raises(UploadError) as info:
+        down.send(outbox.claim(1), tokens.token or "")
+    down.close()
+    reasons = " ".join(r for _, r, _ in outbox.dead_rows())
+    assert "500" in caplog.text and "400" in reasons and "/v1/readings" in reasons
+    for text in (caplog.text, reasons, str(info.value)):
+        assert secret not in text and "code=" not in text and "pw@" not in text
+
+
+def test_redact_url_and_text() -> None:
+    assert redact_url("https://u:p@fn.example.net:8443/api/r?code=K#frag") == "https://fn.example.net:8443/api/r"
+    assert redact_url("https://[::1]/x?code=K") == "https://[::1]/x"
+    text = ("HTTPSConnectionPool(host='h', port=1): Max retries exceeded with url: /api/r?code=K "
+            "(Caused by ...) see https://a:b@h/p?code=K")
+    assert redact_text(text) == ("HTTPSConnectionPool(host='h', port=1): Max retries exceeded with url: "
+                                 "/api/r (Caused by ...) see https://h/p")

@@ -16,7 +16,14 @@ from agent.sim.api import SimApi
 from agent.sim.jwks import SimKeys
 from agent.sinks.http import HttpSink
 from agent.state import AgentState, OutboxCounts
-from agent.uploader import BACKOFF_CAP_S, FORBIDDEN_CAP_S, REFUSED_ERROR, SCOPE_ERROR, Uploader
+from agent.uploader import (
+    BACKOFF_CAP_S,
+    FORBIDDEN_CAP_S,
+    NO_TOKEN_POLL_S,
+    REFUSED_ERROR,
+    SCOPE_ERROR,
+    Uploader,
+)
 from tests.fixtures.api import DEVICE, FakeTokens, reading
 
 
@@ -163,6 +170,42 @@ def test_401_then_no_token_waits_for_sign_in_while_readings_queue(make, outbox: 
     tokens.token = sim_keys.mint()                                      # signed in again
     clock.t += up.step()
     assert sim_api.seqs(DEVICE) == set(range(1, 11))
+
+
+class _RefreshFailsOnce(FakeTokens):
+    """Like agent.auth on a transient IdP failure: token_rejected() gives None but the source
+    keeps its token; the next refresh works."""
+
+    def __init__(self, keys: SimKeys) -> None:
+        super().__init__(keys)
+        self.fail_next = True
+
+    def token_rejected(self) -> str | None:
+        self.rejections += 1
+        if self.fail_next:
+            self.fail_next = False
+            return None
+        self.token = self.keys.mint()
+        return self.token
+
+
+def test_401_with_a_failed_refresh_tries_again_after_the_poll_not_an_hour_later(
+        outbox: Outbox, sim_api: SimApi, sim_keys: SimKeys, api_settings: UploadSettings, clock: Clock,
+        state: AgentState) -> None:
+    fill(outbox, 5)
+    tokens = _RefreshFailsOnce(sim_keys)
+    tokens.token = sim_keys.mint({"exp": int(time.time()) - 600})     # the API refuses it
+    sink = HttpSink(api_settings, DEVICE)
+    up = Uploader(outbox, sink, tokens, state, api_settings, clock=clock, rng=lambda: 0.5)
+    try:
+        wait = up.step()
+        assert wait == NO_TOKEN_POLL_S and statuses(sim_api) == [401] and tokens.rejections == 1
+        clock.t += wait
+        up.step()          # same token again -> 401 -> this time the refresh works -> delivered
+    finally:
+        sink.close()
+    assert statuses(sim_api) == [401, 401, 200] and tokens.rejections == 2
+    assert sim_api.seqs(DEVICE) == set(range(1, 6)) and outbox.counts().pending == 0
 
 
 def test_401_again_with_the_fresh_token_asks_for_a_new_sign_in(make, outbox: Outbox, sim_api: SimApi,
