@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msal
 import requests
@@ -40,6 +40,12 @@ log = logging.getLogger(__name__)
 RENEWALS_EXHAUSTED = ("No sign-in code: press the button, send renew_code over MQTT, "
                       "or restart the agent")
 _REAUTH_ERRORS = frozenset({"invalid_grant", "interaction_required", "login_required"})
+# Every pass of the sign-in loop that did not wait for anything lasts at least this long, so a
+# state the loop cannot leave costs a log line a second, not a core (monotonic; ends on stop).
+MIN_PASS_S = 1.0
+CACHE_UNREADABLE = "The saved sign-in could not be read: sign in with a new code"
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,7 @@ class Timing:
     refresh_every_s: float = 12 * 3600.0      # proactive refresh: keeps the refresh token alive
     min_token_life_s: float = 300.0           # access_token() refreshes when less is left
     wait_slice_s: float = 0.25                # how often waits look at request_new_code/sign_out
+    rejected_retry_max_s: float = 30.0        # refused token, refresh failed: retry cap (from backoff_initial_s)
 
 
 class Backoff:
@@ -88,6 +95,7 @@ class IdpSession(requests.Session):
         self._on_link = on_link
         self.last_status: int | None = None
         self.retry_after_s: float | None = None
+        self.sent = 0        # requests attempted: tells an msal failure on a reply from one before any
 
     def request(self, method: str | bytes, url: str | bytes,
                 *args: Any, **kwargs: Any) -> requests.Response:
@@ -95,6 +103,7 @@ class IdpSession(requests.Session):
             kwargs["verify"] = self.ca_verify
         kwargs["timeout"] = self.timeout_s
         self.last_status = None
+        self.sent += 1
         try:
             resp = super().request(method, url, *args, **kwargs)  # type: ignore[arg-type]
         except requests.RequestException:
@@ -118,6 +127,11 @@ class _IdpDown(Exception):
     def __init__(self, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class _CacheDamaged(Exception):
+    """msal failed while reading the token cache, before asking the IdP anything: the file
+    parses, but its content is not what msal expects. Retrying cannot help; a new sign-in does."""
 
 
 class _ConfigProblem(Exception):
@@ -153,6 +167,10 @@ class Authenticator:
         self._account: dict[str, Any] | None = None
         self._token: _Token | None = None
         self._forced_token: str | None = None  # token obtained because the API refused one
+        self._rejected: str | None = None      # refused by the API, and no replacement yet
+        self._rejected_retry = Backoff(self._timing.backoff_initial_s, self._timing.rejected_retry_max_s, rng)
+        self._rejected_next = 0.0              # monotonic; next refresh try for a refused token
+        self._pass_waited = False              # the current run() pass blocked in _wait
         self._signed_in = False
         self._last_refresh: float | None = None   # monotonic; last token from the IdP itself
         self._renewals_used = 0
@@ -177,6 +195,8 @@ class Authenticator:
         while not stop.is_set():
             self._beat()
             self._wake.clear()
+            started = self._clock()
+            self._pass_waited = False
             try:
                 self._step()
                 self._transient.reset()
@@ -185,17 +205,24 @@ class Authenticator:
                 self._on_idp_down(err)
             except _ConfigProblem as err:
                 self._on_config_problem(err.problem)
+            except _CacheDamaged as err:
+                self._set_cache_aside(str(err))
             except Exception as err:   # never let the sign-in thread die
                 log.exception("unexpected sign-in error (%s); retrying", type(err).__name__)
                 self._on_idp_down(_IdpDown(f"Sign-in error ({type(err).__name__})"))
+            if not self._pass_waited:
+                self._pace(started)
         log.info("sign-in stopped")
 
     def access_token(self) -> str | None:
-        """A valid access token, refreshed silently when near expiry; None if not signed in."""
+        """A valid access token, refreshed silently when near expiry; None if not signed in, or
+        while a token the API refused (token_rejected) is waiting for its backed-off refresh."""
         with self._lock:
             if not self._signed_in:
                 return None
             tok = self._token
+            if tok is not None and self._rejected is not None and tok.value == self._rejected:
+                return self._replace_rejected()
             now = self._clock()
             if tok is not None and tok.expires_at - now > self._timing.min_token_life_s:
                 return tok.value
@@ -224,6 +251,8 @@ class Authenticator:
             if not self._signed_in:
                 return None
             rejected = self._token.value if self._token else None
+            if rejected is not None and rejected == self._rejected:
+                return self._replace_rejected()    # known already; its retry is backed off
             if rejected is not None and rejected == self._forced_token:
                 self._begin_reauth(Problem("reauth", "The API refused a freshly refreshed token (401): "
                                                      "sign in with a new code"))
@@ -236,7 +265,12 @@ class Authenticator:
             try:
                 self._refresh(force=True)
             except _IdpDown as err:
-                log.warning("token refresh after a 401 failed: %s", err)
+                # Never hand the refused token out again: access_token() retries instead.
+                self._rejected = rejected
+                self._rejected_retry.reset()
+                delay = self._rejected_retry.next_delay(err.retry_after_s or 0.0)
+                self._rejected_next = self._clock() + delay
+                log.warning("token refresh after a 401 failed: %s; trying again in %.1f s", err, delay)
                 return None
             except _ConfigProblem as err:
                 self._state.failed(err.problem.message)
@@ -245,6 +279,33 @@ class Authenticator:
                 return None
             self._forced_token = self._token.value
             return self._token.value
+
+    def _replace_rejected(self) -> str | None:
+        """The current token was refused and its forced refresh failed: retry that refresh,
+        backed off, and hand out nothing until a new token exists. Caller holds _lock."""
+        now = self._clock()
+        if now < self._rejected_next:
+            return None
+        self._clear_http_cache()    # else msal may replay the last 5xx without asking
+        try:
+            self._refresh(force=True)
+        except (_IdpDown, _ConfigProblem) as err:
+            retry_after = err.retry_after_s if isinstance(err, _IdpDown) else None
+            delay = self._rejected_retry.next_delay(retry_after or 0.0)
+            self._rejected_next = self._clock() + delay
+            message = err.problem.message if isinstance(err, _ConfigProblem) else str(err)
+            log.warning("refreshing the refused access token failed: %s; trying again in %.1f s",
+                        message, delay)
+            if isinstance(err, _ConfigProblem):
+                self._state.failed(message)
+            return None
+        tok = self._token
+        if not self._signed_in or tok is None or tok.value == self._rejected:
+            return None
+        log.info("the refused access token was replaced")
+        self._rejected = None
+        self._forced_token = tok.value
+        return tok.value
 
     def request_new_code(self) -> bool:
         """Button / MQTT ``renew_code``: cancel the shown code (or the wait) and get a new one.
@@ -268,6 +329,7 @@ class Authenticator:
             self._account = None
             self._token = None
             self._forced_token = None
+            self._rejected = None
             self._signed_in = False
             self._renewals_used = 0
             self._exhausted = False
@@ -327,8 +389,12 @@ class Authenticator:
         return self._app
 
     def _pick_account(self, app: msal.PublicClientApplication) -> dict[str, Any] | None:
-        with self._lock, self._cache.using():
-            accounts = app.get_accounts()
+        with self._lock:
+            try:
+                accounts = self._read_cache("get_accounts", app.get_accounts)
+            except _CacheDamaged as err:
+                self._set_cache_aside(str(err))
+                return None
         if len(accounts) > 1:
             log.warning("the token cache holds %d accounts; using %s", len(accounts),
                         accounts[0].get("username"))
@@ -373,11 +439,11 @@ class Authenticator:
         if app is None or account is None:
             return
         try:
-            with self._cache.using():
-                result = app.acquire_token_silent_with_error(list(self._settings.scopes), account,
-                                                             force_refresh=force)
-        except Exception as err:
-            raise self._idp_down(err) from err
+            result = self._read_cache("acquire_token_silent", lambda: app.acquire_token_silent_with_error(
+                list(self._settings.scopes), account, force_refresh=force))
+        except _CacheDamaged as err:
+            self._set_cache_aside(str(err))
+            return
         if result and "access_token" in result:
             self._accept(result, account)
             return
@@ -400,6 +466,8 @@ class Authenticator:
         now = self._clock()
         expires_in = _number(result.get("expires_in"), 3600.0)
         self._token = _Token(str(result["access_token"]), now + expires_in)
+        if self._token.value != self._rejected:
+            self._rejected = None
         if result.get("token_source") != "cache":
             self._last_refresh = now
         self._renewals_used = 0
@@ -424,12 +492,58 @@ class Authenticator:
                         app.remove_account(account)
                 except Exception as err:
                     log.warning("cannot remove the account from the token cache: %s", type(err).__name__)
+                if self._still_listed(account):
+                    # The next pass would pick it again, find it dead again, and so on.
+                    self._cache.quarantine("msal cannot remove the account it holds")
             self._account = None
             self._token = None
             self._forced_token = None
+            self._rejected = None
             self._signed_in = False
         self._state.failed(problem.message)
         self._state.update(phase="signing_in", account=None, notice=problem.message)
+        self._wake.set()
+
+    def _still_listed(self, account: Mapping[str, Any]) -> bool:
+        """Whether the cache still holds ``account`` (searched locally: get_accounts() may ask
+        the network for authority aliases when it finds none)."""
+        key = (account.get("home_account_id"), account.get("environment"))
+        try:
+            return any((a.get("home_account_id"), a.get("environment")) == key for a in self._cache.accounts())
+        except Exception:
+            return True
+
+    def _read_cache(self, what: str, call: Callable[[], _T]) -> _T:
+        """Run an msal call that reads the token cache and sort its failures by who is at fault.
+
+        Raises:
+            _IdpDown: a transport problem (requests exception; an HTTP error status, which msal
+                raises as MsalServiceError, also when it replays one from its http_cache) or a
+                reply msal could not read (it failed after sending a request).
+            _CacheDamaged: anything else msal raised before asking the IdP: the cache choked it.
+        """
+        session = self._session
+        sent = session.sent if session else 0
+        try:
+            with self._cache.using():
+                return call()
+        except Exception as err:
+            if isinstance(err, (requests.RequestException, msal.exceptions.MsalServiceError)) or (
+                    session is not None and session.sent != sent):
+                raise self._idp_down(err) from err
+            raise _CacheDamaged(f"msal cannot read it: {type(err).__name__} in {what}") from err
+
+    def _set_cache_aside(self, why: str) -> None:
+        """The token cache is damaged: move it aside (secrets scrubbed) and start a new code."""
+        with self._lock:
+            self._cache.quarantine(why)         # logs the WARNING, with the file it became
+            self._account = None
+            self._token = None
+            self._forced_token = None
+            self._rejected = None
+            self._signed_in = False
+        self._state.failed(CACHE_UNREADABLE)
+        self._state.update(phase="signing_in", account=None, notice=CACHE_UNREADABLE)
         self._wake.set()
 
     # ---- the device code flow ---------------------------------------------------------------
@@ -605,6 +719,18 @@ class Authenticator:
         """Sleep up to ``seconds`` (monotonic), waking early on stop, ``_wake`` or ``events``."""
         deadline = self._clock() + seconds
         while not self._stop.is_set() and not self._wake.is_set() and not any(e.is_set() for e in events):
+            left = deadline - self._clock()
+            if left <= 0:
+                return
+            self._pass_waited = True
+            self._beat()
+            self._stop.wait(min(left, self._timing.wait_slice_s))
+
+    def _pace(self, started: float) -> None:
+        """Stretch a pass that did not wait to MIN_PASS_S: only stop ends this early, so nothing
+        (not even a _wake set on every pass by a bug) can turn the loop into a spin."""
+        deadline = started + MIN_PASS_S
+        while not self._stop.is_set():
             left = deadline - self._clock()
             if left <= 0:
                 return

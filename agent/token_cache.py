@@ -90,10 +90,20 @@ class TokenCacheFile:
             self.cache.deserialize(text)
             return True
 
+    def quarantine(self, why: str) -> None:
+        """The file parsed, but msal cannot use it (e.g. a field of the wrong type, an account
+        it cannot remove): set it aside like an unparseable file and start empty."""
+        with self._lock:
+            self._quarantine(why)
+
     def _quarantine(self, why: str) -> None:
         """Set the unusable file aside for a post-mortem, with anything token-like removed
         (a half-written cache may still hold a valid refresh token), and start empty."""
         self.cache.deserialize("")
+        if not os.path.lexists(self.path):
+            log.warning("token cache %s is unusable (%s); starting without it and signing in again",
+                        self.path, why)
+            return
         for n in range(1, 1000):
             target = self.path.with_name(f"{self.path.name}.corrupt-{n}")
             if not target.exists():

@@ -246,3 +246,38 @@ def test_temp_file_left_by_a_power_cut_is_removed(tmp_path: Path) -> None:
     leftover.write_text('{"RefreshToken": {"k": {"secret": "live-refresh-token-value-123"}}}')
     TokenCacheFile(tmp_path / "token_cache.json").load()
     assert not leftover.exists()
+
+
+def test_quarantine_of_a_parseable_cache_msal_cannot_use(path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # auth calls this when msal raises on the cache's content (a field of the wrong type, ...).
+    tc = TokenCacheFile(path)
+    tc.load()
+    with tc.using() as cache:
+        fake_sign_in(cache)
+    data = json.loads(path.read_text())
+    secret = "0.AAAA" + "x7Qm2-Lp_9" * 12          # what a real refresh token looks like
+    for rt in data["RefreshToken"].values():
+        rt["secret"] = secret
+    path.write_text(json.dumps(data))
+    caplog.set_level(logging.WARNING, logger="agent.token_cache")
+    tc.quarantine("msal cannot read it: KeyError in acquire_token_silent")
+    assert not path.exists() and tc.accounts() == []
+    aside = path.with_name("token_cache.json.corrupt-1")
+    kept = aside.read_text()
+    assert secret not in kept and secret[:16] not in kept and "RefreshToken" in kept
+    assert stat.S_IMODE(aside.stat().st_mode) == 0o600
+    assert "KeyError in acquire_token_silent" in caplog.text and "corrupt-1" in caplog.text
+    with tc.using() as cache:            # the next sign-in is saved as usual
+        fake_sign_in(cache, 1)
+    assert secrets_in(path) == {"access-token-1", "refresh-token-1"}
+
+
+def test_quarantine_without_a_file_just_starts_empty(path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tc = TokenCacheFile(path)
+    tc.load()
+    fake_sign_in(tc.cache)               # in memory only (never saved)
+    caplog.set_level(logging.WARNING, logger="agent.token_cache")
+    tc.quarantine("msal cannot remove the account it holds")
+    assert tc.accounts() == [] and not path.exists()
+    assert not list(path.parent.glob("*.corrupt-*"))
+    assert "starting without it" in caplog.text
