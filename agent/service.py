@@ -24,7 +24,14 @@ from agent.errors import AgentError
 from agent.fsutil import ensure_private_dir
 from agent.sdnotify import Notifier
 from agent.state import AgentState, Snapshot
-from agent.statusfile import SIGN_OUT_SIGNAL, InstanceLock, StatusWriter, previous_last_upload, status_path
+from agent.statusfile import (
+    SIGN_OUT_SIGNAL,
+    InstanceLock,
+    StatusWriter,
+    acknowledge_sign_out,
+    previous_last_upload,
+    status_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +137,7 @@ class Service:
 
         def on_sign_out(signum: int, frame: FrameType | None) -> None:
             # Never do the work in the handler (it interrupts arbitrary code): hand it to a thread.
-            threading.Thread(target=self._sign_out_cmd, name="sign-out", daemon=True).start()
+            threading.Thread(target=self._sign_out_requested, name="sign-out", daemon=True).start()
 
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
@@ -307,6 +314,11 @@ class Service:
     def _sign_out_cmd(self) -> None:
         log.info("signing out (requested)")
         self.auth.sign_out()
+
+    def _sign_out_requested(self) -> None:
+        """`device-agent sign-out` (SIGUSR1): sign out, then tell the command it is done."""
+        self._sign_out_cmd()
+        acknowledge_sign_out(self.settings.device.state_dir)
 
     def _flush_cmd(self) -> None:
         self.uploader.flush()

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 STATUS_NAME = "status.json"
 LOCK_NAME = "agent.lock"
+SIGN_OUT_REQUEST = "sign-out.request"   # the CLI's nonce; the service answers in SIGN_OUT_DONE
+SIGN_OUT_DONE = "sign-out.done"
 SIGN_OUT_SIGNAL = signal.SIGUSR1
 
 
@@ -195,6 +197,20 @@ def _cached_account(cache_path: Path) -> str | None:
     return None
 
 
+def acknowledge_sign_out(state_dir: Path) -> None:
+    """The service's half of `sign-out`: echo the CLI's nonce once the sign-out is done."""
+    nonce = _read_text(state_dir / SIGN_OUT_REQUEST)
+    if nonce:
+        atomic_write(state_dir / SIGN_OUT_DONE, nonce.encode())
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
 def show_status(settings: Settings, *, as_json: bool, out: IO[str] | None = None) -> int:
     out = out or sys.stdout
     doc = read_status(settings)
@@ -223,8 +239,13 @@ def show_status(settings: Settings, *, as_json: bool, out: IO[str] | None = None
 
 def sign_out(settings: Settings, *, wait_s: float = 5.0, out: IO[str] | None = None) -> int:
     out = out or sys.stdout
-    pid = running_pid(settings.device.state_dir)
+    state_dir = settings.device.state_dir
+    pid = running_pid(state_dir)
     if pid and pid > 0:
+        # A nonce, not the cache's content, says it happened: a device with someone at the
+        # sign-in page may be signed in again before we look.
+        nonce = os.urandom(8).hex()
+        atomic_write(state_dir / SIGN_OUT_REQUEST, nonce.encode())
         try:
             os.kill(pid, SIGN_OUT_SIGNAL)
         except ProcessLookupError:
@@ -235,7 +256,7 @@ def sign_out(settings: Settings, *, wait_s: float = 5.0, out: IO[str] | None = N
         else:
             deadline = time.monotonic() + wait_s
             while time.monotonic() < deadline:
-                if _cached_account(settings.token_cache_path) is None:
+                if _read_text(state_dir / SIGN_OUT_DONE) == nonce:
                     print("signed out; the running service will show a new sign-in code", file=out)
                     return 0
                 time.sleep(0.1)

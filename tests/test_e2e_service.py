@@ -21,6 +21,7 @@ from PIL import Image
 from agent.sim.api import SimApi
 from tests.agentproc import AgentProcess, write_config
 from tests.fixtures.broker import Subscriber
+from tests.waiting import wait_until
 
 DEVICE = "e2e-01"
 PREFIX = "fleet"
@@ -51,14 +52,6 @@ def decode_qr(path: Path) -> str:
     return str(results[0].text)
 
 
-def wait_for(predicate: Any, timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 @pytest.mark.slow
@@ -71,7 +64,7 @@ def test_code_everywhere_then_readings_then_clean_stop(tmp_path: Path, idp: Any,
     agent = AgentProcess(config)
     try:
         screen = tmp_path / "screen.png"
-        wait_for(screen.exists, 10, "the png panel")          # a 'starting' screen exists from start
+        wait_until(screen.exists, 10, "the png panel")          # a 'starting' screen exists from start
         user_code = idp.wait_for_code(timeout_s=20)
 
         # The journal: user code and URI at INFO.
@@ -84,13 +77,13 @@ def test_code_everywhere_then_readings_then_clean_stop(tmp_path: Path, idp: Any,
         assert "verification_uri_complete" not in code_msg      # Entra does not send one
         assert msg.expiry_s is not None and 0 < msg.expiry_s <= 900
         # The panel: the QR holds exactly the verification URI.
-        assert wait_for(lambda: _qr_or_none(screen), 5, "a QR code on the panel") == idp.devicelogin_url
+        assert wait_until(lambda: _qr_or_none(screen), 5, "a QR code on the panel") == idp.devicelogin_url
 
         idp.approve(user_code)
         agent.wait_for_line(lambda line: "signed in" in line.lower(), timeout_s=15)
         cleared = sub.next(5, match=lambda m: m.topic.endswith("/auth/code") and not m.payload)
         assert cleared.retain or cleared.payload == b""
-        wait_for(lambda: len(idp_api.seqs(DEVICE)) >= 5, 15, "readings at the API")
+        wait_until(lambda: len(idp_api.seqs(DEVICE)) >= 5, 15, "readings at the API")
         seqs = sorted(idp_api.seqs(DEVICE))
         assert seqs[:5] == [1, 2, 3, 4, 5]
         status = sub.next(5, match=lambda m: m.topic.endswith("/status")
@@ -147,7 +140,7 @@ def test_status_and_sign_out_while_running(tmp_path: Path, idp: Any, idp_api: Si
             assert out.returncode == 0, out.stderr
             return json.loads(out.stdout)
 
-        doc = wait_for(lambda: (d := status()).get("state") == "signed_in" and d, 5, "status signed_in")
+        doc = wait_until(lambda: (d := status()).get("state") == "signed_in" and d, 5, "status signed_in")
         assert doc["running"] is True and doc["account"] == "ada@contoso.example"
         assert set(doc["outbox"]) == {"pending", "dead", "dropped"}
         first_code = idp.requests and len([r for r in idp.requests if r.path.endswith("/devicecode")])
@@ -156,7 +149,7 @@ def test_status_and_sign_out_while_running(tmp_path: Path, idp: Any, idp_api: Si
                              capture_output=True, text=True, timeout=30)
         assert out.returncode == 0, out.stderr
         # The running service signs out by itself and asks for a new code.
-        wait_for(lambda: len([r for r in idp.requests if r.path.endswith("/devicecode")]) > first_code,
+        wait_until(lambda: len([r for r in idp.requests if r.path.endswith("/devicecode")]) > first_code,
                  15, "a new device code after sign-out")
         rc, _ = agent.terminate()
         assert rc == 0

@@ -30,6 +30,7 @@ from agent.sim.idp import DEFAULT_USER, SimIdp
 from agent.sim.tls import TlsFiles
 from agent.state import AgentState, Snapshot
 from agent.token_cache import _check
+from tests.waiting import wait_until
 
 YEAR_S = 365 * 24 * 3600.0
 
@@ -141,13 +142,6 @@ def devicecode_posts(idp: Any) -> list[Any]:
     return [r for r in list(idp.requests) if r.path.endswith("/devicecode")]
 
 
-def wait_until(pred: Callable[[], bool], timeout_s: float = 5.0, what: str = "condition") -> None:
-    """The IdP records a request just after answering it: give the record a moment to land."""
-    deadline = time.monotonic() + timeout_s
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 # ---- fixtures ------------------------------------------------------------------------------------

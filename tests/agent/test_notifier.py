@@ -23,6 +23,7 @@ from agent.errors import AgentError, NotifyError
 from agent.notifier import ACTIONS, MAX_COMMAND_BYTES, MqttNotifier, Outbound, parse_command
 from agent.state import AgentState, DeviceCode, OutboxCounts, Snapshot
 from tests.fixtures.broker import Broker, OldBrokerProxy, Received, Subscriber, retained
+from tests.waiting import wait_until
 
 DEVICE = "greenhouse-01"
 STATUS = f"test/{DEVICE}/status"
@@ -38,14 +39,6 @@ def make_code(life_s: float, user_code: str = "F4XQ9ZRTL", now: float | None = N
                       expires_at_wall=datetime.now(UTC) + timedelta(seconds=life_s), interval_s=5)
 
 
-def wait_until(pred: Callable[[], Any], timeout_s: float = 5.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"{what} not reached within {timeout_s} s")
 
 
 def is_code(user_code: str) -> Callable[[Received], bool]:
