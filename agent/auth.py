@@ -36,6 +36,8 @@ from agent.tlsutil import ca_bundle
 from agent.token_cache import TokenCacheFile
 
 log = logging.getLogger(__name__)
+# The journal announcer: the code and URL reach the journal whatever log.level says (logs.setup).
+announce = logging.getLogger(__name__ + ".code")
 
 RENEWALS_EXHAUSTED = ("No sign-in code: press the button, send renew_code over MQTT, "
                       "or restart the agent")
@@ -582,7 +584,7 @@ class Authenticator:
                           interval_s=float(interval), message=str(flow.get("message") or ""),
                           verification_uri_complete=flow.get("verification_uri_complete") or None)
         # The journal first, then the screen and MQTT (observers of the state).
-        log.info("To sign in, open %s and enter the code %s (expires in %d min)",
+        announce.info("To sign in, open %s and enter the code %s (expires in %d min)",
                  uri, code.user_code, max(1, round(expires_in / 60)))
         if code.verification_uri_complete:
             log.info("Or open %s (the code is filled in)", code.verification_uri_complete)

@@ -153,3 +153,18 @@ def test_log_lines_and_tracebacks_never_carry_a_token() -> None:
     logging.getLogger().handlers.clear()
     assert "sign-in step failed" in text and "Traceback" in text and "[redacted]" in text
     assert opaque not in text and jwt not in text and jwt[:30] not in text
+
+
+def test_sign_in_code_reaches_the_journal_even_at_level_warning() -> None:
+    import io
+    import logging
+
+    from agent import auth, logs
+
+    stream = io.StringIO()
+    logs.setup("warning", stream=stream)
+    auth.announce.info("To sign in, open %s and enter the code %s", "https://idp/devicelogin", "ABCD")
+    logging.getLogger("agent.auth").info("routine chatter")
+    text = stream.getvalue()
+    logging.getLogger().handlers.clear()
+    assert "enter the code ABCD" in text and "routine chatter" not in text
