@@ -688,22 +688,35 @@ def _norm(user_code: str) -> str:
 class _IdpHandler(JsonHandler):
     idp: SimIdp   # bound per server by SimIdp.start()
 
+    _pending: tuple[float, str, str | None] | None = None
+
     def do_GET(self) -> None:  # noqa: N802 - stdlib name
         url = urlsplit(self.path)
-        arrived = self.idp.clock()
+        self._pending = (self.idp.clock(), url.path, None)
         status = self._route_get(url.path, parse_qs(url.query))
-        self._record(arrived, url.path, None, status)
+        self._record(status)
 
     def do_POST(self) -> None:  # noqa: N802 - stdlib name
         url = urlsplit(self.path)
         raw = self.read_body().decode("utf-8", "replace")
         form = {k: v[0] for k, v in parse_qs(raw, keep_blank_values=True).items()}
-        arrived = self.idp.clock()
+        grant = form.get("grant_type") if url.path.endswith("/token") else None
+        self._pending = (self.idp.clock(), url.path, grant)
         status = self._route_post(url.path, form)
-        self._record(arrived, url.path, form.get("grant_type") if url.path.endswith("/token") else None, status)
+        self._record(status)
 
-    def _record(self, arrived: float, path: str, grant_type: str | None, status: int) -> None:
-        # Stamped on arrival: recording after the reply would race with a client that reacts to it.
+    def send_response(self, code: int, message: str | None = None) -> None:
+        # Recorded before the reply leaves: a client that reacts to the reply (a test reading
+        # idp.requests) must already find the request on record.
+        self._record(code)
+        super().send_response(code, message)
+
+    def _record(self, status: int) -> None:
+        """Record the pending request once (stamped on arrival) with the status it got."""
+        if self._pending is None:
+            return
+        arrived, path, grant_type = self._pending
+        self._pending = None
         with self.idp._lock:
             self.idp.requests.append(RequestRecord(arrived, path, grant_type, status))
             if len(self.idp.requests) > MAX_REQUEST_RECORDS:   # `sim idp` may run for days
