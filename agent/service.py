@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any
 
 from agent import __version__, logs
 from agent.config import Settings
@@ -38,10 +38,6 @@ log = logging.getLogger(__name__)
 STOP_BUDGET_S = 1.5          # of the 2 s CONTRACT promise, what the joins may use
 STOP_TOTAL_S = 1.9           # ... and everything, MQTT's goodbye included
 RESTART_BACKOFF_S = (1.0, 60.0)
-
-
-class Runnable(Protocol):
-    def run(self, stop: threading.Event) -> None: ...
 
 
 @dataclass
@@ -271,8 +267,6 @@ class Service:
             self._closers.remove(mqtt_closer)
             mqtt_thread = threading.Thread(target=self._close, args=mqtt_closer, name="mqtt-stop", daemon=True)
             mqtt_thread.start()
-        if self.auth is not None and hasattr(self.auth, "cancel"):
-            self.auth.cancel()
         for comp in self._components:
             comp.join(deadline)
         for comp in self._components:

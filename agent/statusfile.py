@@ -125,7 +125,7 @@ class StatusWriter:
     def write(self, snap: Snapshot) -> None:
         data = snapshot_document(snap, self._device_id)
         try:
-            atomic_write(self.path, (json.dumps(data, indent=1) + "\n").encode())
+            atomic_write(self.path, (json.dumps(data, indent=1) + "\n").encode(), durable=False)
         except OSError as err:
             log.warning("cannot write %s: %s", self.path, err)
 

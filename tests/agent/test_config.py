@@ -217,13 +217,19 @@ def test_config_path_from_environment(tmp_path: Path, capsys: pytest.CaptureFixt
     assert run_check(path, capsys)[0] == 0
 
 
-def test_default_path_is_etc(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_path_is_etc(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                             tmp_path: Path) -> None:
+    from agent import config
+
+    assert config.config_path(None, {}) == Path("/etc/device-agent/config.toml")
+    # Without --config or the variable the CLI reads the default path (pointed somewhere empty
+    # here, so that a real /etc/device-agent on this machine cannot change the outcome).
     monkeypatch.delenv("DEVICE_AGENT_CONFIG", raising=False)
-    if Path("/etc/device-agent/config.toml").exists():
-        pytest.skip("a real config is installed on this machine")
+    missing = tmp_path / "etc" / "config.toml"
+    monkeypatch.setattr(config, "DEFAULT_PATH", missing)
     code, _, err = run_check(None, capsys)
     assert code == 78
-    assert err.startswith("config error: /etc/device-agent/config.toml: file not found")
+    assert err.startswith(f"config error: {missing}: file not found")
 
 
 @pytest.mark.parametrize(("env", "expected"), [
