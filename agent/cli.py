@@ -119,7 +119,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return statusfile.sign_out(config.load(config.config_path(args.config)))
     if cmd == "watch":
-        from agent import watch
+        from agent.mqtt import watch
 
         return watch.run_watch(url=args.url, prefix=args.prefix, ca_file=args.ca_file,
                                username=args.username, password_file=args.password_file,

@@ -41,6 +41,6 @@ def setup(level: str = "info", *, stream=None) -> None:  # type: ignore[no-untyp
     root.setLevel(level.upper())
     # msal and urllib3 are chatty at DEBUG and msal may log response bodies there.
     # People read the sign-in code off the journal: it is logged even at level "warning".
-    logging.getLogger("agent.auth.code").setLevel(min(logging.INFO, root.level))
+    logging.getLogger("agent.signin.authenticator.code").setLevel(min(logging.INFO, root.level))
     for noisy in ("msal", "urllib3", "paho"):
         logging.getLogger(noisy).setLevel(max(logging.INFO, root.level))

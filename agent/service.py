@@ -141,11 +141,11 @@ class Service:
 
     def _start(self) -> None:
         """Bring up hardware, then components; hardware failures are fatal (exit 1, one line)."""
-        from agent.auth import Authenticator
-        from agent.outbox import Outbox
-        from agent.sampler import Sampler
-        from agent.sinks import make_sink
-        from agent.uploader import Uploader
+        from agent.signin.authenticator import Authenticator
+        from agent.telemetry.outbox import Outbox
+        from agent.telemetry.sampler import Sampler
+        from agent.telemetry.sinks import make_sink
+        from agent.telemetry.uploader import Uploader
 
         s = self.settings
         previous = previous_last_upload(status_path(s))
@@ -171,22 +171,22 @@ class Service:
         self.uploader = Uploader(self.outbox, make_sink(s.upload, s.device.id), self.auth, self.state, s.upload)
 
         if display is not None:
-            from agent.panel import Panel
+            from agent.panel.observer import Panel
 
             self.panel = Panel(display, self.state, sleep_after_s=s.display.sleep_after_s)
             self.panel.start()
             self._closers.append(("panel", lambda: self.panel.stop(final=s.display.on_stop)))
         if gpio is not None and (s.gpio.button is not None or s.gpio.led is not None):
-            from agent.controls import Controls
+            from agent.panel.controls import Controls
 
             controls = Controls(gpio, self.state, button_pin=s.gpio.button, led_pin=s.gpio.led,
                                 on_short_press=self._button_short, on_long_press=self._button_long)
             controls.start()
             self._closers.append(("controls", controls.stop))
         if s.mqtt is not None:
-            from agent.notifier import MqttNotifier
+            from agent.mqtt.publisher import MqttPublisher
 
-            self.notifier = MqttNotifier(s.mqtt, s.device.id, self.state, self._commands(), __version__)
+            self.notifier = MqttPublisher(s.mqtt, s.device.id, self.state, self._commands(), __version__)
             self.notifier.start()
             self._closers.append(("mqtt", self.notifier.stop))
         else:

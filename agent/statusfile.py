@@ -167,7 +167,7 @@ def read_status(settings: Settings) -> dict[str, Any]:
         doc["running"] = True
         return doc
     # Not running: derive from the files, never writing them.
-    from agent.outbox import Outbox
+    from agent.telemetry.outbox import Outbox
 
     counts = Outbox.read_counts(settings.outbox_path) if settings.outbox_path.exists() else None
     account = _cached_account(settings.token_cache_path)

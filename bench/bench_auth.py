@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.auth import Authenticator, Timing
 from agent.config import AuthSettings
+from agent.signin.authenticator import Authenticator, Timing
 from agent.sim.idp import SimIdp
 from agent.sim.tls import make_tls
 from agent.state import AgentState, Snapshot

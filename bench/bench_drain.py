@@ -24,11 +24,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.config import UploadSettings  # noqa: E402
-from agent.outbox import Outbox  # noqa: E402
 from agent.sim.jwks import SimKeys  # noqa: E402
-from agent.sinks.http import HttpSink  # noqa: E402
 from agent.state import AgentState  # noqa: E402
-from agent.uploader import Uploader  # noqa: E402
+from agent.telemetry.outbox import Outbox  # noqa: E402
+from agent.telemetry.sinks.http import HttpSink  # noqa: E402
+from agent.telemetry.uploader import Uploader  # noqa: E402
 
 DEVICE = "bench-01"
 

@@ -1,6 +1,6 @@
-"""Latency from ``state.code_issued`` on an MqttNotifier to an admin's watch client receiving it.
+"""Latency from ``state.code_issued`` on an MqttPublisher to an admin's watch client receiving it.
 
-Loopback, a real Mosquitto (plain, and TLS + password), agent.watch's own client code.
+Loopback, a real Mosquitto (plain, and TLS + password), agent.mqtt.watch's own client code.
 Run: .venv/bin/python bench/bench_mqtt_code.py [--codes 200]
 """
 
@@ -17,16 +17,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests.fixtures.broker
 
-from agent.notifier import MqttNotifier  # noqa: E402
+from agent.mqtt.publisher import MqttPublisher  # noqa: E402
+from agent.mqtt.watch import WatchClient, WatchEvent  # noqa: E402
 from agent.sim.tls import make_tls  # noqa: E402
 from agent.state import AgentState, DeviceCode  # noqa: E402
-from agent.watch import WatchClient, WatchEvent  # noqa: E402
 from tests.fixtures.broker import Broker  # noqa: E402
 
 
 def measure(broker: Broker, codes: int) -> list[float]:
     state = AgentState()
-    notifier = MqttNotifier(broker.mqtt_settings(), "bench-01", state, {}, "bench")
+    notifier = MqttPublisher(broker.mqtt_settings(), "bench-01", state, {}, "bench")
     arrived: dict[str, float] = {}
     got = threading.Event()
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.outbox import Outbox  # noqa: E402
+from agent.telemetry.outbox import Outbox  # noqa: E402
 
 
 def io_counters() -> dict[str, int]:

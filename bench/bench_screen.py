@@ -19,7 +19,7 @@ from typing import Any
 
 import zxingcpp
 
-from agent.panel import Panel
+from agent.panel.observer import Panel
 from agent.state import AgentState, DeviceCode
 from hw.fakebus import FakeI2CBus
 from hw.registry import open_display
@@ -83,8 +83,8 @@ IMPORTS = {
     "luma.oled.device": "import luma.oled.device",
     "PIL (Image, ImageDraw, ImageFont)": "from PIL import Image, ImageDraw, ImageFont",
     "segno": "import segno",
-    "agent.screens + hw.oled (first screen; segno deferred)": "import agent.screens, hw.oled",
-    "everything for the code screen": "import agent.screens, hw.oled, segno",
+    "agent.panel.screens + hw.oled (first screen; segno deferred)": "import agent.panel.screens, hw.oled",
+    "everything for the code screen": "import agent.panel.screens, hw.oled, segno",
 }
 
 

@@ -33,7 +33,7 @@ class OledDisplay:
 
     luma registers an atexit hook that blanks the panel (``device.cleanup``). We set
     ``persist = True`` so whatever the agent chose to leave on the panel at stop ("stopped" or
-    blank, see agent.panel) stays; blanking is done explicitly through ``power(False)``.
+    blank, see agent.panel.observer) stays; blanking is done explicitly through ``power(False)``.
     """
 
     mode = "1"

@@ -23,13 +23,13 @@ import jwt
 import pytest
 import trustme
 
-from agent.aadsts import AADSTS
-from agent.auth import Authenticator, Timing
 from agent.config import AuthSettings
+from agent.signin.aadsts import AADSTS
+from agent.signin.authenticator import Authenticator, Timing
+from agent.signin.token_cache import _check
 from agent.sim.idp import DEFAULT_USER, SimIdp
 from agent.sim.tls import TlsFiles
 from agent.state import AgentState, Snapshot
-from agent.token_cache import _check
 from tests.waiting import wait_until
 
 YEAR_S = 365 * 24 * 3600.0
@@ -186,7 +186,7 @@ def sign_in(h: Harness, idp: SimIdp) -> Snapshot:
 def test_first_sign_in_publishes_code_logs_it_and_signs_in(
         fast_idp: SimIdp, harness: Callable[..., Harness], cache_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="agent.auth")
+    caplog.set_level(logging.INFO, logger="agent.signin.authenticator")
     h = harness()
     issued = fast_idp.wait_for_code(5)
     t_issued = time.monotonic()
@@ -654,7 +654,7 @@ def test_ca_bundle_keeps_the_system_store(
 
     fast_idp.auto_approve_after_s = 0
     harness().wait_signed_in(5)
-    from agent.tlsutil import ca_bundle
+    from agent.net.tls import ca_bundle
 
     bundle = Path(ca_bundle(str(tls.ca_file))).read_text()
     first_public_ca = Path(certifi.where()).read_text().split("-----END CERTIFICATE-----")[0]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.aadsts import AADSTS, OAUTH, aadsts_codes, explain, message_for
+from agent.signin.aadsts import AADSTS, OAUTH, aadsts_codes, explain, message_for
 from agent.sim.idp import AADSTS_ERRORS
 
 FIELD_NOTES_KINDS = {

@@ -1,4 +1,4 @@
-"""Pure parts of agent.auth: back-off arithmetic and Retry-After parsing (no network, no sleep)."""
+"""Pure parts of agent.signin.authenticator: back-off arithmetic and Retry-After parsing (no network, no sleep)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from email.utils import format_datetime
 import pytest
 import requests
 
-from agent.auth import Backoff, _retry_after
+from agent.signin.authenticator import Backoff, _retry_after
 
 
 def test_backoff_doubles_to_the_cap_with_equal_jitter() -> None:

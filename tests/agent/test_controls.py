@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from agent import screens
-from agent.controls import Controls
+from agent.panel import screens
+from agent.panel.controls import Controls
 from agent.state import AgentState, DeviceCode
 from hw.fake import FakeGpio, FakePinBank, FakeRpiGpioModule
 from hw.rpi import RpiGpio

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.outbox import SEQ_BLOCK, Outbox
 from agent.state import AgentState, OutboxCounts
+from agent.telemetry.outbox import SEQ_BLOCK, Outbox
 from tests.fixtures.api import DEVICE, reading
 
 BIG = 10**9
@@ -101,7 +101,7 @@ def test_corrupt_file_is_moved_aside_and_seq_continues(tmp_path: Path, damage: s
         with path.open("r+b") as f:
             f.truncate(path.stat().st_size // 2)
     state = AgentState()
-    with caplog.at_level(logging.ERROR, logger="agent.outbox"):
+    with caplog.at_level(logging.ERROR, logger="agent.telemetry.outbox"):
         box = Outbox(path, DEVICE, max_rows=1_000_000, max_bytes=BIG, state=state)
     assert (tmp_path / "outbox.sqlite3.corrupt-1").exists()
     assert box.corrupt_replaced == 1
@@ -233,7 +233,7 @@ def test_concurrent_put_and_ack_lose_nothing(outbox: Outbox) -> None:
 _KILL_CHILD = """
 import sys
 from pathlib import Path
-from agent.outbox import Outbox
+from agent.telemetry.outbox import Outbox
 box = Outbox(Path(sys.argv[1]), "greenhouse-01", max_rows=10**6, max_bytes=10**9)
 r = {"sensor": "cpu", "type": "cpu_temperature", "value": 1.0, "unit": "C",
      "time": "2026-11-25T14:39:32.123Z"}

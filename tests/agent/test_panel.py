@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 import pytest
 import zxingcpp
 
-from agent import screens
-from agent.panel import Panel
+from agent.panel import screens
+from agent.panel.observer import Panel
 from agent.state import AgentState, DeviceCode, Snapshot
 from hw.fakebus import FakeI2CBus
 from hw.registry import open_display

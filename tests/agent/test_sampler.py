@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from agent.config import SensorSettings
-from agent.outbox import Outbox
-from agent.sampler import Sampler
 from agent.state import AgentState
+from agent.telemetry.outbox import Outbox
+from agent.telemetry.sampler import Sampler
 from hw.base import Measurement
 from hw.errors import HardwareError
 from tests.fixtures.api import DEVICE
@@ -210,7 +210,7 @@ def test_disk_full_losses_are_counted_as_dropped_and_logged_without_flooding(
     before = box.counts()
     pairs = [(settings("a", 1.0), FakeSensor()), (settings("b", 1.0), FakeSensor())]
     sampler = Sampler(pairs, box, state, clock=clock)
-    with caplog.at_level(logging.INFO, logger="agent.sampler"):
+    with caplog.at_level(logging.INFO, logger="agent.telemetry.sampler"):
         sampler.run(SteppingStop(clock, until=1000.0 + 150.0))  # type: ignore[arg-type]
     lost = 2 * 150
     assert sampler.readings_lost == lost
@@ -223,7 +223,7 @@ def test_disk_full_losses_are_counted_as_dropped_and_logged_without_flooding(
     assert errors[1].getMessage().startswith("outbox put failing: ")
     assert "readings lost so far: OperationalError: database or disk is full" in errors[2].getMessage()
     box._conn().execute("PRAGMA max_page_count=1000000")
-    with caplog.at_level(logging.INFO, logger="agent.sampler"):
+    with caplog.at_level(logging.INFO, logger="agent.telemetry.sampler"):
         sampler.run(SteppingStop(clock, until=clock.t + 3.0))  # type: ignore[arg-type]
     assert "queuing readings again" in caplog.text
     box.close()

@@ -9,7 +9,7 @@ import pytest
 import zxingcpp
 from PIL import Image, ImageOps
 
-from agent import screens
+from agent.panel import screens
 from agent.state import DeviceCode, LastReading, Snapshot
 from hw.fakebus import FakeI2CBus
 from hw.registry import open_display
@@ -149,7 +149,7 @@ def test_absurd_verification_uri_still_gives_a_screen_quickly() -> None:
     """A malformed IdP reply (a huge URI) must neither freeze the panel nor hide the code."""
     import time as _time
 
-    from agent.screens import render_code
+    from agent.panel.screens import render_code
     from agent.state import DeviceCode
 
     for n in (300, 3000):

@@ -159,12 +159,13 @@ def test_sign_in_code_reaches_the_journal_even_at_level_warning() -> None:
     import io
     import logging
 
-    from agent import auth, logs
+    from agent import logs
+    from agent.signin import authenticator as auth
 
     stream = io.StringIO()
     logs.setup("warning", stream=stream)
     auth.announce.info("To sign in, open %s and enter the code %s", "https://idp/devicelogin", "ABCD")
-    logging.getLogger("agent.auth").info("routine chatter")
+    logging.getLogger("agent.signin.authenticator").info("routine chatter")
     text = stream.getvalue()
     logging.getLogger().handlers.clear()
     assert "enter the code ABCD" in text and "routine chatter" not in text

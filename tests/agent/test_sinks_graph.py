@@ -9,14 +9,14 @@ import pytest
 
 from agent.config import UploadSettings
 from agent.errors import UploadError
-from agent.outbox import Outbox
 from agent.sim.graph import SimGraph
 from agent.sim.tls import TlsFiles
-from agent.sinks import make_sink
-from agent.sinks.graph_excel import GraphExcelSink
-from agent.sinks.graph_list import GraphListSink
 from agent.state import AgentState, OutboxCounts
-from agent.uploader import Uploader
+from agent.telemetry.outbox import Outbox
+from agent.telemetry.sinks import make_sink
+from agent.telemetry.sinks.graph_excel import GraphExcelSink
+from agent.telemetry.sinks.graph_list import GraphListSink
+from agent.telemetry.uploader import Uploader
 from tests.fixtures.api import DEVICE, FakeTokens, reading
 
 SITE, LIST = "contoso.sharepoint.com,1111,2222", "readings-list"

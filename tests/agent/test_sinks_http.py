@@ -14,14 +14,14 @@ import pytest
 
 from agent.config import UploadSettings
 from agent.errors import UploadError
-from agent.outbox import Outbox
+from agent.net.tls import ca_bundle
 from agent.sim.api import SimApi
 from agent.sim.tls import TlsFiles
-from agent.sinks import make_sink, parse_retry_after, redact_text, redact_url
-from agent.sinks.http import HttpSink
 from agent.state import AgentState, OutboxCounts
-from agent.tlsutil import ca_bundle
-from agent.uploader import Uploader
+from agent.telemetry.outbox import Outbox
+from agent.telemetry.sinks import make_sink, parse_retry_after, redact_text, redact_url
+from agent.telemetry.sinks.http import HttpSink
+from agent.telemetry.uploader import Uploader
 from tests.fixtures.api import DEVICE, FakeTokens, reading
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import msal
 import pytest
 
-from agent.token_cache import TokenCacheFile
+from agent.signin.token_cache import TokenCacheFile
 
 AUTHORITY_ENDPOINT = "https://login.example/tenant/oauth2/v2.0/token"
 
@@ -114,7 +114,7 @@ def test_damaged_file_is_moved_aside_with_a_warning(path: Path, content: bytes,
                                                     caplog: pytest.LogCaptureFixture) -> None:
     path.write_bytes(content)
     tc = TokenCacheFile(path)
-    with caplog.at_level(logging.WARNING, logger="agent.token_cache"):
+    with caplog.at_level(logging.WARNING, logger="agent.signin.token_cache"):
         assert tc.load() is False
     assert tc.accounts() == []
     aside = path.with_name("token_cache.json.corrupt-1")
@@ -151,7 +151,7 @@ def test_permissive_file_is_tightened_to_0600(path: Path, caplog: pytest.LogCapt
         fake_sign_in(cache)
     os.chmod(path, 0o644)
     tc = TokenCacheFile(path)
-    with caplog.at_level(logging.WARNING, logger="agent.token_cache"):
+    with caplog.at_level(logging.WARNING, logger="agent.signin.token_cache"):
         assert tc.load() is True
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert any("readable by others" in r.getMessage() for r in caplog.records)
@@ -162,7 +162,7 @@ def test_write_failure_is_logged_and_retried(path: Path, caplog: pytest.LogCaptu
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
-    import agent.token_cache as mod
+    import agent.signin.token_cache as mod
 
     real = mod.atomic_write
     calls: list[Path] = []
@@ -176,7 +176,7 @@ def test_write_failure_is_logged_and_retried(path: Path, caplog: pytest.LogCaptu
     monkeypatch.setattr(mod, "atomic_write", disk_full_once)
     tc = TokenCacheFile(path)
     tc.load()
-    with caplog.at_level(logging.ERROR, logger="agent.token_cache"), tc.using() as cache:
+    with caplog.at_level(logging.ERROR, logger="agent.signin.token_cache"), tc.using() as cache:
         fake_sign_in(cache)
     assert any("cannot save the token cache" in r.getMessage() and "No space left" in r.getMessage()
                for r in caplog.records)
@@ -225,7 +225,7 @@ def test_concurrent_changes_all_reach_the_disk(path: Path) -> None:
 def test_a_set_aside_cache_keeps_no_secret(tmp_path: Path) -> None:
     """A cache msal cannot use may still hold a live refresh token: the copy kept for a
     post-mortem must not (no file in the state dir but the cache holds a secret)."""
-    from agent.token_cache import TokenCacheFile
+    from agent.signin.token_cache import TokenCacheFile
 
     secret = "0.AAAA" + "x7Qm2-Lp_9" * 12
     path = tmp_path / "token_cache.json"
@@ -240,7 +240,7 @@ def test_a_set_aside_cache_keeps_no_secret(tmp_path: Path) -> None:
 
 
 def test_temp_file_left_by_a_power_cut_is_removed(tmp_path: Path) -> None:
-    from agent.token_cache import TokenCacheFile
+    from agent.signin.token_cache import TokenCacheFile
 
     leftover = tmp_path / ".token_cache.json.abc123.tmp"
     leftover.write_text('{"RefreshToken": {"k": {"secret": "live-refresh-token-value-123"}}}')
@@ -259,7 +259,7 @@ def test_quarantine_of_a_parseable_cache_msal_cannot_use(path: Path, caplog: pyt
     for rt in data["RefreshToken"].values():
         rt["secret"] = secret
     path.write_text(json.dumps(data))
-    caplog.set_level(logging.WARNING, logger="agent.token_cache")
+    caplog.set_level(logging.WARNING, logger="agent.signin.token_cache")
     tc.quarantine("msal cannot read it: KeyError in acquire_token_silent")
     assert not path.exists() and tc.accounts() == []
     aside = path.with_name("token_cache.json.corrupt-1")
@@ -276,7 +276,7 @@ def test_quarantine_without_a_file_just_starts_empty(path: Path, caplog: pytest.
     tc = TokenCacheFile(path)
     tc.load()
     fake_sign_in(tc.cache)               # in memory only (never saved)
-    caplog.set_level(logging.WARNING, logger="agent.token_cache")
+    caplog.set_level(logging.WARNING, logger="agent.signin.token_cache")
     tc.quarantine("msal cannot remove the account it holds")
     assert tc.accounts() == [] and not path.exists()
     assert not list(path.parent.glob("*.corrupt-*"))

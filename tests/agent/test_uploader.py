@@ -11,12 +11,12 @@ from collections.abc import Iterator
 import pytest
 
 from agent.config import UploadSettings
-from agent.outbox import Outbox
 from agent.sim.api import SimApi
 from agent.sim.jwks import SimKeys
-from agent.sinks.http import HttpSink
 from agent.state import AgentState, OutboxCounts
-from agent.uploader import (
+from agent.telemetry.outbox import Outbox
+from agent.telemetry.sinks.http import HttpSink
+from agent.telemetry.uploader import (
     BACKOFF_CAP_S,
     FORBIDDEN_CAP_S,
     NO_TOKEN_POLL_S,
@@ -173,7 +173,7 @@ def test_401_then_no_token_waits_for_sign_in_while_readings_queue(make, outbox: 
 
 
 class _RefreshFailsOnce(FakeTokens):
-    """Like agent.auth on a transient IdP failure: token_rejected() gives None but the source
+    """Like agent.signin.authenticator on a transient IdP failure: token_rejected() gives None but the source
     keeps its token; the next refresh works."""
 
     def __init__(self, keys: SimKeys) -> None:
@@ -365,7 +365,7 @@ def test_sampler_and_uploader_threads_deliver_every_reading_once(make, outbox: O
                                                                  state: AgentState) -> None:
     """The two threads together, real clocks, a brief outage in the middle: contiguous seqs arrive."""
     from agent.config import SensorSettings
-    from agent.sampler import Sampler
+    from agent.telemetry.sampler import Sampler
 
     sampler = Sampler([(SensorSettings(name="t", type="simulated", interval_s=0.02), _Thermometer())],
                       outbox, state)

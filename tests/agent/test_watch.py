@@ -1,4 +1,4 @@
-"""`device-agent watch` against a real Mosquitto fed by a real MqttNotifier, plus its formatting."""
+"""`device-agent watch` against a real Mosquitto fed by a real MqttPublisher, plus its formatting."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from agent.notifier import MqttNotifier
+from agent.mqtt.publisher import MqttPublisher
+from agent.mqtt.watch import WatchEvent, classify, format_event, run_watch
 from agent.sim.tls import TlsFiles
 from agent.state import AgentState, DeviceCode, OutboxCounts
-from agent.watch import WatchEvent, classify, format_event, run_watch
 from tests.fixtures.broker import Broker, OldBrokerProxy, free_port, retained
 
 DEVICE = "greenhouse-01"
@@ -45,12 +45,12 @@ def watch(broker: Broker, **kw: Any) -> tuple[int, str, str]:
 @pytest.fixture
 def device(request: pytest.FixtureRequest) -> Iterator[Callable[[Broker], AgentState]]:
     """A notifier for DEVICE on the given broker, with a code and an outbox; stopped at teardown."""
-    made: list[MqttNotifier] = []
+    made: list[MqttPublisher] = []
 
     def start(broker: Broker, **settings: Any) -> AgentState:
         state = AgentState()
         state.update(outbox=OutboxCounts(pending=12))
-        n = MqttNotifier(broker.mqtt_settings(**settings), DEVICE, state, {}, "1.2.3")
+        n = MqttPublisher(broker.mqtt_settings(**settings), DEVICE, state, {}, "1.2.3")
         n.start()
         made.append(n)
         state.code_issued(make_code(14 * 60 + 33))

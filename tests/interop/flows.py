@@ -21,7 +21,7 @@ from agent.state import AgentState, Snapshot
 from tests.interop.peers import CaSession, OidcProvider
 
 if TYPE_CHECKING:
-    from agent.auth import Authenticator
+    from agent.signin.authenticator import Authenticator
 
 POLL_LIMIT_S = 60.0
 

@@ -1,4 +1,4 @@
-"""The agent's sign-in component (agent.auth.Authenticator) against outside peers, with a person
+"""The agent's sign-in component (agent.signin.authenticator.Authenticator) against outside peers, with a person
 in Chromium: a certified OpenID provider (oidc-provider) and our simulated Entra ID's page.
 
 What a user would notice: the code on the device works in a browser, a restart does not ask for
@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from agent.auth import Authenticator, Timing
 from agent.config import AuthSettings
+from agent.signin.authenticator import Authenticator, Timing
 from agent.sim.idp import SimIdp
 from agent.sim.tls import TlsFiles
 from agent.state import AgentState

@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from agent.errors import UploadError
-from agent.tlsutil import ca_bundle
+from agent.net.tls import ca_bundle
 
 if TYPE_CHECKING:
     import requests
 
     from agent.config import UploadSettings
-    from agent.outbox import Row
+    from agent.telemetry.outbox import Row
 
 log = logging.getLogger(__name__)
 
@@ -92,15 +92,15 @@ class Sink(Protocol):
 def make_sink(settings: UploadSettings, device_id: str) -> Sink:
     """The sink named by ``settings.sink`` (config.py has validated its keys)."""
     if settings.sink == "http":
-        from agent.sinks.http import HttpSink
+        from agent.telemetry.sinks.http import HttpSink
 
         return HttpSink(settings, device_id)
     if settings.sink == "graph_list":
-        from agent.sinks.graph_list import GraphListSink
+        from agent.telemetry.sinks.graph_list import GraphListSink
 
         return GraphListSink(settings, device_id)
     if settings.sink == "graph_excel":
-        from agent.sinks.graph_excel import GraphExcelSink
+        from agent.telemetry.sinks.graph_excel import GraphExcelSink
 
         return GraphExcelSink(settings, device_id)
     raise ValueError(f"unknown sink {settings.sink!r}")

@@ -22,7 +22,7 @@ from typing import Literal
 
 from PIL import Image
 
-from agent import screens
+from agent.panel import screens
 from agent.state import AgentState, Snapshot
 from hw.base import Display
 from hw.errors import HardwareError

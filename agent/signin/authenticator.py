@@ -29,11 +29,11 @@ from typing import Any, TypeVar
 import msal
 import requests
 
-from agent.aadsts import Problem, explain
 from agent.config import AuthSettings
+from agent.net.tls import ca_bundle
+from agent.signin.aadsts import Problem, explain
+from agent.signin.token_cache import TokenCacheFile
 from agent.state import AgentState, DeviceCode
-from agent.tlsutil import ca_bundle
-from agent.token_cache import TokenCacheFile
 
 log = logging.getLogger(__name__)
 # The journal announcer: the code and URL reach the journal whatever log.level says (logs.setup).

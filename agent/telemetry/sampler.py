@@ -38,8 +38,8 @@ from agent.state import LastReading, iso
 
 if TYPE_CHECKING:
     from agent.config import SensorSettings
-    from agent.outbox import Outbox
     from agent.state import AgentState
+    from agent.telemetry.outbox import Outbox
     from hw.base import Sensor
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from agent.errors import UploadError
-from agent.sinks import (
+from agent.telemetry.sinks import (
     RETRYABLE_STATUS,
     HttpsClient,
     SendResult,
@@ -30,7 +30,7 @@ from agent.sinks import (
 
 if TYPE_CHECKING:
     from agent.config import UploadSettings
-    from agent.outbox import Row
+    from agent.telemetry.outbox import Row
 
 log = logging.getLogger(__name__)
 

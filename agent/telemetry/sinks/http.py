@@ -7,11 +7,11 @@ import logging
 from typing import TYPE_CHECKING
 
 from agent.errors import UploadError
-from agent.sinks import HttpsClient, SendResult, network_error, redact_url, send_splitting, status_error
+from agent.telemetry.sinks import HttpsClient, SendResult, network_error, redact_url, send_splitting, status_error
 
 if TYPE_CHECKING:
     from agent.config import UploadSettings
-    from agent.outbox import Row
+    from agent.telemetry.outbox import Row
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ as large as fits and the QR uses whole 2-px modules with a lit quiet zone (norma
 dark modules on light, what every phone camera expects). Portrait sizes (rotate 1/3) get a
 stacked layout. Burn-in care (blanking, pixel shift) is the panel's job, not these functions'.
 
-``python -m agent.screens --out DIR`` writes every screen as a PNG (for the README, for eyes).
+``python -m agent.panel.screens --out DIR`` writes every screen as a PNG (for the README, for eyes).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from agent.state import DeviceCode, LastReading, OutboxCounts, Snapshot
 SIZE = (128, 64)
 PAGE_S = 4.0                       # each page of an alternating screen stays this long (>= 3 s)
 DEFAULT_CODE_LIFETIME_S = 900.0    # bar scale when the panel did not see the code arrive
-HOLD_PREFIX = "Keep holding"       # agent.controls writes this notice while the button is held
+HOLD_PREFIX = "Keep holding"       # agent.panel.controls writes this notice while the button is held
 EXHAUSTED_TEXT = "New code: press button, send renew_code or restart"
 
 Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
@@ -40,7 +40,7 @@ def font(size: int) -> Font:
 
 
 def hold_notice(seconds_left: float) -> str:
-    """The notice agent.controls shows while the button is held towards a sign-out."""
+    """The notice agent.panel.controls shows while the button is held towards a sign-out."""
     return f"{HOLD_PREFIX} to sign out: {max(0, math.ceil(seconds_left))} s"
 
 
@@ -509,7 +509,7 @@ def examples(now: float = 1000.0) -> dict[str, Image.Image]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m agent.screens",
+    parser = argparse.ArgumentParser(prog="python -m agent.panel.screens",
                                      description="write every panel screen as a PNG")
     parser.add_argument("--out", required=True, type=Path, help="directory for the PNGs")
     parser.add_argument("--scale", type=int, default=1, help="enlarge N times (nearest neighbour)")

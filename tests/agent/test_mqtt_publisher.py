@@ -1,4 +1,4 @@
-"""MqttNotifier against a real Mosquitto, plus its pure parts (command parsing, what to publish)."""
+"""MqttPublisher against a real Mosquitto, plus its pure parts (command parsing, what to publish)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from agent.config import MqttSettings
 from agent.errors import AgentError, NotifyError
-from agent.notifier import ACTIONS, MAX_COMMAND_BYTES, MqttNotifier, Outbound, parse_command
+from agent.mqtt.protocol import ACTIONS, MAX_COMMAND_BYTES, Outbound, parse_command
+from agent.mqtt.publisher import MqttPublisher
 from agent.state import AgentState, DeviceCode, OutboxCounts, Snapshot
 from tests.fixtures.broker import Broker, OldBrokerProxy, Received, Subscriber, retained
 from tests.waiting import wait_until
@@ -50,13 +51,13 @@ def is_cleared(m: Received) -> bool:
 
 
 @pytest.fixture
-def notifiers() -> Iterator[Callable[..., MqttNotifier]]:
+def notifiers() -> Iterator[Callable[..., MqttPublisher]]:
     """Build and start notifiers; every one is stopped at teardown."""
-    made: list[MqttNotifier] = []
+    made: list[MqttPublisher] = []
 
     def make(settings: MqttSettings, state: AgentState, commands: dict[str, Callable[[], None]] | None = None,
-             **kw: Any) -> MqttNotifier:
-        n = MqttNotifier(settings, DEVICE, state, commands or {}, "1.2.3", **kw)
+             **kw: Any) -> MqttPublisher:
+        n = MqttPublisher(settings, DEVICE, state, commands or {}, "1.2.3", **kw)
         n.start()
         made.append(n)
         return n
@@ -151,12 +152,12 @@ def test_bad_tls_files_and_password_file_raise_notify_error(tmp_path: Path) -> N
     garbage.write_text("not a certificate\n")
     state = AgentState()
     with pytest.raises(NotifyError, match=r"mqtt\.ca_file .*cannot load CA certificates"):
-        MqttNotifier(MqttSettings(url="mqtts://127.0.0.1:8883", ca_file=str(garbage)), DEVICE, state, {}, "x")
+        MqttPublisher(MqttSettings(url="mqtts://127.0.0.1:8883", ca_file=str(garbage)), DEVICE, state, {}, "x")
     with pytest.raises(NotifyError, match="cannot load the client certificate"):
-        MqttNotifier(MqttSettings(url="mqtts://127.0.0.1:8883", client_cert=str(garbage),
+        MqttPublisher(MqttSettings(url="mqtts://127.0.0.1:8883", client_cert=str(garbage),
                                   client_key=str(garbage)), DEVICE, state, {}, "x")
     with pytest.raises(NotifyError, match=r"mqtt\.password_file .*cannot read the password"):
-        MqttNotifier(MqttSettings(url="mqtt://127.0.0.1:1883", username="u",
+        MqttPublisher(MqttSettings(url="mqtt://127.0.0.1:1883", username="u",
                                   password_file=str(tmp_path / "missing")), DEVICE, state, {}, "x")
 
 
@@ -185,7 +186,7 @@ def test_code_reaches_a_late_subscriber_with_expiry(variant: str, request: pytes
     assert state.snapshot.links["mqtt"] == "up"
 
 
-def test_code_cleared_within_1s_of_sign_in(mosquitto: Broker, notifiers: Callable[..., MqttNotifier],
+def test_code_cleared_within_1s_of_sign_in(mosquitto: Broker, notifiers: Callable[..., MqttPublisher],
                                            subscribers: Callable[..., Subscriber]) -> None:
     state = AgentState()
     sub = subscribers(mosquitto)
@@ -200,7 +201,7 @@ def test_code_cleared_within_1s_of_sign_in(mosquitto: Broker, notifiers: Callabl
     assert json.loads(retained(mosquitto, STATUS).payload)["account"] == "ada@contoso.example"
 
 
-def test_renewed_code_replaces_the_old(mosquitto: Broker, notifiers: Callable[..., MqttNotifier],
+def test_renewed_code_replaces_the_old(mosquitto: Broker, notifiers: Callable[..., MqttPublisher],
                                        subscribers: Callable[..., Subscriber]) -> None:
     state = AgentState()
     sub = subscribers(mosquitto)
@@ -213,7 +214,7 @@ def test_renewed_code_replaces_the_old(mosquitto: Broker, notifiers: Callable[..
 
 
 @pytest.mark.slow
-def test_code_cleared_at_expiry(mosquitto: Broker, notifiers: Callable[..., MqttNotifier],
+def test_code_cleared_at_expiry(mosquitto: Broker, notifiers: Callable[..., MqttPublisher],
                                 subscribers: Callable[..., Subscriber]) -> None:
     state = AgentState()
     sub = subscribers(mosquitto)
@@ -229,7 +230,7 @@ def test_code_cleared_at_expiry(mosquitto: Broker, notifiers: Callable[..., Mqtt
 
 @pytest.mark.slow
 def test_clearing_while_disconnected_is_published_on_reconnect(
-        mosquitto: Broker, notifiers: Callable[..., MqttNotifier]) -> None:
+        mosquitto: Broker, notifiers: Callable[..., MqttPublisher]) -> None:
     state = AgentState()
     n = notifiers(mosquitto.mqtt_settings(), state)
     state.code_issued(make_code(900))
@@ -252,7 +253,7 @@ def test_clearing_while_disconnected_is_published_on_reconnect(
 
 @pytest.mark.slow
 def test_status_and_code_republished_after_broker_crash(
-        mosquitto: Broker, notifiers: Callable[..., MqttNotifier]) -> None:
+        mosquitto: Broker, notifiers: Callable[..., MqttPublisher]) -> None:
     state = AgentState()
     n = notifiers(mosquitto.mqtt_settings(), state)
     state.code_issued(make_code(900))
@@ -264,7 +265,7 @@ def test_status_and_code_republished_after_broker_crash(
     assert json.loads(retained(mosquitto, STATUS).payload)["state"] == "signing_in"
 
 
-def test_outbox_flood_is_coalesced(mosquitto: Broker, notifiers: Callable[..., MqttNotifier],
+def test_outbox_flood_is_coalesced(mosquitto: Broker, notifiers: Callable[..., MqttPublisher],
                                    subscribers: Callable[..., Subscriber]) -> None:
     state = AgentState()
     sub = subscribers(mosquitto, [STATUS])
@@ -290,9 +291,9 @@ def test_last_will_on_sigkill(mosquitto: Broker, subscribers: Callable[..., Subs
     script = (
         "import sys, time\n"
         "from agent.config import MqttSettings\n"
-        "from agent.notifier import MqttNotifier\n"
+        "from agent.mqtt.publisher import MqttPublisher\n"
         "from agent.state import AgentState\n"
-        "MqttNotifier(MqttSettings(url=sys.argv[1], topic_prefix='test', keepalive_s=5),"
+        "MqttPublisher(MqttSettings(url=sys.argv[1], topic_prefix='test', keepalive_s=5),"
         " 'will-dev', AgentState(), {}, '1.2.3').start()\n"
         "time.sleep(60)\n"
     )
@@ -313,7 +314,7 @@ def test_last_will_on_sigkill(mosquitto: Broker, subscribers: Callable[..., Subs
 
 def test_stop_publishes_offline_and_clears_code(mosquitto: Broker) -> None:
     state = AgentState()
-    n = MqttNotifier(mosquitto.mqtt_settings(), DEVICE, state, {}, "1.2.3")
+    n = MqttPublisher(mosquitto.mqtt_settings(), DEVICE, state, {}, "1.2.3")
     n.start()
     state.code_issued(make_code(900))
     wait_until(lambda: retained(mosquitto, CODE, 0.1), what="retained code")
@@ -328,11 +329,11 @@ def test_stop_publishes_offline_and_clears_code(mosquitto: Broker) -> None:
 
 def test_start_never_blocks_and_stop_is_quick_when_broker_is_down(
         caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="agent.notifier")
+    caplog.set_level(logging.WARNING, logger="agent.mqtt.publisher")
     from tests.fixtures.broker import free_port
 
     state = AgentState()
-    n = MqttNotifier(MqttSettings(url=f"mqtt://127.0.0.1:{free_port()}"), DEVICE, state, {}, "x")
+    n = MqttPublisher(MqttSettings(url=f"mqtt://127.0.0.1:{free_port()}"), DEVICE, state, {}, "x")
     t0 = time.monotonic()
     n.start()
     assert time.monotonic() - t0 < 0.5              # no connect attempt in the caller's thread
@@ -346,8 +347,8 @@ def test_start_never_blocks_and_stop_is_quick_when_broker_is_down(
 
 def test_wrong_password_logs_once_and_keeps_running(
         mosquitto_tls: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture,
-        notifiers: Callable[..., MqttNotifier]) -> None:
-    caplog.set_level(logging.INFO, logger="agent.notifier")
+        notifiers: Callable[..., MqttPublisher]) -> None:
+    caplog.set_level(logging.INFO, logger="agent.mqtt.publisher")
     wrong = tmp_path / "wrong-password"
     wrong.write_text("nope\n")
     state = AgentState()
@@ -363,7 +364,7 @@ def test_wrong_password_logs_once_and_keeps_running(
 
 
 def test_tls_with_password_and_client_settings(mosquitto_tls: Broker,
-                                               notifiers: Callable[..., MqttNotifier]) -> None:
+                                               notifiers: Callable[..., MqttPublisher]) -> None:
     state = AgentState()
     n = notifiers(mosquitto_tls.mqtt_settings(), state)
     wait_until(lambda: n.connected, what="connected over TLS")
@@ -372,7 +373,7 @@ def test_tls_with_password_and_client_settings(mosquitto_tls: Broker,
                what="status over TLS")
 
 
-def test_client_certificate_login(tmp_path: Path, notifiers: Callable[..., MqttNotifier]) -> None:
+def test_client_certificate_login(tmp_path: Path, notifiers: Callable[..., MqttPublisher]) -> None:
     """mTLS: the broker requires a client certificate from the same CA; config client_cert/key."""
     import trustme
 
@@ -392,7 +393,7 @@ def test_client_certificate_login(tmp_path: Path, notifiers: Callable[..., MqttN
     with broker.config.open("a") as f:
         f.write("require_certificate true\n")
     broker.start()
-    made: list[MqttNotifier] = []
+    made: list[MqttPublisher] = []
     try:
         made.append(notifiers(broker.mqtt_settings(client_cert=str(tmp_path / "client.pem"),
                                                    client_key=str(tmp_path / "client.key")), AgentState()))
@@ -408,7 +409,7 @@ def test_client_certificate_login(tmp_path: Path, notifiers: Callable[..., MqttN
 
 
 def test_falls_back_to_mqtt_311(mosquitto: Broker, old_broker: OldBrokerProxy,
-                                notifiers: Callable[..., MqttNotifier],
+                                notifiers: Callable[..., MqttPublisher],
                                 subscribers: Callable[..., Subscriber]) -> None:
     proxy = old_broker
     state = AgentState()
@@ -430,7 +431,7 @@ def test_falls_back_to_mqtt_311(mosquitto: Broker, old_broker: OldBrokerProxy,
 @pytest.mark.slow
 def test_falls_back_when_the_broker_hangs_up_on_mqtt_5(mosquitto: Broker, request: pytest.FixtureRequest,
                                                        caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="agent.notifier")
+    caplog.set_level(logging.WARNING, logger="agent.mqtt.publisher")
     proxy = OldBrokerProxy(mosquitto.port, on_v5="close")
     request.addfinalizer(proxy.close)
     notifiers = request.getfixturevalue("notifiers")
@@ -442,7 +443,7 @@ def test_falls_back_when_the_broker_hangs_up_on_mqtt_5(mosquitto: Broker, reques
 
 @pytest.mark.slow
 def test_mqtt_311_code_cleared_by_own_timer(mosquitto: Broker, old_broker: OldBrokerProxy,
-                                            notifiers: Callable[..., MqttNotifier],
+                                            notifiers: Callable[..., MqttPublisher],
                                             subscribers: Callable[..., Subscriber]) -> None:
     proxy = old_broker
     state = AgentState()
@@ -458,7 +459,7 @@ def test_mqtt_311_code_cleared_by_own_timer(mosquitto: Broker, old_broker: OldBr
 
 # ----------------------------------------------------------------------------- commands
 
-def test_commands_and_their_results(mosquitto: Broker, notifiers: Callable[..., MqttNotifier],
+def test_commands_and_their_results(mosquitto: Broker, notifiers: Callable[..., MqttPublisher],
                                     subscribers: Callable[..., Subscriber]) -> None:
     calls: list[str] = []
 
@@ -515,7 +516,7 @@ def test_retained_command_is_not_rerun_on_connect(via_311: bool, mosquitto: Brok
         assert results == []
 
 
-def test_slow_command_does_not_stall_mqtt(mosquitto: Broker, notifiers: Callable[..., MqttNotifier],
+def test_slow_command_does_not_stall_mqtt(mosquitto: Broker, notifiers: Callable[..., MqttPublisher],
                                           subscribers: Callable[..., Subscriber]) -> None:
     release = threading.Event()
     state = AgentState()
@@ -553,7 +554,7 @@ def test_fuzzed_commands_each_get_exactly_one_result(mosquitto_module: Broker) -
     def boom() -> None:
         raise AgentError("refused")
 
-    n = MqttNotifier(mosquitto_module.mqtt_settings(), DEVICE, state,
+    n = MqttPublisher(mosquitto_module.mqtt_settings(), DEVICE, state,
                      {"renew_code": lambda: None, "sign_out": boom, "flush": lambda: 1 / 0}, "1.2.3")
     n.start()
     sub = Subscriber(mosquitto_module, [RESULT])

@@ -4,7 +4,7 @@ OAuth errors (RFC 6749 §5.2, RFC 8628 §3.5) say what kind of failure it is; En
 ``AADSTSnnnnn`` code (in ``error_codes`` and in ``error_description``) that says why. The table is
 here, free of msal, so the screen and the MQTT status can show the same words the journal does.
 
-Kinds, and what ``agent.auth`` does with each:
+Kinds, and what ``agent.signin.authenticator`` does with each:
 
     pending    keep polling (authorization_pending, slow_down)
     expired    the code expired: start a new one (counts against auth.auto_renew_codes)

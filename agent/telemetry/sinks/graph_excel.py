@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from agent.errors import UploadError
-from agent.sinks import HttpsClient, SendResult, network_error, redact_url, send_splitting, status_error
+from agent.telemetry.sinks import HttpsClient, SendResult, network_error, redact_url, send_splitting, status_error
 
 if TYPE_CHECKING:
     import requests
 
     from agent.config import UploadSettings
-    from agent.outbox import Row
+    from agent.telemetry.outbox import Row
 
 log = logging.getLogger(__name__)
 

@@ -15,21 +15,14 @@ the current truth is published on reconnect.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import queue
-import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -37,289 +30,41 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.config import MqttSettings
 from agent.errors import AgentError, ConfigError, NotifyError
-from agent.state import AgentState, DeviceCode, Snapshot
+from agent.mqtt.connection import (
+    ReportingClient,
+    credentials_message,
+    describe_connect_error,
+    new_client,
+    no_delay,
+    parse_broker_url,
+    read_password,
+    shutdown_client,
+    tls_context,
+)
+from agent.mqtt.protocol import (
+    OFFLINE,
+    STATUS_MIN_INTERVAL_S,
+    Outbound,
+    Publication,
+    parse_command,
+    result_payload,
+)
+from agent.state import AgentState, Snapshot
 
 log = logging.getLogger(__name__)
 
-ACTIONS = ("renew_code", "sign_out", "flush", "publish_status")
-MAX_COMMAND_BYTES = 4096
-STATUS_MIN_INTERVAL_S = 5.0          # outbox/last_upload-only changes: at most this often
 RECONNECT_DELAY_S = (1, 60)          # paho doubles the wait from min to max per failed attempt
 AUTH_RECONNECT_DELAY_S = (15, 300)   # refused credentials: nobody fixes them in a second
 STOP_JOIN_S = 1.0
-OFFLINE = b'{"state":"offline"}'
 
 # Reason codes that mean "fix the credentials" (MQTT 5; paho maps 3.1.1's 4/5 onto them).
 _BAD_CREDENTIALS = (134, 135)
 _UNSUPPORTED_PROTOCOL = 132
 
 
-# --------------------------------------------------------------------------- connection helpers
-# Shared with agent.watch, so the admin's view connects exactly like the device does.
-
-@dataclass(frozen=True)
-class BrokerAddress:
-    """Where a broker listens, from an ``mqtt://`` or ``mqtts://`` URL."""
-
-    host: str
-    port: int
-    tls: bool
-
-    def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
-
-
-def parse_broker_url(url: str) -> BrokerAddress:
-    """Split ``mqtt[s]://host[:port]``; default ports 1883 / 8883.
-
-    Raises:
-        ConfigError: not an mqtt/mqtts URL, no host, a bad port, or a path/query.
-    """
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-        raise ConfigError(f"{url!r} must look like mqtts://host[:port] or mqtt://host[:port]")
-    try:
-        port = parts.port
-    except ValueError:
-        raise ConfigError(f"{url!r} has an invalid port") from None
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ConfigError(f"{url!r}: an MQTT broker URL has no path or query")
-    tls = parts.scheme == "mqtts"
-    return BrokerAddress(parts.hostname, port or (8883 if tls else 1883), tls)
-
-
-def tls_context(ca_file: str = "", client_cert: str = "", client_key: str = "",
-                *, what: str = "mqtt") -> ssl.SSLContext:
-    """System CAs plus ``ca_file`` (in addition, never instead), and the client cert if any.
-
-    Raises:
-        NotifyError: a file is missing, unreadable or not PEM of the right kind.
-    """
-    ctx = ssl.create_default_context()
-    if ca_file:
-        try:
-            ctx.load_verify_locations(cafile=ca_file)
-        except (OSError, ssl.SSLError) as err:
-            raise NotifyError(f"{what}.ca_file {ca_file!r}: cannot load CA certificates: "
-                              f"{_reason(err)}") from err
-    if client_cert or client_key:
-        try:
-            ctx.load_cert_chain(client_cert, client_key or None)
-        except (OSError, ssl.SSLError) as err:
-            raise NotifyError(f"{what}.client_cert/client_key {client_cert!r}/{client_key!r}: "
-                              f"cannot load the client certificate and key: {_reason(err)}") from err
-    return ctx
-
-
-def read_password(path: str, *, what: str = "mqtt.password_file") -> str:
-    """The password file's content without its trailing newline.
-
-    Raises:
-        NotifyError: unreadable or not UTF-8.
-    """
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().rstrip("\r\n")
-    except (OSError, UnicodeDecodeError) as err:
-        raise NotifyError(f"{what} {path!r}: cannot read the password: {_reason(err)}") from err
-
-
-def describe_connect_error(err: BaseException, address: BrokerAddress, *, ca_hint: str) -> str:
-    """One line saying why a TCP/TLS connection failed and what to check."""
-    if isinstance(err, ssl.SSLCertVerificationError):
-        return (f"TLS: the certificate of {address} is not trusted "
-                f"({err.verify_message or _reason(err)}): check {ca_hint}")
-    if isinstance(err, ssl.SSLError):
-        return f"TLS handshake with {address} failed ({_reason(err)}): is it an mqtts:// listener?"
-    if isinstance(err, ConnectionRefusedError):
-        return f"connection to {address} refused: is the broker running and listening there?"
-    if isinstance(err, socket.gaierror):
-        return f"cannot resolve {address.host!r}: {err.strerror or err}"
-    if isinstance(err, TimeoutError | socket.timeout):
-        return f"connection to {address} timed out"
-    return f"cannot connect to {address}: {_reason(err)}"
-
-
-def credentials_message(reason: ReasonCode | int, hint: str) -> str:
-    value = reason.value if isinstance(reason, ReasonCode) else int(reason)
-    return f"MQTT broker refused the credentials ({value} {reason_name(reason)}): check {hint}"
-
-
-def reason_name(reason: ReasonCode | int) -> str:
-    if isinstance(reason, ReasonCode):
-        return reason.getName()
-    return str(reason)
-
-
-class ReportingClient(mqtt.Client):
-    """paho's Client that remembers why the last connection attempt failed.
-
-    paho's network loop swallows the OSError of a failed (re)connect and only calls
-    ``on_connect_fail``; the reason (refused, unknown CA, DNS) is what an operator needs.
-    """
-
-    last_connect_error: BaseException | None = None
-
-    def reconnect(self) -> MQTTErrorCode:
-        try:
-            return super().reconnect()
-        except OSError as err:
-            self.last_connect_error = err
-            raise
-
-
-def new_client(protocol: MQTTProtocolVersion, client_id: str, address: BrokerAddress,
-               ctx: ssl.SSLContext | None, username: str, password: str | None) -> ReportingClient:
-    """A VERSION2-callback paho client set up for ``address`` (TLS if its scheme says so)."""
-    client = ReportingClient(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
-                             clean_session=None if protocol == mqtt.MQTTv5 else True)
-    if address.tls and ctx is not None:
-        client.tls_set_context(ctx)
-    if username:
-        client.username_pw_set(username, password)
-    client.on_socket_open = no_delay
-    return client
-
-
-def no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
-    """Disable Nagle: after a PUBACK, the next small publish otherwise waits ~40 ms for the peer's
-    delayed ACK (measured on loopback: command round trip 43 ms -> 2 ms)."""
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError):   # not a TCP socket (e.g. a unix socket or a proxy wrapper)
-        pass
-
-
-def _reason(err: BaseException) -> str:
-    if isinstance(err, ssl.SSLError) and err.reason:
-        return str(err.reason)
-    if isinstance(err, OSError) and err.strerror:
-        return err.strerror
-    return str(err) or type(err).__name__
-
-
-# --------------------------------------------------------------------------- commands
-
-@dataclass(frozen=True)
-class Command:
-    """A parsed ``P/D/cmd`` message: ``action`` is valid when ``error`` is None."""
-
-    action: str | None
-    error: str | None
-
-
-def parse_command(payload: bytes) -> Command:
-    """Check one command message; never raises (every message gets exactly one result)."""
-    if len(payload) > MAX_COMMAND_BYTES:
-        return Command(None, f"payload too large ({len(payload)} bytes; at most {MAX_COMMAND_BYTES})")
-    try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError:
-        return Command(None, "payload is not UTF-8 JSON")
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError):
-        return Command(None, 'payload is not JSON; send {"action": "<name>"}')
-    if not isinstance(data, dict):
-        return Command(None, f'payload must be a JSON object like {{"action": "<name>"}}, '
-                             f"not {_json_type(data)}")
-    action = data.get("action")
-    if "action" not in data:
-        return Command(None, f"missing \"action\"; one of: {', '.join(ACTIONS)}")
-    if not isinstance(action, str):
-        return Command(None, f"\"action\" must be a string, not {_json_type(action)}")
-    if action not in ACTIONS:
-        shown = action if len(action) <= 64 else action[:64] + "..."
-        return Command(action, f"unknown action {shown!r}; one of: {', '.join(ACTIONS)}")
-    return Command(action, None)
-
-
-def result_payload(action: str | None, error: str | None) -> bytes:
-    return json.dumps({"action": action, "ok": error is None, "error": error},
-                      separators=(",", ":")).encode()
-
-
-def _json_type(value: Any) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-            int: "a number", float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
-
-
-# --------------------------------------------------------------------------- what to publish
-
-@dataclass(frozen=True)
-class Publication:
-    """One retained message the broker should hold; ``expiry_s`` is MQTT 5's Message Expiry."""
-
-    topic: str
-    payload: bytes
-    expiry_s: int | None = None
-
-
-class Outbound:
-    """Decides what the broker should hold for this device; pure, clock passed in, unit-tested.
-
-    ``plan`` assumes its publications are made (the caller only asks while connected and asks
-    with ``force=True`` after every (re)connect, when the broker's copy is unknown).
-    """
-
-    def __init__(self, prefix: str, device_id: str, version: str, *,
-                 status_min_interval_s: float = STATUS_MIN_INTERVAL_S) -> None:
-        self.device_id = device_id
-        self.version = version
-        self.status_topic = f"{prefix}/{device_id}/status"
-        self.code_topic = f"{prefix}/{device_id}/auth/code"
-        self.min_interval_s = status_min_interval_s
-        self._status: dict[str, Any] | None = None
-        self._status_at = -math.inf
-        self._code: DeviceCode | None = None
-        self.code_published = False          # a code may be on the broker: stop() must clear it
-
-    def plan(self, snap: Snapshot, now: float, *,
-             force: bool = False) -> tuple[list[Publication], float | None]:
-        """Publications needed now, and the monotonic time to ask again (None: on change only)."""
-        out: list[Publication] = []
-        wake: list[float] = []
-
-        status = snap.status_payload(self.version)
-        if force or status != self._status:
-            # Sample-rate churn (outbox depth, upload time) is throttled; what a person acts on is not.
-            churn_only = self._status is not None and all(
-                status[k] == self._status[k] for k in status if k not in ("outbox", "last_upload"))
-            due = self._status_at + self.min_interval_s
-            if force or not churn_only or now >= due:
-                out.append(Publication(self.status_topic, _json(status)))
-                self._status, self._status_at = status, now
-            else:
-                wake.append(due)
-
-        code = snap.code if snap.code is not None and snap.code.seconds_left(now) > 0 else None
-        if force or code != self._code:
-            if code is not None:
-                # Whole seconds, rounded down: the broker must never offer a code that is dead.
-                expiry = max(1, int(code.seconds_left(now)))
-                out.append(Publication(self.code_topic, _json(code.public(self.device_id)), expiry))
-                self.code_published = True
-            else:
-                out.append(Publication(self.code_topic, b""))
-                self.code_published = False
-            self._code = code
-        if code is not None:
-            wake.append(code.expires_at_monotonic)   # 3.1.1 has no expiry: clear it ourselves
-        return out, min(wake) if wake else None
-
-    def offline_status(self, snap: Snapshot) -> Publication:
-        status = snap.status_payload(self.version)
-        status["state"] = "offline"
-        return Publication(self.status_topic, _json(status))
-
-
-def _json(data: Mapping[str, Any]) -> bytes:
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
-
-
 # --------------------------------------------------------------------------- the notifier
 
-class MqttNotifier:
+class MqttPublisher:
     """Announces code and status on MQTT and runs remote commands; see the module docstring."""
 
     def __init__(self, settings: MqttSettings, device_id: str, state: AgentState,
@@ -663,20 +408,3 @@ class MqttNotifier:
             props.CorrelationData = correlation
         client.publish(self.result_topic, result_payload(action, error), qos=1, retain=False,
                        properties=props)
-
-
-def shutdown_client(client: mqtt.Client, timeout_s: float) -> None:
-    """Disconnect and stop paho's thread, waiting at most ``timeout_s``.
-
-    loop_stop() joins without a timeout and paho may sit in a back-off sleep or a connect
-    attempt; its thread is a daemon, so waiting in a helper thread keeps stop() bounded.
-    """
-    try:
-        client.disconnect()
-    except Exception:  # noqa: S110 - a dead socket must not stop the shutdown
-        pass
-    stopper = threading.Thread(target=client.loop_stop, name="mqtt-stop", daemon=True)
-    stopper.start()
-    stopper.join(timeout_s)
-    if stopper.is_alive():
-        log.debug("MQTT: network thread still busy after %.1f s; leaving it (daemon)", timeout_s)

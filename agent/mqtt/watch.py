@@ -23,7 +23,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.errors import AgentError, ConfigError, NotifyError
-from agent.notifier import (
+from agent.mqtt.connection import (
     BrokerAddress,
     credentials_message,
     describe_connect_error,

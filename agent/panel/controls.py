@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from agent import screens
+from agent.panel import screens
 from agent.state import AgentState, Snapshot
 from hw.base import Gpio
 from hw.errors import HardwareError

@@ -30,13 +30,13 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
 
 from agent.errors import UploadError
-from agent.sinks import SendResult
+from agent.telemetry.sinks import SendResult
 
 if TYPE_CHECKING:
     from agent.config import UploadSettings
-    from agent.outbox import Outbox, Row
-    from agent.sinks import Sink
     from agent.state import AgentState
+    from agent.telemetry.outbox import Outbox, Row
+    from agent.telemetry.sinks import Sink
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ TICK_S = 0.25                  # run(): longest single wait, so stop/flush/heart
 
 
 class TokenSource(Protocol):
-    """What the uploader needs from sign-in (agent/auth.py's Authenticator)."""
+    """What the uploader needs from sign-in (agent/signin/authenticator.py's Authenticator)."""
 
     def access_token(self) -> str | None: ...
     def token_rejected(self) -> str | None: ...
