@@ -8,7 +8,6 @@ restarted with back-off, the process keeps running. SIGTERM/SIGINT stop everythi
 from __future__ import annotations
 
 import logging
-import random
 import signal
 import sqlite3
 import threading
@@ -22,6 +21,7 @@ from agent import __version__, logs
 from agent.config import Settings
 from agent.errors import AgentError
 from agent.fsutil import ensure_private_dir
+from agent.net.retry import Backoff
 from agent.sdnotify import Notifier
 from agent.state import AgentState, Snapshot
 from agent.statusfile import (
@@ -52,6 +52,7 @@ class Supervised:
     restart_at: float = 0.0
     done: bool = False
     error: str | None = field(default=None)
+    backoff: Backoff | None = None      # made at the first crash, from RESTART_BACKOFF_S
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._body, name=self.name, daemon=True)
@@ -64,8 +65,10 @@ class Supervised:
         except Exception as err:  # the supervisor restarts us; the process must not die
             self.crashes += 1
             self.error = f"{type(err).__name__}: {err}"
-            delay = min(RESTART_BACKOFF_S[1], RESTART_BACKOFF_S[0] * 2 ** (self.crashes - 1))
-            self.restart_at = time.monotonic() + delay * random.uniform(0.8, 1.2)
+            if self.backoff is None:
+                self.backoff = Backoff(*RESTART_BACKOFF_S, jitter=(0.8, 1.2))
+            delay = self.backoff.next_delay()
+            self.restart_at = time.monotonic() + delay
             log.exception("%s crashed (%d so far); restarting in %.0f s", self.name, self.crashes, delay)
 
     def check(self, now: float) -> None:

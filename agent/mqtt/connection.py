@@ -18,6 +18,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.errors import ConfigError, NotifyError
+from agent.net.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +55,17 @@ def parse_broker_url(url: str) -> BrokerAddress:
 
 def tls_context(ca_file: str = "", client_cert: str = "", client_key: str = "",
                 *, what: str = "mqtt") -> ssl.SSLContext:
-    """System CAs plus ``ca_file`` (in addition, never instead), and the client cert if any.
+    """System CAs plus ``ca_file`` (in addition, never instead: ``agent.net.tls.client_context``,
+    the same trust as the HTTPS clients), and the client cert if any.
 
     Raises:
         NotifyError: a file is missing, unreadable or not PEM of the right kind.
     """
-    ctx = ssl.create_default_context()
-    if ca_file:
-        try:
-            ctx.load_verify_locations(cafile=ca_file)
-        except (OSError, ssl.SSLError) as err:
-            raise NotifyError(f"{what}.ca_file {ca_file!r}: cannot load CA certificates: "
-                              f"{_reason(err)}") from err
+    try:
+        ctx = client_context(ca_file)
+    except (OSError, ssl.SSLError) as err:
+        raise NotifyError(f"{what}.ca_file {ca_file!r}: cannot load CA certificates: "
+                          f"{_reason(err)}") from err
     if client_cert or client_key:
         try:
             ctx.load_cert_chain(client_cert, client_key or None)

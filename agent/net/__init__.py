@@ -1,4 +1,8 @@
-"""Network ground shared by every capability: CA bundles and TLS contexts (``tls``).
+"""Network ground shared by every capability: one way to talk to the far side.
 
-May import ``agent.errors`` only.
+``tls``: the CA trust (system store plus ``ca_file``) as a ``verify=`` path and an SSLContext;
+``https``: the one HTTPS session (verify, timeout, response observers) for the IdP and the sinks;
+``retry``: the one ``Retry-After`` parser and the one exponential back-off with jitter.
+
+May import ``agent.errors`` (and requests) only.
 """

@@ -1,8 +1,10 @@
-"""TLS trust for every HTTPS client of the agent (IdP and sinks): one way to build ``verify=``.
+"""TLS trust for every client of the agent (IdP, sinks, MQTT): one rule, two shapes.
 
-``ca_file`` is trusted in addition to the system store, and ``REQUESTS_CA_BUNDLE`` /
-``CURL_CA_BUNDLE`` never override it: requests merges those per request unless ``verify`` is an
-explicit path, so the clients always pass the path this module returns.
+``ca_file`` is trusted in addition to the system store, never instead. requests gets it as a
+``verify=`` path (``ca_bundle``; ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE`` never override it:
+requests merges those per request unless ``verify`` is an explicit path, so
+``agent.net.https`` always passes the path this module returns); paho gets an
+``ssl.SSLContext`` (``client_context``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,22 @@ def ca_bundle(ca_file: str) -> str:
         atexit.register(_unlink, path)
         _bundles[key] = path
         return path
+
+
+def client_context(ca_file: str = "") -> ssl.SSLContext:
+    """A verifying client context (hostname checked) trusting the system store plus ``ca_file``.
+
+    Raises:
+        OSError, ssl.SSLError: ``ca_file`` is missing, unreadable or holds no PEM certificate;
+            callers turn that into their own error naming the config key.
+    """
+    ctx = ssl.create_default_context()
+    if ctx.cert_store_stats()["x509_ca"] == 0:
+        # No CA in OpenSSL's default paths (some minimal images): the bundle requests would use.
+        ctx.load_verify_locations(cafile=_system_bundle())
+    if ca_file:
+        ctx.load_verify_locations(cafile=ca_file)
+    return ctx
 
 
 def _system_bundle() -> str:

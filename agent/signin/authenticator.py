@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,7 +29,8 @@ import msal
 import requests
 
 from agent.config import AuthSettings
-from agent.net.tls import ca_bundle
+from agent.net.https import HttpsSession
+from agent.net.retry import Backoff, retry_after_s
 from agent.signin.aadsts import Problem, explain
 from agent.signin.token_cache import TokenCacheFile
 from agent.state import AgentState, DeviceCode
@@ -62,59 +62,6 @@ class Timing:
     min_token_life_s: float = 300.0           # access_token() refreshes when less is left
     wait_slice_s: float = 0.25                # how often waits look at request_new_code/sign_out
     rejected_retry_max_s: float = 30.0        # refused token, refresh failed: retry cap (from backoff_initial_s)
-
-
-class Backoff:
-    """Exponential back-off with jitter ("equal jitter": half fixed, half random)."""
-
-    def __init__(self, initial_s: float, max_s: float, rng: Callable[[], float] = random.random) -> None:
-        self.initial_s, self.max_s, self._rng = initial_s, max_s, rng
-        self.attempts = 0
-
-    def next_delay(self, floor_s: float = 0.0) -> float:
-        """The next wait; never below ``floor_s`` (a server's Retry-After)."""
-        ceiling = min(self.max_s, self.initial_s * 2.0 ** min(self.attempts, 30))
-        self.attempts += 1
-        delay = ceiling / 2 + self._rng() * ceiling / 2
-        return max(delay, floor_s)
-
-    def reset(self) -> None:
-        self.attempts = 0
-
-
-class IdpSession(requests.Session):
-    """The ``http_client`` given to MSAL: TLS trust and timeout on every request, link tracking.
-
-    ``verify`` goes on each request, not on the session: requests lets ``REQUESTS_CA_BUNDLE`` /
-    ``CURL_CA_BUNDLE`` replace a session-level setting, but never a per-request path.
-    """
-
-    def __init__(self, *, verify: str | bool, timeout_s: float,
-                 on_link: Callable[[bool], None] = lambda up: None) -> None:
-        super().__init__()
-        self.ca_verify = verify
-        self.timeout_s = timeout_s
-        self._on_link = on_link
-        self.last_status: int | None = None
-        self.retry_after_s: float | None = None
-        self.sent = 0        # requests attempted: tells an msal failure on a reply from one before any
-
-    def request(self, method: str | bytes, url: str | bytes,
-                *args: Any, **kwargs: Any) -> requests.Response:
-        if self.ca_verify is not True:
-            kwargs["verify"] = self.ca_verify
-        kwargs["timeout"] = self.timeout_s
-        self.last_status = None
-        self.sent += 1
-        try:
-            resp = super().request(method, url, *args, **kwargs)  # type: ignore[arg-type]
-        except requests.RequestException:
-            self._on_link(False)
-            raise
-        self.last_status = resp.status_code
-        self.retry_after_s = _retry_after(resp) if resp.status_code in (429, 503) else None
-        self._on_link(resp.status_code < 500)
-        return resp
 
 
 @dataclass
@@ -164,7 +111,8 @@ class Authenticator:
         self._cache.load()
         self._lock = threading.RLock()          # silent MSAL calls and the token fields
         self._app: msal.PublicClientApplication | None = None
-        self._session: IdpSession | None = None
+        self._session: HttpsSession | None = None
+        self._idp_retry_after: float | None = None   # the last 429/503 reply's Retry-After
         self._http_cache: dict[str, Any] = {}
         self._account: dict[str, Any] | None = None
         self._token: _Token | None = None
@@ -367,8 +315,8 @@ class Authenticator:
             return self._app
         s = self._settings
         if self._session is None:
-            verify = ca_bundle(s.ca_file)
-            self._session = IdpSession(verify=verify, timeout_s=s.timeout_s, on_link=self._set_link)
+            self._session = HttpsSession(s.ca_file, s.timeout_s, on_response=[self._on_idp_response],
+                                         on_failure=[self._on_idp_failure])
         kwargs: dict[str, Any] = {"client_id": s.client_id, "token_cache": self._cache.cache,
                                   "http_client": self._session, "http_cache": self._http_cache}
         if s.oidc_authority:
@@ -457,7 +405,7 @@ class Authenticator:
             return
         problem = self._explain(result)
         if problem.kind == "transient":
-            raise _IdpDown(problem.message, self._session.retry_after_s if self._session else None)
+            raise _IdpDown(problem.message, self._idp_retry_after)
         if problem.kind == "reauth" or result.get("error") in _REAUTH_ERRORS:
             self._begin_reauth(problem)
             return
@@ -567,9 +515,9 @@ class Authenticator:
             if status is not None and status >= 500:
                 # MSAL does not raise on a 5xx here; it hands over the error body.
                 raise _IdpDown(f"The sign-in service failed (HTTP {status})",
-                               self._session.retry_after_s if self._session else None)
+                               self._idp_retry_after)
             if problem.kind == "transient":
-                raise _IdpDown(problem.message, self._session.retry_after_s if self._session else None)
+                raise _IdpDown(problem.message, self._idp_retry_after)
             raise _ConfigProblem(problem)
         self._set_link(True)
         expires_in = max(1.0, _number(flow.get("expires_in"), 900.0))
@@ -648,7 +596,7 @@ class Authenticator:
             self._renew_or_wait("code not accepted")
         elif problem.kind == "transient":
             self._state.code_cleared(notice="sign-in service error")
-            raise _IdpDown(problem.message, self._session.retry_after_s if self._session else None)
+            raise _IdpDown(problem.message, self._idp_retry_after)
         else:
             self._state.code_cleared(notice=None)
             raise _ConfigProblem(problem)
@@ -681,7 +629,7 @@ class Authenticator:
     def _idp_down(self, err: BaseException) -> _IdpDown:
         """Name a transport failure for operators (never with response bodies: no secrets)."""
         status = self._session.last_status if self._session else None
-        retry_after = self._session.retry_after_s if self._session else None
+        retry_after = self._idp_retry_after
         if isinstance(err, requests.exceptions.SSLError):
             msg = "TLS check of the sign-in service failed: check auth.ca_file"
         elif isinstance(err, requests.exceptions.Timeout):
@@ -742,6 +690,13 @@ class Authenticator:
     def _set_link(self, up: bool) -> None:
         self._state.set_link("idp", "up" if up else "down")
 
+    def _on_idp_response(self, resp: requests.Response) -> None:
+        self._idp_retry_after = retry_after_s(resp) if resp.status_code in (429, 503) else None
+        self._set_link(resp.status_code < 500)
+
+    def _on_idp_failure(self, err: requests.RequestException) -> None:
+        self._set_link(False)
+
 
 def _number(value: Any, default: float) -> float:
     try:
@@ -749,24 +704,6 @@ def _number(value: Any, default: float) -> float:
     except (TypeError, ValueError):
         return default
     return n if math.isfinite(n) else default
-
-
-def _retry_after(resp: requests.Response) -> float | None:
-    """Retry-After in seconds (delta-seconds or HTTP date), capped at an hour."""
-    raw = resp.headers.get("Retry-After")
-    if not raw:
-        return None
-    try:
-        return min(3600.0, max(0.0, float(raw)))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(raw)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return min(3600.0, max(0.0, (when - datetime.now(UTC)).total_seconds()))
 
 
 def _display_name(account: Mapping[str, Any] | None, claims: Mapping[str, Any]) -> str | None:

@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
 
 from agent.errors import UploadError
+from agent.net.retry import Backoff
 from agent.telemetry.sinks import SendResult
 
 if TYPE_CHECKING:
@@ -76,8 +77,8 @@ class Uploader:
         self._wake = threading.Event()
         self._not_before = 0.0          # monotonic; server-imposed (Retry-After, 403) minimum
         self._backoff_until = 0.0       # monotonic; our own back-off (flush() may cut it short)
-        self._failures = 0
-        self._forbidden = 0
+        self._retry = Backoff(BACKOFF_FIRST_S, BACKOFF_CAP_S, rng)           # equal jitter
+        self._forbidden = Backoff(FORBIDDEN_FIRST_S, FORBIDDEN_CAP_S, jitter=(1.0, 1.0))
         self._refused_token: str | None = None   # digest of a token the API refused twice
         self._waiting_for_token = False
         self._refresh_failed = False             # the last 401's refresh gave no token (log once)
@@ -196,9 +197,7 @@ class Uploader:
             self._delivered(bool(result.acked))
             return 0.0
         if err is not None and err.status == 403:
-            self._forbidden += 1
-            wait = min(FORBIDDEN_CAP_S, FORBIDDEN_FIRST_S * 2.0 ** (self._forbidden - 1))
-            wait = max(wait, err.retry_after_s or 0.0)
+            wait = self._forbidden.next_delay(err.retry_after_s)
             self._not_before = now + wait
             log.error("%s; keeping %d readings, next try in %.0f s", SCOPE_ERROR, len(result.retry), wait)
             self.state.update(error=SCOPE_ERROR)
@@ -206,9 +205,7 @@ class Uploader:
             self._publish_counts()
             return wait
         if err is not None or result.retry:
-            self._failures += 1
-            backoff = min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2.0 ** (self._failures - 1))
-            backoff = backoff / 2 + self.rng() * backoff / 2        # "equal jitter": never ~0
+            backoff = self._retry.next_delay()
             server = err.retry_after_s if err is not None else result.retry_after_s
             if server is not None:
                 # A minimum: never earlier than asked, and "Retry-After: 0" from a struggling
@@ -232,8 +229,8 @@ class Uploader:
         return 0.0 if self.outbox.counts().pending > 0 else self.settings.interval_s
 
     def _delivered(self, any_acked: bool) -> None:
-        self._failures = 0
-        self._forbidden = 0
+        self._retry.reset()
+        self._forbidden.reset()
         self.state.set_link("api", "up")
         changes: dict[str, object] = {"outbox": self.outbox.counts()}
         if any_acked:

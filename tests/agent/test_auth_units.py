@@ -1,4 +1,4 @@
-"""Pure parts of agent.signin.authenticator: back-off arithmetic and Retry-After parsing (no network, no sleep)."""
+"""Back-off arithmetic and Retry-After parsing as sign-in uses them (agent.net.retry; no network, no sleep)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from email.utils import format_datetime
 import pytest
 import requests
 
-from agent.signin.authenticator import Backoff, _retry_after
+from agent.net.retry import Backoff, retry_after_s
 
 
 def test_backoff_doubles_to_the_cap_with_equal_jitter() -> None:
@@ -35,22 +35,25 @@ def test_backoff_survives_many_attempts() -> None:
     assert d == 1800.0
 
 
-def response_with(retry_after: str | None) -> requests.Response:
+def response_with(retry_after: str | None, date: datetime | None = None) -> requests.Response:
     r = requests.Response()
     r.status_code = 503
+    if date is not None:
+        r.headers["Date"] = format_datetime(date, usegmt=True)
     if retry_after is not None:
         r.headers["Retry-After"] = retry_after
     return r
 
 
 @pytest.mark.parametrize(("value", "expected"), [
-    ("7", 7.0), ("0", 0.0), ("-3", 0.0), ("99999", 3600.0), ("soon", None), (None, None),
+    ("7", 7.0), ("0", 0.0), ("-3", None), ("99999", 3600.0), ("soon", None), (None, None),
 ])
 def test_retry_after_seconds(value: str | None, expected: float | None) -> None:
-    assert _retry_after(response_with(value)) == expected
+    assert retry_after_s(response_with(value)) == expected
 
 
 def test_retry_after_http_date() -> None:
-    when = datetime.now(UTC) + timedelta(seconds=120)
-    got = _retry_after(response_with(format_datetime(when, usegmt=True)))
-    assert got is not None and 115 <= got <= 120
+    now = datetime.now(UTC)
+    when = now + timedelta(seconds=120)
+    got = retry_after_s(response_with(format_datetime(when, usegmt=True), date=now))
+    assert got is not None and 119 <= got <= 120

@@ -14,12 +14,13 @@ import pytest
 
 from agent.config import UploadSettings
 from agent.errors import UploadError
+from agent.net.retry import retry_after_s
 from agent.net.tls import ca_bundle
 from agent.sim.api import SimApi
 from agent.sim.tls import TlsFiles
 from agent.state import AgentState, OutboxCounts
 from agent.telemetry.outbox import Outbox
-from agent.telemetry.sinks import make_sink, parse_retry_after, redact_text, redact_url
+from agent.telemetry.sinks import make_sink, redact_text, redact_url
 from agent.telemetry.sinks.http import HttpSink
 from agent.telemetry.uploader import Uploader
 from tests.fixtures.api import DEVICE, FakeTokens, reading
@@ -100,12 +101,17 @@ def test_ca_bundle_is_system_store_plus_ca_file(tls: TlsFiles) -> None:
 
 def test_parse_retry_after() -> None:
     now = datetime(2026, 11, 25, 14, 0, 0, tzinfo=UTC)
-    assert parse_retry_after("120", now=now) == 120.0
+    date = email.utils.format_datetime(now, usegmt=True)
+
+    def parse_retry_after(value: str | None) -> float | None:
+        return retry_after_s({} if value is None else {"Retry-After": value, "Date": date})
+
+    assert parse_retry_after("120") == 120.0
     later = email.utils.format_datetime(now + timedelta(seconds=90), usegmt=True)
-    assert parse_retry_after(later, now=now) == 90.0
+    assert parse_retry_after(later) == 90.0
     earlier = email.utils.format_datetime(now - timedelta(seconds=90), usegmt=True)
-    assert parse_retry_after(earlier, now=now) == 0.0
-    assert parse_retry_after("soon", now=now) is None
+    assert parse_retry_after(earlier) == 0.0
+    assert parse_retry_after("soon") is None
     assert parse_retry_after(None) is None and parse_retry_after("") is None
 
 

@@ -3,25 +3,22 @@
 A sink turns one batch of outbox rows into HTTP calls and reports, per seq, what happened.
 It never decides *when* to retry; the uploader does, from ``SendResult`` / ``UploadError``.
 
-Every sink uses one ``requests.Session`` and passes ``verify=`` and ``timeout=`` on every call:
-requests merges ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE`` from the environment into each request
-when ``verify`` is left at True, which would silently replace the configured ``ca_file``
-(CONTRACT.md: the environment never overrides it).
+Every sink uses one ``agent.net.https.HttpsSession`` (``verify=`` from ``ca_file`` plus the
+system store and a timeout on every call, the environment's CA variables never override it,
+redirects not followed) and reads ``Retry-After`` with ``agent.net.retry.retry_after_s``.
 """
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from agent.errors import UploadError
-from agent.net.tls import ca_bundle
+from agent.net.retry import retry_after_s
 
 if TYPE_CHECKING:
     import requests
@@ -106,32 +103,6 @@ def make_sink(settings: UploadSettings, device_id: str) -> Sink:
     raise ValueError(f"unknown sink {settings.sink!r}")
 
 
-def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """``Retry-After`` as seconds: delta-seconds or an HTTP date (RFC 9110 §10.2.3).
-
-    The date form is wall-clock by nature; it is converted to a delay once, here, and the
-    uploader then waits on the monotonic clock.
-    """
-    if value is None:
-        return None
-    value = value.strip()
-    if not value:
-        return None
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    current = now or datetime.now(UTC)
-    return max(0.0, (when - current).total_seconds())
-
-
 def status_error(resp: requests.Response, what: str, *,
                  also_retryable: frozenset[int] = frozenset()) -> UploadError:
     """An UploadError for a non-2xx answer: retryable or not, with Retry-After.
@@ -141,7 +112,7 @@ def status_error(resp: requests.Response, what: str, *,
     """
     status = resp.status_code
     detail = _short_body(resp)
-    retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+    retry_after = retry_after_s(resp)
     if status == 401:
         return UploadError(f"{what}: the token was rejected (401)", retryable=True, status=401)
     if status == 403:
@@ -171,24 +142,6 @@ def _short_body(resp: requests.Response) -> str:
     except Exception:  # noqa: BLE001 - a body we cannot decode is no detail
         return ""
     return redact_text(" ".join(text.split()))[:200]
-
-
-class HttpsClient:
-    """One requests.Session with an explicit CA bundle and timeout on every call."""
-
-    def __init__(self, ca_file: str, timeout_s: float) -> None:
-        import requests  # lazily: ~80 ms on x86, more on a Pi
-
-        self.session = requests.Session()
-        self.verify = ca_bundle(ca_file)
-        self.timeout_s = timeout_s
-
-    def request(self, method: str, url: str, **kwargs: object) -> requests.Response:
-        return self.session.request(method, url, verify=self.verify, timeout=self.timeout_s,
-                                    allow_redirects=False, **kwargs)  # type: ignore[arg-type]
-
-    def close(self) -> None:
-        self.session.close()
 
 
 def chunks(items: list[Row], size: int) -> list[list[Row]]:

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from agent.errors import UploadError
-from agent.telemetry.sinks import HttpsClient, SendResult, network_error, redact_url, send_splitting, status_error
+from agent.net.https import https_session
+from agent.telemetry.sinks import SendResult, network_error, redact_url, send_splitting, status_error
 
 if TYPE_CHECKING:
     import requests
@@ -57,7 +58,7 @@ class GraphExcelSink:
         base = settings.graph_url.rstrip("/") + settings.item_path
         self.table_url = f"{base}/workbook/tables/{quote(settings.table, safe='')}"
         self.device_id = device_id
-        self.client = HttpsClient(settings.ca_file, settings.timeout_s)
+        self.client = https_session(settings.ca_file, settings.timeout_s, follow_redirects=False)
         # The last rows/add may have been applied without us seeing the answer. True at start:
         # the previous process may have died mid-append (power cut), so check once.
         self.unsure = True

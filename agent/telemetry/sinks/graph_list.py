@@ -16,14 +16,14 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from agent.errors import UploadError
+from agent.net.https import https_session
+from agent.net.retry import retry_after_s
 from agent.telemetry.sinks import (
     RETRYABLE_STATUS,
-    HttpsClient,
     SendResult,
     chunks,
     headers_of,
     network_error,
-    parse_retry_after,
     redact_url,
     status_error,
 )
@@ -53,7 +53,7 @@ class GraphListSink:
         self.graph_url = settings.graph_url.rstrip("/")
         self.items_path = f"/sites/{settings.site_id}/lists/{settings.list_id}/items"
         self.device_id = device_id
-        self.client = HttpsClient(settings.ca_file, settings.timeout_s)
+        self.client = https_session(settings.ca_file, settings.timeout_s, follow_redirects=False)
 
     def send(self, batch: list[Row], token: str) -> SendResult:
         """Send ``batch`` as $batch requests of <= 20 items, one after the other.
@@ -115,8 +115,8 @@ class GraphListSink:
                 token_error = UploadError(f"{what}: {msg}", retryable=True, status=status)
             elif status == 0 or status in RETRYABLE_STATUS or status >= 500:
                 result.retry.append(row.seq)
-                wait = parse_retry_after(headers_of(answer.get("headers") if answer else None)
-                                         .get("retry-after"))
+                wait = retry_after_s(headers_of(answer.get("headers") if answer else None),
+                                     date=resp.headers.get("Date"))
                 if wait is not None:
                     result.retry_after_s = max(result.retry_after_s or 0.0, wait)
             else:

@@ -7,7 +7,8 @@ import logging
 from typing import TYPE_CHECKING
 
 from agent.errors import UploadError
-from agent.telemetry.sinks import HttpsClient, SendResult, network_error, redact_url, send_splitting, status_error
+from agent.net.https import https_session
+from agent.telemetry.sinks import SendResult, network_error, redact_url, send_splitting, status_error
 
 if TYPE_CHECKING:
     from agent.config import UploadSettings
@@ -24,7 +25,7 @@ class HttpSink:
     def __init__(self, settings: UploadSettings, device_id: str) -> None:
         self.url = settings.url
         self.device_id = device_id
-        self.client = HttpsClient(settings.ca_file, settings.timeout_s)
+        self.client = https_session(settings.ca_file, settings.timeout_s, follow_redirects=False)
 
     def send(self, batch: list[Row], token: str) -> SendResult:
         """Deliver ``batch`` (ascending seq) in one request; on 413 in halves (see
