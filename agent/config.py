@@ -18,6 +18,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from agent.errors import ConfigError
+from hw import registry
+from hw.base import DisplayOptions, Option
 
 DEFAULT_PATH = Path("/etc/device-agent/config.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/device-agent")
@@ -26,10 +28,9 @@ _DEVICE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _SENSOR_NAME = re.compile(r"^[a-z0-9_.-]{1,64}$")
 _TOPIC_PREFIX = re.compile(r"^[^#+\x00]{1,128}$")
 
-SENSOR_TYPES = ("cpu_temperature", "ds18b20", "bme280", "gpio_counter", "simulated")
-DISPLAY_DRIVERS = ("ssd1306", "sh1106", "png", "console", "none")
+# Backend names (display drivers, GPIO backends, sensor types and their options) come from
+# hw/registry.py; sinks are the agent's own.
 SINKS = ("http", "graph_list", "graph_excel")
-WAVEFORMS = ("sine", "square", "sawtooth", "constant", "ramp")
 
 
 @dataclass(frozen=True)
@@ -56,14 +57,10 @@ class AuthSettings:
 
 
 @dataclass(frozen=True)
-class DisplaySettings:
-    driver: str = "none"
-    interface: str = "i2c"
-    port: int = 1
-    address: int = 0x3C
-    rotate: int = 0
-    contrast: int = 255
-    path: str = "/run/device-agent/screen.png"
+class DisplaySettings(DisplayOptions):
+    """[display]: the wiring keys (interface, port, address, rotate, contrast, path) are hw's."""
+
+    driver: str = registry.NO_DISPLAY
     sleep_after_s: float = 300.0
     on_stop: str = "stopped"   # stopped | blank: what the panel shows after the service stops
 
@@ -93,16 +90,8 @@ class SensorSettings:
     name: str
     type: str
     interval_s: float = 60.0
-    path: str = ""          # cpu_temperature: sysfs file; ds18b20: optional sysfs base
-    device: str = ""        # ds18b20: 28-xxxxxxxxxxxx
-    address: int = 0x76     # bme280
-    port: int = 1           # bme280: /dev/i2c-N
-    pin: int | None = None  # gpio_counter (BCM)
-    waveform: str = "sine"  # simulated
-    period_s: float = 60.0  # simulated
-    amplitude: float = 5.0  # simulated
-    offset: float = 20.0    # simulated
-    unit: str = ""          # simulated (default °C)
+    # The type's own keys, defaults filled in; declared by its module (hw/sensors/<type>.py OPTIONS).
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -209,7 +198,8 @@ def parse(raw: Mapping[str, Any], path: Path, environ: Mapping[str, str] | None 
 
     log_t = c.table(raw, "log")
     c.unknown(log_t, {"level"}, "log")
-    level = c.choice(log_t, "level", "log", ("debug", "info", "warning", "error"), default="info")
+    level = c.choice(log_t, "level", "log", ("debug", "info", "warning", "error"),
+                     default=_defaults(LogSettings)["level"])
 
     return Settings(path=path, device=device, auth=auth, display=display, gpio=gpio, mqtt=mqtt,
                     sensors=sensors, upload=upload, log=LogSettings(level=level))
@@ -217,6 +207,7 @@ def parse(raw: Mapping[str, Any], path: Path, environ: Mapping[str, str] | None 
 
 def _auth(c: _Checker, t: Mapping[str, Any]) -> AuthSettings:
     c.unknown(t, {f.name for f in fields(AuthSettings)}, "auth")
+    d = _defaults(AuthSettings)
     client_id = c.string(t, "client_id", "auth", required=True)
     if not client_id.strip():
         c.fail("auth.client_id", "must not be empty")
@@ -240,46 +231,50 @@ def _auth(c: _Checker, t: Mapping[str, Any]) -> AuthSettings:
     for i, s in enumerate(scopes_raw):
         if not isinstance(s, str) or not s.strip():
             c.fail(f"auth.scopes[{i}]", "must be a non-empty string")
-    timeout_s = c.number(t, "timeout_s", "auth", default=30.0, minimum=0.1, maximum=600)
-    renew = c.integer(t, "auto_renew_codes", "auth", default=3, minimum=0, maximum=1000)
+    timeout_s = c.number(t, "timeout_s", "auth", default=d["timeout_s"], minimum=0.1, maximum=600)
+    renew = c.integer(t, "auto_renew_codes", "auth", default=d["auto_renew_codes"], minimum=0, maximum=1000)
     ca_file = c.file(t, "ca_file", "auth")
     return AuthSettings(client_id=client_id, scopes=tuple(scopes_raw), authority=authority,
                         oidc_authority=oidc,
-                        instance_discovery=c.boolean(t, "instance_discovery", "auth", default=True),
+                        instance_discovery=c.boolean(t, "instance_discovery", "auth",
+                                                     default=d["instance_discovery"]),
                         ca_file=ca_file, timeout_s=timeout_s, auto_renew_codes=renew)
 
 
 def _display(c: _Checker, t: Mapping[str, Any]) -> DisplaySettings:
     c.unknown(t, {f.name for f in fields(DisplaySettings)}, "display")
-    driver = c.choice(t, "driver", "display", DISPLAY_DRIVERS, default="none")
-    path = c.string(t, "path", "display", default="/run/device-agent/screen.png")
+    d = _defaults(DisplaySettings)
+    driver = c.choice(t, "driver", "display", registry.DISPLAY_DRIVERS, default=d["driver"])
+    path = c.string(t, "path", "display", default=d["path"])
     if driver == "png" and (not path or path.endswith("/")):
         c.fail("display.path", f"{path!r} must name the PNG file to write for driver = \"png\"")
     return DisplaySettings(
         driver=driver,
-        interface=c.choice(t, "interface", "display", ("i2c", "spi"), default="i2c"),
-        port=c.integer(t, "port", "display", default=1, minimum=0, maximum=255),
-        address=c.integer(t, "address", "display", default=0x3C, minimum=0x03, maximum=0x77),
-        rotate=c.integer(t, "rotate", "display", default=0, minimum=0, maximum=3),
-        contrast=c.integer(t, "contrast", "display", default=255, minimum=0, maximum=255),
+        interface=c.choice(t, "interface", "display", ("i2c", "spi"), default=d["interface"]),
+        port=c.integer(t, "port", "display", default=d["port"], minimum=0, maximum=255),
+        address=c.integer(t, "address", "display", default=d["address"], minimum=0x03, maximum=0x77),
+        rotate=c.integer(t, "rotate", "display", default=d["rotate"], minimum=0, maximum=3),
+        contrast=c.integer(t, "contrast", "display", default=d["contrast"], minimum=0, maximum=255),
         path=path,
-        sleep_after_s=c.number(t, "sleep_after_s", "display", default=300.0, minimum=0),
-        on_stop=c.choice(t, "on_stop", "display", ("stopped", "blank"), default="stopped"),
+        sleep_after_s=c.number(t, "sleep_after_s", "display", default=d["sleep_after_s"], minimum=0),
+        on_stop=c.choice(t, "on_stop", "display", ("stopped", "blank"), default=d["on_stop"]),
     )
 
 
 def _gpio(c: _Checker, t: Mapping[str, Any]) -> GpioSettings:
-    c.unknown(t, {"backend", "button", "led"}, "gpio")
+    c.unknown(t, {f.name for f in fields(GpioSettings)}, "gpio")
     button = c.integer(t, "button", "gpio", default=None, minimum=0, maximum=53)
     led = c.integer(t, "led", "gpio", default=None, minimum=0, maximum=53)
     if button is not None and button == led:
         c.fail("gpio.button, gpio.led", f"both use BCM pin {button}; give each its own pin")
-    return GpioSettings(backend=c.choice(t, "backend", "gpio", ("rpi", "fake"), default="rpi"),
-                        button=button, led=led)
+    backend = c.choice(t, "backend", "gpio", tuple(registry.GPIO_BACKENDS),
+                       default=_defaults(GpioSettings)["backend"])
+    return GpioSettings(backend=backend, button=button, led=led)
 
 
 def _mqtt(c: _Checker, t: Mapping[str, Any]) -> MqttSettings:
     c.unknown(t, {f.name for f in fields(MqttSettings)}, "mqtt")
+    d = _defaults(MqttSettings)
     url = c.string(t, "url", "mqtt", required=True)
     parts = urlsplit(url)
     if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
@@ -288,7 +283,7 @@ def _mqtt(c: _Checker, t: Mapping[str, Any]) -> MqttSettings:
         parts.port  # noqa: B018 - raises on a bad port
     except ValueError:
         c.fail("mqtt.url", f"{url!r} has an invalid port")
-    allow_insecure = c.boolean(t, "allow_insecure", "mqtt", default=False)
+    allow_insecure = c.boolean(t, "allow_insecure", "mqtt", default=d["allow_insecure"])
     if parts.scheme == "mqtt" and not _is_loopback(parts.hostname or "") and not allow_insecure:
         c.fail("mqtt.url", "mqtt:// (no TLS) is refused for a non-loopback host because the sign-in "
                            "code would travel in clear; use mqtts:// or set mqtt.allow_insecure = true")
@@ -296,64 +291,60 @@ def _mqtt(c: _Checker, t: Mapping[str, Any]) -> MqttSettings:
     key = c.file(t, "client_key", "mqtt")
     if bool(cert) != bool(key):
         c.fail("mqtt.client_cert, mqtt.client_key", "set both or neither")
-    prefix = c.string(t, "topic_prefix", "mqtt", default="device-agent")
+    prefix = c.string(t, "topic_prefix", "mqtt", default=d["topic_prefix"])
     if not _TOPIC_PREFIX.match(prefix) or prefix.startswith("/") or prefix.endswith("/"):
         c.fail("mqtt.topic_prefix", f"{prefix!r} must be a topic without + or # and no leading/trailing /")
-    return MqttSettings(url=url, username=c.string(t, "username", "mqtt", default=""),
+    return MqttSettings(url=url, username=c.string(t, "username", "mqtt", default=d["username"]),
                         password_file=c.file(t, "password_file", "mqtt"),
                         ca_file=c.file(t, "ca_file", "mqtt"), client_cert=cert, client_key=key,
                         topic_prefix=prefix, allow_insecure=allow_insecure,
-                        keepalive_s=c.integer(t, "keepalive_s", "mqtt", default=30, minimum=5, maximum=3600))
+                        keepalive_s=c.integer(t, "keepalive_s", "mqtt", default=d["keepalive_s"],
+                                              minimum=5, maximum=3600))
+
+
+_SENSOR_COMMON = ("name", "type", "interval_s")
 
 
 def _sensors(c: _Checker, raw: Any, gpio: GpioSettings) -> tuple[SensorSettings, ...]:
+    """[[sensors]]: the common keys here, each type's own keys as its hw module declares them."""
     if not isinstance(raw, list):
         c.fail("sensors", "must be an array of tables: [[sensors]]")
     out: list[SensorSettings] = []
     seen: dict[str, int] = {}
+    interval_default = _defaults(SensorSettings)["interval_s"]
     for i, t in enumerate(raw):
         where = f"sensors[{i}]"
         if not isinstance(t, dict):
             c.fail(where, "must be a table")
-        c.unknown(t, {f.name for f in fields(SensorSettings)}, where)
+        kind = c.choice(t, "type", where, tuple(registry.SENSORS), required=True)
+        declared = registry.sensor_options(kind)
+        c.unknown(t, {*_SENSOR_COMMON, *declared}, where)
         name = c.string(t, "name", where, required=True)
         if not _SENSOR_NAME.match(name):
             c.fail(f"{where}.name", f"{name!r} is not allowed; use 1-64 of a-z 0-9 _ . -")
         if name in seen:
             c.fail(f"sensors[{seen[name]}].name, {where}.name", f"duplicate sensor name {name!r}")
         seen[name] = i
-        kind = c.choice(t, "type", where, SENSOR_TYPES, required=True)
-        interval = c.number(t, "interval_s", where, default=60.0, minimum=0.01)
-        pin = c.integer(t, "pin", where, default=None, minimum=0, maximum=53)
-        if kind == "gpio_counter" and pin is None:
-            c.fail(f"{where}.pin", "required for type gpio_counter (BCM pin number)")
+        interval = c.number(t, "interval_s", where, default=interval_default, minimum=0.01)
+        options = {key: c.option(t, key, where, opt, kind) for key, opt in declared.items()}
+        pin = options.get("pin")
         if pin is not None and pin in (gpio.button, gpio.led):
             c.fail(f"{where}.pin", f"BCM pin {pin} is already used by [gpio]")
-        device = c.string(t, "device", where, default="")
-        if kind == "ds18b20" and not device:
-            c.fail(f"{where}.device", "required for type ds18b20 (e.g. '28-0316a2793fff')")
-        period = c.number(t, "period_s", where, default=60.0, minimum=0.001)
-        out.append(SensorSettings(
-            name=name, type=kind, interval_s=interval, path=c.string(t, "path", where, default=""),
-            device=device, address=c.integer(t, "address", where, default=0x76, minimum=0x03, maximum=0x77),
-            port=c.integer(t, "port", where, default=1, minimum=0, maximum=255), pin=pin,
-            waveform=c.choice(t, "waveform", where, WAVEFORMS, default="sine"), period_s=period,
-            amplitude=c.number(t, "amplitude", where, default=5.0),
-            offset=c.number(t, "offset", where, default=20.0),
-            unit=c.string(t, "unit", where, default=""),
-        ))
+        out.append(SensorSettings(name=name, type=kind, interval_s=interval,
+                                  options={k: v for k, v in options.items() if v is not None}))
     return tuple(out)
 
 
 def _upload(c: _Checker, t: Mapping[str, Any]) -> UploadSettings:
     c.unknown(t, {f.name for f in fields(UploadSettings)}, "upload")
-    sink = c.choice(t, "sink", "upload", SINKS, default="http")
-    url = c.string(t, "url", "upload", default="")
-    graph_url = c.string(t, "graph_url", "upload", default="https://graph.microsoft.com/v1.0")
-    site_id = c.string(t, "site_id", "upload", default="")
-    list_id = c.string(t, "list_id", "upload", default="")
-    item_path = c.string(t, "item_path", "upload", default="")
-    table = c.string(t, "table", "upload", default="")
+    d = _defaults(UploadSettings)
+    sink = c.choice(t, "sink", "upload", SINKS, default=d["sink"])
+    url = c.string(t, "url", "upload", default=d["url"])
+    graph_url = c.string(t, "graph_url", "upload", default=d["graph_url"])
+    site_id = c.string(t, "site_id", "upload", default=d["site_id"])
+    list_id = c.string(t, "list_id", "upload", default=d["list_id"])
+    item_path = c.string(t, "item_path", "upload", default=d["item_path"])
+    table = c.string(t, "table", "upload", default=d["table"])
     if sink == "http":
         if not url:
             c.fail("upload.url", "required for sink = \"http\"")
@@ -369,11 +360,11 @@ def _upload(c: _Checker, t: Mapping[str, Any]) -> UploadSettings:
             c.fail("upload.item_path", "must start with / (e.g. \"/me/drive/root:/sensors.xlsx:\")")
     return UploadSettings(
         sink=sink, url=url, ca_file=c.file(t, "ca_file", "upload"),
-        batch_max=c.integer(t, "batch_max", "upload", default=500, minimum=1, maximum=10000),
-        interval_s=c.number(t, "interval_s", "upload", default=10.0, minimum=0.001),
-        timeout_s=c.number(t, "timeout_s", "upload", default=30.0, minimum=0.1, maximum=600),
-        outbox_max_rows=c.integer(t, "outbox_max_rows", "upload", default=1_000_000, minimum=10),
-        outbox_max_bytes=c.integer(t, "outbox_max_bytes", "upload", default=256 * 1024 * 1024,
+        batch_max=c.integer(t, "batch_max", "upload", default=d["batch_max"], minimum=1, maximum=10000),
+        interval_s=c.number(t, "interval_s", "upload", default=d["interval_s"], minimum=0.001),
+        timeout_s=c.number(t, "timeout_s", "upload", default=d["timeout_s"], minimum=0.1, maximum=600),
+        outbox_max_rows=c.integer(t, "outbox_max_rows", "upload", default=d["outbox_max_rows"], minimum=10),
+        outbox_max_bytes=c.integer(t, "outbox_max_bytes", "upload", default=d["outbox_max_bytes"],
                                    minimum=64 * 1024),
         graph_url=graph_url, site_id=site_id, list_id=list_id, item_path=item_path, table=table,
     )
@@ -382,6 +373,8 @@ def _upload(c: _Checker, t: Mapping[str, Any]) -> UploadSettings:
 def masked(settings: Settings) -> dict[str, Any]:
     """The effective config as plain data, secrets masked (for ``check-config``)."""
     data = _plain(dataclasses.asdict(settings))
+    for sensor in data["sensors"]:
+        sensor.update(sensor.pop("options"))      # shown as written: one flat table per sensor
     if data.get("mqtt") and data["mqtt"].get("password_file"):
         data["mqtt"]["password_file"] = data["mqtt"]["password_file"] + " (contents not shown)"
     return data
@@ -395,6 +388,17 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """A settings dataclass's field defaults: each default is written once, on the dataclass."""
+    out: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
 
 
 def _default_device_id() -> str:
@@ -472,7 +476,7 @@ class _Checker:
         return v
 
     def integer(self, t: Mapping[str, Any], name: str, section: str, *, default: Any,
-                minimum: int | None = None, maximum: int | None = None) -> Any:
+                minimum: float | None = None, maximum: float | None = None) -> Any:
         if name not in t:
             return default
         v = t[name]
@@ -496,6 +500,23 @@ class _Checker:
         v = self.string(t, name, section, default=default, required=required)
         if v not in allowed:
             self.fail(self._key(section, name), f"{v!r} is not one of: {', '.join(allowed)}")
+        return v
+
+    def option(self, t: Mapping[str, Any], name: str, section: str, opt: Option, kind: str) -> Any:
+        """A backend-declared key (hw.base.Option): its type, bounds, choices and default."""
+        v: Any
+        if name not in t:
+            v = opt.default
+        elif opt.kind == "integer":
+            v = self.integer(t, name, section, default=None, minimum=opt.minimum, maximum=opt.maximum)
+        elif opt.kind == "number":
+            v = self.number(t, name, section, default=0.0, minimum=opt.minimum, maximum=opt.maximum)
+        elif opt.choices:
+            v = self.choice(t, name, section, opt.choices)
+        else:
+            v = self.string(t, name, section)
+        if opt.required and (v is None or v == ""):
+            self.fail(self._key(section, name), f"required for type {kind} ({opt.required})")
         return v
 
     def https(self, url: str, key: str) -> None:

@@ -210,25 +210,19 @@ class Service:
         try:
             gpio = self._hardware.get("gpio")
             needs_gpio = (s.gpio.button is not None or s.gpio.led is not None
-                          or any(x.type == "gpio_counter" for x in s.sensors))
+                          or any(registry.sensor_uses_gpio(x.type) for x in s.sensors))
             if gpio is None and needs_gpio:
                 gpio = registry.open_gpio(s.gpio.backend)
             if gpio is not None:
                 self._closers.append(("gpio", gpio.close))
             display = self._hardware.get("display")
-            if display is None and s.display.driver != "none":
-                d = s.display
-                display = registry.open_display(d.driver, interface=d.interface, port=d.port,
-                                                address=d.address, rotate=d.rotate, contrast=d.contrast,
-                                                path=d.path)
+            if display is None:
+                display = registry.open_display(s.display.driver, s.display)
             if display is not None:
                 self._closers.append(("display", display.close))
             sensors = []
             for cfg in s.sensors:
-                options = {k: getattr(cfg, k) for k in ("name", "path", "device", "address", "port", "pin",
-                                                         "waveform", "period_s", "amplitude", "offset",
-                                                         "unit", "interval_s")}
-                sensor = registry.open_sensor(cfg.type, options, gpio)
+                sensor = registry.open_sensor(cfg.type, cfg.options, gpio)
                 self._closers.append((f"sensor {cfg.name}", sensor.close))
                 sensors.append((cfg, sensor))
         except HardwareError as err:

@@ -1,12 +1,18 @@
-"""The small protocols the agent programs against. Real backends and fakes both implement them."""
+"""The small protocols the agent programs against. Real backends and fakes both implement them.
+
+Also the option tables backends declare (``Option``, ``DisplayOptions``): config validation reads
+names, types, bounds and defaults from here, so each is written once. Cheap to import (no PIL at
+run time): the config loader imports it on every start.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
-from PIL import Image
+if TYPE_CHECKING:
+    from PIL import Image
 
 Pull = Literal["up", "down", "off"]
 Edge = Literal["rising", "falling", "both"]
@@ -58,3 +64,31 @@ class Sensor(Protocol):
 
     def read(self) -> list[Measurement]: ...
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Option:
+    """One key a sensor type accepts in its ``[[sensors]]`` table (a module's ``OPTIONS``).
+
+    ``default`` None means "optional, no value". A non-empty ``required`` makes the key mandatory
+    and non-empty, and is the hint the config error gives ("required for type T (hint)").
+    """
+
+    kind: Literal["string", "integer", "number"]
+    default: str | int | float | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+    required: str = ""
+
+
+@dataclass(frozen=True)
+class DisplayOptions:
+    """How a display is wired: the ``[display]`` keys the drivers read (each uses some)."""
+
+    interface: str = "i2c"       # ssd1306/sh1106: "i2c" | "spi"
+    port: int = 1                # /dev/i2c-N or SPI bus N
+    address: int = 0x3C          # I2C address
+    rotate: int = 0              # quarter turns
+    contrast: int = 255
+    path: str = "/run/device-agent/screen.png"   # png: the file written

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import shutil
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 from PIL import Image
 
+from hw.base import DisplayOptions
 from hw.imagedisplay import ImageDisplay
 
 _BLOCKS = {(False, False): " ", (True, False): "\u2580", (False, True): "\u2584", (True, True): "\u2588"}
@@ -98,3 +99,8 @@ class ConsoleDisplay(ImageDisplay):
 
 def open_console(stream: TextIO | None = None) -> ConsoleDisplay:
     return ConsoleDisplay(stream)
+
+
+def open_display(driver: str, options: DisplayOptions, bus: Any) -> ConsoleDisplay:
+    """The registry's factory (driver "console"): draws on stdout, ignores the wiring options."""
+    return open_console()

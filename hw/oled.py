@@ -16,6 +16,7 @@ from luma.core.interface.serial import i2c, spi
 from luma.oled.device import sh1106, ssd1306
 from PIL import Image
 
+from hw.base import DisplayOptions
 from hw.errors import HardwareError, HardwareUnavailable
 
 log = logging.getLogger(__name__)
@@ -142,3 +143,10 @@ def open_oled(driver: str, *, interface: str = "i2c", port: int = 1, address: in
 
 def _node(interface: str, port: int, spi_device: int) -> str:
     return f"/dev/spidev{port}.{spi_device}" if interface == "spi" else f"/dev/i2c-{port}"
+
+
+def open_display(driver: str, options: DisplayOptions, bus: Any) -> OledDisplay:
+    """The registry's factory (drivers "ssd1306", "sh1106")."""
+    o = options
+    return open_oled(driver, interface=o.interface, port=o.port, address=o.address, rotate=o.rotate,
+                     contrast=o.contrast, bus=bus)

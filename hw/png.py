@@ -11,9 +11,11 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
+from hw.base import DisplayOptions
 from hw.errors import HardwareError, HardwareUnavailable
 from hw.imagedisplay import ImageDisplay
 
@@ -65,3 +67,8 @@ class PngDisplay(ImageDisplay):
 
 def open_png(path: str | os.PathLike[str]) -> PngDisplay:
     return PngDisplay(path)
+
+
+def open_display(driver: str, options: DisplayOptions, bus: Any) -> PngDisplay:
+    """The registry's factory (driver "png"): only ``options.path`` matters."""
+    return open_png(options.path)

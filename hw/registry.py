@@ -1,24 +1,36 @@
-"""Backend name -> module and factory, imported only when selected.
+"""Backend name -> module and factory, imported only when selected. The one list of names.
 
-A missing library, device node or permission becomes ``HardwareUnavailable`` with one line that
-says what to install or which group to join. Never falls back to a fake on its own.
+Config validation reads the names (and each sensor type's options) from here, so a new backend
+is one module plus one line in a table below. A missing library, device node or permission
+becomes ``HardwareUnavailable`` with one line that says what to install or which group to join.
+Never falls back to a fake on its own. Importing this module loads no backend.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
-from hw.base import Display, Gpio, Sensor
+from hw.base import Display, DisplayOptions, Gpio, Option, Sensor
 from hw.errors import HardwareError, HardwareUnavailable
 
 log = logging.getLogger(__name__)
 
+# name -> (module, factory). Factories: gpio ``f()``; display ``f(driver, DisplayOptions, bus)``.
 GPIO_BACKENDS = {"rpi": ("hw.rpi", "open_rpi"), "fake": ("hw.fake", "open_fake")}
-DISPLAY_DRIVERS = ("ssd1306", "sh1106", "png", "console", "none")
+DISPLAYS = {
+    "ssd1306": ("hw.oled", "open_display"),
+    "sh1106": ("hw.oled", "open_display"),
+    "png": ("hw.png", "open_display"),
+    "console": ("hw.console", "open_display"),
+}
+NO_DISPLAY = "none"
+DISPLAY_DRIVERS = (*DISPLAYS, NO_DISPLAY)
+# type -> module with OPTIONS and open_sensor(options, gpio) (see hw/sensors/__init__.py).
 SENSORS = {
     "cpu_temperature": "hw.sensors.cpu_temperature",
     "ds18b20": "hw.sensors.ds18b20",
@@ -59,39 +71,61 @@ def open_gpio(backend: str) -> Gpio:
     return gpio
 
 
-def open_display(driver: str, *, interface: str = "i2c", port: int = 1, address: int = 0x3C,
-                 rotate: int = 0, contrast: int = 255, path: str = "/run/device-agent/screen.png",
-                 bus: Any = None) -> Display | None:
+def open_display(driver: str, options: DisplayOptions | None = None, *, bus: Any = None,
+                 **overrides: Any) -> Display | None:
     """The configured display, or None for driver "none".
 
-    ``bus`` injects an smbus-like object for ssd1306/sh1106 on I2C (tests: hw.fakebus.FakeI2CBus).
+    ``options`` (or ``DisplayOptions()``) with ``overrides`` (its field names) applied. ``bus``
+    injects an smbus-like object for ssd1306/sh1106 on I2C (tests: hw.fakebus.FakeI2CBus).
 
     Raises:
         HardwareError: unknown driver. HardwareUnavailable: library/device/permission missing.
     """
-    if driver == "none":
+    if driver == NO_DISPLAY:
         return None
-    if driver in ("ssd1306", "sh1106"):
-        oled = _load("hw.oled", f"display driver {driver!r}")
-        display: Display = oled.open_oled(driver, interface=interface, port=port, address=address,
-                                          rotate=rotate, contrast=contrast, bus=bus)
-        return display
-    if driver == "png":
-        return _load("hw.png", "display driver 'png'").open_png(path)  # type: ignore[no-any-return]
-    if driver == "console":
-        return _load("hw.console", "display driver 'console'").open_console()  # type: ignore[no-any-return]
-    raise HardwareError(f"unknown display driver {driver!r}; expected one of {', '.join(DISPLAY_DRIVERS)}")
+    try:
+        module_name, factory = DISPLAYS[driver]
+    except KeyError:
+        raise HardwareError(f"unknown display driver {driver!r}; expected one of "
+                            f"{', '.join(DISPLAY_DRIVERS)}") from None
+    opts = dataclasses.replace(options or DisplayOptions(), **overrides)
+    display: Display = getattr(_load(module_name, f"display driver {driver!r}"), factory)(driver, opts, bus)
+    return display
+
+
+def _sensor_module(kind: str) -> ModuleType:
+    try:
+        module_name = SENSORS[kind]
+    except KeyError:
+        raise HardwareError(f"unknown sensor type {kind!r}; expected one of {sorted(SENSORS)}") from None
+    return _load(module_name, f"sensor {kind!r}")
+
+
+def sensor_options(kind: str) -> Mapping[str, Option]:
+    """The keys sensor type ``kind`` accepts besides name/type/interval_s (imports its module only).
+
+    Raises:
+        HardwareError: unknown kind.
+    """
+    options: Mapping[str, Option] = _sensor_module(kind).OPTIONS
+    return options
+
+
+def sensor_uses_gpio(kind: str) -> bool:
+    """Whether sensor type ``kind`` needs a GPIO backend opened for it."""
+    return bool(getattr(_sensor_module(kind), "USES_GPIO", False))
 
 
 def open_sensor(kind: str, options: Mapping[str, Any], gpio: Gpio | None) -> Sensor:
     """A sensor of ``kind`` configured by ``options`` (the [[sensors]] table's keys).
 
+    Options left out get the module's declared defaults.
+
     Raises:
         HardwareError: unknown kind or bad options. HardwareUnavailable: device/library missing.
     """
-    try:
-        module_name = SENSORS[kind]
-    except KeyError:
-        raise HardwareError(f"unknown sensor type {kind!r}; expected one of {sorted(SENSORS)}") from None
-    sensor: Sensor = _load(module_name, f"sensor {kind!r}").open_sensor(options, gpio)
+    module = _sensor_module(kind)
+    declared: Mapping[str, Option] = module.OPTIONS
+    full = {**{k: o.default for k, o in declared.items() if o.default is not None}, **options}
+    sensor: Sensor = module.open_sensor(full, gpio)
     return sensor

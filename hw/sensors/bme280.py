@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from hw.base import Gpio, Measurement
+from hw.base import Gpio, Measurement, Option
 from hw.errors import HardwareError, HardwareUnavailable
 
 CHIP_ID = 0x60
@@ -22,6 +22,9 @@ BMP280_IDS = (0x56, 0x57, 0x58)
 REG_ID, REG_CTRL_HUM, REG_STATUS, REG_CTRL_MEAS, REG_DATA = 0xD0, 0xF2, 0xF3, 0xF4, 0xF7
 SKIPPED_TP = 0x80000          # what T/P read when their measurement is switched off
 SKIPPED_H = 0x8000
+DEFAULT_ADDRESS, DEFAULT_PORT = 0x76, 1     # SDO to GND; /dev/i2c-1 on the 40-pin header
+OPTIONS = {"address": Option("integer", DEFAULT_ADDRESS, minimum=0x03, maximum=0x77),
+           "port": Option("integer", DEFAULT_PORT, minimum=0, maximum=255)}
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ class Bme280:
 
     kind = "bme280"
 
-    def __init__(self, *, address: int = 0x76, port: int = 1, bus: Any = None,
+    def __init__(self, *, address: int = DEFAULT_ADDRESS, port: int = DEFAULT_PORT, bus: Any = None,
                  sleep: Any = time.sleep) -> None:
         self.address, self.port = address, port
         self._sleep = sleep
@@ -179,5 +182,4 @@ def _open_smbus(port: int) -> Any:
 
 
 def open_sensor(options: Mapping[str, Any], gpio: Gpio | None) -> Bme280:
-    return Bme280(address=int(options.get("address", 0x76)), port=int(options.get("port", 1)),
-                  bus=options.get("bus"))
+    return Bme280(address=int(options["address"]), port=int(options["port"]), bus=options.get("bus"))

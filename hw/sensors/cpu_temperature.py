@@ -6,10 +6,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from hw.base import Gpio, Measurement
+from hw.base import Gpio, Measurement, Option
 from hw.errors import HardwareError
 
 DEFAULT_PATH = "/sys/class/thermal/thermal_zone0/temp"
+OPTIONS = {"path": Option("string", DEFAULT_PATH)}
 
 
 class CpuTemperature:
@@ -35,4 +36,4 @@ class CpuTemperature:
 
 
 def open_sensor(options: Mapping[str, Any], gpio: Gpio | None) -> CpuTemperature:
-    return CpuTemperature(options.get("path") or DEFAULT_PATH)
+    return CpuTemperature(str(options["path"]))

@@ -11,11 +11,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from hw.base import Gpio, Measurement
+from hw.base import Gpio, Measurement, Option
 from hw.errors import HardwareError, HardwareUnavailable
 
 W1_DEVICES = "/sys/bus/w1/devices"
 POWER_ON_RESET_MILLIDEG = 85000
+# Config requires `device` (the class can pick the only one present, config does not guess).
+OPTIONS = {"device": Option("string", "", required="e.g. '28-0316a2793fff'"),
+           "path": Option("string", W1_DEVICES)}
 
 
 class Ds18b20:
@@ -62,4 +65,4 @@ class Ds18b20:
 
 
 def open_sensor(options: Mapping[str, Any], gpio: Gpio | None) -> Ds18b20:
-    return Ds18b20(str(options.get("device") or ""), options.get("path") or W1_DEVICES)
+    return Ds18b20(str(options["device"]), str(options["path"]))

@@ -6,8 +6,11 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from hw.base import Gpio, Measurement
+from hw.base import Gpio, Measurement, Option
 from hw.errors import HardwareError
+
+USES_GPIO = True
+OPTIONS = {"pin": Option("integer", minimum=0, maximum=53, required="BCM pin number")}
 
 
 class GpioCounter:
@@ -41,4 +44,4 @@ def open_sensor(options: Mapping[str, Any], gpio: Gpio | None) -> GpioCounter:
         raise HardwareError("gpio_counter needs a GPIO backend ([gpio] backend)")
     if not isinstance(pin, int):
         raise HardwareError("gpio_counter needs `pin` (BCM number)")
-    return GpioCounter(gpio, pin, bounce_ms=int(options.get("bounce_ms", 5)))
+    return GpioCounter(gpio, pin)

@@ -7,17 +7,21 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from hw.base import Gpio, Measurement
+from hw.base import Gpio, Measurement, Option
 from hw.errors import HardwareError
 
 WAVEFORMS = ("sine", "square", "sawtooth", "constant", "ramp")
+OPTIONS = {"waveform": Option("string", "sine", choices=WAVEFORMS),
+           "period_s": Option("number", 60.0, minimum=0.001),
+           "amplitude": Option("number", 5.0),
+           "offset": Option("number", 20.0),
+           "unit": Option("string", "°C")}
 
 
 class Simulated:
     kind = "simulated"
 
-    def __init__(self, *, waveform: str = "sine", period_s: float = 60.0, amplitude: float = 5.0,
-                 offset: float = 20.0, unit: str = "°C",
+    def __init__(self, *, waveform: str, period_s: float, amplitude: float, offset: float, unit: str,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if waveform not in WAVEFORMS:
             raise HardwareError(f"waveform must be one of {', '.join(WAVEFORMS)}, got {waveform!r}")
@@ -52,9 +56,7 @@ class Simulated:
 
 
 def open_sensor(options: Mapping[str, Any], gpio: Gpio | None) -> Simulated:
-    kwargs: dict[str, Any] = {}
-    for key in ("waveform", "period_s", "amplitude", "offset", "clock"):
-        if options.get(key) is not None:
-            kwargs[key] = options[key]
-    kwargs["unit"] = options.get("unit") or "°C"
+    kwargs: dict[str, Any] = {key: options[key] for key in OPTIONS}
+    if options.get("clock") is not None:
+        kwargs["clock"] = options["clock"]      # tests: a fake clock
     return Simulated(**kwargs)
