@@ -26,15 +26,20 @@ class UploadError(AgentError):
     """A batch could not be delivered.
 
     ``retryable`` is False for rejections that will never succeed (dead-letter the batch);
-    ``retry_after_s`` is the minimum wait the server asked for, if any.
+    ``retry_after_s`` is the minimum wait the server asked for, if any; ``endpoint`` the URL
+    (without query string) that answered, for "the endpoint is wrong" reports; ``claims`` the
+    claims challenge of a 401 (``WWW-Authenticate: Bearer error="insufficient_claims"``).
     """
 
     def __init__(self, message: str, *, retryable: bool, retry_after_s: float | None = None,
-                 status: int | None = None) -> None:
+                 status: int | None = None, endpoint: str | None = None,
+                 claims: str | None = None) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.retry_after_s = retry_after_s
         self.status = status
+        self.endpoint = endpoint
+        self.claims = claims
 
 
 class NotifyError(AgentError):

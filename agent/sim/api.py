@@ -3,13 +3,16 @@
 It checks bearer JWTs (RS256) against a JWKS, validates each batch strictly (so agent bugs show
 up as 400s in tests), de-duplicates by reading id, stores readings in SQLite and keeps a request
 log. Switches make it fail the way real APIs do: 503/429 with ``Retry-After`` (seconds or an
-HTTP date), 400, connection resets, slowness, and a body size limit (``max_body_bytes``: 413,
-as a front door such as nginx's ``client_max_body_size`` answers).
+HTTP date), 400, connection resets, slowness, a body size limit (``max_body_bytes``: 413,
+as a front door such as nginx's ``client_max_body_size`` answers), poisoned readings (``poison``:
+a strict receiver refusing the whole request with 422 when it holds one of them) and claims
+challenges (``challenge``: a 401 with ``WWW-Authenticate: Bearer error="insufficient_claims"``).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import email.utils
 import json
 import logging
@@ -22,6 +25,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +84,9 @@ class SimApi:
         self._faults: deque[Fault] = deque()
         self.latency_s = 0.0
         self.max_body_bytes: int | None = None      # larger bodies get 413, before auth
+        self.poisoned_seqs: set[int] = set()        # a request holding one of these gets 422
+        self.poisoned_values: set[float] = set()    # ... or a reading with one of these values
+        self._challenges: deque[str] = deque()      # next 401s with a claims challenge
         self.requests: list[ApiRequest] = []
         self.duplicates = 0
         self._closed = False
@@ -136,6 +143,19 @@ class SimApi:
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()
+
+    def poison(self, *, seqs: Iterable[int] = (), values: Iterable[float] = ()) -> None:
+        """Refuse (422, whole request) any batch holding a reading with one of these seqs or
+        values, the way a strict receiver refuses a batch for one bad item."""
+        with self._lock:
+            self.poisoned_seqs.update(seqs)
+            self.poisoned_values.update(values)
+
+    def challenge(self, claims: str, *, count: int = 1) -> None:
+        """The next ``count`` authenticated requests get 401 with a CAE claims challenge
+        (``claims`` is the JSON; it is sent base64-encoded, as Entra does)."""
+        with self._lock:
+            self._challenges.extend([claims] * count)
 
     # ------------------------------------------------------------ inspection
 
@@ -195,6 +215,15 @@ class SimApi:
                                          else "insufficient_scope", "message": verdict.reason},
                         {"WWW-Authenticate": verdict.www_authenticate})
             return
+        with self._lock:
+            claims = self._challenges.popleft() if self._challenges else None
+        if claims is not None:
+            self._log(t, 401, count, key)
+            encoded = base64.b64encode(claims.encode()).decode()
+            h.send_json(401, {"error": "insufficient_claims", "message": "claims challenge"},
+                        {"WWW-Authenticate": f'Bearer realm="", error="insufficient_claims", '
+                                             f'error_description="claims required", claims="{encoded}"'})
+            return
         if (h.headers.get("Content-Type") or "").split(";")[0].strip() != "application/json":
             self._log(t, 415, count, key)
             h.send_json(415, {"error": "unsupported_media_type", "message": "send application/json"})
@@ -204,6 +233,11 @@ class SimApi:
         except ValueError as err:
             self._log(t, 400, count, key)
             h.send_json(400, {"error": "invalid_request", "message": str(err)})
+            return
+        refused = self._poisoned(readings)
+        if refused:
+            self._log(t, 422, count, key)
+            h.send_json(422, {"error": "unprocessable", "message": f"readings refused: {refused}"})
             return
         now = time.time()
         with self._lock:
@@ -219,6 +253,12 @@ class SimApi:
             self.duplicates += len(readings) - new
             self.requests.append(ApiRequest(t, 200, len(readings), key, new))
         h.send_json(200, {"accepted": len(readings), "duplicates": len(readings) - new})
+
+
+    def _poisoned(self, readings: list[dict[str, Any]]) -> list[str]:
+        with self._lock:
+            seqs, values = set(self.poisoned_seqs), set(self.poisoned_values)
+        return [f"seq {r['seq']}" for r in readings if r["seq"] in seqs or r["value"] in values]
 
 
 def _count(raw: bytes) -> int:

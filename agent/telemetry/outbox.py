@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SEQ_BLOCK = 10_000          # seqs reserved in the side file at a time
+DEAD_MAX_ROWS = 10_000      # dead-letter table bounds: beyond them the oldest dead rows are
+DEAD_MAX_BYTES = 8 * 1024 * 1024   # dropped (counted into ``dropped``)
 _SQL_VARS = 500             # chunk size for IN (...) lists (SQLite's limit is 999 on old builds)
 
 _SCHEMA = """
@@ -85,13 +87,16 @@ class Outbox:
     """
 
     def __init__(self, path: Path, device_id: str, *, max_rows: int, max_bytes: int,
-                 state: AgentState | None = None) -> None:
+                 state: AgentState | None = None, dead_max_rows: int = DEAD_MAX_ROWS,
+                 dead_max_bytes: int = DEAD_MAX_BYTES) -> None:
         if max_rows < 1 or max_bytes < 1:
             raise ValueError("max_rows and max_bytes must be positive")
         self.path = Path(path)
         self.device_id = device_id
         self.max_rows = max_rows
         self.max_bytes = max_bytes
+        self.dead_max_rows = dead_max_rows
+        self.dead_max_bytes = dead_max_bytes
         self._state = state
         self._lock = threading.RLock()
         self._side_path = self.path.with_name(self.path.name + ".meta.json")
@@ -386,12 +391,42 @@ class Outbox:
             key = f"seq_hw:{self.device_id}"
             db.execute("INSERT OR REPLACE INTO meta VALUES (?, max(coalesce((SELECT value FROM meta "
                        "WHERE key = ?), 0), ?))", (key, key, seqs[-1]))
+            dead_dropped = self._bound_dead(db) if dead_reason is not None else 0
         self._pending -= removed
         self._pending_bytes -= removed_bytes
         if dead_reason is not None:
-            self._dead += removed
+            self._dead += removed - dead_dropped
             log.error("outbox: %d readings dead-lettered (seq %d..%d): %s",
                       removed, seqs[0], seqs[-1], dead_reason)
+        if dead_dropped:
+            self._dropped += dead_dropped
+            log.warning("outbox: dead-letter table full (%d rows / %d bytes max): dropped the %d "
+                        "oldest dead letters (%d dropped in total)", self.dead_max_rows,
+                        self.dead_max_bytes, dead_dropped, self._dropped)
+
+    def _bound_dead(self, db: sqlite3.Connection) -> int:
+        """Inside the dead-lettering transaction: drop the oldest dead rows beyond the bounds,
+        counted into ``dropped``. Returns how many."""
+        rows, size = db.execute("SELECT count(*), coalesce(sum(length(payload) + length(reason)), 0) "
+                                "FROM dead").fetchone()
+        if rows <= self.dead_max_rows and size <= self.dead_max_bytes:
+            return 0
+        over_rows, over_bytes, n = rows - self.dead_max_rows, size - self.dead_max_bytes, 0
+        while over_rows > 0 or over_bytes > 0:
+            victims = db.execute("SELECT id, length(payload) + length(reason) FROM dead ORDER BY id LIMIT ?",
+                                 (max(over_rows, 0) + 64,)).fetchall()
+            if not victims:
+                break
+            cut = victims[0][0]
+            for rid, length in victims:
+                if over_rows <= 0 and over_bytes <= 0:
+                    break
+                cut, n = rid, n + 1
+                over_rows -= 1
+                over_bytes -= length
+            db.execute("DELETE FROM dead WHERE id <= ?", (cut,))
+        _count_dropped(db, self._dropped + n, n, "dead-letter table full")
+        return n
 
     # ---- seq reservation side file
 
@@ -487,6 +522,14 @@ class _tx:
                 self.db.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
+
+
+def _count_dropped(db: sqlite3.Connection, total: int, n: int, reason: str) -> None:
+    """Inside a transaction: the persistent ``dropped`` total, and ``n`` more for ``reason``
+    (``meta.dropped:<reason>``, shown by ``device-agent dead-letter list``)."""
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)", (total,))
+    db.execute("INSERT OR REPLACE INTO meta VALUES (?, coalesce((SELECT value FROM meta WHERE key = ?), 0) + ?)",
+               (f"dropped:{reason}", f"dropped:{reason}", n))
 
 
 def _is_corruption(err: sqlite3.Error) -> bool:

@@ -2,17 +2,22 @@
 
 - 2xx: ack; while a backlog remains the next batch goes at once, else wait ``interval_s``
   (or until ``flush()``).
-- 401: ``tokens.token_rejected()`` once and retry with the new token. If it returns None (the
-  refresh failed, e.g. the IdP is unreachable), wait ``NO_TOKEN_POLL_S`` and try again with
-  whatever ``access_token()`` then gives (the sign-in side refreshes a rejected token itself).
-  If the fresh token is refused too, report it once more (that starts a new sign-in) and wait
-  until sign-in hands out a different token. Readings keep queuing.
+- 401: ``tokens.token_rejected(claims)`` once (one refresh from the IdP; ``claims`` is the JSON
+  of a CAE challenge, ``WWW-Authenticate: Bearer error="insufficient_claims", claims=…``) and
+  retry with the new token. If it returns None (the refresh failed, e.g. the IdP is unreachable),
+  wait ``NO_TOKEN_POLL_S`` and try again with whatever ``access_token()`` then gives. If the
+  fresh token is refused too: keep the readings, state error ``REFUSED_ERROR``, back off
+  (30 s doubling to 10 min) and never report that token again (that would start a new sign-in;
+  only the IdP refusing the refresh token may).
 - 403: keep the readings, back off (30 s doubling to 10 min), state error
   "the API refused the token (403): check the scopes".
+- 404/405/410 and 3xx: the endpoint is wrong, not the data: keep everything, back off the same
+  way, state error naming the endpoint (without its query string).
 - 408/429/5xx/network: retry; ``Retry-After`` (seconds or HTTP date) is a minimum wait
   (at least half the current back-off, so ``Retry-After: 0`` cannot cause a tight loop),
   otherwise exponential back-off with equal jitter (1 s doubling to 5 min).
-- other 4xx: dead-letter the batch and carry on.
+- other 4xx (400, 422, ...): the sink splits the batch until the refused readings are isolated;
+  only those are dead-lettered, the rest delivered.
 
 All waits are on the monotonic clock. ``step()`` does one unit of work and returns how long to
 wait before the next, so tests drive it with a fake clock and never sleep.
@@ -21,6 +26,7 @@ wait before the next, so tests drive it with a fake clock and never sleep.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import random
 import threading
@@ -31,7 +37,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from agent.errors import UploadError
 from agent.net.retry import Backoff
-from agent.telemetry.sinks import SendResult
+from agent.telemetry.sinks import WRONG_ENDPOINT, SendResult
 
 if TYPE_CHECKING:
     from agent.config import UploadSettings
@@ -42,7 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SCOPE_ERROR = "the API refused the token (403): check the scopes"
-REFUSED_ERROR = "the API rejected even a fresh token (401): check the API's audience and issuer"
+REFUSED_ERROR = "the API refuses fresh tokens (401): check its audience and issuer"
 BACKOFF_FIRST_S = 1.0
 BACKOFF_CAP_S = 300.0
 FORBIDDEN_FIRST_S = 30.0
@@ -55,7 +61,7 @@ class TokenSource(Protocol):
     """What the uploader needs from sign-in (agent/signin/authenticator.py's Authenticator)."""
 
     def access_token(self) -> str | None: ...
-    def token_rejected(self) -> str | None: ...
+    def token_rejected(self, claims_challenge: str | None = None) -> str | None: ...
 
 
 class Uploader:
@@ -82,6 +88,11 @@ class Uploader:
         self._refused_token: str | None = None   # digest of a token the API refused twice
         self._waiting_for_token = False
         self._refresh_failed = False             # the last 401's refresh gave no token (log once)
+        self._held: str | None = None            # the error shown while a _hold() lasts
+        try:
+            self._takes_claims = bool(inspect.signature(tokens.token_rejected).parameters)
+        except (TypeError, ValueError):
+            self._takes_claims = False
 
     # ---------------------------------------------------------------- thread API
 
@@ -122,7 +133,7 @@ class Uploader:
         if hold > 0:
             return hold
         token = self.tokens.access_token()
-        if token is None or _digest(token) == self._refused_token:
+        if token is None:
             if not self._waiting_for_token:
                 log.info("uploader: waiting for sign-in; readings keep queuing (%d pending)",
                          self.outbox.counts().pending)
@@ -131,7 +142,6 @@ class Uploader:
         if self._waiting_for_token:
             log.info("uploader: have a token, uploading")
             self._waiting_for_token = False
-        self._refused_token = None
         batch = self.outbox.claim(self.settings.batch_max)
         if not batch:
             return self.settings.interval_s
@@ -141,14 +151,20 @@ class Uploader:
         return self._apply(batch, result)
 
     def _send(self, batch: list[Row], token: str) -> SendResult | None:
-        """``sink.send`` with the 401 dance: refresh once, retry once. None: wait for sign-in."""
+        """``sink.send`` with the 401 dance: one refresh from the IdP (for the claims of a CAE
+        challenge, if any), one retry. None: no token now, wait for sign-in."""
         result = self._call(batch, token)
         if _status(result) != 401:
             self._refresh_failed = False
             return result
-        log.warning("API answered 401 for seq %d..%d; refreshing the token once",
-                    batch[0].seq, batch[-1].seq)
-        fresh = self.tokens.token_rejected()
+        if _digest(token) == self._refused_token:
+            # This very token came back from a forced refresh and was refused: asking again
+            # would only start a new sign-in. Keep it, back off (in _apply).
+            return result
+        claims = result.error.claims if result.error is not None else None
+        log.warning("API answered 401 for seq %d..%d%s; refreshing the token once",
+                    batch[0].seq, batch[-1].seq, " with a claims challenge" if claims else "")
+        fresh = self._token_rejected(claims)
         if fresh is None:
             # The refresh failed (IdP unreachable) or sign-in starts over. The token is NOT
             # recorded as refused: the sign-in side refreshes a rejected token itself, so after
@@ -165,16 +181,15 @@ class Uploader:
         retry.acked.extend(result.acked)
         retry.dead.update(result.dead)
         if _status(retry) == 401:
-            # CONTRACT: refresh once, then sign in again. Telling the sign-in component a second
-            # time that the (fresh) token was refused is what starts the new sign-in.
             self._refused_token = _digest(fresh)
-            self.tokens.token_rejected()
-            log.error("%s; signing in again, readings keep queuing", REFUSED_ERROR)
-            self.state.update(error=REFUSED_ERROR)
-            self.state.set_link("api", "down")
-            self._apply_partial(retry)
-            return None
         return retry
+
+    def _token_rejected(self, claims: str | None) -> str | None:
+        """``tokens.token_rejected(claims_challenge)``; sources without the parameter get the
+        plain call (a claims challenge then is an ordinary refresh)."""
+        if self._takes_claims:
+            return self.tokens.token_rejected(claims)  # type: ignore[call-arg]
+        return self.tokens.token_rejected()
 
     def _call(self, batch: list[Row], token: str) -> SendResult:
         try:
@@ -185,8 +200,11 @@ class Uploader:
     def _apply_partial(self, result: SendResult) -> None:
         if result.acked:
             self.outbox.ack(result.acked)
-        for reason in set(result.dead.values()):
-            self.outbox.dead_letter([s for s, r in result.dead.items() if r == reason], reason)
+        by_reason: dict[str, list[int]] = {}          # in seq order, so the table reads oldest first
+        for seq, reason in sorted(result.dead.items()):
+            by_reason.setdefault(reason, []).append(seq)
+        for reason, seqs in by_reason.items():
+            self.outbox.dead_letter(seqs, reason)
 
     def _apply(self, batch: list[Row], result: SendResult) -> float:
         self._apply_partial(result)
@@ -196,11 +214,15 @@ class Uploader:
             self.outbox.dead_letter(result.retry, str(err))
             self._delivered(bool(result.acked))
             return 0.0
-        if err is not None and err.status == 403:
+        held = _held_error(err)
+        if err is not None and held is not None:
+            # Nothing we resend fixes these (a refused token, the wrong URL): keep the readings,
+            # say what to fix, try again rarely in case someone fixed it at the far side.
             wait = self._forbidden.next_delay(err.retry_after_s)
             self._not_before = now + wait
-            log.error("%s; keeping %d readings, next try in %.0f s", SCOPE_ERROR, len(result.retry), wait)
-            self.state.update(error=SCOPE_ERROR)
+            log.error("%s; keeping %d readings, next try in %.0f s", held, len(result.retry), wait)
+            self._held = held
+            self.state.update(error=held)
             self.state.set_link("api", "down")
             self._publish_counts()
             return wait
@@ -235,12 +257,29 @@ class Uploader:
         changes: dict[str, object] = {"outbox": self.outbox.counts()}
         if any_acked:
             changes["last_upload"] = self.wall()
-        if self.state.snapshot.error in (SCOPE_ERROR, REFUSED_ERROR):
+        if self._held is not None and self.state.snapshot.error == self._held:
             changes["error"] = None
+        self._held = None
+        self._refused_token = None
         self.state.update(**changes)
 
     def _publish_counts(self) -> None:
         self.state.update(outbox=self.outbox.counts())
+
+
+def _held_error(err: UploadError | None) -> str | None:
+    """The operator line for answers that resending cannot fix; None for the others."""
+    if err is None or err.status is None:
+        return None
+    if err.status == 401:
+        return REFUSED_ERROR
+    if err.status == 403:
+        return SCOPE_ERROR
+    if err.status in WRONG_ENDPOINT or 300 <= err.status < 400:
+        where = err.endpoint or "the configured URL"
+        what = "redirects" if err.status < 400 else "does not exist"
+        return f"the API endpoint {what} (HTTP {err.status} from {where}): check upload.url"
+    return None
 
 
 def _status(result: SendResult) -> int | None:

@@ -315,3 +315,24 @@ def test_count_lost_after_a_side_file_write_error(tmp_path: Path) -> None:
     assert box.counts() == OutboxCounts(pending=1, dead=0, dropped=SEQ_BLOCK + 5)
     box.close()
     assert Outbox.read_counts(path).dropped == SEQ_BLOCK + 5
+
+
+def test_dead_letter_table_is_bounded_oldest_dropped_and_counted(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.sqlite3", DEVICE, max_rows=1000, max_bytes=10**7,
+                 dead_max_rows=5, dead_max_bytes=10**6)
+    box.put([reading(i) for i in range(12)])
+    box.dead_letter([1, 2, 3, 4], "HTTP 422 a")
+    box.dead_letter([5, 6, 7], "HTTP 422 b")
+    assert box.counts() == OutboxCounts(pending=5, dead=5, dropped=2)
+    assert [s for s, _, _ in box.dead_rows()] == [3, 4, 5, 6, 7]
+    # ... and by bytes: one more row of ~1 kB pushes out as many old ones as needed.
+    small = Outbox(tmp_path / "b.sqlite3", DEVICE, max_rows=1000, max_bytes=10**7,
+                   dead_max_rows=100, dead_max_bytes=2000)
+    small.put([reading(i) for i in range(10)])
+    small.dead_letter(range(1, 11), "x" * 150)
+    dead = small.counts().dead
+    assert 0 < dead < 10 and small.counts().dropped == 10 - dead
+    small.close()
+    box.close()
+    with Outbox(tmp_path / "o.sqlite3", DEVICE, max_rows=1000, max_bytes=10**7) as again:
+        assert again.counts() == OutboxCounts(pending=5, dead=5, dropped=2), "persistent"

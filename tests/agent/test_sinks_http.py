@@ -20,7 +20,7 @@ from agent.sim.api import SimApi
 from agent.sim.tls import TlsFiles
 from agent.state import AgentState, OutboxCounts
 from agent.telemetry.outbox import Outbox
-from agent.telemetry.sinks import make_sink, redact_text, redact_url
+from agent.telemetry.sinks import claims_challenge, make_sink, redact_text, redact_url
 from agent.telemetry.sinks.http import HttpSink
 from agent.telemetry.uploader import Uploader
 from tests.fixtures.api import DEVICE, FakeTokens, reading
@@ -43,7 +43,8 @@ def test_batch_is_exactly_the_contract_shape(outbox: Outbox, api_settings: Uploa
 
 @pytest.mark.parametrize(("status", "retryable"), [(301, True), (308, True),   # kept, not dead-lettered
                                                    (408, True), (429, True), (500, True), (503, True),
-                                                   (504, True), (400, False), (404, False), (413, False),
+                                                   (504, True), (400, False), (404, True), (405, True),
+                                                   (410, True), (413, False),
                                                    (422, False)])
 def test_status_mapping(outbox: Outbox, api_settings: UploadSettings, sim_api: SimApi, tokens: FakeTokens,
                         status: int, retryable: bool) -> None:
@@ -158,14 +159,14 @@ def test_function_key_in_the_url_never_reaches_logs_or_dead_letter_reasons(
     keyed = dataclasses.replace(api_settings, url=f"{sim_api.url}?code={secret}")
     outbox.put([reading(i) for i in range(3)])
     sim_api.fail(500)
-    sim_api.fail(400)
+    sim_api.poison(seqs={1, 2, 3})
     sink = HttpSink(keyed, DEVICE)
     clock = [0.0]
     up = Uploader(outbox, sink, tokens, AgentState(), keyed, clock=lambda: clock[0], rng=lambda: 0.5)
     # (urllib3 logs the request line at DEBUG; agent.logs caps urllib3 at INFO.)
     with caplog.at_level(logging.DEBUG, logger="agent"):
         clock[0] += up.step()                     # 500: logged, retried
-        up.step()                                 # 400: dead-lettered with a reason
+        up.step()                                 # 422: dead-lettered with a reason
     sink.close()
     # And a network failure: requests quotes the whole URL (query included) in its exception.
     closed = socket.socket()
@@ -179,9 +180,26 @@ def test_function_key_in_the_url_never_reaches_logs_or_dead_letter_reasons(
         down.send(outbox.claim(1), tokens.token or "")
     down.close()
     reasons = " ".join(r for _, r, _ in outbox.dead_rows())
-    assert "500" in caplog.text and "400" in reasons and "/v1/readings" in reasons
+    assert "500" in caplog.text and "422" in reasons and "/v1/readings" in reasons
     for text in (caplog.text, reasons, str(info.value)):
         assert secret not in text and "code=" not in text and "pw@" not in text
+
+
+def test_claims_challenge_parsing() -> None:
+    import base64
+
+    claims = '{"access_token":{"nbf":{"essential":true,"value":"1604106651"}}}'
+    b64 = base64.b64encode(claims.encode()).decode()
+    entra = (f'Bearer realm="", authorization_uri="https://login.microsoftonline.com/common/oauth2/authorize", '
+             f'client_id="00000003-0000-0000-c000-000000000000", error="insufficient_claims", claims="{b64}"')
+    assert claims_challenge(entra) == claims
+    assert claims_challenge(f'Bearer error="insufficient_claims", claims="{b64.rstrip("=")}"') == claims
+    raw = claims.replace('"', '\\"')
+    assert claims_challenge(f'Bearer error="insufficient_claims", claims="{raw}"') == claims
+    for garbage in (None, "", "Basic realm=x", 'Bearer error="invalid_token"', f'Bearer claims="{b64}"',
+                    'Bearer error="insufficient_claims", claims="²"',
+                    'Bearer error="insufficient_claims", claims="W10="'):
+        assert claims_challenge(garbage) is None, garbage
 
 
 def test_redact_url_and_text() -> None:

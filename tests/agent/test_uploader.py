@@ -132,17 +132,53 @@ def test_exponential_backoff_with_jitter_capped_then_reset(make, outbox: Outbox,
     assert up.step() == 0.75, "success resets the back-off"
 
 
-def test_400_dead_letters_the_batch_and_the_queue_keeps_moving(make, outbox: Outbox, sim_api: SimApi) -> None:
+def test_a_refused_reading_costs_that_reading_only(make, outbox: Outbox, sim_api: SimApi,
+                                                    state: AgentState) -> None:
+    """A strict receiver refuses the whole request (422) for one bad reading: the batch is halved
+    until the two poisoned readings are isolated; the other 498 arrive."""
+    fill(outbox, 500)
+    sim_api.poison(seqs={137, 400})
+    up = make(batch_max=500)
+    assert up.step() == 10.0
+    assert sim_api.seqs(DEVICE) == set(range(1, 501)) - {137, 400}
+    assert outbox.counts() == OutboxCounts(pending=0, dead=2, dropped=0)
+    dead = outbox.dead_rows()
+    assert [s for s, _, _ in dead] == [137, 400]
+    assert "HTTP 422" in dead[0][1] and "seq 137" in dead[0][1], "status and the start of the answer"
+    assert dead[0][2]["id"] == f"{DEVICE}:137"
+    # Bisection cost: about 2 log2(500) requests per poisoned reading, not one per reading.
+    assert len(sim_api.requests) <= 4 * 9 + 1
+    assert state.snapshot.links["api"] == "up"
+
+
+def test_a_400_that_does_not_come_back_dead_letters_nothing(make, outbox: Outbox, sim_api: SimApi) -> None:
     fill(outbox, 30)
-    sim_api.fail(400)
+    sim_api.fail(400)                     # once, for the whole batch: the halves are accepted
     up = make(batch_max=10)
-    assert up.step() == 0.0
-    assert outbox.counts() == OutboxCounts(pending=20, dead=10, dropped=0)
+    for _ in range(3):
+        up.step()
+    assert sim_api.seqs(DEVICE) == set(range(1, 31))
+    assert outbox.counts() == OutboxCounts(pending=0, dead=0, dropped=0)
+    assert statuses(sim_api)[:3] == [400, 200, 200]
+
+
+def test_a_wrong_endpoint_keeps_everything_backs_off_and_says_where(make, outbox: Outbox, sim_api: SimApi,
+                                                                    clock: Clock, state: AgentState) -> None:
+    fill(outbox, 20)
+    up = make(url=f"{sim_api.base_url}/v1/readngs?code=s3cret", batch_max=10)
+    waits = []
+    for _ in range(6):
+        waits.append(up.step())
+        clock.t += waits[-1]
+    assert waits == [30.0, 60.0, 120.0, 240.0, 480.0, FORBIDDEN_CAP_S]
+    assert set(statuses(sim_api)) == {404} and len(sim_api.requests) == 6
+    assert outbox.counts() == OutboxCounts(pending=20, dead=0, dropped=0)
+    error = state.snapshot.error or ""
+    assert "404" in error and f"{sim_api.base_url}/v1/readngs" in error and "s3cret" not in error
+    up.url = up.sink.url = sim_api.url             # fixed (a config reload would do the same)
+    clock.t += up.step()
     up.step()
-    up.step()
-    assert sim_api.seqs(DEVICE) == set(range(11, 31))
-    assert [s for s, _, _ in outbox.dead_rows()] == list(range(1, 11))
-    assert "400" in outbox.dead_rows()[0][1]
+    assert sim_api.seqs(DEVICE) == set(range(1, 21)) and state.snapshot.error is None
 
 
 def test_401_refreshes_once_and_retries_with_the_new_token(make, outbox: Outbox, sim_api: SimApi,
@@ -208,24 +244,66 @@ def test_401_with_a_failed_refresh_tries_again_after_the_poll_not_an_hour_later(
     assert sim_api.seqs(DEVICE) == set(range(1, 6)) and outbox.counts().pending == 0
 
 
-def test_401_again_with_the_fresh_token_asks_for_a_new_sign_in(make, outbox: Outbox, sim_api: SimApi,
-                                                                    tokens: FakeTokens, sim_keys: SimKeys,
-                                                                    clock: Clock, state: AgentState) -> None:
+def test_401_again_with_the_fresh_token_keeps_readings_backs_off_and_never_signs_in_again(
+        make, outbox: Outbox, sim_api: SimApi, tokens: FakeTokens, sim_keys: SimKeys, clock: Clock,
+        state: AgentState) -> None:
     fill(outbox, 5)
     wrong = sim_keys.mint({"aud": "api://someone-else"})
     tokens.token = wrong
     tokens.on_reject = lambda: wrong                  # the "refreshed" token is refused as well
     up = make()
-    for _ in range(4):
-        clock.t += up.step()
-    # The second rejection is reported too: that is what sends the device back to the code flow.
-    assert statuses(sim_api) == [401, 401] and tokens.rejections == 2
-    assert state.snapshot.error == REFUSED_ERROR
-    assert outbox.counts().pending == 5                # nothing dead-lettered, nothing lost
-    tokens.token = sim_keys.mint()
+    waits = []
+    for _ in range(6):
+        waits.append(up.step())
+        clock.t += waits[-1]
+    assert waits == [30.0, 60.0, 120.0, 240.0, 480.0, FORBIDDEN_CAP_S]
+    # One refresh, then the refused fresh token is retried rarely, never reported again (a second
+    # report is what would send the device back to the code flow).
+    assert tokens.rejections == 1 and statuses(sim_api) == [401] * 7
+    assert state.snapshot.error == REFUSED_ERROR == "the API refuses fresh tokens (401): check its audience and issuer"
+    assert outbox.counts() == OutboxCounts(pending=5, dead=0, dropped=0)   # nothing dead-lettered, nothing lost
+    tokens.token = sim_keys.mint()                    # the API's audience was fixed / a new token
     up.step()
     assert statuses(sim_api)[-1] == 200 and outbox.counts().pending == 0
     assert state.snapshot.error is None
+
+
+def test_401_with_a_claims_challenge_asks_for_a_token_with_those_claims(
+        make, outbox: Outbox, sim_api: SimApi, tokens: FakeTokens) -> None:
+    fill(outbox, 5)
+    claims = '{"access_token":{"nbf":{"essential":true,"value":"1700000000"}}}'
+    sim_api.challenge(claims)
+    up = make()
+    assert up.step() == 10.0
+    assert tokens.claims == [claims] and statuses(sim_api) == [401, 200]
+    assert sim_api.seqs(DEVICE) == set(range(1, 6))
+
+
+def test_a_token_source_without_the_claims_parameter_still_works(
+        outbox: Outbox, sim_api: SimApi, sim_keys: SimKeys, api_settings: UploadSettings,
+        state: AgentState, clock: Clock) -> None:
+    class OldTokens:
+        def __init__(self) -> None:
+            self.token = sim_keys.mint()
+            self.calls = 0
+
+        def access_token(self) -> str | None:
+            return self.token
+
+        def token_rejected(self) -> str | None:
+            self.calls += 1
+            self.token = sim_keys.mint()
+            return self.token
+
+    fill(outbox, 3)
+    old = OldTokens()
+    sim_api.challenge('{"access_token":{}}')
+    sink = HttpSink(api_settings, DEVICE)
+    try:
+        Uploader(outbox, sink, old, state, api_settings, clock=clock).step()
+    finally:
+        sink.close()
+    assert old.calls == 1 and sim_api.seqs(DEVICE) == {1, 2, 3}
 
 
 def test_403_keeps_readings_backs_off_and_says_check_the_scopes(make, outbox: Outbox, sim_api: SimApi,

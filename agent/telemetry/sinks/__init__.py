@@ -10,6 +10,9 @@ redirects not followed) and reads ``Retry-After`` with ``agent.net.retry.retry_a
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import logging
 import re
 from collections.abc import Callable, Mapping
@@ -30,6 +33,7 @@ log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 TOO_LARGE = 413
+WRONG_ENDPOINT = frozenset({404, 405, 410})     # the URL is wrong, not the data: keep everything
 
 # A query string (``?code=<function key>``) after a URL or after requests' "url: /path".
 _QUERY_IN_TEXT = re.compile(r"((?:https?://|\burl: )[^\s?'\"]*)\?[^\s'\")]*")
@@ -108,13 +112,16 @@ def status_error(resp: requests.Response, what: str, *,
     """An UploadError for a non-2xx answer: retryable or not, with Retry-After.
 
     ``also_retryable``: statuses that are temporary for this sink only (Excel answers 409/423
-    while the workbook is open or locked).
+    while the workbook is open or locked). Non-retryable means "these readings are refused"
+    (400, 422, other 4xx): the caller isolates them by splitting the batch.
     """
     status = resp.status_code
     detail = _short_body(resp)
     retry_after = retry_after_s(resp)
+    endpoint = redact_url(str(getattr(resp, "url", "") or ""))
     if status == 401:
-        return UploadError(f"{what}: the token was rejected (401)", retryable=True, status=401)
+        return UploadError(f"{what}: the token was rejected (401)", retryable=True, status=401,
+                           claims=claims_challenge(resp.headers.get("WWW-Authenticate")))
     if status == 403:
         return UploadError(f"{what}: the API refused the token (403): check the scopes",
                            retryable=True, status=403, retry_after_s=retry_after)
@@ -123,11 +130,46 @@ def status_error(resp: requests.Response, what: str, *,
         # the readings stay queued until someone fixes the URL.
         target = redact_url(resp.headers.get("Location", "?"))
         return UploadError(f"{what}: HTTP {status} redirect to {target}: set the final URL in the config",
-                           retryable=True, status=status, retry_after_s=retry_after)
+                           retryable=True, status=status, retry_after_s=retry_after, endpoint=endpoint)
+    if status in WRONG_ENDPOINT:
+        return UploadError(f"{what}: HTTP {status}: no such endpoint, check the URL in the config",
+                           retryable=True, status=status, retry_after_s=retry_after, endpoint=endpoint)
     if status in RETRYABLE_STATUS or status in also_retryable or status >= 500:
         return UploadError(f"{what}: HTTP {status} {detail}".rstrip(), retryable=True,
                            retry_after_s=retry_after, status=status)
     return UploadError(f"{what}: HTTP {status} {detail}".rstrip(), retryable=False, status=status)
+
+
+_AUTH_PARAM = re.compile(r'([A-Za-z_][\w-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,"]+))')
+
+
+def claims_challenge(header: str | None) -> str | None:
+    """The claims JSON of a CAE challenge (``Bearer error="insufficient_claims", claims="…"``),
+    decoded from base64 as Entra sends it (raw JSON is accepted too). None when there is no
+    such challenge or it is not readable: then the 401 is an ordinary one."""
+    if not header or not header.lstrip().lower().startswith("bearer"):
+        return None
+    params: dict[str, str] = {}
+    for m in _AUTH_PARAM.finditer(header):
+        value = m.group(2) if m.group(2) is not None else m.group(3)
+        params[m.group(1).lower()] = re.sub(r"\\(.)", r"\1", value)
+    raw = params.get("claims")
+    if params.get("error") != "insufficient_claims" or not raw:
+        return None
+    candidates = [raw]
+    try:
+        padded = raw + "=" * (-len(raw) % 4)
+        candidates.insert(0, base64.b64decode(padded.replace("-", "+").replace("_", "/"),
+                                              validate=True).decode())
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        pass
+    for text in candidates:
+        try:
+            if isinstance(json.loads(text), dict):
+                return text
+        except ValueError:
+            continue
+    return None
 
 
 def network_error(err: Exception, what: str) -> UploadError:
@@ -137,11 +179,12 @@ def network_error(err: Exception, what: str) -> UploadError:
 
 
 def _short_body(resp: requests.Response) -> str:
+    """The first 200 bytes of the answer, on one line (for logs and dead-letter reasons)."""
     try:
-        text = resp.text
-    except Exception:  # noqa: BLE001 - a body we cannot decode is no detail
+        text = resp.content[:200].decode("utf-8", errors="replace")
+    except Exception:  # noqa: BLE001 - a body we cannot read is no detail
         return ""
-    return redact_text(" ".join(text.split()))[:200]
+    return redact_text(" ".join(text.split()))
 
 
 def chunks(items: list[Row], size: int) -> list[list[Row]]:
@@ -153,16 +196,17 @@ def headers_of(obj: Mapping[str, object] | None) -> dict[str, str]:
     return {str(k).lower(): str(v) for k, v in (obj or {}).items()}
 
 
-_warned_413 = False        # the first split is a WARNING (with advice), the rest DEBUG
+_warned_split: set[str] = set()    # the first split of each kind is a WARNING, the rest DEBUG
 
 
 def send_splitting(batch: list[Row], send_part: Callable[[list[Row]], None]) -> SendResult:
-    """``send_part(batch)``, halving any part the far side answers 413 (payload too large) until
-    it is accepted; only a single reading that still gets 413 is dead-lettered.
+    """``send_part(batch)``, halving any part the far side refuses until what it refuses is
+    isolated: 413 (payload too large) and the "refused data" answers (400, 422, other 4xx, i.e.
+    non-retryable ``UploadError``). Only a single reading still refused is dead-lettered, with
+    the status and the start of the answer; every good reading of the batch is delivered.
 
-    ``send_part`` raises UploadError. A part with any other non-retryable answer is
-    dead-lettered and the rest carry on; a retryable one stops here (the rest go to ``retry``).
-    When nothing has been answered yet the UploadError is raised, as an unsplit send would.
+    ``send_part`` raises UploadError. A retryable answer stops here (the rest go to ``retry``).
+    A one-reading batch refused outright raises, as an unsplit send would.
     """
     result = SendResult()
     todo: list[list[Row]] = [batch]
@@ -171,13 +215,8 @@ def send_splitting(batch: list[Row], send_part: Callable[[list[Row]], None]) -> 
         try:
             send_part(part)
         except UploadError as err:
-            if err.status == TOO_LARGE and len(part) > 1:
-                global _warned_413
-                level = logging.DEBUG if _warned_413 else logging.WARNING
-                _warned_413 = True
-                log.log(level, "HTTP 413 (too large) for %d readings (seq %d..%d): sending them in two "
-                        "halves (a smaller upload.batch_max avoids the extra requests)",
-                        len(part), part[0].seq, part[-1].seq)
+            if (err.status == TOO_LARGE or not err.retryable) and len(part) > 1:
+                _log_split(err, part)
                 half = len(part) // 2
                 todo[:0] = [part[:half], part[half:]]
                 continue
@@ -191,3 +230,13 @@ def send_splitting(batch: list[Row], send_part: Callable[[list[Row]], None]) -> 
             return result
         result.acked.extend(r.seq for r in part)
     return result
+
+
+def _log_split(err: UploadError, part: list[Row]) -> None:
+    kind = "413" if err.status == TOO_LARGE else "refused"
+    level = logging.DEBUG if kind in _warned_split else logging.WARNING
+    _warned_split.add(kind)
+    advice = ("a smaller upload.batch_max avoids the extra requests" if kind == "413"
+              else "finding the readings it refuses; only those are dead-lettered")
+    log.log(level, "HTTP %s for %d readings (seq %d..%d): sending them in two halves (%s)",
+            err.status, len(part), part[0].seq, part[-1].seq, advice)
