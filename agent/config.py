@@ -14,7 +14,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast, get_args
 from urllib.parse import urlsplit
 
 from agent.errors import ConfigError
@@ -31,6 +31,7 @@ _TOPIC_PREFIX = re.compile(r"^[^#+\x00]{1,128}$")
 # Backend names (display drivers, GPIO backends, sensor types and their options) come from
 # hw/registry.py; sinks are the agent's own.
 SINKS = ("http", "graph_list", "graph_excel")
+OnStop = Literal["stopped", "blank"]
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class DisplaySettings(DisplayOptions):
 
     driver: str = registry.NO_DISPLAY
     sleep_after_s: float = 300.0
-    on_stop: str = "stopped"   # stopped | blank: what the panel shows after the service stops
+    on_stop: OnStop = "stopped"   # what the panel shows after the service stops
 
 
 @dataclass(frozen=True)
@@ -257,7 +258,7 @@ def _display(c: _Checker, t: Mapping[str, Any]) -> DisplaySettings:
         contrast=c.integer(t, "contrast", "display", default=d["contrast"], minimum=0, maximum=255),
         path=path,
         sleep_after_s=c.number(t, "sleep_after_s", "display", default=d["sleep_after_s"], minimum=0),
-        on_stop=c.choice(t, "on_stop", "display", ("stopped", "blank"), default=d["on_stop"]),
+        on_stop=cast(OnStop, c.choice(t, "on_stop", "display", get_args(OnStop), default=d["on_stop"])),
     )
 
 

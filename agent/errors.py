@@ -2,9 +2,11 @@
 
     AgentError
      ├── ConfigError (also ValueError)   bad config: exit 78, one line, no traceback
-     ├── AuthError                       sign-in could not proceed (message is for operators)
      ├── UploadError                     a sink failed; ``retryable`` says whether to try again
      └── NotifyError                     MQTT could not be set up (bad URL, TLS files, credentials)
+
+Sign-in has no exception class on purpose: its failures become state (``AgentState``: phase and
+error text for screen, status file and MQTT), and the authenticator retries; nothing raises.
 """
 
 from __future__ import annotations
@@ -16,10 +18,6 @@ class AgentError(Exception):
 
 class ConfigError(AgentError, ValueError):
     """The configuration is wrong; the message names file and key."""
-
-
-class AuthError(AgentError):
-    """Sign-in failed in a way that has an operator-facing explanation."""
 
 
 class UploadError(AgentError):
@@ -43,4 +41,4 @@ class UploadError(AgentError):
 
 
 class NotifyError(AgentError):
-    """MQTT notifier setup failed."""
+    """The MQTT connection could not be set up (agent/mqtt: publisher and watch)."""

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, TypedDict
 
 from agent import __version__, logs
 from agent.config import Settings
@@ -32,6 +32,16 @@ from agent.statusfile import (
     previous_last_upload,
     status_path,
 )
+
+if TYPE_CHECKING:     # imported for real in _start, so `device-agent --help` stays quick
+    from agent.config import SensorSettings
+    from agent.mqtt.publisher import MqttPublisher
+    from agent.panel.observer import Panel
+    from agent.signin.authenticator import Authenticator
+    from agent.telemetry.outbox import Outbox
+    from agent.telemetry.sampler import Sampler
+    from agent.telemetry.uploader import Uploader
+    from hw.base import Display, Gpio, Sensor
 
 log = logging.getLogger(__name__)
 
@@ -84,25 +94,33 @@ class Supervised:
             self.thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
+class Hardware(TypedDict, total=False):
+    """Backends handed in instead of opened from config (tests, the demo)."""
+
+    gpio: Gpio
+    display: Display
+
+
 class Service:
     """One agent process. ``run`` blocks until ``stop`` is set (by a signal or a caller)."""
 
     def __init__(self, settings: Settings, *, install_signals: bool = True,
-                 hardware: dict[str, Any] | None = None, stop_event: threading.Event | None = None) -> None:
+                 hardware: Hardware | None = None, stop_event: threading.Event | None = None) -> None:
         self.settings = settings
         self.state = AgentState()
         self.stop_event = stop_event or threading.Event()
         self._install_signals = install_signals
-        self._hardware = hardware or {}
+        self._hardware: Hardware = hardware or {}
         self._sd = Notifier()
         self._components: list[Supervised] = []
         self._closers: list[tuple[str, Callable[[], None]]] = []
-        self.auth: Any = None
-        self.sampler: Any = None
-        self.uploader: Any = None
-        self.panel: Any = None
-        self.notifier: Any = None
-        self.outbox: Any = None
+        # Made by _start; None before it (and panel/notifier stay None when not configured).
+        self.auth: Authenticator | None = None
+        self.sampler: Sampler | None = None
+        self.uploader: Uploader | None = None
+        self.panel: Panel | None = None
+        self.notifier: MqttPublisher | None = None
+        self.outbox: Outbox | None = None
         self._lock = InstanceLock(settings.device.state_dir)
         self._was_signed_in = False
         self._running = False
@@ -176,9 +194,9 @@ class Service:
         if display is not None:
             from agent.panel.observer import Panel
 
-            self.panel = Panel(display, self.state, sleep_after_s=s.display.sleep_after_s)
-            self.panel.start()
-            self._closers.append(("panel", lambda: self.panel.stop(final=s.display.on_stop)))
+            panel = self.panel = Panel(display, self.state, sleep_after_s=s.display.sleep_after_s)
+            panel.start()
+            self._closers.append(("panel", lambda: panel.stop(final=s.display.on_stop)))
         if gpio is not None and (s.gpio.button is not None or s.gpio.led is not None):
             from agent.panel.controls import Controls
 
@@ -201,7 +219,7 @@ class Service:
             sup.start()
             self._components.append(sup)
 
-    def _open_hardware(self) -> tuple[Any, Any, list[tuple[Any, Any]]]:
+    def _open_hardware(self) -> tuple[Gpio | None, Display | None, list[tuple[SensorSettings, Sensor]]]:
         """GPIO, display and sensors from config (or injected by tests/demo)."""
         from hw import registry
         from hw.errors import HardwareError
@@ -299,12 +317,13 @@ class Service:
         return {"renew_code": self._renew_code_cmd, "sign_out": self._sign_out_cmd, "flush": self._flush_cmd}
 
     def _renew_code_cmd(self) -> None:
-        if not self.auth.request_new_code():
+        if self.auth is not None and not self.auth.request_new_code():
             raise AgentError("already signed in; send sign_out first to get a new code")
 
     def _sign_out_cmd(self) -> None:
         log.info("signing out (requested)")
-        self.auth.sign_out()
+        if self.auth is not None:
+            self.auth.sign_out()
 
     def _sign_out_requested(self) -> None:
         """`device-agent sign-out` (SIGUSR1): sign out, then tell the command it is done."""
@@ -312,13 +331,14 @@ class Service:
         acknowledge_sign_out(self.settings.device.state_dir)
 
     def _flush_cmd(self) -> None:
-        self.uploader.flush()
+        if self.uploader is not None:
+            self.uploader.flush()
 
     def _button_short(self) -> None:
         if self.panel is not None:
             self.panel.wake()
         snap = self.state.snapshot
-        if snap.phase != "signed_in" and snap.code is None:
+        if snap.phase != "signed_in" and snap.code is None and self.auth is not None:
             self.auth.request_new_code()
 
     def _button_long(self) -> None:
