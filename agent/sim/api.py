@@ -54,14 +54,16 @@ class ApiRequest:
 @dataclass
 class Fault:
     status: int | None                 # None = reset the connection
-    retry_after_s: float | None = None
+    retry_after_s: float | str | None = None   # a str is sent as it is ("inf", "²", ...)
     http_date: bool = False            # Retry-After as an HTTP date, computed when answering
 
-    def retry_after(self) -> str | None:
+    def retry_after(self, clock_offset_s: float = 0.0) -> str | None:
         if self.retry_after_s is None:
             return None
+        if isinstance(self.retry_after_s, str):
+            return self.retry_after_s
         if self.http_date:
-            return email.utils.formatdate(time.time() + self.retry_after_s, usegmt=True)
+            return email.utils.formatdate(time.time() + clock_offset_s + self.retry_after_s, usegmt=True)
         return str(int(self.retry_after_s))
 
 
@@ -83,6 +85,7 @@ class SimApi:
         self._lock = threading.Lock()
         self._faults: deque[Fault] = deque()
         self.latency_s = 0.0
+        self.clock_offset_s = 0.0       # the server's clock (Date, Retry-After dates) runs this far ahead
         self.max_body_bytes: int | None = None      # larger bodies get 413, before auth
         self.poisoned_seqs: set[int] = set()        # a request holding one of these gets 422
         self.poisoned_values: set[float] = set()    # ... or a reading with one of these values
@@ -95,6 +98,9 @@ class SimApi:
         class Handler(JsonHandler):
             def do_POST(self) -> None:  # noqa: N802
                 api._handle(self)
+
+            def date_time_string(self, timestamp: float | None = None) -> str:
+                return email.utils.formatdate((timestamp or time.time()) + api.clock_offset_s, usegmt=True)
 
             def do_GET(self) -> None:  # noqa: N802
                 if self.path.split("?")[0] == "/healthz":
@@ -126,11 +132,12 @@ class SimApi:
 
     # ------------------------------------------------------------ switches
 
-    def fail(self, status: int, *, count: int = 1, retry_after: float | None = None,
+    def fail(self, status: int, *, count: int = 1, retry_after: float | str | None = None,
              http_date: bool = False) -> None:
         """The next ``count`` requests get ``status`` (before auth, like a proxy or overload).
 
-        ``retry_after`` adds a Retry-After header: seconds, or an HTTP date that far ahead.
+        ``retry_after`` adds a Retry-After header: seconds, or an HTTP date that far ahead (of
+        the server's clock), or a string sent as it is.
         """
         with self._lock:
             self._faults.extend(Fault(status, retry_after, http_date) for _ in range(count))
@@ -204,7 +211,7 @@ class SimApi:
                 _reset(h)
                 return
             self._log(t, fault.status, count, key)
-            ra = fault.retry_after()
+            ra = fault.retry_after(self.clock_offset_s)
             headers = {"Retry-After": ra} if ra else None
             h.send_json(fault.status, {"error": "simulated", "status": fault.status}, headers)
             return

@@ -13,7 +13,8 @@
   "the API refused the token (403): check the scopes".
 - 404/405/410 and 3xx: the endpoint is wrong, not the data: keep everything, back off the same
   way, state error naming the endpoint (without its query string).
-- 408/429/5xx/network: retry; ``Retry-After`` (seconds or HTTP date) is a minimum wait
+- 408/429/5xx/network: retry; ``Retry-After`` (``agent.net.retry``: seconds, or an HTTP date
+  measured against the response's own ``Date``; capped at 1 h, garbage ignored) is a minimum wait
   (at least half the current back-off, so ``Retry-After: 0`` cannot cause a tight loop),
   otherwise exponential back-off with equal jitter (1 s doubling to 5 min).
 - other 4xx (400, 422, ...): the sink splits the batch until the refused readings are isolated;
@@ -119,9 +120,11 @@ class Uploader:
         log.info("uploader stopped")
 
     def flush(self) -> None:
-        """Upload now (the MQTT ``flush`` command): ends the idle wait and our own back-off.
-        A server's ``Retry-After`` is still honoured."""
+        """Upload now (the MQTT ``flush`` command): ends the idle wait, our own back-off and a
+        server's ``Retry-After`` (an operator asking outranks a proxy's advice; a wrong one must
+        never keep a box silent until it is capped)."""
         self._backoff_until = 0.0
+        self._not_before = 0.0
         self._wake.set()
 
     # ---------------------------------------------------------------- one step

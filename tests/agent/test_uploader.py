@@ -103,6 +103,46 @@ def test_503_retry_after_is_a_minimum_wait(make, outbox: Outbox, sim_api: SimApi
     assert sim_api.seqs(DEVICE) == set(range(1, 11)) and state.snapshot.links["api"] == "up"
 
 
+@pytest.mark.parametrize(("value", "expected"), [
+    ("inf", 0.75), ("nan", 0.75), ("²", 0.75), ("-5", 0.75), ("soon", 0.75),   # garbage: own back-off
+    ("99999999999", 3600.0), ("1e9", 0.75), ("7200", 3600.0),                   # huge: capped at 1 h
+    ("Fri, 31 Dec 9999 23:59:59 GMT", 3600.0)])
+def test_retry_after_garbage_or_huge_neither_crashes_nor_silences_uploads(
+        make, outbox: Outbox, sim_api: SimApi, clock: Clock, value: str, expected: float) -> None:
+    fill(outbox, 3)
+    sim_api.fail(503, retry_after=value)
+    up = make()
+    assert up.step() == expected
+    clock.t += expected
+    assert up.step() == 10.0 and sim_api.seqs(DEVICE) == {1, 2, 3}
+
+
+def test_http_date_retry_after_is_measured_against_the_servers_date_not_a_pi_clock_at_1970(
+        make, outbox: Outbox, sim_api: SimApi, clock: Clock) -> None:
+    """A Pi without RTC believes it is 1970: to it, every server date lies ~57 years ahead. The
+    same as a server clock 57 years ahead of ours, which the simulated API can do."""
+    fill(outbox, 3)
+    sim_api.clock_offset_s = 57 * 365.25 * 86400
+    sim_api.fail(429, retry_after=20, http_date=True)
+    up = make()
+    wait = up.step()
+    assert 19.0 <= wait <= 20.0
+    clock.t += wait
+    up.step()
+    assert sim_api.seqs(DEVICE) == {1, 2, 3}
+
+
+def test_flush_cuts_a_retry_after_wait_short(make, outbox: Outbox, sim_api: SimApi) -> None:
+    fill(outbox, 3)
+    sim_api.fail(503, retry_after=3600)
+    up = make()
+    assert up.step() == 3600.0
+    assert up.step() == 3600.0 and len(sim_api.requests) == 1, "the wait holds without a flush"
+    up.flush()
+    assert up.step() == 10.0, "flush: sent at once"
+    assert statuses(sim_api) == [503, 200] and sim_api.seqs(DEVICE) == {1, 2, 3}
+
+
 def test_retry_after_zero_does_not_spin(make, outbox: Outbox, sim_api: SimApi, clock: Clock) -> None:
     fill(outbox, 3)
     sim_api.fail(503, count=4, retry_after=0)
