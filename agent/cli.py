@@ -41,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     st = with_config(sub.add_parser("status", help="sign-in state, account, outbox, last upload"))
     st.add_argument("--json", action="store_true", help="machine-readable output")
     with_config(sub.add_parser("sign-out", help="forget the cached account and tokens"))
+    dl = sub.add_parser("dead-letter", help="readings the far side refused: list, retry, purge")
+    dl_sub = dl.add_subparsers(dest="dl_action", required=True, metavar="ACTION")
+    with_config(dl_sub.add_parser("list", help="dead-lettered readings (seq, when, reason) and drop counts"))
+    dl_retry = with_config(dl_sub.add_parser("retry", help="queue them again with their seq and id"))
+    dl_retry.add_argument("--all", action="store_true", help="every dead-lettered reading of this device")
+    dl_retry.add_argument("seqs", nargs="*", metavar="SEQ", help="seq numbers from `dead-letter list`")
+    with_config(dl_sub.add_parser("purge", help="delete them (counted as dropped)"))
 
     w = sub.add_parser("watch", help="admin view: every device's code and status from the broker")
     w.add_argument("--url", required=True, help="mqtt://host:port or mqtts://host:port")
@@ -118,6 +125,21 @@ def _dispatch(args: argparse.Namespace) -> int:
         from agent import statusfile
 
         return statusfile.sign_out(config.load(config.config_path(args.config)))
+    if cmd == "dead-letter":
+        import sqlite3
+
+        from agent.telemetry import dead_letters
+
+        settings = config.load(config.config_path(args.config))
+        try:
+            return dead_letters.run(settings.outbox_path, settings.device.id, args.dl_action,
+                                    getattr(args, "seqs", ()), all_=getattr(args, "all", False))
+        except dead_letters.DeadLetterError as err:
+            print(f"error: dead-letter {args.dl_action}: {err}", file=sys.stderr)
+            return err.exit_code
+        except sqlite3.Error as err:
+            print(f"error: {settings.outbox_path}: {err}", file=sys.stderr)
+            return EXIT_FAILURE
     if cmd == "watch":
         from agent.mqtt import watch
 

@@ -109,6 +109,7 @@ class Outbox:
         self._dropped = 0
         self._lost_unsaved = 0      # lost readings not yet in meta.dropped (the DB was unwritable)
         self._next_seq = 1
+        self._data_version: int | None = None
         self._open_checked()
 
     # ----------------------------------------------------------------- public API
@@ -128,6 +129,7 @@ class Outbox:
     def claim(self, limit: int) -> list[Row]:
         """The oldest ``limit`` pending rows, ascending seq. They stay queued until acked."""
         with self._lock:
+            self._notice_outside_changes()
             return self._retry_corrupt(lambda: self._claim(limit))
 
     def ack(self, seqs: Iterable[int]) -> None:
@@ -167,6 +169,7 @@ class Outbox:
 
     def counts(self) -> OutboxCounts:
         with self._lock:
+            self._notice_outside_changes()
             return OutboxCounts(pending=self._pending, dead=self._dead,
                                 dropped=self._dropped + self._lost_unsaved)
 
@@ -236,6 +239,29 @@ class Outbox:
             db.close()
 
     # ----------------------------------------------------------------- internals
+
+    def _notice_outside_changes(self) -> None:
+        """Another connection committed (``device-agent dead-letter retry|purge`` while we run):
+        re-read the counters. ``PRAGMA data_version`` changes only for other connections'
+        commits, so this costs one cheap statement when nothing happened."""
+        if self._db is None:
+            return
+        try:
+            version = self._db.execute("PRAGMA data_version").fetchone()[0]
+            if self._data_version is not None and version != self._data_version:
+                db = self._db
+                self._pending, self._pending_bytes, top = db.execute(
+                    "SELECT count(*), coalesce(sum(length(payload)), 0), coalesce(max(seq), 0) "
+                    "FROM outbox").fetchone()
+                self._dead = db.execute("SELECT count(*) FROM dead").fetchone()[0]
+                row = db.execute("SELECT value FROM meta WHERE key = 'dropped'").fetchone()
+                self._dropped = int(row[0]) if row else 0
+                self._next_seq = max(self._next_seq, top + 1)
+                log.info("outbox changed by another process (e.g. `device-agent dead-letter`): "
+                         "%d pending, %d dead", self._pending, self._dead)
+            self._data_version = version
+        except sqlite3.Error as err:
+            log.debug("outbox: data_version check failed: %s", err)
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:

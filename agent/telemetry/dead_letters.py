@@ -1,0 +1,169 @@
+"""``device-agent dead-letter list | retry [--all | SEQ…] | purge``: what an operator does with
+readings the far side refused.
+
+It works while the service runs: its own connection to the outbox (SQLite WAL, so readers never
+block the service and the service never blocks them; writes wait up to ``BUSY_TIMEOUT_S`` for
+the service's short transactions). The running service notices the change by itself
+(``PRAGMA data_version`` in ``Outbox``) and uploads retried readings at its next step.
+
+``retry`` moves rows back into the queue with their original seq, so they are sent with their
+original id ``<device>:<seq>`` (the receiver de-duplicates by it). Rows dead-lettered under an
+earlier device id cannot be sent under their id any more: they are reported, not retried.
+``purge`` deletes them and counts them into ``dropped`` (nothing disappears unaccounted).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+BUSY_TIMEOUT_S = 10.0
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+_SQL_VARS = 500
+
+
+class DeadLetterError(Exception):
+    """A user mistake or a state the command cannot act on: one line, ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def parse_seqs(args: Sequence[str]) -> list[int]:
+    """SEQ arguments as numbers.
+
+    Raises:
+        DeadLetterError: one is not a whole number >= 1 (exit 2, like any usage error).
+    """
+    seqs = []
+    for arg in args:
+        text = arg.strip()
+        if not (text.isascii() and text.isdigit()) or int(text) < 1:
+            raise DeadLetterError(f"{arg!r} is not a seq (a whole number >= 1, as `dead-letter list` "
+                                  "shows them)", EXIT_USAGE)
+        seqs.append(int(text))
+    return sorted(set(seqs))
+
+
+def run(path: Path, device_id: str, action: str, seqs: Sequence[str] = (), *, all_: bool = False,
+        out: TextIO = sys.stdout) -> int:
+    """One ``dead-letter`` command against the outbox at ``path``. Returns the exit code.
+
+    Raises:
+        DeadLetterError: bad arguments (exit 2) or seqs that are not dead-lettered (exit 1).
+        sqlite3.Error: the outbox cannot be read or written (busy for longer than the timeout).
+    """
+    if action == "retry":
+        if all_ and seqs:
+            raise DeadLetterError("give either --all or SEQ numbers, not both", EXIT_USAGE)
+        if not all_ and not seqs:
+            raise DeadLetterError("say which: --all, or SEQ numbers from `dead-letter list`", EXIT_USAGE)
+    wanted = parse_seqs(seqs)
+    if not Path(path).exists():
+        if wanted:
+            raise DeadLetterError(f"no outbox at {path}: nothing is dead-lettered")
+        print(f"no outbox at {path}: nothing is dead-lettered", file=out)
+        return EXIT_OK
+    db = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    try:
+        if action == "list":
+            return _list(db, device_id, out)
+        if action == "retry":
+            return _retry(db, device_id, wanted, out)
+        if action == "purge":
+            return _purge(db, out)
+        raise DeadLetterError(f"unknown action {action!r}", EXIT_USAGE)
+    finally:
+        db.close()
+
+
+def _list(db: sqlite3.Connection, device_id: str, out: TextIO) -> int:
+    rows = db.execute("SELECT seq, device, at, reason FROM dead ORDER BY seq, id").fetchall()
+    if rows:
+        print(f"{'SEQ':>10}  {'DEAD-LETTERED AT':<24}  REASON", file=out)
+    for seq, device, at, reason in rows:
+        other = f"[device {device}: cannot be retried] " if device != device_id else ""
+        print(f"{seq:>10}  {at:<24}  {other}{reason}", file=out)
+    meta = dict(db.execute("SELECT key, value FROM meta WHERE key = 'dropped' OR key LIKE 'dropped:%'"))
+    dropped = int(meta.pop("dropped", 0) or 0)
+    why = ", ".join(f"{k.split(':', 1)[1]}: {v}" for k, v in sorted(meta.items()))
+    print(f"{len(rows)} dead-lettered; {dropped} dropped in total" + (f" ({why})" if why else ""), file=out)
+    return EXIT_OK
+
+
+def _retry(db: sqlite3.Connection, device_id: str, wanted: list[int], out: TextIO) -> int:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        dead = db.execute("SELECT seq, device FROM dead").fetchall()
+        mine = {s for s, d in dead if d == device_id}
+        others = {s for s, d in dead if d != device_id}
+        if wanted:
+            missing = [s for s in wanted if s not in mine and s not in others]
+            foreign = [s for s in wanted if s in others and s not in mine]
+            if missing:
+                raise DeadLetterError(f"not dead-lettered: {_ranges(missing)} (see `device-agent "
+                                      "dead-letter list`)")
+            if foreign:
+                raise DeadLetterError(f"{_ranges(foreign)}: dead-lettered under an earlier device id, "
+                                      "cannot be sent under their id; `purge` them")
+            todo = wanted
+        else:
+            todo = sorted(mine)
+        moved = 0
+        for i in range(0, len(todo), _SQL_VARS):
+            chunk = todo[i:i + _SQL_VARS]
+            marks = ",".join("?" * len(chunk))
+            # The newest copy of each seq (a row retried and refused again is in the table twice).
+            moved += db.execute(
+                f"INSERT OR IGNORE INTO outbox (seq, payload) SELECT seq, payload FROM dead d "  # noqa: S608
+                f"WHERE device = ? AND seq IN ({marks}) AND id = (SELECT max(id) FROM dead "
+                f"WHERE device = d.device AND seq = d.seq)", (device_id, *chunk)).rowcount
+            db.execute(f"DELETE FROM dead WHERE device = ? AND seq IN ({marks})",  # noqa: S608
+                       (device_id, *chunk))
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    print(f"{moved} readings queued again with their seq and id"
+          + (f" ({_ranges(todo)})" if todo else ""), file=out)
+    if not wanted and others:
+        print(f"{len(others)} dead-lettered under an earlier device id left alone; `purge` drops them",
+              file=out)
+    return EXIT_OK
+
+
+def _purge(db: sqlite3.Connection, out: TextIO) -> int:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        n = db.execute("DELETE FROM dead").rowcount
+        if n:
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', coalesce((SELECT value FROM meta "
+                       "WHERE key = 'dropped'), 0) + ?)", (n,))
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('dropped:dead letters purged', coalesce("
+                       "(SELECT value FROM meta WHERE key = 'dropped:dead letters purged'), 0) + ?)", (n,))
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    print(f"{n} dead-lettered readings purged (counted as dropped)", file=out)
+    return EXIT_OK
+
+
+def _ranges(seqs: Sequence[int]) -> str:
+    """``[1, 2, 3, 7]`` -> ``"seq 1-3, 7"``: short even for thousands of seqs."""
+    parts: list[str] = []
+    start = prev = None
+    for s in sorted(seqs):
+        if prev is not None and s == prev + 1:
+            prev = s
+            continue
+        if start is not None:
+            parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+        start = prev = s
+    if start is not None:
+        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+    return "seq " + ", ".join(parts)

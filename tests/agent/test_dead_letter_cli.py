@@ -1,0 +1,131 @@
+"""`device-agent dead-letter list | retry | purge` as a subprocess against an outbox that a live
+Outbox (the running service's) holds open and keeps writing to, then delivered by the uploader
+to the simulated API with the original seq and id."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from agent.config import UploadSettings
+from agent.sim.api import SimApi
+from agent.state import AgentState, OutboxCounts
+from agent.telemetry.outbox import Outbox
+from agent.telemetry.sinks.http import HttpSink
+from agent.telemetry.uploader import Uploader
+from tests.agentproc import write_config
+from tests.fixtures.api import DEVICE, FakeTokens, reading
+
+
+@pytest.fixture
+def config(tmp_path: Path, api_settings: UploadSettings) -> Path:
+    return write_config(tmp_path / "config.toml", {
+        "device": {"id": DEVICE, "state_dir": str(tmp_path / "state")},
+        "auth": {"client_id": "sim", "authority": "https://127.0.0.1:1/simtenant", "instance_discovery": False,
+                 "scopes": ["api://telemetry/Readings.Write"]},
+        "upload": {"sink": "http", "url": api_settings.url},
+    })
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> Outbox:
+    box = Outbox(tmp_path / "state" / "outbox.sqlite3", DEVICE, max_rows=10**6, max_bytes=10**9)
+    yield box
+    box.close()
+
+
+def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", "dead-letter", *args, "--config", str(config)],
+                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+
+
+def test_list_retry_and_purge_while_the_service_writes(config: Path, live: Outbox, sim_api: SimApi,
+                                                       tokens: FakeTokens, api_settings: UploadSettings) -> None:
+    live.put([reading(i) for i in range(20)])
+    sim_api.poison(seqs={4, 5, 17})
+    state = AgentState()
+    sink = HttpSink(api_settings, DEVICE)
+    up = Uploader(live, sink, tokens, state, api_settings, clock=lambda: 0.0)
+    try:
+        up.step()
+        assert live.counts() == OutboxCounts(pending=0, dead=3, dropped=0)
+
+        stop = threading.Event()
+
+        def sampler() -> None:            # the service keeps writing while the command runs
+            i = 100
+            while not stop.is_set():
+                live.put([reading(i)])
+                i += 1
+
+        writer = threading.Thread(target=sampler)
+        writer.start()
+        try:
+            listed = cli(config, "list")
+            retried = cli(config, "retry", "4", "17")
+        finally:
+            stop.set()
+            writer.join()
+        assert listed.returncode == 0, listed.stderr
+        lines = listed.stdout.splitlines()
+        assert [ln.split()[0] for ln in lines[1:4]] == ["4", "5", "17"]
+        assert "HTTP 422" in lines[1] and "seq 4" in lines[1]
+        assert lines[-1].startswith("3 dead-lettered; 0 dropped")
+        assert retried.returncode == 0, retried.stderr
+        assert "2 readings queued again" in retried.stdout
+
+        assert live.counts().dead == 1, "the running outbox noticed the change by itself"
+        sim_api.poisoned_seqs.clear()
+        while live.counts().pending:
+            up.step()
+        got = {r["seq"]: r for r in sim_api.readings(DEVICE)}
+        assert {4, 17} <= got.keys() and 5 not in got
+        assert got[17]["id"] == f"{DEVICE}:17" and got[17]["value"] == reading(16)["value"]
+
+        purged = cli(config, "purge")
+        assert purged.returncode == 0 and "1 dead-lettered readings purged" in purged.stdout
+        assert live.counts().dead == 0 and live.counts().dropped == 1
+        after = cli(config, "list")
+        assert after.stdout.splitlines()[-1] == "0 dead-lettered; 1 dropped in total (dead letters purged: 1)"
+    finally:
+        sink.close()
+
+
+@pytest.mark.parametrize(("args", "code", "says"), [
+    (["retry"], 2, "--all, or SEQ"),
+    (["retry", "--all", "3"], 2, "not both"),
+    (["retry", "abc"], 2, "'abc' is not a seq"),
+    (["retry", "0"], 2, "'0' is not a seq"),
+    (["retry", "-3"], 2, None),                     # argparse: unknown option
+    (["retry", "²"], 2, "is not a seq"),
+    (["retry", "2", "99", "100"], 1, "not dead-lettered: seq 99-100"),
+    (["frobnicate"], 2, None),
+])
+def test_bad_arguments_give_one_line_and_a_usage_exit_code(config: Path, live: Outbox, args: list[str],
+                                                           code: int, says: str | None) -> None:
+    live.put([reading(i) for i in range(3)])
+    live.dead_letter([2], "HTTP 422 test")
+    done = cli(config, *args)
+    assert done.returncode == code, done
+    assert "Traceback" not in done.stderr
+    if says:
+        assert says in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert live.counts() == OutboxCounts(pending=2, dead=1, dropped=0), "nothing changed"
+
+
+def test_retry_all_and_a_missing_outbox(config: Path, tmp_path: Path) -> None:
+    done = cli(config, "list")
+    assert done.returncode == 0 and "nothing is dead-lettered" in done.stdout
+    box = Outbox(tmp_path / "state" / "outbox.sqlite3", DEVICE, max_rows=100, max_bytes=10**6)
+    box.put([reading(i) for i in range(6)])
+    box.dead_letter([1, 2, 3, 5], "HTTP 400 x")
+    box.close()
+    done = cli(config, "retry", "--all")
+    assert done.returncode == 0 and "4 readings queued again" in done.stdout and "seq 1-3, 5" in done.stdout
+    with Outbox(tmp_path / "state" / "outbox.sqlite3", DEVICE, max_rows=100, max_bytes=10**6) as again:
+        assert again.counts() == OutboxCounts(pending=6, dead=0, dropped=0)
+        assert [r.seq for r in again.claim(10)] == [1, 2, 3, 4, 5, 6]
