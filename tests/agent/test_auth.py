@@ -656,7 +656,8 @@ def test_ca_bundle_keeps_the_system_store(
     harness().wait_signed_in(5)
     from agent.net.tls import ca_bundle
 
-    bundle = Path(ca_bundle(str(tls.ca_file))).read_text()
+    verify = Path(ca_bundle(str(tls.ca_file)))   # a hashed directory, or one PEM file
+    bundle = "".join(p.read_text() for p in verify.iterdir()) if verify.is_dir() else verify.read_text()
     first_public_ca = Path(certifi.where()).read_text().split("-----END CERTIFICATE-----")[0]
     assert first_public_ca.split("-----BEGIN CERTIFICATE-----")[1] in bundle
     assert tls.ca_file.read_text().strip() in bundle
