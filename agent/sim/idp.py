@@ -40,12 +40,14 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
+from agent.sim.appcreds import ASSERTION_ERRORS, AppCredentials, AssertionError_, issue_app_token
 from agent.sim.server import LOOPBACK, JsonHandler, LoopbackHTTPSServer
 from agent.sim.tls import TlsFiles, make_tls
 
 log = logging.getLogger(__name__)
 
 DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+CLIENT_CREDENTIALS_GRANT = "client_credentials"
 USER_CODE_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"
 USER_CODE_LENGTH = 9
 DEFAULT_USER = "ada@contoso.example"
@@ -117,6 +119,7 @@ AADSTS_ERRORS: dict[int, tuple[str, dict[str, str], str]] = {
             "The provided request must include a 'scope' input parameter. The provided value for the "
             "input parameter 'scope' is not valid."),
 }
+AADSTS_ERRORS.update(ASSERTION_ERRORS)   # the client-credentials grant's answers (agent.sim.appcreds)
 
 
 @dataclass
@@ -149,6 +152,8 @@ class Switches:
     rotate_refresh_tokens: bool = True         # Entra renews refresh tokens on use
     access_token_lifetime_s: int = 3600
     expired_code_aadsts: int = 70020           # 70019 or 70020 for a poll after expiry
+    device_code_blocked: bool = False          # Conditional Access blocks device code flow: every
+                                               # devicecode request and poll answers AADSTS53003
 
 
 @dataclass
@@ -233,6 +238,8 @@ class SimIdp:
         self._latest_user_code: str | None = None
         self._grants: dict[str, _Grant] = {}        # by refresh token
         self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        # App registrations' certificates and the client-credentials checks (agent.sim.appcreds).
+        self.app_credentials = AppCredentials(token_url=lambda: self.token_url, wall_clock=wall_clock)
         self.kid = _b64url(hashlib.sha256(self._public_jwk_raw().encode()).digest()[:15])
         self._server: LoopbackHTTPSServer | None = None
 
@@ -499,6 +506,8 @@ class SimIdp:
     def devicecode(self, form: dict[str, str]) -> dict[str, Any]:
         """POST /{tenant}/oauth2/v2.0/devicecode."""
         with self._lock:
+            if self.switches.device_code_blocked:
+                raise OAuthError(53003)
             if self.switches.devicecode_error is not None:
                 raise OAuthError(self.switches.devicecode_error, client=form.get("client_id", ""))
             client_id = self._check_client(form)
@@ -515,7 +524,11 @@ class SimIdp:
                 raise OAuthError(self.switches.token_error, client=form.get("client_id", ""))
             client_id = self._check_client(form)
             if grant_type == DEVICE_CODE_GRANT:
+                if self.switches.device_code_blocked:
+                    raise OAuthError(53003)
                 return self._device_code_grant(form, client_id)
+            if grant_type == CLIENT_CREDENTIALS_GRANT:
+                return self._client_credentials_grant(form, client_id)
             if grant_type == "refresh_token":
                 return self._refresh_grant(form, client_id)
             if not grant_type:
@@ -581,6 +594,31 @@ class SimIdp:
                 del self._grants[new_rt]
             body["refresh_token"] = rt
         log.info("refresh token redeemed for %s (rotated: %s)", grant.user, sw.rotate_refresh_tokens)
+        return body
+
+    def register_certificate(self, certificate_pem: bytes | str, client_id: str | None = None,
+                             roles: Sequence[str] = ("Readings.Write",)) -> str:
+        """Upload a certificate to the app registration and grant (with admin consent) the
+        application permissions ``roles``; returns the SHA-1 thumbprint the portal would show."""
+        client = client_id or self.client_id or "sim-device-agent"
+        reg = self.app_credentials.register(client, certificate_pem)
+        self.app_credentials.app_roles[client] = tuple(roles)
+        log.info("certificate %s registered for app %s", reg.thumbprint, client)
+        return reg.thumbprint
+
+    def _client_credentials_grant(self, form: dict[str, str], client_id: str) -> dict[str, Any]:
+        """App-only tokens for a certificate-authenticated client (agent.sim.appcreds)."""
+        try:
+            self.app_credentials.check(form, client_id)
+            body = issue_app_token(self._sign, issuer=self.issuer, tenant_id=self.tenant_id,
+                                   client_id=client_id, scopes=form.get("scope", "").split(),
+                                   roles=self.app_credentials.roles_for(client_id),
+                                   lifetime_s=self.switches.access_token_lifetime_s,
+                                   wall_clock=self.wall_clock)
+        except AssertionError_ as err:
+            log.info("client credentials refused for %s: AADSTS%d", client_id, err.aadsts)
+            raise OAuthError(err.aadsts, **err.fmt) from err
+        log.info("app-only token issued for %s", client_id)
         return body
 
     def discovery(self) -> dict[str, Any]:

@@ -129,6 +129,8 @@ class TokenVerifier:
             return Verdict(401, f"invalid token: {type(err).__name__}")
         if self.required_scope:
             granted = str(claims.get("scp") or claims.get("scope") or "").split()
+            roles = claims.get("roles")     # app-only tokens carry application permissions here
+            granted += [str(r) for r in roles] if isinstance(roles, list) else []
             if not any(g == self.required_scope or g.endswith("/" + self.required_scope) for g in granted):
                 return Verdict(403, f"the token lacks scope {self.required_scope}", claims)
         return Verdict(0, "", claims)
