@@ -24,6 +24,7 @@ from hw.base import DisplayOptions, Option
 DEFAULT_PATH = Path("/etc/device-agent/config.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/device-agent")
 
+AUTH_FLOWS = ("device_code", "client_certificate")
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _SENSOR_NAME = re.compile(r"^[a-z0-9_.-]{1,64}$")
 _TOPIC_PREFIX = re.compile(r"^[^#+\x00]{1,128}$")
@@ -50,6 +51,10 @@ class AuthSettings:
     ca_file: str = ""
     timeout_s: float = 30.0
     auto_renew_codes: int = 3
+    flow: str = "device_code"            # device_code | client_certificate (app-only)
+    certificate_file: str = ""           # client_certificate: PEM certificate (+ chain)
+    private_key_file: str = ""           # client_certificate: PEM key, 0600/0400, service user or root
+    send_certificate_chain: bool = False  # client_certificate: x5c for subject-name/issuer registrations
 
     @property
     def authority_url(self) -> str:
@@ -235,11 +240,59 @@ def _auth(c: _Checker, t: Mapping[str, Any]) -> AuthSettings:
     timeout_s = c.number(t, "timeout_s", "auth", default=d["timeout_s"], minimum=0.1, maximum=600)
     renew = c.integer(t, "auto_renew_codes", "auth", default=d["auto_renew_codes"], minimum=0, maximum=1000)
     ca_file = c.file(t, "ca_file", "auth")
+    flow = c.choice(t, "flow", "auth", AUTH_FLOWS, default=d["flow"])
+    cert_file = c.file(t, "certificate_file", "auth")
+    key_file = c.file(t, "private_key_file", "auth")
+    send_chain = c.boolean(t, "send_certificate_chain", "auth", default=d["send_certificate_chain"])
+    if flow == "client_certificate":
+        _certificate_flow(c, tuple(scopes_raw), cert_file, key_file)
     return AuthSettings(client_id=client_id, scopes=tuple(scopes_raw), authority=authority,
                         oidc_authority=oidc,
                         instance_discovery=c.boolean(t, "instance_discovery", "auth",
                                                      default=d["instance_discovery"]),
-                        ca_file=ca_file, timeout_s=timeout_s, auto_renew_codes=renew)
+                        ca_file=ca_file, timeout_s=timeout_s, auto_renew_codes=renew,
+                        flow=flow, certificate_file=cert_file, private_key_file=key_file,
+                        send_certificate_chain=send_chain)
+
+
+def _certificate_flow(c: _Checker, scopes: tuple[str, ...], cert_file: str, key_file: str) -> None:
+    """auth.flow = "client_certificate": app-only tokens, so one ``<resource>/.default`` scope
+    (Entra answers AADSTS1002012 to anything else), a certificate, and a private key file that
+    nobody but the service (or root) can read."""
+    if len(scopes) != 1 or not scopes[0].endswith("/.default"):
+        delegated = next((s for s in scopes if not s.endswith("/.default")), scopes[0])
+        resource = delegated.rsplit("/", 1)[0] if "/" in delegated else "api://<resource>"
+        c.fail("auth.scopes", f"auth.flow = \"client_certificate\" gets app-only tokens: use one "
+                              f"\"<resource>/.default\" scope, e.g. [\"{resource}/.default\"], not "
+                              f"{', '.join(repr(s) for s in scopes)} (delegated scopes need a person)")
+    if not cert_file:
+        c.fail("auth.certificate_file", "required for auth.flow = \"client_certificate\" (PEM certificate)")
+    if not key_file:
+        c.fail("auth.private_key_file", "required for auth.flow = \"client_certificate\" (PEM private key)")
+    problem = private_file_problem(Path(key_file))
+    if problem:
+        c.fail("auth.private_key_file", problem)
+
+
+def private_file_problem(path: Path, uid: int | None = None) -> str | None:
+    """Why ``path`` is not a private key file nobody else can read, or None when it is.
+
+    The key must be mode 0600 or 0400 and owned by the user running the agent (``uid``, default:
+    this process) or by root; anything wider lets another account on the box act as the device.
+    """
+    try:
+        st = path.stat()
+    except OSError as err:
+        return f"cannot read {str(path)!r}: {err.strerror or err}"
+    me = os.geteuid() if uid is None else uid
+    mode = st.st_mode & 0o7777
+    if mode not in (0o600, 0o400):
+        return (f"{str(path)!r} has mode {mode:04o}; a private key must be 0600 or 0400 "
+                f"(chmod 600 {path})")
+    if st.st_uid not in (me, 0):
+        return (f"{str(path)!r} belongs to uid {st.st_uid}; it must belong to the service user "
+                f"(uid {me}) or root (chown)")
+    return None
 
 
 def _display(c: _Checker, t: Mapping[str, Any]) -> DisplaySettings:

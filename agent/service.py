@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, TypedDict
 
 from agent import __version__, logs
 from agent.config import Settings
-from agent.errors import AgentError
+from agent.errors import AgentError, ConfigError
 from agent.fsutil import ensure_private_dir
 from agent.net.retry import Backoff
 from agent.sdnotify import Notifier
@@ -38,6 +38,7 @@ if TYPE_CHECKING:     # imported for real in _start, so `device-agent --help` st
     from agent.mqtt.publisher import MqttPublisher
     from agent.panel.observer import Panel
     from agent.signin.authenticator import Authenticator
+    from agent.signin.certificate import CertificateAuthenticator
     from agent.telemetry.outbox import Outbox
     from agent.telemetry.sampler import Sampler
     from agent.telemetry.uploader import Uploader
@@ -115,7 +116,7 @@ class Service:
         self._components: list[Supervised] = []
         self._closers: list[tuple[str, Callable[[], None]]] = []
         # Made by _start; None before it (and panel/notifier stay None when not configured).
-        self.auth: Authenticator | None = None
+        self.auth: Authenticator | CertificateAuthenticator | None = None
         self.sampler: Sampler | None = None
         self.uploader: Uploader | None = None
         self.panel: Panel | None = None
@@ -187,7 +188,8 @@ class Service:
         self._closers.append(("outbox", self.outbox.close))
         self.state.update(outbox=self.outbox.counts())
 
-        self.auth = Authenticator(s.auth, s.token_cache_path, self.state, device_id=s.device.id)
+        self.auth = self._make_auth() or Authenticator(s.auth, s.token_cache_path, self.state,
+                                                       device_id=s.device.id)
         self.sampler = Sampler(sensors, self.outbox, self.state)
         self.uploader = Uploader(self.outbox, make_sink(s.upload, s.device.id), self.auth, self.state, s.upload)
 
@@ -218,6 +220,19 @@ class Service:
             sup = Supervised(name, comp.run, self.stop_event)
             sup.start()
             self._components.append(sup)
+
+    def _make_auth(self) -> CertificateAuthenticator | None:
+        """auth.flow = "client_certificate": the app-only token source (same interface as the
+        device flow's Authenticator); None for the device code flow."""
+        s = self.settings
+        if s.auth.flow != "client_certificate":
+            return None
+        from agent.signin.certificate import CertificateAuthenticator, CredentialError
+
+        try:
+            return CertificateAuthenticator(s.auth, s.token_cache_path, self.state, device_id=s.device.id)
+        except CredentialError as err:
+            raise ConfigError(f"{s.path}: {err}") from err
 
     def _open_hardware(self) -> tuple[Gpio | None, Display | None, list[tuple[SensorSettings, Sensor]]]:
         """GPIO, display and sensors from config (or injected by tests/demo)."""
@@ -318,6 +333,8 @@ class Service:
 
     def _renew_code_cmd(self) -> None:
         if self.auth is not None and not self.auth.request_new_code():
+            if self.settings.auth.flow == "client_certificate":
+                raise AgentError("no sign-in codes with auth.flow = \"client_certificate\"")
             raise AgentError("already signed in; send sign_out first to get a new code")
 
     def _sign_out_cmd(self) -> None:

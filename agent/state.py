@@ -87,11 +87,13 @@ class Snapshot:
     last_upload: datetime | None = None
     last_reading: LastReading | None = None
     links: dict[str, LinkState] = field(default_factory=dict)   # "idp", "api", "mqtt"
+    warning: str | None = None                # still working, but a person should act soon
+                                              # (a sign-in certificate about to expire)
     version: int = 0                          # increases on every change
 
     def status_payload(self, version: str) -> dict[str, Any]:
         """The retained MQTT status / `status --json` shape of CONTRACT.md."""
-        return {
+        payload = {
             "state": self.phase if self.phase != "stopped" else "offline",
             "account": self.account,
             "error": self.error,
@@ -99,6 +101,9 @@ class Snapshot:
             "last_upload": iso(self.last_upload),
             "version": version,
         }
+        if self.warning:       # only while there is one: the shape stays what subscribers know
+            payload["warning"] = self.warning
+        return payload
 
 
 Observer = Callable[[Snapshot], None]

@@ -36,6 +36,12 @@ class Problem:
     aadsts: int | None = None
 
 
+# Conditional Access blocks device code flow (Microsoft's advice to tenants since the 2025
+# device-code phishing campaigns): the way out is the certificate flow, README "When your tenant
+# blocks device code flow".
+DEVICE_CODE_BLOCKED = ('device code sign-in is blocked by your tenant\'s policy: use '
+                       'auth.flow = "client_certificate" (README)')
+
 # AADSTS code -> (kind, operator message). Messages: what happened, then what to do.
 AADSTS: dict[int, tuple[Kind, str]] = {
     70016: ("pending", "Waiting for someone to enter the code (AADSTS70016)"),
@@ -49,8 +55,7 @@ AADSTS: dict[int, tuple[Kind, str]] = {
                         "(AADSTS9001023): use your tenant in auth.authority"),
     7000218: ("config", "Public client flows are disabled for this app (AADSTS7000218): ask your "
                         "admin to set 'Allow public client flows' to Yes"),
-    53003: ("config", "Device code sign-in is blocked by Conditional Access (AADSTS53003): ask your "
-                      "admin to allow it for this device"),
+    53003: ("config", DEVICE_CODE_BLOCKED),
     50076: ("reauth", "Multi-factor authentication is required again (AADSTS50076): sign in with "
                       "a new code"),
     700082: ("reauth", "The sign-in expired after 90 days without use (AADSTS700082): sign in with "
@@ -64,6 +69,43 @@ AADSTS: dict[int, tuple[Kind, str]] = {
     90002: ("config", "The tenant in auth.authority does not exist (AADSTS90002): check it"),
     70011: ("config", "The IdP rejected auth.scopes (AADSTS70011): check the scope names"),
 }
+
+# auth.flow = "client_certificate" (app-only, certificate assertion): codes that only this flow
+# meets, and codes that mean something else without a person in the loop.
+CERTIFICATE_AADSTS: dict[int, tuple[Kind, str]] = {
+    700027: ("config", "The IdP refused the certificate (AADSTS700027): upload auth.certificate_file "
+                       "to the app registration"),
+    700024: ("config", "The IdP says the client assertion is outside its valid time (AADSTS700024): "
+                       "check the device clock (NTP)"),
+    700023: ("config", "The client assertion's audience does not match the IdP (AADSTS700023): check "
+                       "auth.authority"),
+    700021: ("config", "The client assertion names another app (AADSTS700021): check auth.client_id"),
+    7000215: ("config", "The IdP refused the app's credential (AADSTS7000215): check auth.client_id "
+                        "and the app registration's certificates"),
+    7000218: ("config", "The IdP expects a credential for this app (AADSTS7000218): check "
+                        "auth.certificate_file and auth.private_key_file"),
+    5002738: ("config", "The IdP refused the assertion's signature algorithm (AADSTS5002738)"),
+    50027: ("config", "The IdP could not read the client assertion (AADSTS50027)"),
+    70002: ("transient", "The IdP refused a replayed client assertion (AADSTS70002)"),
+    1002012: ("config", "App-only sign-in needs a scope \"<resource>/.default\" (AADSTS1002012): set "
+                        "auth.scopes"),
+    53003: ("config", "Conditional Access blocked the app's sign-in (AADSTS53003): ask your admin to "
+                      "allow this app (workload identity) from the device's location"),
+    65001: ("config", "The app has no admin consent for its application permissions (AADSTS65001): "
+                      "grant admin consent in the app registration"),
+    700016: ("config", "The tenant does not know auth.client_id (AADSTS700016): check the app "
+                       "registration and auth.authority"),
+}
+# AADSTS700027 says why in its "[Reason - ...]": which certificate problem it is.
+_CERT_REASONS = (
+    ("key was not found", "The app registration does not know this certificate (AADSTS700027): "
+                          "upload auth.certificate_file to it (README)"),
+    ("key used is expired", "The IdP says the registered certificate expired (AADSTS700027): create "
+                            "a new one and upload it (README)"),
+    ("signature value did not match", "The IdP could not verify the assertion's signature "
+                                      "(AADSTS700027): auth.private_key_file does not belong to the "
+                                      "registered certificate"),
+)
 
 # Plain OAuth error codes, for providers without AADSTS codes (and Entra codes not listed above).
 OAUTH: dict[str, tuple[Kind, str]] = {
@@ -106,8 +148,19 @@ def aadsts_codes(description: str | None, error_codes: Iterable[object] | None =
 
 
 def explain(error: str | None, description: str | None = None,
-            error_codes: Iterable[object] | None = None) -> Problem:
-    """Classify an IdP error reply (the ``error``/``error_description``/``error_codes`` of MSAL)."""
+            error_codes: Iterable[object] | None = None, *, flow: str = "device_code") -> Problem:
+    """Classify an IdP error reply (the ``error``/``error_description``/``error_codes`` of MSAL);
+    ``flow`` is auth.flow (the certificate flow has its own codes and words)."""
+    if flow == "client_certificate":
+        for code in aadsts_codes(description, error_codes):
+            if code == 700027:
+                low = (description or "").lower()
+                for needle, message in _CERT_REASONS:
+                    if needle in low:
+                        return Problem("config", message, code)
+            if code in CERTIFICATE_AADSTS:
+                kind, message = CERTIFICATE_AADSTS[code]
+                return Problem(kind, message, code)
     for code in aadsts_codes(description, error_codes):
         if code in AADSTS:
             kind, message = AADSTS[code]

@@ -17,17 +17,21 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import os
 import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jwt
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 MAX_ASSERTION_AHEAD_S = 600       # Entra: an assertion may be valid for 10 minutes at most
@@ -303,3 +307,50 @@ def _iso7(wall: float) -> str:
 
 def _us_time(wall: float) -> str:
     return datetime.fromtimestamp(wall, UTC).strftime("%m/%d/%Y %H:%M:%S")
+
+
+class CertificateFiles(NamedTuple):
+    certificate_file: Path
+    private_key_file: Path
+    pem: bytes          # the certificate, for SimIdp.register_certificate
+
+
+def make_certificate(directory: Path, common_name: str, *, valid_days: float = 365,
+                     not_before: datetime | None = None, name: str = "device",
+                     issuer: tuple[x509.Certificate, rsa.RSAPrivateKey] | None = None) -> CertificateFiles:
+    """A throwaway RSA certificate + key (what ``openssl req -x509`` in the README makes), for
+    the demo and the tests. The key file is written 0600. ``issuer`` (cert, key) signs it
+    instead of itself, and the chain file then holds the issuer too (SNI registrations)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    start = not_before or datetime.now(UTC) - timedelta(minutes=5)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    signer_name, signer_key = (issuer[0].subject, issuer[1]) if issuer else (subject, key)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(signer_name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(start).not_valid_after(start + timedelta(days=valid_days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(signer_key, hashes.SHA256()))
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    chain = pem + (issuer[0].public_bytes(serialization.Encoding.PEM) if issuer else b"")
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    cert_path.write_bytes(chain)
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    os.chmod(key_path, 0o600)
+    return CertificateFiles(cert_path, key_path, pem)
+
+
+def make_ca(common_name: str = "device-agent fleet CA") -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
+    """A throwaway issuing CA for SNI (subject name + issuer) tests."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    start = datetime.now(UTC) - timedelta(minutes=5)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(start)
+            .not_valid_after(start + timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .sign(key, hashes.SHA256()))
+    return cert, key

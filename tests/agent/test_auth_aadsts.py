@@ -34,7 +34,8 @@ def test_each_field_notes_code_maps_to_kind_and_message(code: int) -> None:
     problem = explain(reply["error"], reply["error_description"], reply["error_codes"])  # type: ignore[arg-type]
     assert problem.kind == FIELD_NOTES_KINDS[code]
     assert problem.aadsts == code
-    assert f"(AADSTS{code})" in problem.message
+    if code != 53003:   # its line is the README's remedy, word for word (test below)
+        assert f"(AADSTS{code})" in problem.message
     assert problem.message == message_for(code)
     assert len(problem.message) <= 130, "one short line for the screen and status"
     assert "Trace ID" not in problem.message and "9b2c" not in problem.message
@@ -42,14 +43,42 @@ def test_each_field_notes_code_maps_to_kind_and_message(code: int) -> None:
 
 def test_conditional_access_message_says_what_to_do() -> None:
     assert explain("invalid_grant", "AADSTS53003: blocked", [53003]).message == (
-        "Device code sign-in is blocked by Conditional Access (AADSTS53003): ask your admin to allow "
-        "it for this device")
+        'device code sign-in is blocked by your tenant\'s policy: use auth.flow = "client_certificate" '
+        "(README)")
+
+
+def test_conditional_access_on_the_certificate_flow_names_the_app_not_device_code() -> None:
+    problem = explain("invalid_grant", "AADSTS53003: blocked", [53003], flow="client_certificate")
+    assert "device code" not in problem.message and "(AADSTS53003)" in problem.message
+
+
+@pytest.mark.parametrize(("reason", "words"), [
+    ("The key was not found.", "does not know this certificate"),
+    ("The key used is expired.", "registered certificate expired"),
+    ("The provided signature value did not match the expected signature value.",
+     "does not belong to the registered certificate"),
+])
+def test_each_certificate_refusal_says_which(reason: str, words: str) -> None:
+    """AADSTS700027 covers three different mistakes; the sim's own reply text is parsed."""
+    error, _extra, text = AADSTS_ERRORS[700027]
+    description = "AADSTS700027: " + text.format(reason=reason, thumbprint="AB12", found="", client="c")
+    problem = explain(error, description, [700027], flow="client_certificate")
+    assert words in problem.message and "(AADSTS700027)" in problem.message
+    assert problem.kind == "config"
+
+
+@pytest.mark.parametrize("code", [700024, 700023, 700021, 7000215, 1002012, 50027, 5002738])
+def test_every_simulated_assertion_error_has_an_operator_line(code: int) -> None:
+    reply = entra_reply(code)
+    problem = explain(reply["error"], reply["error_description"], reply["error_codes"],  # type: ignore[arg-type]
+                      flow="client_certificate")
+    assert f"(AADSTS{code})" in problem.message and len(problem.message) <= 130
 
 
 @pytest.mark.parametrize("code", [c for c, k in FIELD_NOTES_KINDS.items() if k in ("config", "reauth")])
 def test_actionable_messages_name_an_action(code: int) -> None:
     message = AADSTS[code][1]
-    head, sep, action = message.partition("): ")
+    head, sep, action = message.partition("): " if code != 53003 else ": use ")
     assert sep and action, f"{message!r} does not say what to do"
 
 
