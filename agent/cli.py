@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from agent import __version__
 from agent.errors import AgentError, ConfigError
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float, metavar="S", default=None, help="stop after S seconds")
     demo.add_argument("--display", choices=("console", "png", "none"), default="console",
                       help="where to draw the panel (default: console)")
+    demo.add_argument("--flow", choices=("device_code", "client_certificate"), default="device_code",
+                      help="sign in with a code (default), or as an app with a throwaway certificate")
     with_config(sub.add_parser("check-config", help="validate and print the effective config"))
     st = with_config(sub.add_parser("status", help="sign-in state, account, outbox, last upload"))
     st.add_argument("--json", action="store_true", help="machine-readable output")
@@ -86,12 +89,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
 
 
+def _check_certificate(settings: Any) -> None:
+    """check-config for auth.flow = "client_certificate": the key must belong to the certificate
+    (else exit 78); an expired or expiring certificate is said on stderr."""
+    from datetime import UTC, datetime
+
+    from agent.signin.certificate import CredentialError, load_credential, validity_problem
+
+    a = settings.auth
+    try:
+        cred = load_credential(a.certificate_file, a.private_key_file)
+    except CredentialError as err:
+        raise ConfigError(f"{settings.path}: {err}") from err
+    problem = validity_problem(cred, datetime.now(UTC))
+    print(f"certificate {cred.thumbprint} (SHA-1, as the Entra portal lists it), valid until "
+          f"{cred.not_after:%Y-%m-%d %H:%M} UTC", file=sys.stderr)
+    if problem is not None:
+        print(f"{'warning' if problem.kind == 'pending' else 'error'}: {problem.message}", file=sys.stderr)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from agent import config
 
     cmd = args.command
     if cmd == "check-config":
         settings = config.load(config.config_path(args.config))
+        if settings.auth.flow == "client_certificate":
+            _check_certificate(settings)
         print(json.dumps(config.masked(settings), indent=2, ensure_ascii=False))
         print(f"{settings.path}: OK", file=sys.stderr)
         return EXIT_OK
@@ -116,7 +140,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from agent import demo
 
         return demo.run_demo(auto_approve_s=args.auto_approve, duration_s=args.duration,
-                             display=args.display)
+                             display=args.display, flow=args.flow)
     if cmd == "status":
         from agent import statusfile
 

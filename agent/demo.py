@@ -23,6 +23,7 @@ log = logging.getLogger("agent.demo")
 
 DEMO_CLIENT_ID = "device-agent-demo"
 DEMO_SCOPE = "api://telemetry/Readings.Write"
+DEMO_APP_SCOPE = "api://telemetry/.default"      # --flow client_certificate: app-only
 
 
 def demo_config(tmp: Path, *, authority: str, api_url: str, ca_file: Path, display: str) -> dict[str, Any]:
@@ -45,7 +46,22 @@ def demo_config(tmp: Path, *, authority: str, api_url: str, ca_file: Path, displ
     }
 
 
-def run_demo(*, auto_approve_s: float | None, duration_s: float | None, display: str = "console") -> int:
+def certificate_auth(raw: dict[str, Any], tmp: Path, idp: Any) -> str:
+    """--flow client_certificate: a throwaway certificate, uploaded to the simulated app
+    registration with the application permission granted; ``raw``'s [auth] switched to it.
+    Returns the certificate's thumbprint."""
+    from agent.sim.appcreds import make_certificate
+
+    files = make_certificate(tmp / "cert", raw["device"]["id"])
+    thumbprint = idp.register_certificate(files.pem, DEMO_CLIENT_ID, roles=("Readings.Write",))
+    raw["auth"].update(flow="client_certificate", scopes=[DEMO_APP_SCOPE],
+                       certificate_file=str(files.certificate_file),
+                       private_key_file=str(files.private_key_file))
+    return thumbprint
+
+
+def run_demo(*, auto_approve_s: float | None, duration_s: float | None, display: str = "console",
+             flow: str = "device_code") -> int:
     from agent.sim.api import SimApi
     from agent.sim.idp import SimIdp
     from agent.sim.tls import make_tls
@@ -60,10 +76,11 @@ def run_demo(*, auto_approve_s: float | None, duration_s: float | None, display:
         api = SimApi(tls, jwks_url=idp.jwks_url, issuer=idp.issuer, audience="api://telemetry",
                      ca_file=str(tls.ca_file), db_path=tmp / "api.sqlite3").start()
         raw = demo_config(tmp, authority=idp.authority, api_url=api.url, ca_file=tls.ca_file, display=display)
+        thumbprint = certificate_auth(raw, tmp, idp) if flow == "client_certificate" else None
         settings = config.parse(raw, Path("<demo>"))
         service = Service(settings)
         watcher = threading.Thread(target=_summaries,
-                                   args=(service, idp, api, tmp, auto_approve_s, duration_s),
+                                   args=(service, idp, api, tmp, auto_approve_s, duration_s, thumbprint),
                                    name="demo-summary", daemon=True)
         watcher.start()
         code = service.run()
@@ -76,33 +93,47 @@ def run_demo(*, auto_approve_s: float | None, duration_s: float | None, display:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _banner(idp: Any, api: Any, tmp: Path, auto_approve_s: float | None, user_code: str) -> None:
+def _banner(idp: Any, api: Any, tmp: Path, auto_approve_s: float | None, user_code: str,
+            thumbprint: str | None = None) -> None:
     lines = [
         "device-agent demo — everything below runs on this machine (loopback only)",
         f"  identity provider  {idp.authority}   (simulated Entra ID)",
         f"  telemetry API      {api.url}",
         f"  temp dir           {tmp}   (removed at exit)",
-        f"  sign in            open {idp.devicelogin_url} and enter the code {user_code}",
-        "                     (the demo CA is self-made: your browser will warn; that is expected)",
     ]
-    if auto_approve_s is not None:
+    if thumbprint is not None:
+        lines += [
+            f"  sign in            as app {DEMO_CLIENT_ID}, no code: certificate {thumbprint}",
+            f"                     ({tmp / 'cert' / 'device.crt'}, key 0600 beside it; "
+            "uploaded to the simulated app registration)",
+        ]
+    else:
+        lines += [
+            f"  sign in            open {idp.devicelogin_url} and enter the code {user_code}",
+            "                     (the demo CA is self-made: your browser will warn; that is expected)",
+        ]
+    if auto_approve_s is not None and thumbprint is None:
         lines.append(f"  auto-approve       the code will be approved after {auto_approve_s:g} s")
     lines.append("  stop               Ctrl-C")
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 def _summaries(service: Service, idp: Any, api: Any, tmp: Path, auto_approve_s: float | None,
-               duration_s: float | None) -> None:
+               duration_s: float | None, thumbprint: str | None = None) -> None:
     """The banner once the first code is out, then a one-line summary every few seconds;
     stops the service after ``duration_s``."""
     start = time.monotonic()
     stop = service.stop_event
     device_id = service.settings.device.id
     # Printed after the panel took the top of the terminal, so that it stays readable below it.
-    while not stop.wait(0.1) and service.state.snapshot.code is None and time.monotonic() - start < 10:
+    def shown() -> bool:
+        snap = service.state.snapshot
+        return snap.code is not None or (thumbprint is not None and snap.phase in ("signed_in", "error"))
+
+    while not stop.wait(0.1) and not shown() and time.monotonic() - start < 10:
         pass
     code = service.state.snapshot.code
-    _banner(idp, api, tmp, auto_approve_s, code.user_code if code else "the panel shows")
+    _banner(idp, api, tmp, auto_approve_s, code.user_code if code else "the panel shows", thumbprint)
 
     def next_wait() -> float:
         if duration_s is None:

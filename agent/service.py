@@ -109,6 +109,7 @@ class Service:
                  hardware: Hardware | None = None, stop_event: threading.Event | None = None) -> None:
         self.settings = settings
         self.state = AgentState()
+        self.state.update(device_id=settings.device.id)    # the code screen says whose box it is
         self.stop_event = stop_event or threading.Event()
         self._install_signals = install_signals
         self._hardware: Hardware = hardware or {}

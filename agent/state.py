@@ -87,6 +87,7 @@ class Snapshot:
     last_upload: datetime | None = None
     last_reading: LastReading | None = None
     links: dict[str, LinkState] = field(default_factory=dict)   # "idp", "api", "mqtt"
+    device_id: str = ""                       # [device] id: the code screen says whose box it is
     warning: str | None = None                # still working, but a person should act soon
                                               # (a sign-in certificate about to expire)
     version: int = 0                          # increases on every change

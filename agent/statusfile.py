@@ -233,6 +233,8 @@ def show_status(settings: Settings, *, as_json: bool, out: IO[str] | None = None
                      f"(expires {c.get('expires_at')})")
     if doc.get("error"):
         lines.append(f"error:       {doc['error']}")
+    if doc.get("warning"):
+        lines.append(f"warning:     {doc['warning']}")
     print("\n".join(lines), file=out)
     return 0
 

@@ -129,7 +129,7 @@ class Panel:
         name = screens.screen_name(snap)
         code = snap.code
         key = (name, code.user_code if code else None, snap.error, snap.notice,
-               snap.renewals_exhausted, snap.phase, snap.account)
+               snap.renewals_exhausted, snap.phase, snap.account, snap.warning)
         if key != self._last_key:
             self._last_key = key
             self._activity_at = now
@@ -152,8 +152,11 @@ class Panel:
             return MAX_WAIT_S
 
         page = 0
+        pages = screens.page_count(snap)
         if name == "code":
-            page = int((now - self._code_seen_at) // self.page_s) % screens.page_count(snap)
+            page = int((now - self._code_seen_at) // self.page_s) % pages
+        elif pages > 1:     # signed in as an app, or a warning: the status alternates too
+            page = int((now - self._activity_at) // self.page_s) % pages
         img = screens.render(snap, now, page, size=self.display.size,
                              code_lifetime_s=self._code_lifetime_s if code else None)
         if name != "code" and self.shift_every_s > 0:
@@ -169,6 +172,8 @@ class Panel:
             left = snap.code.seconds_left(now)
             waits.append((left % 1.0) + 0.005 if left > 0 else MAX_WAIT_S)      # next whole second
             waits.append(self.page_s - ((now - self._code_seen_at) % self.page_s) + 0.005)
+        elif screens.page_count(snap) > 1:
+            waits.append(self.page_s - ((now - self._activity_at) % self.page_s) + 0.005)
         if self.sleep_after_s > 0 and name not in ("code", "hold"):
             waits.append(max(0.0, self._activity_at + self.sleep_after_s - now))
         return max(0.005, min(waits))

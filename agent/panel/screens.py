@@ -11,6 +11,7 @@ stacked layout. Burn-in care (blanking, pixel shift) is the panel's job, not the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import math
 import re
@@ -21,6 +22,11 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from agent.state import DeviceCode, LastReading, OutboxCounts, Snapshot
+
+# The operator line for AADSTS53003 (agent.signin.aadsts), for the example screens only: panel
+# must not import signin (tests/test_layout.py); keep the two in step.
+DEVICE_CODE_BLOCKED = ('device code sign-in is blocked by your tenant\'s policy: use '
+                       'auth.flow = "client_certificate" (README)')
 
 SIZE = (128, 64)
 PAGE_S = 4.0                       # each page of an alternating screen stays this long (>= 3 s)
@@ -70,7 +76,25 @@ def screen_name(snap: Snapshot) -> str:
 
 
 def page_count(snap: Snapshot) -> int:
-    return 2 if screen_name(snap) == "code" else 1
+    """Code: QR / URL text. Signed in: status, then "signed in as app <client_id>" for an app
+    identity (auth.flow = "client_certificate"), then a warning if there is one."""
+    if screen_name(snap) == "code":
+        return 2
+    return len(_status_pages(snap)) if screen_name(snap) == "status" else 1
+
+
+def _status_pages(snap: Snapshot) -> list[str]:
+    pages = ["status"]
+    if is_app_account(snap.account):
+        pages.append("app")
+    if snap.warning:
+        pages.append("warning")
+    return pages
+
+
+def is_app_account(account: str | None) -> bool:
+    """An app-only identity: the certificate flow signs in as "app <client_id>"."""
+    return bool(account) and account.startswith("app ")  # type: ignore[union-attr]
 
 
 def render(snap: Snapshot, now_monotonic: float, page: int = 0, *,
@@ -83,7 +107,8 @@ def render(snap: Snapshot, now_monotonic: float, page: int = 0, *,
         return render_notice(snap.notice or "", size, title="Sign out?")
     if name == "code":
         assert snap.code is not None
-        return render_code(snap.code, now_monotonic, page, size=size, lifetime_s=code_lifetime_s)
+        return render_code(snap.code, now_monotonic, page, size=size, lifetime_s=code_lifetime_s,
+                           device_id=snap.device_id)
     if name == "exhausted":
         return render_exhausted(size, snap.notice)
     if name == "error":
@@ -91,6 +116,12 @@ def render(snap: Snapshot, now_monotonic: float, page: int = 0, *,
     if name == "notice":
         return render_notice(snap.notice or "", size)
     if name == "status":
+        pages = _status_pages(snap)
+        which = pages[page % len(pages)]
+        if which == "app":
+            return _message_screen("Signed in", f"as app {(snap.account or '')[4:]}", size, max_size=12)
+        if which == "warning":
+            return render_notice(snap.warning or "", size, title="Warning")
         return render_status(snap, size)
     return render_starting(snap, size)
 
@@ -223,6 +254,16 @@ def _message_screen(title: str, body: str, size: tuple[int, int], *, max_size: i
             chosen = (f, lines, block)
             break
     if chosen is None:
+        # Too long to fit below the title: all of it without the title beats a cut message.
+        for fsize in range(max_size, 8, -1):
+            f = font(fsize)
+            lines = _wrap_pixels(draw, body, f, w - 4)
+            block = len(lines) * (_line_height(draw, f) + 2) - 2
+            if block <= h - 2:
+                img, draw = _canvas(size)
+                _text_block(draw, lines, f, 2, (h - block) // 2, w - 4, center=True)
+                return img
+    if chosen is None:
         f = font(9)
         lh = _line_height(draw, f) + 2
         lines = _wrap_pixels(draw, body, f, w - 4)[: max(1, (avail_h + 2) // lh)]
@@ -310,8 +351,11 @@ def _qr_fits(uri: str, max_px: int) -> bool:
 
 
 def render_code(code: DeviceCode, now_monotonic: float, page: int = 0, *,
-                size: tuple[int, int] = SIZE, lifetime_s: float | None = None) -> Image.Image:
-    """Page 0: QR + big code + time bar. Page 1: the URL to open + code + time bar."""
+                size: tuple[int, int] = SIZE, lifetime_s: float | None = None,
+                device_id: str = "") -> Image.Image:
+    """Page 0: QR + big code + time bar. Page 1: which box (``device_id``), the URL to open,
+    the code and the time bar: the person approving can check the code is for the box in front
+    of them, not one a phisher sent."""
     img, draw = _canvas(size)
     w, h = size
     left_s = code.seconds_left(now_monotonic)
@@ -345,15 +389,19 @@ def render_code(code: DeviceCode, now_monotonic: float, page: int = 0, *,
         _ink_text(draw, (x0, ty - 1), _time_left_text(left_s), font(10))
         _bar(draw, x0, h - 5, rw, 5, fraction)
         return img
-    # page 1: where to go, in text
+    # page 1: whose box, where to go, in text
     x0, rw = 2, w - 4
     f = font(10)
-    _ink_text(draw, (x0, 1), "On a phone or PC, open", small)
-    y = 1 + _line_height(draw, small) + 2
-    url_lines = _wrap_pixels(draw, code.verification_uri, f, rw, break_anywhere=True)[:3]
+    if device_id:
+        y = _title(draw, _ellipsized(draw, f"Box {device_id}", font(11), w - 4), w) - 1
+    else:
+        _ink_text(draw, (x0, 1), "On a phone or PC, open", small)
+        y = 1 + _line_height(draw, small) + 2
+    url_lines = _wrap_pixels(draw, code.verification_uri, f, rw, break_anywhere=True)[:2 if device_id else 3]
     y = _text_block(draw, url_lines, f, x0, y, rw, gap=1) + 3
-    _ink_text(draw, (x0, y), "and enter", small)
-    label_w = _width(draw, "and enter", small) + 4
+    label = "enter" if device_id else "and enter"
+    _ink_text(draw, (x0, y), label, small)
+    label_w = _width(draw, label, small) + 4
     avail_h = h - 7 - y
     csize = _fit_size(draw, [code.user_code], rw - label_w, avail_h, 0, bold=True, max_size=18)
     cf = font(csize)
@@ -431,9 +479,7 @@ def render_status(snap: Snapshot, size: tuple[int, int] = SIZE) -> Image.Image:
     small = font(9)
     lh = _line_height(draw, small)
     account = snap.account or "signed in"
-    acc_lines = _wrap_pixels(draw, account, small, w - 2, break_anywhere=True)
-    acc = acc_lines[0] if len(acc_lines) == 1 else acc_lines[0][:-1] + "\u2026"
-    _ink_text(draw, (1, 0), acc, small)
+    _ink_text(draw, (1, 0), _ellipsized(draw, account, small, w - 2), small)
     draw.line((0, lh + 1, w - 1, lh + 1), fill=1)
     links_y = h - lh
     queue_y = links_y - lh - 2
@@ -468,6 +514,12 @@ def render_status(snap: Snapshot, size: tuple[int, int] = SIZE) -> Image.Image:
     return img
 
 
+def _ellipsized(draw: ImageDraw.ImageDraw, text: str, f: Font, width: int) -> str:
+    """``text`` on one line of ``width`` px, cut with an ellipsis when it does not fit."""
+    lines = _wrap_pixels(draw, text, f, width, break_anywhere=True)
+    return lines[0] if len(lines) <= 1 else lines[0][:-1] + "\u2026"
+
+
 def warm_up(size: tuple[int, int] = SIZE) -> None:
     """Load the fonts and code paths of the code screen, so the first real code draws fast."""
     wall = datetime(2026, 1, 1, tzinfo=UTC)
@@ -493,12 +545,23 @@ def examples(now: float = 1000.0) -> dict[str, Image.Image]:
         "getting_code": render(Snapshot(phase="signing_in"), now),
         "code_entra_qr": render(Snapshot(phase="signing_in", code=entra), now, 0),
         "code_entra_url": render(Snapshot(phase="signing_in", code=entra), now, 1),
+        "code_entra_url_device": render(Snapshot(phase="signing_in", code=entra,
+                                                 device_id="greenhouse-01"), now, 1),
         "code_complete_qr": render(Snapshot(phase="signing_in", code=oidc), now, 0, code_lifetime_s=600),
         "code_complete_url": render(Snapshot(phase="signing_in", code=oidc), now, 1, code_lifetime_s=600),
         "code_portrait": render(Snapshot(phase="signing_in", code=oidc), now, 0, size=(64, 128)),
         "exhausted": render(Snapshot(phase="error", renewals_exhausted=True, notice="code expired"), now),
         "status": render(signed, now),
         "status_no_reading": render(Snapshot(phase="signed_in", account="pi@example.org"), now),
+        "status_app": render(dataclasses.replace(signed, account="app 3f2b8c1e-5d4a-4f6e-9b7c-1a2d3e4f5a6b"),
+                             now),
+        "status_app_identity": render(dataclasses.replace(
+            signed, account="app 3f2b8c1e-5d4a-4f6e-9b7c-1a2d3e4f5a6b"), now, 1),
+        "status_app_warning": render(dataclasses.replace(
+            signed, account="app device-agent-demo",
+            warning="The certificate in auth.certificate_file expires on 2026-12-20 (in 19 days): "
+                    "renew it (README)"), now, 2),
+        "error_device_code_blocked": render(Snapshot(phase="error", error=DEVICE_CODE_BLOCKED), now),
         "error": render(Snapshot(phase="error",
                                  error="Device sign-in is disabled for this app: ask your admin to allow "
                                        "public client flows"), now),

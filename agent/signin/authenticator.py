@@ -532,8 +532,10 @@ class Authenticator:
                           interval_s=float(interval), message=str(flow.get("message") or ""),
                           verification_uri_complete=flow.get("verification_uri_complete") or None)
         # The journal first, then the screen and MQTT (observers of the state).
-        announce.info("To sign in, open %s and enter the code %s (expires in %d min)",
-                 uri, code.user_code, max(1, round(expires_in / 60)))
+        # The device id too: whoever approves can tell the code is this box's (not a phisher's).
+        announce.info("To sign in, open %s and enter the code %s (expires in %d min); the code "
+                      "is for device %s", uri, code.user_code, max(1, round(expires_in / 60)),
+                      self._device_id)
         if code.verification_uri_complete:
             log.info("Or open %s (the code is filled in)", code.verification_uri_complete)
         self._state.code_issued(code)

@@ -148,8 +148,7 @@ def validity_problem(cred: Credential, now: datetime) -> Problem | None:
     if left <= WARN_WITHIN:
         days = max(0, left.days)
         return Problem("pending", f"The certificate in auth.certificate_file expires on {day} (in "
-                                  f"{days} day{'s' if days != 1 else ''}): create a new one and upload "
-                                  "it to the app registration (README)")
+                                  f"{days} day{'s' if days != 1 else ''}): renew it (README)")
     return None
 
 

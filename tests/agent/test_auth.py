@@ -202,7 +202,7 @@ def test_first_sign_in_publishes_code_logs_it_and_signs_in(
     # The journal announcer: code and URI at INFO.
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert (f"To sign in, open {fast_idp.devicelogin_url} and enter the code {issued} "
-            f"(expires in 15 min)") in lines
+            f"(expires in 15 min); the code is for device dev-1") in lines
 
     fast_idp.approve(issued, user="grace@contoso.example")
     snap = h.wait_signed_in(5)
