@@ -117,6 +117,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         if settings.auth.flow == "client_certificate":
             _check_certificate(settings)
         print(json.dumps(config.masked(settings), indent=2, ensure_ascii=False))
+        if settings.auth.dropped_scopes:
+            print(f"warning: {settings.path}: auth.scopes: {', '.join(settings.auth.dropped_scopes)} "
+                  f"dropped: msal requests them itself; effective scopes: "
+                  f"{' '.join(settings.auth.scopes)}", file=sys.stderr)
         print(f"{settings.path}: OK", file=sys.stderr)
         return EXIT_OK
     if cmd == "run":

@@ -33,6 +33,8 @@ _TOPIC_PREFIX = re.compile(r"^[^#+\x00]{1,128}$")
 # hw/registry.py; sinks are the agent's own.
 SINKS = ("http", "graph_list", "graph_excel")
 OnStop = Literal["stopped", "blank"]
+# OIDC scopes msal adds to every request itself and refuses to be given in auth.scopes.
+RESERVED_SCOPES = ("openid", "profile", "offline_access")
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class AuthSettings:
     certificate_file: str = ""           # client_certificate: PEM certificate (+ chain)
     private_key_file: str = ""           # client_certificate: PEM key, 0600/0400, service user or root
     send_certificate_chain: bool = False  # client_certificate: x5c for subject-name/issuer registrations
+    dropped_scopes: tuple[str, ...] = ()     # reserved OIDC scopes taken out of auth.scopes
 
     @property
     def authority_url(self) -> str:
@@ -212,7 +215,7 @@ def parse(raw: Mapping[str, Any], path: Path, environ: Mapping[str, str] | None 
 
 
 def _auth(c: _Checker, t: Mapping[str, Any]) -> AuthSettings:
-    c.unknown(t, {f.name for f in fields(AuthSettings)}, "auth")
+    c.unknown(t, {f.name for f in fields(AuthSettings)} - {"dropped_scopes"}, "auth")
     d = _defaults(AuthSettings)
     client_id = c.string(t, "client_id", "auth", required=True)
     if not client_id.strip():
@@ -237,6 +240,12 @@ def _auth(c: _Checker, t: Mapping[str, Any]) -> AuthSettings:
     for i, s in enumerate(scopes_raw):
         if not isinstance(s, str) or not s.strip():
             c.fail(f"auth.scopes[{i}]", "must be a non-empty string")
+    scopes = tuple(s for s in scopes_raw if s not in RESERVED_SCOPES)
+    dropped = tuple(dict.fromkeys(s for s in scopes_raw if s in RESERVED_SCOPES))
+    if not scopes:
+        c.fail("auth.scopes", "holds only OIDC scopes that msal requests by itself "
+                              f"({', '.join(RESERVED_SCOPES)}): add the API's scope, e.g. "
+                              "api://telemetry/Readings.Write")
     timeout_s = c.number(t, "timeout_s", "auth", default=d["timeout_s"], minimum=0.1, maximum=600)
     renew = c.integer(t, "auto_renew_codes", "auth", default=d["auto_renew_codes"], minimum=0, maximum=1000)
     ca_file = c.file(t, "ca_file", "auth")
@@ -245,8 +254,8 @@ def _auth(c: _Checker, t: Mapping[str, Any]) -> AuthSettings:
     key_file = c.file(t, "private_key_file", "auth")
     send_chain = c.boolean(t, "send_certificate_chain", "auth", default=d["send_certificate_chain"])
     if flow == "client_certificate":
-        _certificate_flow(c, tuple(scopes_raw), cert_file, key_file)
-    return AuthSettings(client_id=client_id, scopes=tuple(scopes_raw), authority=authority,
+        _certificate_flow(c, scopes, cert_file, key_file)
+    return AuthSettings(client_id=client_id, scopes=scopes, dropped_scopes=dropped, authority=authority,
                         oidc_authority=oidc,
                         instance_discovery=c.boolean(t, "instance_discovery", "auth",
                                                      default=d["instance_discovery"]),
@@ -429,6 +438,8 @@ def masked(settings: Settings) -> dict[str, Any]:
     data = _plain(dataclasses.asdict(settings))
     for sensor in data["sensors"]:
         sensor.update(sensor.pop("options"))      # shown as written: one flat table per sensor
+    if not data["auth"].get("dropped_scopes"):
+        data["auth"].pop("dropped_scopes", None)
     if data.get("mqtt") and data["mqtt"].get("password_file"):
         data["mqtt"]["password_file"] = data["mqtt"]["password_file"] + " (contents not shown)"
     return data

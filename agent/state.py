@@ -136,8 +136,14 @@ class AgentState:
 
     def update(self, **changes: Any) -> Snapshot:
         """Apply ``changes`` (Snapshot field names) and notify observers if anything changed."""
+        return self._change(lambda _old: changes)
+
+    def _change(self, compute: Callable[[Snapshot], dict[str, Any]]) -> Snapshot:
+        """Read-modify-write under the lock: ``compute`` sees the current snapshot and returns
+        the fields to set, so concurrent changes (two links at once) never overwrite each other."""
         with self._lock:
             old = self._snapshot
+            changes = compute(old)
             if all(getattr(old, k) == v for k, v in changes.items()):
                 return old
             snap = dataclasses.replace(old, version=old.version + 1, **changes)
@@ -162,16 +168,26 @@ class AgentState:
     def signed_out(self) -> None:
         self.update(phase="signing_in", account=None, code=None)
 
+    def sign_in_lost(self, message: str) -> None:
+        """The saved sign-in cannot be used any more (the IdP refused the refresh token, or the
+        cache is damaged): one change to "signing in, account gone", with ``message`` as both
+        the error and the notice the next code screen shows; never a transient "error" phase."""
+        self.update(phase="signing_in", account=None, code=None, error=message, notice=message)
+
+    def codes_exhausted(self, message: str) -> None:
+        """Automatic code renewals ran out: a person must ask (button, renew_code, restart)."""
+        self.update(phase="error", code=None, renewals_exhausted=True, error=message)
+
     def failed(self, message: str) -> None:
         self.update(phase="error", error=message, code=None)
 
     def set_link(self, name: str, link: LinkState) -> None:
-        with self._lock:
-            links = dict(self._snapshot.links)
-        if links.get(name) != link:
-            links[name] = link
-            self.update(links=links)
+        def compute(old: Snapshot) -> dict[str, Any]:
+            if old.links.get(name) == link:
+                return {}
+            return {"links": {**old.links, name: link}}
 
+        self._change(compute)
 
 def iso(when: datetime | None) -> str | None:
     """UTC ISO-8601 with milliseconds and Z, as in CONTRACT.md payloads."""

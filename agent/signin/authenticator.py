@@ -10,10 +10,30 @@ Timers are ``time.monotonic()``: MSAL's own poll loop ends on the wall clock, wh
 NTP sync on a box without an RTC, so it gets a monotonic ``exit_condition`` (FIELD-NOTES).
 Every HTTP call has a timeout and verifies against ``ca_file`` plus the system store, whatever
 ``REQUESTS_CA_BUNDLE`` says. Tokens are never logged, only user codes and account names.
+
+The uploader's token source (``TokenSource``, docs/INTERNALS.md), exactly:
+
+* ``access_token() -> str | None``: a token that is valid now by this process's monotonic
+  clock, or None. Never a network call when a token is at hand; it refreshes from the IdP
+  (never from msal's cache, which judges expiry by the wall clock) once less than half the
+  token's lifetime, at most ``Timing.refresh_margin_max_s``, is left. Refresh failures share
+  the sign-in thread's back-off: while the IdP is down no call touches the network before the
+  back-off allows, and the still-valid token (or None) is returned.
+* ``token_rejected(claims_challenge=None) -> str | None``: the API refused the current token
+  (401). Does one refresh from the IdP (not from the cache), with ``claims_challenge`` (the
+  ``claims=`` of ``WWW-Authenticate: Bearer error="insufficient_claims"``, base64 or JSON)
+  passed to msal when given, and returns the fresh token. The refused token is never handed
+  out again. None means no token can be had now: the IdP is down (back off; ``access_token()``
+  retries when the back-off allows), or the IdP refused the refresh token or wants a person
+  for the claims (a new device code starts by itself). A 401 never makes the agent give up a
+  refresh token: only the IdP refusing it does (``invalid_grant``, ``interaction_required``).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import logging
 import math
 import random
@@ -28,7 +48,7 @@ from typing import Any, TypeVar
 import msal
 import requests
 
-from agent.config import AuthSettings
+from agent.config import RESERVED_SCOPES, AuthSettings
 from agent.net.https import HttpsSession
 from agent.net.retry import Backoff, retry_after_s
 from agent.signin.aadsts import Problem, explain
@@ -42,6 +62,8 @@ announce = logging.getLogger(__name__ + ".code")
 RENEWALS_EXHAUSTED = ("No sign-in code: press the button, send renew_code over MQTT, "
                       "or restart the agent")
 _REAUTH_ERRORS = frozenset({"invalid_grant", "interaction_required", "login_required"})
+# A failure that goes on is reported once when it starts, then at most this often, with a count.
+REPEAT_WARNING_S = 600.0
 # Every pass of the sign-in loop that did not wait for anything lasts at least this long, so a
 # state the loop cannot leave costs a log line a second, not a core (monotonic; ends on stop).
 MIN_PASS_S = 1.0
@@ -59,15 +81,72 @@ class Timing:
     config_backoff_initial_s: float = 60.0    # tenant/app registration problems: don't hammer
     config_backoff_max_s: float = 1800.0
     refresh_every_s: float = 12 * 3600.0      # proactive refresh: keeps the refresh token alive
-    min_token_life_s: float = 300.0           # access_token() refreshes when less is left
+    refresh_margin_max_s: float = 300.0       # refresh when half the token's life, at most this, is left
     wait_slice_s: float = 0.25                # how often waits look at request_new_code/sign_out
-    rejected_retry_max_s: float = 30.0        # refused token, refresh failed: retry cap (from backoff_initial_s)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Token:
+    """An access token with its life on the monotonic clock, from ``expires_in`` when it came."""
+
     value: str
-    expires_at: float  # monotonic
+    expires_at: float    # monotonic: never handed out from then on
+    refresh_at: float    # monotonic: refreshed from the IdP from then on
+
+    @classmethod
+    def received(cls, value: str, now: float, life_s: float, margin_max_s: float) -> _Token:
+        life_s = max(0.0, life_s)
+        return cls(value, now + life_s, now + life_s - min(life_s / 2, margin_max_s))
+
+
+class _Trouble:
+    """One kind of IdP failure that may go on: one back-off for every caller (the sign-in
+    thread and the uploader's refreshes alike), a warning when it starts, then at most one
+    every ``REPEAT_WARNING_S`` with a count. Thread-safe."""
+
+    def __init__(self, backoff: Backoff, clock: Callable[[], float], level: int) -> None:
+        self._backoff, self._clock, self._level = backoff, clock, level
+        self._lock = threading.Lock()
+        self.not_before = 0.0                 # monotonic: no attempt before this
+        self._started: float | None = None
+        self._failures = 0
+        self._reported_at = 0.0
+        self._reported_failures = 0
+
+    def ready(self, now: float) -> bool:
+        return now >= self.not_before
+
+    def failed(self, message: str, retry_after: float | None = None,
+               floor_s: float = 0.0) -> float:
+        """Count a failure and back off; returns the wait (at least Retry-After and ``floor_s``)."""
+        with self._lock:
+            now = self._clock()
+            delay = max(self._backoff.next_delay(retry_after), floor_s)
+            self.not_before = now + delay
+            self._failures += 1
+            if self._started is None:
+                self._started = self._reported_at = now
+                self._reported_failures = 1
+                log.log(self._level, "%s; retrying in %.0f s (repeats are counted and reported "
+                        "every %.0f min)", message, delay, REPEAT_WARNING_S / 60)
+            elif now - self._reported_at >= REPEAT_WARNING_S:
+                log.log(self._level, "%s; still failing: %d failed attempts in the last %.0f min "
+                        "(%d since %.0f min ago); retrying in %.0f s", message,
+                        self._failures - self._reported_failures, (now - self._reported_at) / 60,
+                        self._failures, (now - self._started) / 60, delay)
+                self._reported_at, self._reported_failures = now, self._failures
+            return delay
+
+    def ended(self) -> None:
+        """The IdP answered properly: forget the back-off, say so if an outage was reported."""
+        with self._lock:
+            if self._started is not None:
+                log.info("the sign-in service answers again (after %d failed attempts in %.0f min)",
+                         self._failures, (self._clock() - self._started) / 60)
+            self._backoff.reset()
+            self.not_before = 0.0
+            self._started = None
+            self._failures = 0
 
 
 class _IdpDown(Exception):
@@ -107,6 +186,7 @@ class Authenticator:
         self._device_id = device_id
         self._timing = timing or Timing()
         self._clock = clock
+        self._scopes = effective_scopes(settings)
         self._cache = TokenCacheFile(cache_path)
         self._cache.load()
         self._lock = threading.RLock()          # silent MSAL calls and the token fields
@@ -116,20 +196,21 @@ class Authenticator:
         self._http_cache: dict[str, Any] = {}
         self._account: dict[str, Any] | None = None
         self._token: _Token | None = None
-        self._forced_token: str | None = None  # token obtained because the API refused one
-        self._rejected: str | None = None      # refused by the API, and no replacement yet
-        self._rejected_retry = Backoff(self._timing.backoff_initial_s, self._timing.rejected_retry_max_s, rng)
-        self._rejected_next = 0.0              # monotonic; next refresh try for a refused token
+        self._rejected: str | None = None      # refused by the API: never handed out again
+        self._claims: str | None = None        # a claims challenge the next sign-in must meet
         self._pass_waited = False              # the current run() pass blocked in _wait
+        self._code_pass = False                # the current run() pass is a code flow
         self._signed_in = False
         self._last_refresh: float | None = None   # monotonic; last token from the IdP itself
         self._renewals_used = 0
         self._exhausted = False
         self._stop = threading.Event()
         self._wake = threading.Event()          # something for the sign-in thread to look at
-        self._new_code = threading.Event()      # request_new_code()
-        self._transient = Backoff(self._timing.backoff_initial_s, self._timing.backoff_max_s, rng)
-        self._config = Backoff(self._timing.config_backoff_initial_s, self._timing.config_backoff_max_s, rng)
+        self._new_code = threading.Event()      # request_new_code(), honoured by code flows only
+        t = self._timing
+        self._down = _Trouble(Backoff(t.backoff_initial_s, t.backoff_max_s, rng), clock, logging.WARNING)
+        self._refused = _Trouble(Backoff(t.config_backoff_initial_s, t.config_backoff_max_s, rng),
+                                 clock, logging.ERROR)
         self.heartbeat: float = clock()
 
     # ---- public API -------------------------------------------------------------------------
@@ -147,10 +228,9 @@ class Authenticator:
             self._wake.clear()
             started = self._clock()
             self._pass_waited = False
+            self._code_pass = False
             try:
                 self._step()
-                self._transient.reset()
-                self._config.reset()
             except _IdpDown as err:
                 self._on_idp_down(err)
             except _ConfigProblem as err:
@@ -165,104 +245,70 @@ class Authenticator:
         log.info("sign-in stopped")
 
     def access_token(self) -> str | None:
-        """A valid access token, refreshed silently when near expiry; None if not signed in, or
-        while a token the API refused (token_rejected) is waiting for its backed-off refresh."""
+        """A token valid now by the monotonic clock, or None (module docstring: the contract).
+
+        Refreshes from the IdP once half the token's life (at most ``refresh_margin_max_s``) is
+        left, as far as the shared IdP back-off allows; a failed refresh hands out the token
+        while it is still valid.
+        """
         with self._lock:
             if not self._signed_in:
                 return None
-            tok = self._token
-            if tok is not None and self._rejected is not None and tok.value == self._rejected:
-                return self._replace_rejected()
             now = self._clock()
-            if tok is not None and tok.expires_at - now > self._timing.min_token_life_s:
+            tok = self._usable_token(now)
+            if tok is not None and now < tok.refresh_at:
                 return tok.value
             if self._app is None or self._account is None:
-                if tok is not None and tok.expires_at > now:
+                # The IdP sent no account, so there is nothing to refresh with: ride it out.
+                if tok is not None:
                     return tok.value
                 self._begin_reauth(Problem("reauth", "The sign-in cannot be refreshed: sign in with a "
                                                      "new code"))
                 return None
-            try:
-                self._refresh(force=False)
-            except _IdpDown as err:
-                log.warning("token refresh failed: %s", err)
-                tok = self._token
-                return tok.value if tok is not None and tok.expires_at > self._clock() else None
-            except _ConfigProblem as err:
-                log.warning("token refresh refused: %s", err.problem.message)
-                self._state.failed(err.problem.message)
-                return None
-            return self._token.value if self._signed_in and self._token else None
+            if self._may_ask_idp(now):
+                self._refresh_from_idp()
+            tok = self._usable_token(self._clock())
+            return tok.value if tok is not None else None
 
-    def token_rejected(self) -> str | None:
-        """The API answered 401: force one refresh. None means: back to the code flow (or, on a
-        transient IdP failure, no token right now; the caller retries later)."""
+    def token_rejected(self, claims_challenge: str | None = None) -> str | None:
+        """The API answered 401: one refresh from the IdP (module docstring: the contract).
+
+        ``claims_challenge``: the ``claims`` of the 401's ``WWW-Authenticate`` (base64 or JSON),
+        passed to msal so the new token carries them. Returns the fresh token, or None when
+        none can be had now (IdP down: back off; IdP refused or wants a person: new code).
+        """
+        claims = claims_json(claims_challenge)
         with self._lock:
             if not self._signed_in:
                 return None
-            rejected = self._token.value if self._token else None
-            if rejected is not None and rejected == self._rejected:
-                return self._replace_rejected()    # known already; its retry is backed off
-            if rejected is not None and rejected == self._forced_token:
-                self._begin_reauth(Problem("reauth", "The API refused a freshly refreshed token (401): "
-                                                     "sign in with a new code"))
-                return None
+            if self._token is not None:
+                self._rejected = self._token.value      # never handed out again
+            if claims is not None:
+                self._claims = claims
             if self._app is None or self._account is None:
-                self._begin_reauth(Problem("reauth", "The API refused the token (401): sign in with a "
-                                                     "new code"))
+                self._begin_reauth(Problem("reauth", "The API refused the token (401) and the sign-in "
+                                                     "cannot be refreshed: sign in with a new code"))
                 return None
-            log.info("the API refused the access token (401); refreshing it")
-            try:
-                self._refresh(force=True)
-            except _IdpDown as err:
-                # Never hand the refused token out again: access_token() retries instead.
-                self._rejected = rejected
-                self._rejected_retry.reset()
-                delay = self._rejected_retry.next_delay(err.retry_after_s or 0.0)
-                self._rejected_next = self._clock() + delay
-                log.warning("token refresh after a 401 failed: %s; trying again in %.1f s", err, delay)
+            if not self._may_ask_idp(self._clock()):
                 return None
-            except _ConfigProblem as err:
-                self._state.failed(err.problem.message)
-                return None
-            if not self._signed_in or self._token is None:
-                return None
-            self._forced_token = self._token.value
-            return self._token.value
-
-    def _replace_rejected(self) -> str | None:
-        """The current token was refused and its forced refresh failed: retry that refresh,
-        backed off, and hand out nothing until a new token exists. Caller holds _lock."""
-        now = self._clock()
-        if now < self._rejected_next:
-            return None
-        self._clear_http_cache()    # else msal may replay the last 5xx without asking
-        try:
-            self._refresh(force=True)
-        except (_IdpDown, _ConfigProblem) as err:
-            retry_after = err.retry_after_s if isinstance(err, _IdpDown) else None
-            delay = self._rejected_retry.next_delay(retry_after or 0.0)
-            self._rejected_next = self._clock() + delay
-            message = err.problem.message if isinstance(err, _ConfigProblem) else str(err)
-            log.warning("refreshing the refused access token failed: %s; trying again in %.1f s",
-                        message, delay)
-            if isinstance(err, _ConfigProblem):
-                self._state.failed(message)
-            return None
-        tok = self._token
-        if not self._signed_in or tok is None or tok.value == self._rejected:
-            return None
-        log.info("the refused access token was replaced")
-        self._rejected = None
-        self._forced_token = tok.value
-        return tok.value
+            log.info("the API refused the access token (401%s); refreshing it from the sign-in "
+                     "service", ", with a claims challenge" if claims else "")
+            self._refresh_from_idp()
+            tok = self._usable_token(self._clock())
+            return tok.value if tok is not None else None
 
     def request_new_code(self) -> bool:
         """Button / MQTT ``renew_code``: cancel the shown code (or the wait) and get a new one.
 
-        Returns False when signed in (there is no code to renew).
+        Returns False when there is no code flow to shorten: signed in, or a saved sign-in
+        being restored (then the IdP-down back-off is left alone).
         """
+        # No lock: a refresh may hold it for auth.timeout_s, and a button must not wait for that.
         if self._signed_in:
+            return False
+        if self._account is not None:
+            log.info("a new sign-in code was requested, but the saved sign-in is being restored; "
+                     "sign out first to sign in anew")
             return False
         log.info("a new sign-in code was requested")
         self._new_code.set()
@@ -276,11 +322,8 @@ class Authenticator:
                 self._cache.clear()
             except OSError as err:
                 log.error("cannot clear the token cache %s: %s", self._cache.path, err.strerror or err)
-            self._account = None
-            self._token = None
-            self._forced_token = None
-            self._rejected = None
-            self._signed_in = False
+            self._forget_sign_in()
+            self._claims = None
             self._renewals_used = 0
             self._exhausted = False
         if self._state.snapshot.code is None:
@@ -289,6 +332,30 @@ class Authenticator:
         log.info("signed out; a new sign-in code follows")
         self._wake.set()
 
+    # ---- tokens -----------------------------------------------------------------------------
+
+    def _usable_token(self, now: float) -> _Token | None:
+        """The current token if it may be handed out now (not expired, not refused)."""
+        tok = self._token
+        if tok is None or tok.value == self._rejected or now >= tok.expires_at:
+            return None
+        return tok
+
+    def _may_ask_idp(self, now: float) -> bool:
+        """Whether the shared back-offs allow a request to the IdP now."""
+        return self._down.ready(now) and self._refused.ready(now)
+
+    def _refresh_from_idp(self) -> None:
+        """One refresh for access_token()/token_rejected(); failures feed the shared back-off.
+        Caller holds _lock."""
+        try:
+            self._refresh(force=True)
+        except _IdpDown as err:
+            self._down.failed(f"token refresh failed: {err}", err.retry_after_s)
+        except _ConfigProblem as err:
+            self._refused.failed(f"token refresh refused: {err.problem.message}")
+            self._state.failed(err.problem.message)
+
     # ---- the sign-in loop -------------------------------------------------------------------
 
     def _beat(self) -> None:
@@ -296,6 +363,9 @@ class Authenticator:
 
     def _step(self) -> None:
         """One unit of work; raises _IdpDown / _ConfigProblem for the loop to back off."""
+        if self._account is not None or self._signed_in:
+            # Not a code flow: a new-code request has nothing to shorten here.
+            self._new_code.clear()
         app = self._ensure_app()
         if self._signed_in:
             self._stay_signed_in()
@@ -303,8 +373,10 @@ class Authenticator:
         if self._account is None:
             self._account = self._pick_account(app)
         if self._account is not None:
+            self._new_code.clear()
             self._sign_in_silently()
             return
+        self._code_pass = True
         if self._exhausted and not self._new_code.is_set():
             self._wait(math.inf, self._new_code)
             return
@@ -351,6 +423,10 @@ class Authenticator:
         return accounts[0] if accounts else None
 
     def _sign_in_silently(self) -> None:
+        if not self._may_ask_idp(self._clock()):
+            # The uploader met the outage first: its back-off is ours.
+            self._wait_until(lambda: max(self._down.not_before, self._refused.not_before))
+            return
         with self._lock:
             log.info("signing in silently as %s", (self._account or {}).get("username"))
             self._refresh(force=False)
@@ -366,12 +442,15 @@ class Authenticator:
         if self._account is None:
             # No account could be cached (the IdP sent no id_token): ride the token to its end.
             tok = self._token
-            left = (tok.expires_at - self._clock() - self._timing.min_token_life_s) if tok else 0.0
+            left = (tok.refresh_at - self._clock()) if tok else 0.0
             if left > 0:
                 self._wait(left)
             else:
                 self._begin_reauth(Problem("reauth", "The sign-in cannot be refreshed: sign in with "
                                                      "a new code"))
+            return
+        if not self._may_ask_idp(self._clock()):
+            self._wait_until(lambda: max(self._down.not_before, self._refused.not_before))
             return
         with self._lock:
             if not self._signed_in:
@@ -382,19 +461,25 @@ class Authenticator:
     def _refresh(self, *, force: bool) -> None:
         """acquire_token_silent for the current account; updates state. Caller holds _lock.
 
+        ``force=False`` only for the silent sign-in at start (a cached token may do); every
+        later refresh is decided by our monotonic clock and goes to the IdP.
+
         Raises:
             _IdpDown, _ConfigProblem: the caller decides how to wait.
         """
         app, account = self._app, self._account
         if app is None or account is None:
             return
+        claims = self._claims
         try:
             result = self._read_cache("acquire_token_silent", lambda: app.acquire_token_silent_with_error(
-                list(self._settings.scopes), account, force_refresh=force))
+                list(self._scopes), account, force_refresh=force, claims_challenge=claims))
         except _CacheDamaged as err:
             self._set_cache_aside(str(err))
             return
         if result and "access_token" in result:
+            if claims is not None and claims == self._claims:
+                self._claims = None
             self._accept(result, account)
             return
         if result and "error" not in result:
@@ -407,6 +492,7 @@ class Authenticator:
         if problem.kind == "transient":
             raise _IdpDown(problem.message, self._idp_retry_after)
         if problem.kind == "reauth" or result.get("error") in _REAUTH_ERRORS:
+            # The IdP itself refused the refresh token (or wants a person): only now is it given up.
             self._begin_reauth(problem)
             return
         raise _ConfigProblem(problem)
@@ -414,12 +500,20 @@ class Authenticator:
     def _accept(self, result: Mapping[str, Any], account: Mapping[str, Any] | None) -> None:
         """A token response (silent or device flow) succeeded. Caller holds _lock."""
         now = self._clock()
-        expires_in = _number(result.get("expires_in"), 3600.0)
-        self._token = _Token(str(result["access_token"]), now + expires_in)
-        if self._token.value != self._rejected:
+        value = str(result["access_token"])
+        life_s = _number(result.get("expires_in"), 3600.0)
+        from_cache = result.get("token_source") == "cache"
+        if from_cache:
+            # msal judged this cached token by the wall clock, which may be years off on a box
+            # without an RTC: it may not live longer here than it did when it was issued.
+            life_s = min(life_s, self._cached_lifetime(value))
+        self._token = _Token.received(value, now, life_s, self._timing.refresh_margin_max_s)
+        if value != self._rejected:
             self._rejected = None
-        if result.get("token_source") != "cache":
+        if not from_cache:
             self._last_refresh = now
+            self._down.ended()
+            self._refused.ended()
         self._renewals_used = 0
         self._exhausted = False
         username = _display_name(account, result.get("id_token_claims") or {})
@@ -427,12 +521,32 @@ class Authenticator:
             self._signed_in = True
             log.info("signed in as %s", username or "(unknown account)")
         else:
-            log.debug("access token refreshed (valid %.0f s)", expires_in)
+            log.debug("access token refreshed (valid %.0f s)", life_s)
         self._state.signed_in(username)
         self._set_link(True)
 
+    def _cached_lifetime(self, secret: str) -> float:
+        """The lifetime a cached access token was issued with (expires_on - cached_at: both
+        written at once, so a wrong wall clock cancels out); 3600 s if it cannot be found."""
+        try:
+            for entry in self._cache.cache.search(msal.TokenCache.CredentialType.ACCESS_TOKEN):
+                if entry.get("secret") == secret:
+                    return max(0.0, float(entry["expires_on"]) - float(entry["cached_at"]))
+        except (KeyError, TypeError, ValueError):
+            pass
+        return 3600.0
+
+    def _forget_sign_in(self) -> None:
+        """Forget the account and its tokens in memory: the one place sign-out, a refused
+        refresh token and a damaged cache all go through. Caller holds _lock."""
+        self._account = None
+        self._token = None
+        self._rejected = None
+        self._signed_in = False
+        self._last_refresh = None
+
     def _begin_reauth(self, problem: Problem) -> None:
-        """The saved sign-in is dead: forget the account and go back to the code flow."""
+        """The IdP refused the saved sign-in: forget the account and go back to the code flow."""
         log.warning("%s; starting the device code flow", problem.message)
         with self._lock:
             app, account = self._app, self._account
@@ -445,13 +559,8 @@ class Authenticator:
                 if self._still_listed(account):
                     # The next pass would pick it again, find it dead again, and so on.
                     self._cache.quarantine("msal cannot remove the account it holds")
-            self._account = None
-            self._token = None
-            self._forced_token = None
-            self._rejected = None
-            self._signed_in = False
-        self._state.failed(problem.message)
-        self._state.update(phase="signing_in", account=None, notice=problem.message)
+            self._forget_sign_in()
+        self._state.sign_in_lost(problem.message)
         self._wake.set()
 
     def _still_listed(self, account: Mapping[str, Any]) -> bool:
@@ -487,13 +596,8 @@ class Authenticator:
         """The token cache is damaged: move it aside (secrets scrubbed) and start a new code."""
         with self._lock:
             self._cache.quarantine(why)         # logs the WARNING, with the file it became
-            self._account = None
-            self._token = None
-            self._forced_token = None
-            self._rejected = None
-            self._signed_in = False
-        self._state.failed(CACHE_UNREADABLE)
-        self._state.update(phase="signing_in", account=None, notice=CACHE_UNREADABLE)
+            self._forget_sign_in()
+        self._state.sign_in_lost(CACHE_UNREADABLE)
         self._wake.set()
 
     # ---- the device code flow ---------------------------------------------------------------
@@ -501,10 +605,11 @@ class Authenticator:
     def _device_flow(self, app: msal.PublicClientApplication) -> None:
         """One code's life: issue, publish, poll until used, declined, expired or cancelled."""
         self._new_code.clear()
-        scopes = list(self._settings.scopes)
+        scopes = list(self._scopes)
+        claims = self._claims
         started = self._clock()
         try:
-            flow = app.initiate_device_flow(scopes=scopes)
+            flow = app.initiate_device_flow(scopes=scopes, claims_challenge=claims)
         except Exception as err:
             raise self._idp_down(err) from err
         if "user_code" not in flow or "device_code" not in flow:
@@ -520,6 +625,8 @@ class Authenticator:
                 raise _IdpDown(problem.message, self._idp_retry_after)
             raise _ConfigProblem(problem)
         self._set_link(True)
+        self._down.ended()
+        self._refused.ended()
         expires_in = max(1.0, _number(flow.get("expires_in"), 900.0))
         # RFC 8628 §3.2: interval defaults to 5 s. 0 would make MSAL busy-loop.
         interval = max(1, int(_number(flow.get("interval"), 5.0)))
@@ -539,40 +646,53 @@ class Authenticator:
         if code.verification_uri_complete:
             log.info("Or open %s (the code is filled in)", code.verification_uri_complete)
         self._state.code_issued(code)
-        self._poll(app, flow, deadline)
+        self._poll(app, flow, deadline, claims)
 
-    def _poll(self, app: msal.PublicClientApplication, flow: dict[str, Any], deadline: float) -> None:
+    def _poll(self, app: msal.PublicClientApplication, flow: dict[str, Any], deadline: float,
+              claims: str | None) -> None:
         def exit_condition(_flow: Mapping[str, Any]) -> bool:
-            # MSAL calls this about once a second between polls: our clock, our cancel events.
+            # MSAL calls this about once a second between polls, after an answer it understood
+            # (pending, slow_down): our clock, our cancel events, and the IdP is answering.
             self._beat()
+            self._down.ended()
             return self._cancelled() or self._clock() >= deadline
 
-        poll_backoff = Backoff(self._timing.backoff_initial_s, self._timing.backoff_max_s)
         while True:
             try:
-                result = app.acquire_token_by_device_flow(flow, exit_condition=exit_condition)
+                result = app.acquire_token_by_device_flow(flow, claims_challenge=claims,
+                                                          exit_condition=exit_condition)
                 self._cache.save_if_changed()
-                if "access_token" in result or "error" in result:
+                if "access_token" in result:
                     break
-                down = _IdpDown("The sign-in service sent an incomplete token reply")
+                if "error" not in result:
+                    down = _IdpDown("The sign-in service sent an incomplete token reply")
+                elif self._explain(result).kind == "transient":
+                    # temporarily_unavailable / server_error as an OAuth answer: the code is
+                    # still valid at the IdP, so it stays on show while we wait.
+                    down = _IdpDown(self._explain(result).message,
+                                    self._idp_retry_after)
+                else:
+                    break
             except Exception as err:
                 self._cache.save_if_changed()
                 down = self._idp_down(err)
             if self._cancelled() or self._clock() >= deadline:
                 result = {"error": "authorization_pending"}
                 break
-            # The code stays valid at the IdP: keep showing it and poll again later.
-            delay = min(poll_backoff.next_delay(down.retry_after_s or 0.0),
-                        max(0.0, deadline - self._clock()))
-            log.warning("%s; polling again in %.1f s", down, delay)
+            # RFC 8628 §3.5: the interval in force (slow_down raised it; msal keeps it in the
+            # flow) is the least wait, and failures stretch it further with the back-off.
+            delay = self._down.failed(f"polling for the sign-in failed: {down}", down.retry_after_s,
+                                      floor_s=float(flow.get("interval") or 5))
             self._clear_http_cache()
-            self._wait(delay, self._new_code)
+            self._wait(min(delay, max(0.0, deadline - self._clock())), self._new_code)
         if "access_token" in result:
             with self._lock:
                 self._account = self._pick_account(app)
                 if self._account is None:
                     log.warning("the IdP sent neither client_info nor an id_token, so this sign-in "
                                 "cannot be refreshed; a new code will be needed when the token expires")
+                if claims is not None and claims == self._claims:
+                    self._claims = None
                 self._accept(result, self._account)
             return
         error = result.get("error")
@@ -596,9 +716,6 @@ class Authenticator:
         elif problem.kind in ("bad_code", "reauth"):
             log.warning("sign-in code refused: %s", problem.message)
             self._renew_or_wait("code not accepted")
-        elif problem.kind == "transient":
-            self._state.code_cleared(notice="sign-in service error")
-            raise _IdpDown(problem.message, self._idp_retry_after)
         else:
             self._state.code_cleared(notice=None)
             raise _ConfigProblem(problem)
@@ -618,8 +735,7 @@ class Authenticator:
         self._exhausted = True
         log.error("%s and no automatic renewals are left: press the button, send renew_code over "
                   "MQTT, or restart the agent", notice)
-        self._state.update(phase="error", code=None, renewals_exhausted=True,
-                           error=f"{notice[:1].upper()}{notice[1:]}. {RENEWALS_EXHAUSTED}")
+        self._state.codes_exhausted(f"{notice[:1].upper()}{notice[1:]}. {RENEWALS_EXHAUSTED}")
 
     # ---- errors and waiting -----------------------------------------------------------------
 
@@ -646,32 +762,40 @@ class Authenticator:
             msg = f"Sign-in error ({type(err).__name__})"
         return _IdpDown(msg, retry_after)
 
+    def _code_events(self) -> tuple[threading.Event, ...]:
+        """What may cut a back-off short: a new-code request, but only while a code flow waits."""
+        return (self._new_code,) if self._code_pass else ()
+
     def _on_idp_down(self, err: _IdpDown) -> None:
-        delay = self._transient.next_delay(err.retry_after_s or 0.0)
-        log.warning("%s; retrying in %.1f s", err, delay)
+        self._down.failed(str(err), err.retry_after_s)
         if not self._signed_in:
             self._state.failed(f"{err}: retrying")
         self._clear_http_cache()
-        self._wait(delay, self._new_code)
+        self._wait_until(lambda: self._down.not_before, *self._code_events())
 
     def _on_config_problem(self, problem: Problem) -> None:
-        delay = self._config.next_delay()
-        log.error("%s; trying again in %.0f min (or on request_new_code)", problem.message, delay / 60)
+        self._refused.failed(f"{problem.message} (or on request_new_code)")
         self._state.failed(problem.message)
         self._clear_http_cache()
-        self._wait(delay, self._new_code)
+        self._wait_until(lambda: self._refused.not_before, *self._code_events())
 
     def _clear_http_cache(self) -> None:
         """Forget MSAL's replay cache before a retry: it would answer a 5xx (or a 400) again
-        from memory for up to 60 s, while our own back-off already decides when to ask."""
+        from memory for up to 60 s, while our own back-off (never shorter than Retry-After)
+        already decides when to ask."""
         with self._lock:
             self._http_cache.clear()
 
     def _wait(self, seconds: float, *events: threading.Event) -> None:
         """Sleep up to ``seconds`` (monotonic), waking early on stop, ``_wake`` or ``events``."""
         deadline = self._clock() + seconds
+        self._wait_until(lambda: deadline, *events)
+
+    def _wait_until(self, deadline: Callable[[], float], *events: threading.Event) -> None:
+        """Sleep until ``deadline()`` (monotonic, read again each slice: another thread may push
+        a shared back-off further), waking early on stop, ``_wake`` or ``events``."""
         while not self._stop.is_set() and not self._wake.is_set() and not any(e.is_set() for e in events):
-            left = deadline - self._clock()
+            left = deadline() - self._clock()
             if left <= 0:
                 return
             self._pass_waited = True
@@ -698,6 +822,47 @@ class Authenticator:
 
     def _on_idp_failure(self, err: requests.RequestException) -> None:
         self._set_link(False)
+
+
+def effective_scopes(settings: AuthSettings) -> tuple[str, ...]:
+    """``auth.scopes`` without the reserved OIDC scopes, which msal adds to every request itself
+    and refuses to be given; one warning names ``auth.scopes`` when any were listed."""
+    dropped = list(getattr(settings, "dropped_scopes", ()))
+    kept = []
+    for scope in settings.scopes:
+        if scope in RESERVED_SCOPES:
+            dropped.append(scope)
+        else:
+            kept.append(scope)
+    if dropped:
+        log.warning("auth.scopes: %s dropped: msal requests openid, profile and offline_access "
+                    "itself; effective scopes: %s", ", ".join(dict.fromkeys(dropped)), " ".join(kept))
+    return tuple(kept)
+
+
+def claims_json(challenge: str | None) -> str | None:
+    """A claims challenge as msal wants it (a JSON object string), from the ``claims=`` of a
+    ``WWW-Authenticate`` header: Entra sends it base64-encoded, others as JSON. None if absent
+    or unreadable (then the refresh goes without it)."""
+    if not challenge or not challenge.strip():
+        return None
+    text = challenge.strip()
+    if not text.startswith("{"):
+        try:
+            std = text.replace("-", "+").replace("_", "/")      # base64url as well
+            text = base64.b64decode(std + "=" * (-len(std) % 4), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            log.warning("ignoring a claims challenge that is neither JSON nor base64")
+            return None
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        log.warning("ignoring a claims challenge that is not JSON")
+        return None
+    if not isinstance(parsed, dict):
+        log.warning("ignoring a claims challenge that is not a JSON object")
+        return None
+    return json.dumps(parsed, separators=(",", ":"))
 
 
 def _number(value: Any, default: float) -> float:

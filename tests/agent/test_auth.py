@@ -36,7 +36,7 @@ YEAR_S = 365 * 24 * 3600.0
 
 # Short back-offs so failure tests take fractions of a second; production values are minutes.
 FAST = Timing(backoff_initial_s=0.1, backoff_max_s=0.8, config_backoff_initial_s=0.4,
-              config_backoff_max_s=1.6, refresh_every_s=12 * 3600.0, min_token_life_s=300.0,
+              config_backoff_max_s=1.6, refresh_every_s=12 * 3600.0, refresh_margin_max_s=300.0,
               wait_slice_s=0.05)
 
 
