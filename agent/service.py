@@ -336,7 +336,8 @@ class Service:
         if self.auth is not None and not self.auth.request_new_code():
             if self.settings.auth.flow == "client_certificate":
                 raise AgentError("no sign-in codes with auth.flow = \"client_certificate\"")
-            raise AgentError("already signed in; send sign_out first to get a new code")
+            raise AgentError("no code to renew: signed in, or restoring the saved sign-in; "
+                             "send sign_out first to get a new code")
 
     def _sign_out_cmd(self) -> None:
         log.info("signing out (requested)")

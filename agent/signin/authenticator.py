@@ -127,11 +127,11 @@ class _Trouble:
             if self._started is None:
                 self._started = self._reported_at = now
                 self._reported_failures = 1
-                log.log(self._level, "%s; retrying in %.0f s (repeats are counted and reported "
+                log.log(self._level, "%s; retrying in %.1f s (repeats are counted and reported "
                         "every %.0f min)", message, delay, REPEAT_WARNING_S / 60)
             elif now - self._reported_at >= REPEAT_WARNING_S:
                 log.log(self._level, "%s; still failing: %d failed attempts in the last %.0f min "
-                        "(%d since %.0f min ago); retrying in %.0f s", message,
+                        "(%d since %.0f min ago); retrying in %.1f s", message,
                         self._failures - self._reported_failures, (now - self._reported_at) / 60,
                         self._failures, (now - self._started) / 60, delay)
                 self._reported_at, self._reported_failures = now, self._failures
@@ -352,9 +352,11 @@ class Authenticator:
             self._refresh(force=True)
         except _IdpDown as err:
             self._down.failed(f"token refresh failed: {err}", err.retry_after_s)
+            self._clear_http_cache()
         except _ConfigProblem as err:
             self._refused.failed(f"token refresh refused: {err.problem.message}")
             self._state.failed(err.problem.message)
+            self._clear_http_cache()
 
     # ---- the sign-in loop -------------------------------------------------------------------
 

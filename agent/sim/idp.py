@@ -141,7 +141,7 @@ class Switches:
     fail_discovery_next: int = 0               # the next N discovery requests answer fail_status
     fail_devicecode_next: int = 0              # the next N devicecode requests answer fail_status
     fail_token_next: int = 0                   # the next N token requests answer fail_status
-    fail_status: int = 503                     # 500 (server_error) or 503 (temporarily_unavailable)
+    fail_status: int = 503                     # 500 server_error; 503 (or 400) temporarily_unavailable
     retry_after_s: int | None = None           # Retry-After header on those failures
     malformed_devicecode_next: int = 0         # the next N devicecode answers are malformed
     malformed_token_next: int = 0              # the next N token answers are malformed
@@ -154,6 +154,7 @@ class Switches:
     expired_code_aadsts: int = 70020           # 70019 or 70020 for a poll after expiry
     device_code_blocked: bool = False          # Conditional Access blocks device code flow: every
                                                # devicecode request and poll answers AADSTS53003
+    claims_need_sign_in: bool = False          # a refresh with a claims challenge answers 50076
 
 
 @dataclass
@@ -231,6 +232,7 @@ class SimIdp:
         self.switches = Switches()
         self.auto_approve_after_s: float | None = None
         self.requests: list[RequestRecord] = []
+        self.claims_requests: list[str] = []       # the ``claims`` of every token request that had one
         self._lock = threading.RLock()
         self._new_code = threading.Condition(self._lock)
         self._codes: dict[str, _Code] = {}          # by device_code
@@ -413,7 +415,7 @@ class SimIdp:
         return jwt.encode(claims, self._key, algorithm="RS256", headers={"kid": self.kid, "typ": "JWT"})
 
     def _access_claims(self, user: str, client_id: str, scopes: Sequence[str],
-                       lifetime_s: float) -> dict[str, Any]:
+                       lifetime_s: float, requested: str | None = None) -> dict[str, Any]:
         now = int(self.wall_clock())
         resource_scopes = [s for s in scopes if s not in OIDC_SCOPES]
         if resource_scopes and "/" in resource_scopes[0]:
@@ -429,6 +431,7 @@ class SimIdp:
             "preferred_username": user, "scp": " ".join(scp),
             "sub": _b64url(hashlib.sha256(f"{oid}:{client_id}".encode()).digest()),
             "tid": self.tenant_id, "uti": _b64url(secrets.token_bytes(16)), "ver": "2.0",
+            **_honoured(requested),
         }
 
     def _id_claims(self, user: str, client_id: str) -> dict[str, Any]:
@@ -442,7 +445,7 @@ class SimIdp:
         }
 
     def _issue_tokens(self, user: str, client_id: str, scopes: list[str],
-                      want_client_info: bool) -> dict[str, Any]:
+                      want_client_info: bool, requested: str | None = None) -> dict[str, Any]:
         lifetime = self.switches.access_token_lifetime_s
         resource_scopes = [s for s in scopes if s not in OIDC_SCOPES]
         body: dict[str, Any] = {
@@ -451,7 +454,7 @@ class SimIdp:
             "scope": " ".join(resource_scopes) if resource_scopes else "openid profile User.Read",
             "expires_in": lifetime,
             "ext_expires_in": lifetime,
-            "access_token": self._sign(self._access_claims(user, client_id, scopes, lifetime)),
+            "access_token": self._sign(self._access_claims(user, client_id, scopes, lifetime, requested)),
         }
         if "offline_access" in scopes:
             rt = "0.A" + secrets.token_urlsafe(96)
@@ -565,7 +568,7 @@ class SimIdp:
         code.status = "redeemed"
         log.info("device code %s redeemed: tokens issued for %s", code.user_code, code.user)
         return self._issue_tokens(code.user or DEFAULT_USER, client_id, code.scopes,
-                                  form.get("client_info") == "1")
+                                  form.get("client_info") == "1", self._requested_claims(form))
 
     def _refresh_grant(self, form: dict[str, str], client_id: str) -> dict[str, Any]:
         sw = self.switches
@@ -581,11 +584,14 @@ class SimIdp:
             raise OAuthError(50173)
         if self.clock() - grant.last_used > REFRESH_IDLE_LIMIT_S:
             raise OAuthError(700082, issued=_entra_time(grant.issued_wall))
+        requested = self._requested_claims(form)
+        if requested is not None and sw.claims_need_sign_in:
+            raise OAuthError(50076)     # the claims (e.g. MFA) need the person, not the refresh token
         grant.last_used = self.clock()
         scopes = form.get("scope", "").split() or grant.scopes
         if "offline_access" not in scopes and "offline_access" in grant.scopes:
             scopes = [*scopes, "offline_access"]
-        body = self._issue_tokens(grant.user, client_id, scopes, form.get("client_info") == "1")
+        body = self._issue_tokens(grant.user, client_id, scopes, form.get("client_info") == "1", requested)
         if sw.rotate_refresh_tokens:
             del self._grants[rt]
         else:   # the same refresh token stays valid; answer with it as Entra does on reuse
@@ -620,6 +626,13 @@ class SimIdp:
             raise OAuthError(err.aadsts, **err.fmt) from err
         log.info("app-only token issued for %s", client_id)
         return body
+
+    def _requested_claims(self, form: dict[str, str]) -> str | None:
+        """A token request's claims challenge (msal's ``claims_challenge``), kept on record."""
+        requested = form.get("claims") or None
+        if requested is not None:
+            self.claims_requests.append(requested)
+        return requested
 
     def discovery(self) -> dict[str, Any]:
         """The v2.0 openid-configuration, shaped like Entra's."""
@@ -716,6 +729,23 @@ def _entra_error(error: str, aadsts: int, text: str, correlation_id: str, wall: 
     }
     body.update(extra or {})
     return body
+
+
+def _honoured(requested: str | None) -> dict[str, Any]:
+    """The access-token claims a claims challenge asks for (``{"access_token": {"acrs":
+    {"essential": true, "value": "c1"}}}`` gives ``acrs: "c1"``). Time claims are the token's
+    own: a token issued now meets Entra CAE's "issued after" (``nbf``) challenge."""
+    try:
+        wanted = json.loads(requested or "{}").get("access_token") or {}
+    except (ValueError, AttributeError):
+        return {}
+    out: dict[str, Any] = {}
+    for name, spec in wanted.items() if isinstance(wanted, dict) else ():
+        if name in ("nbf", "iat", "exp", "aud", "iss"):
+            continue
+        spec = spec if isinstance(spec, dict) else {}
+        out[name] = spec.get("values") or spec.get("value") or True
+    return out
 
 
 def _norm(user_code: str) -> str:
@@ -850,8 +880,9 @@ class _IdpHandler(JsonHandler):
     def _server_error(self) -> int:
         sw = self.idp.switches
         status = sw.fail_status
-        error = "temporarily_unavailable" if status == 503 else "server_error"
-        body = _entra_error(error, 90033 if status == 503 else 90100,
+        # 503 (or a 400, as some providers send it) is temporarily_unavailable; 500 server_error.
+        error = "server_error" if status == 500 else "temporarily_unavailable"
+        body = _entra_error(error, 90100 if status == 500 else 90033,
                             "A transient error has occurred. Please try again.",
                             self._correlation_id(), self.idp.wall_clock())
         headers = {"Retry-After": str(sw.retry_after_s)} if sw.retry_after_s is not None else None

@@ -336,7 +336,8 @@ def test_decline_all_switch(idp: SimIdp, tls: TlsFiles) -> None:
     assert idp.code_status(flow["user_code"]) == "declined"
 
 
-@pytest.mark.parametrize(("status", "error"), [(503, "temporarily_unavailable"), (500, "server_error")])
+@pytest.mark.parametrize(("status", "error"), [(503, "temporarily_unavailable"), (500, "server_error"),
+                                             (400, "temporarily_unavailable")])
 def test_next_n_requests_fail_with_5xx(idp: SimIdp, tls: TlsFiles, status: int, error: str) -> None:
     idp.set(fail_devicecode_next=2, fail_status=status, retry_after_s=7)
     for _ in range(2):
