@@ -61,6 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--json", action="store_true", help="one JSON object per line")
     w.add_argument("--count", type=int, default=None, help=argparse.SUPPRESS)  # tests/bench: stop after N
     w.add_argument("--timeout", type=float, default=None, help="stop after S seconds")
+    w.add_argument("--summary", action="store_true",
+                   help="counts by state and the devices needing a person, redrawn in place")
+    w.add_argument("--serve", metavar="HOST:PORT", default=None,
+                   help="serve a live web page of the fleet (loopback only without a password file)")
+    w.add_argument("--serve-password-file", metavar="PATH", default="",
+                   help="HTTP basic-auth password for --serve (required off loopback)")
+    w.add_argument("--backlog-threshold", metavar="S", type=float, default=3600.0,
+                   help="a device whose oldest unsent reading is older needs attention (default 3600)")
+    w.add_argument("--legacy-qos1", action="store_true", help=argparse.SUPPRESS)  # bench baseline
+
+    with_config(sub.add_parser("mqtt-forget", help="clear this device's retained topics from the broker "
+                                                   "(status, code, Home Assistant discovery)"))
 
     sim = sub.add_parser("sim", help="run a simulated service standalone (loopback only)")
     sim.add_argument("service", choices=("idp", "api"))
@@ -173,7 +185,20 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return watch.run_watch(url=args.url, prefix=args.prefix, ca_file=args.ca_file,
                                username=args.username, password_file=args.password_file,
-                               as_json=args.json, count=args.count, timeout_s=args.timeout)
+                               as_json=args.json, count=args.count, timeout_s=args.timeout,
+                               summary=args.summary, serve=args.serve,
+                               serve_password_file=args.serve_password_file,
+                               backlog_s=args.backlog_threshold, legacy=args.legacy_qos1)
+    if cmd == "mqtt-forget":
+        from agent import statusfile
+        from agent.mqtt import forget
+
+        settings = config.load(config.config_path(args.config))
+        if statusfile.running_pid(settings.device.state_dir) is not None:
+            print("error: the service is running and would publish its status again; stop it first "
+                  "(systemctl stop device-agent)", file=sys.stderr)
+            return EXIT_FAILURE
+        return forget.run_forget(settings)
     if cmd == "sim":
         if args.service == "idp":
             from agent.sim import idp

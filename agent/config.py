@@ -92,6 +92,8 @@ class MqttSettings:
     topic_prefix: str = "device-agent"
     allow_insecure: bool = False
     keepalive_s: int = 30
+    homeassistant: bool = False                 # publish Home Assistant device discovery
+    homeassistant_prefix: str = "homeassistant"
 
 
 @dataclass(frozen=True)
@@ -357,12 +359,18 @@ def _mqtt(c: _Checker, t: Mapping[str, Any]) -> MqttSettings:
     prefix = c.string(t, "topic_prefix", "mqtt", default=d["topic_prefix"])
     if not _TOPIC_PREFIX.match(prefix) or prefix.startswith("/") or prefix.endswith("/"):
         c.fail("mqtt.topic_prefix", f"{prefix!r} must be a topic without + or # and no leading/trailing /")
+    ha_prefix = c.string(t, "homeassistant_prefix", "mqtt", default=d["homeassistant_prefix"])
+    if not _TOPIC_PREFIX.match(ha_prefix) or ha_prefix.startswith("/") or ha_prefix.endswith("/"):
+        c.fail("mqtt.homeassistant_prefix",
+               f"{ha_prefix!r} must be a topic without + or # and no leading/trailing /")
     return MqttSettings(url=url, username=c.string(t, "username", "mqtt", default=d["username"]),
                         password_file=c.file(t, "password_file", "mqtt"),
                         ca_file=c.file(t, "ca_file", "mqtt"), client_cert=cert, client_key=key,
                         topic_prefix=prefix, allow_insecure=allow_insecure,
                         keepalive_s=c.integer(t, "keepalive_s", "mqtt", default=d["keepalive_s"],
-                                              minimum=5, maximum=3600))
+                                              minimum=5, maximum=3600),
+                        homeassistant=c.boolean(t, "homeassistant", "mqtt", default=d["homeassistant"]),
+                        homeassistant_prefix=ha_prefix)
 
 
 _SENSOR_COMMON = ("name", "type", "interval_s")

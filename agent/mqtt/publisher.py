@@ -38,9 +38,11 @@ from agent.mqtt.connection import (
     no_delay,
     parse_broker_url,
     read_password,
+    receive_maximum,
     shutdown_client,
     tls_context,
 )
+from agent.mqtt.homeassistant import birth_topic, discovery_payload, discovery_topic
 from agent.mqtt.protocol import (
     OFFLINE,
     STATUS_MIN_INTERVAL_S,
@@ -100,6 +102,13 @@ class MqttPublisher:
         self.result_topic = f"{prefix}/{device_id}/cmd/result"
         self._out = Outbound(prefix, device_id, version, status_min_interval_s=status_min_interval_s)
         self._client_id = f"device-agent-{device_id}"
+        self._ha: Publication | None = None          # Home Assistant discovery, when opted in
+        self._ha_birth = ""
+        if settings.homeassistant:
+            self._ha = Publication(discovery_topic(settings.homeassistant_prefix, device_id),
+                                   discovery_payload(prefix, device_id, version))
+            self._ha_birth = birth_topic(settings.homeassistant_prefix)
+        self._ha_due = False
 
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -108,11 +117,10 @@ class MqttPublisher:
         self._protocol = mqtt.MQTTv5
         self._connected = False
         self._force = False               # publish the whole truth at the next chance
-        self._fallback = False            # rebuild the client for MQTT 3.1.1
+        self._rebuild_as: int | None = None   # rebuild the client for this MQTT version
         self._auth_failed = False
         self._down_logged = False
         self._awaiting_connack = False    # a socket is open, no CONNACK yet
-        self._silent_closes = 0           # MQTT 5 CONNECTs answered by closing the connection
         self._seen: tuple[Any, ...] | None = None
         self._jobs: queue.Queue[tuple[str, bytes | None] | None] = queue.Queue(maxsize=32)
         self._threads: list[threading.Thread] = []
@@ -194,14 +202,15 @@ class MqttPublisher:
 
     def _connect(self, client: mqtt.Client) -> None:
         # Only after self._client is set: callbacks ignore clients that are not the current one.
-        client.connect_async(self.address.host, self.address.port, keepalive=self._keepalive_s)
+        client.connect_async(self.address.host, self.address.port, keepalive=self._keepalive_s,
+                             properties=receive_maximum() if self._protocol == mqtt.MQTTv5 else None)
         client.loop_start()
 
-    def _fall_back_to_311(self) -> None:
+    def _rebuild(self, protocol: int) -> None:
         """Runs on the publisher thread: paho fixes the protocol per Client, so build a new one."""
         with self._lock:
             old = self._client
-            self._protocol = mqtt.MQTTv311
+            self._protocol = protocol
             self._client = None
         if old is not None:
             shutdown_client(old, 2.0)
@@ -227,8 +236,10 @@ class MqttPublisher:
                 self._connected = False
                 self._state.set_link("mqtt", "down")
                 if reason.value == _UNSUPPORTED_PROTOCOL and self._protocol == mqtt.MQTTv5:
-                    log.warning("MQTT: %s does not support MQTT 5; falling back to 3.1.1", self.address)
-                    self._fallback = True
+                    # Only this answer means "no MQTT 5 here"; a hang-up is a busy or broken front.
+                    log.warning("MQTT: %s does not support MQTT 5; using 3.1.1 for this connection",
+                                self.address)
+                    self._rebuild_as = mqtt.MQTTv311
                     client.disconnect()
                     self._wake.set()
                 elif reason.value in _BAD_CREDENTIALS:
@@ -246,15 +257,17 @@ class MqttPublisher:
             if self._auth_failed:
                 client.reconnect_delay_set(*self._reconnect_delay)  # type: ignore[arg-type]
             self._auth_failed = self._down_logged = False
-            self._silent_closes = 0
             options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
             if self._protocol == mqtt.MQTTv5:
                 client.subscribe(self.cmd_topic, options=options)
             else:
                 client.subscribe(self.cmd_topic, qos=1)
+            if self._ha is not None:
+                client.subscribe(self._ha_birth, qos=1)
             with self._lock:
                 self._connected = True
                 self._force = True
+                self._ha_due = self._ha is not None
             self._wake.set()
             self._state.set_link("mqtt", "up")
             log.info("MQTT: connected to %s (MQTT %s)", self.address, self.protocol)
@@ -270,14 +283,11 @@ class MqttPublisher:
             self._connected = False
             if self._stopping.is_set():
                 return
-            if self._awaiting_connack and self._protocol == mqtt.MQTTv5:
-                # Some 3.1.1-only brokers hang up on an MQTT 5 CONNECT instead of answering rc 1.
-                self._silent_closes += 1
-                if self._silent_closes >= 2:
-                    log.warning("MQTT: %s closed the connection twice without answering an MQTT 5 "
-                                "CONNECT; falling back to 3.1.1", self.address)
-                    self._fallback = True
-                    self._wake.set()
+            if self._protocol != mqtt.MQTTv5 and self._rebuild_as is None:
+                # 3.1.1 was this connection's answer, not the broker's forever (it may be upgraded,
+                # or a load balancer sent us to an old node): the next connection tries 5 again.
+                self._rebuild_as = mqtt.MQTTv5
+                self._wake.set()
             self._awaiting_connack = False
             self._state.set_link("mqtt", "down")
             if was and not self._down_logged:
@@ -293,6 +303,9 @@ class MqttPublisher:
                 return
             self._connected = False
             self._state.set_link("mqtt", "down")
+            if self._protocol != mqtt.MQTTv5 and self._rebuild_as is None:
+                self._rebuild_as = mqtt.MQTTv5
+                self._wake.set()
             err = getattr(client, "last_connect_error", None)
             if not self._down_logged:
                 self._down_logged = True
@@ -306,6 +319,13 @@ class MqttPublisher:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:
+            if self._ha is not None and message.topic == self._ha_birth:
+                # Home Assistant restarted and forgot its entities; a retained "online" is the
+                # one we already answered at connect.
+                if bytes(message.payload) == b"online" and not message.retain:
+                    self._ha_due = True
+                    self._wake.set()
+                return
             correlation = getattr(message.properties, "CorrelationData", None) if message.properties else None
             if message.retain:
                 # A retained command would run again on every reconnect (sign_out in a loop).
@@ -342,16 +362,19 @@ class MqttPublisher:
             if self._stopping.is_set():
                 return
             try:
-                if self._fallback:
-                    self._fallback = False
-                    self._fall_back_to_311()
+                if self._rebuild_as is not None:
+                    protocol, self._rebuild_as = self._rebuild_as, None
+                    self._rebuild(protocol)
                     continue
                 with self._lock:
                     client = self._client
                     if not self._connected or client is None:
                         continue
                     force, self._force = self._force, False
+                    ha, self._ha_due = self._ha_due, False
                 pubs, wake_at = self._out.plan(self._state.snapshot, self._clock(), force=force)
+                if ha and self._ha is not None:
+                    pubs.insert(0, self._ha)
                 for pub in pubs:
                     self._publish(client, pub)
             except Exception:

@@ -8,7 +8,9 @@ part (the latency bench uses it); ``run_watch`` adds printing, limits and exit c
 from __future__ import annotations
 
 import json
+import math
 import queue
+import shutil
 import signal
 import sys
 import threading
@@ -30,9 +32,11 @@ from agent.mqtt.connection import (
     new_client,
     parse_broker_url,
     read_password,
+    receive_maximum,
     shutdown_client,
     tls_context,
 )
+from agent.mqtt.fleet import BACKLOG_ATTENTION_S, STATES, Fleet
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -136,12 +140,21 @@ class WatchClient:
     """Connects like the device does (MQTT 5, else 3.1.1) and hands events to ``on_event``.
 
     ``on_event`` and ``on_problem`` run on paho's thread: keep them quick (queue the event).
+
+    The whole fleet's retained state arrives as one burst right after SUBSCRIBE. At QoS 1 a
+    default Mosquitto lets 20 messages be in flight and queues 1000 more, dropping the rest, so
+    a 10,000-device fleet shows as ~1,020 messages. MQTT 5: QoS 1 with a Receive Maximum of
+    65,535 (the broker may send all of it at once; we acknowledge as we read). 3.1.1 has no
+    Receive Maximum: QoS 0, which Mosquitto writes straight out instead of queueing; a lost
+    connection is followed by a fresh subscription, which delivers the retained truth again.
+    ``legacy=True`` is the old QoS 1 subscription without the window (the bench's baseline).
     """
 
     def __init__(self, url: str, prefix: str, *, on_event: Callable[[WatchEvent], None],
                  on_problem: Callable[[str], None] | None = None, ca_file: str = "",
-                 username: str = "", password_file: str = "") -> None:
+                 username: str = "", password_file: str = "", legacy: bool = False) -> None:
         """Raises: ConfigError for a malformed URL; NotifyError for unreadable files."""
+        self._legacy = legacy
         self.address: BrokerAddress = parse_broker_url(url)
         self.prefix = prefix.rstrip("/")
         self._ctx = tls_context(ca_file, what="--ca-file") if self.address.tls else None
@@ -206,8 +219,9 @@ class WatchClient:
         client.on_message = self._on_message
         client.on_disconnect = self._on_disconnect
         self._client = client
+        window = receive_maximum() if self._protocol == mqtt.MQTTv5 and not self._legacy else None
         try:
-            client.connect(self.address.host, self.address.port, keepalive=30)
+            client.connect(self.address.host, self.address.port, keepalive=30, properties=window)
         except OSError as err:
             self._client = None
             raise WatchError(describe_connect_error(err, self.address, ca_hint="--ca-file")) from None
@@ -235,7 +249,8 @@ class WatchClient:
                                   if reason.value in (134, 135)
                                   else f"{self.address} refused the connection ({reason.getName()})")
                 return
-            client.subscribe([(f"{self.prefix}/+/auth/code", 1), (f"{self.prefix}/+/status", 1)])
+            qos = 1 if self._protocol == mqtt.MQTTv5 or self._legacy else 0
+            client.subscribe([(f"{self.prefix}/+/auth/code", qos), (f"{self.prefix}/+/status", qos)])
         except Exception as err:  # noqa: BLE001
             self._problem(f"internal error in on_connect: {err}")
 
@@ -286,17 +301,33 @@ class WatchClient:
 
 def run_watch(*, url: str, prefix: str, ca_file: str, username: str, password_file: str,
               as_json: bool, count: int | None = None, timeout_s: float | None = None,
-              out: TextIO | None = None, err: TextIO | None = None) -> int:
+              out: TextIO | None = None, err: TextIO | None = None, summary: bool = False,
+              serve: str | None = None, serve_password_file: str = "",
+              backlog_s: float = BACKLOG_ATTENTION_S, legacy: bool = False) -> int:
     """Print every device's code and status until SIGINT/SIGTERM, ``count`` events or ``timeout_s``.
+
+    ``summary``: counts by state and the devices needing a person, redrawn in place on a
+    terminal. ``serve``: HOST:PORT of the admin's web page (agent/mqtt/web.py).
 
     Returns 0, 1 (cannot connect / refused / TLS) or 78 (malformed URL or unreadable file).
     """
     out = out or sys.stdout
     err = err or sys.stderr
     events: queue.Queue[WatchEvent | str] = queue.Queue()
+    fleet = Fleet(backlog_s=backlog_s) if summary or serve else None
+    server = None
+    if serve is not None:
+        from agent.mqtt import web
+
+        try:
+            server = web.prepare(serve, serve_password_file, fleet)   # type: ignore[arg-type]
+        except (ConfigError, NotifyError) as e:
+            print(f"config error: {e}", file=err)
+            return EXIT_CONFIG
     try:
         client = WatchClient(url, prefix, ca_file=ca_file, username=username, password_file=password_file,
-                             on_event=events.put, on_problem=events.put)
+                             on_event=fleet.apply if fleet is not None else events.put,
+                             on_problem=events.put, legacy=legacy)
     except ConfigError as e:
         print(f"config error: --url: {e}", file=err)
         return EXIT_CONFIG
@@ -307,8 +338,12 @@ def run_watch(*, url: str, prefix: str, ca_file: str, username: str, password_fi
     stop = threading.Event()
     restore = _on_sigterm(stop)
     printed = 0
+    screen = SummaryScreen(out) if summary and fleet is not None else None
     try:
         client.connect(timeout_s=10.0 if timeout_s is None else max(1.0, min(10.0, timeout_s)))
+        if server is not None:
+            server.start()
+            print(f"watch: serving the fleet on {server.url}", file=err, flush=True)
         while not stop.is_set():
             if client.fatal:
                 print(f"error: {client.fatal}", file=err)
@@ -318,6 +353,8 @@ def run_watch(*, url: str, prefix: str, ca_file: str, username: str, password_fi
             wait = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
             if wait <= 0:
                 break
+            if screen is not None:
+                screen.refresh(fleet)   # type: ignore[arg-type]
             try:
                 item = events.get(timeout=wait)
             except queue.Empty:
@@ -328,6 +365,8 @@ def run_watch(*, url: str, prefix: str, ca_file: str, username: str, password_fi
             line = json.dumps(item.as_json(), ensure_ascii=False) if as_json else format_event(item)
             print(line, file=out, flush=True)
             printed += 1
+        if screen is not None:
+            screen.refresh(fleet, force=True)   # type: ignore[arg-type]
         return EXIT_OK
     except WatchError as e:
         print(f"error: {e}", file=err)
@@ -336,7 +375,85 @@ def run_watch(*, url: str, prefix: str, ca_file: str, username: str, password_fi
         return EXIT_OK
     finally:
         client.close()
+        if server is not None:
+            server.stop()
         restore()
+
+
+# --------------------------------------------------------------------------- --summary
+
+SUMMARY_EVERY_S = 1.0        # redraw at most this often (a burst of 10,000 is one redraw)
+PLAIN_LIST_MAX = 50          # not a terminal: at most this many devices per printed summary
+
+
+def summary_lines(fleet: Fleet, *, width: int = 100, limit: int = PLAIN_LIST_MAX,
+                  now: datetime | None = None) -> list[str]:
+    """The text of ``watch --summary``: counts by state, then who needs a person, most urgent first."""
+    stamp = (now or datetime.now(UTC)).strftime("%H:%M:%S")
+    counts = "  ".join(f"{state} {n}" for state, n in fleet.counts().items() if n or state in STATES)
+    lines = [f"{len(fleet)} devices   {counts}   ({stamp} UTC)"]
+    urgent = fleet.needs_attention()
+    lines.append(f"needs a person now: {len(urgent)}" if urgent else "needs a person now: nobody")
+    clock = time.monotonic()
+    for dev in urgent[:limit]:
+        lines.append(("  " + attention_line(dev, clock))[:width])
+    if len(urgent) > limit:
+        lines.append(f"  ... and {len(urgent) - limit} more")
+    return lines
+
+
+def attention_line(dev: Any, now: float) -> str:
+    """One device needing a person: what to do, the most urgent reason first."""
+    s = dev.status or {}
+    parts: list[str] = []
+    for why in dev.attention(now):
+        if why == "code":
+            code = dev.code or {}
+            left = int(dev.seconds_left(now) or 0)
+            uri = code.get("verification_uri_complete") or code.get("verification_uri") or "?"
+            parts.append(f"CODE {code.get('user_code', '?')} {left // 60}:{left % 60:02d} left  open {uri}")
+        elif why == "error":
+            parts.append(f"error: {s.get('error') or 'unknown'}")
+        elif why == "storage":
+            parts.append(f"storage {str(s.get('storage')).replace('_', '-')}")
+        elif why == "backlog":
+            parts.append(f"oldest reading waiting {_duration(float(s.get('oldest_pending_s') or 0))}")
+    return f"{dev.device_id:<20} " + "; ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    if s >= 86400:
+        return f"{s // 86400} d {s % 86400 // 3600} h"
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60} min"
+    return f"{s // 60} min {s % 60} s"
+
+
+class SummaryScreen:
+    """Redraws the summary in place on a terminal (ANSI); elsewhere prints it when it changed."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.tty = bool(getattr(out, "isatty", lambda: False)())
+        self._version = -1
+        self._at = -math.inf
+
+    def refresh(self, fleet: Fleet, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._at < SUMMARY_EVERY_S:
+            return
+        if not self.tty and fleet.version == self._version:
+            return      # a terminal redraws for the countdowns; a log only gets what changed
+        self._at, self._version = now, fleet.version
+        if self.tty:
+            size = shutil.get_terminal_size((100, 30))
+            lines = summary_lines(fleet, width=size.columns, limit=max(1, size.lines - 4))
+            # home, draw, clear what is left of the previous frame
+            self.out.write("\x1b[H" + "".join(line + "\x1b[K\n" for line in lines) + "\x1b[J")
+        else:
+            self.out.write("\n".join(summary_lines(fleet)) + "\n\n")
+        self.out.flush()
 
 
 def _on_sigterm(stop: threading.Event) -> Callable[[], None]:

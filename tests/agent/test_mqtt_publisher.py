@@ -429,16 +429,42 @@ def test_falls_back_to_mqtt_311(mosquitto: Broker, old_broker: OldBrokerProxy,
 
 
 @pytest.mark.slow
-def test_falls_back_when_the_broker_hangs_up_on_mqtt_5(mosquitto: Broker, request: pytest.FixtureRequest,
-                                                       caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="agent.mqtt.publisher")
+def test_hang_ups_before_connack_never_switch_to_311(mosquitto: Broker, request: pytest.FixtureRequest,
+                                                     subscribers: Callable[..., Subscriber]) -> None:
+    # A load balancer with no backend (or a broker at its connection limit) hangs up on CONNECT:
+    # that says nothing about MQTT 5, and 3.1.1 would leave dead codes on the broker (no expiry).
     proxy = OldBrokerProxy(mosquitto.port, on_v5="close")
     request.addfinalizer(proxy.close)
+    sub = subscribers(mosquitto)
     notifiers = request.getfixturevalue("notifiers")
-    n = notifiers(mosquitto.mqtt_settings(url=f"mqtt://127.0.0.1:{proxy.port}"), AgentState())
-    wait_until(lambda: n.connected, 8.0, what="connected via 3.1.1")   # two tries, 1 s back-off
-    assert n.protocol == "3.1.1" and proxy.refused_v5 == 2
-    assert any("closed the connection twice" in r.getMessage() for r in caplog.records)
+    state = AgentState()
+    n = notifiers(mosquitto.mqtt_settings(url=f"mqtt://127.0.0.1:{proxy.port}"), state,
+                  reconnect_delay_s=(0.2, 0.5))
+    wait_until(lambda: proxy.refused_v5 >= 3, 8.0, what="three hang-ups")
+    proxy.on_v5 = "forward"                   # the backend is back
+    wait_until(lambda: n.connected, 5.0, what="connected")
+    assert n.protocol == "5" and set(proxy.levels) == {5}
+    state.code_issued(make_code(600))
+    assert sub.next(match=is_code("F4XQ9ZRTL")).expiry_s is not None
+
+
+def test_after_a_311_connection_the_next_one_tries_mqtt_5(mosquitto: Broker, old_broker: OldBrokerProxy,
+                                                          notifiers: Callable[..., MqttPublisher],
+                                                          subscribers: Callable[..., Subscriber]) -> None:
+    proxy = old_broker
+    state = AgentState()
+    state.code_issued(make_code(600))
+    n = notifiers(mosquitto.mqtt_settings(url=f"mqtt://127.0.0.1:{proxy.port}"), state,
+                  reconnect_delay_s=(0.2, 0.5))
+    wait_until(lambda: n.connected and n.protocol == "3.1.1", what="connected via 3.1.1")
+    proxy.on_v5 = "forward"                   # the broker behind was upgraded
+    mosquitto.restart(crash=True)             # ... and restarted: every connection drops
+    wait_until(lambda: n.connected and n.protocol == "5", 8.0, what="reconnected with MQTT 5")
+    assert proxy.levels[0] == 4 and proxy.levels[-1] == 5
+    # the broker lost its retained copies (crash): the reconnect republished them, code with expiry
+    code = retained(mosquitto, CODE)
+    assert code is not None and code.expiry_s is not None and 0 < code.expiry_s <= 600
+    assert retained(mosquitto, STATUS) is not None
 
 
 @pytest.mark.slow
