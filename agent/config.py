@@ -58,6 +58,7 @@ class AuthSettings:
     private_key_file: str = ""           # client_certificate: PEM key, 0600/0400, service user or root
     send_certificate_chain: bool = False  # client_certificate: x5c for subject-name/issuer registrations
     dropped_scopes: tuple[str, ...] = ()     # reserved OIDC scopes taken out of auth.scopes
+    refresh_lifetime_days: float = 90.0   # the IdP's refresh-token inactivity lifetime
 
     @property
     def authority_url(self) -> str:
@@ -120,6 +121,7 @@ class UploadSettings:
     list_id: str = ""
     item_path: str = ""
     table: str = ""
+    compress: str = "gzip"       # http sink: "gzip" | "none"
 
 
 @dataclass(frozen=True)
@@ -250,6 +252,8 @@ def _auth(c: _Checker, t: Mapping[str, Any]) -> AuthSettings:
                               "api://telemetry/Readings.Write")
     timeout_s = c.number(t, "timeout_s", "auth", default=d["timeout_s"], minimum=0.1, maximum=600)
     renew = c.integer(t, "auto_renew_codes", "auth", default=d["auto_renew_codes"], minimum=0, maximum=1000)
+    lifetime = c.number(t, "refresh_lifetime_days", "auth", default=d["refresh_lifetime_days"],
+                        minimum=1, maximum=3650)
     ca_file = c.file(t, "ca_file", "auth")
     flow = c.choice(t, "flow", "auth", AUTH_FLOWS, default=d["flow"])
     cert_file = c.file(t, "certificate_file", "auth")
@@ -263,7 +267,7 @@ def _auth(c: _Checker, t: Mapping[str, Any]) -> AuthSettings:
                                                      default=d["instance_discovery"]),
                         ca_file=ca_file, timeout_s=timeout_s, auto_renew_codes=renew,
                         flow=flow, certificate_file=cert_file, private_key_file=key_file,
-                        send_certificate_chain=send_chain)
+                        send_certificate_chain=send_chain, refresh_lifetime_days=lifetime)
 
 
 def _certificate_flow(c: _Checker, scopes: tuple[str, ...], cert_file: str, key_file: str) -> None:
@@ -438,6 +442,7 @@ def _upload(c: _Checker, t: Mapping[str, Any]) -> UploadSettings:
         outbox_max_bytes=c.integer(t, "outbox_max_bytes", "upload", default=d["outbox_max_bytes"],
                                    minimum=64 * 1024),
         graph_url=graph_url, site_id=site_id, list_id=list_id, item_path=item_path, table=table,
+        compress=c.choice(t, "compress", "upload", ("gzip", "none"), default=d["compress"]),
     )
 
 

@@ -7,6 +7,8 @@ HTTP date), 400, connection resets, slowness, a body size limit (``max_body_byte
 as a front door such as nginx's ``client_max_body_size`` answers), poisoned readings (``poison``:
 a strict receiver refusing the whole request with 422 when it holds one of them) and claims
 challenges (``challenge``: a 401 with ``WWW-Authenticate: Bearer error="insufficient_claims"``).
+Bodies may come with ``Content-Encoding: gzip`` (``refuse_gzip(count)`` answers 415 to the next
+ones, as an API without gzip support does); any other encoding gets 415.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import base64
 import email.utils
+import gzip
 import json
 import logging
 import re
@@ -49,6 +52,8 @@ class ApiRequest:
     count: int               # readings in the body (0 if unreadable)
     idempotency_key: str | None
     new: int = 0             # readings stored for the first time
+    encoding: str = ""       # Content-Encoding as sent ("" = identity)
+    wire_bytes: int = 0      # body bytes as they came over the wire
 
 
 @dataclass
@@ -92,6 +97,7 @@ class SimApi:
         self._challenges: deque[str] = deque()      # next 401s with a claims challenge
         self.requests: list[ApiRequest] = []
         self.duplicates = 0
+        self._refuse_gzip = 0
         self._closed = False
         api = self
 
@@ -147,6 +153,11 @@ class SimApi:
         with self._lock:
             self._faults.extend(Fault(None) for _ in range(count))
 
+    def refuse_gzip(self, *, count: int = 1) -> None:
+        """The next ``count`` gzip-encoded requests get 415 Unsupported Media Type."""
+        with self._lock:
+            self._refuse_gzip += count
+
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()
@@ -182,23 +193,34 @@ class SimApi:
 
     # ------------------------------------------------------------ handling
 
-    def _log(self, t: float, status: int | None, count: int, key: str | None, new: int = 0) -> None:
+    def _log(self, t: float, status: int | None, count: int, key: str | None, new: int = 0,
+             encoding: str = "", wire: int = 0) -> None:
         with self._lock:
-            self.requests.append(ApiRequest(t, status, count, key, new))
+            self.requests.append(ApiRequest(t, status, count, key, new, encoding, wire))
 
     def _handle(self, h: JsonHandler) -> None:
         t = time.monotonic()
         key = h.headers.get("Idempotency-Key")
         if self.latency_s:
             time.sleep(self.latency_s)
-        raw = h.read_body()
-        count = _count(raw)
+        wire = h.read_body()
+        encoding = (h.headers.get("Content-Encoding") or "").strip().lower()
+        raw = _decode(wire, encoding)
+        count = _count(raw or b"")
+        with self._lock:
+            refuse = encoding == "gzip" and self._refuse_gzip > 0
+            self._refuse_gzip -= refuse
+        if raw is None or refuse:
+            self._log(t, 415, count, key, encoding=encoding, wire=len(wire))
+            h.send_json(415, {"error": "unsupported_media_type",
+                              "message": f"Content-Encoding {encoding!r} not accepted; send identity"})
+            return
         if h.path.split("?")[0] != READINGS_PATH:
             self._log(t, 404, count, key)
             h.send_json(404, {"error": "not_found", "message": f"POST {READINGS_PATH}"})
             return
         limit = self.max_body_bytes
-        if limit is not None and len(raw) > limit:
+        if limit is not None and len(wire) > limit:
             self._log(t, 413, count, key)
             h.send_json(413, {"error": "payload_too_large",
                               "message": f"request body over {limit} bytes"})
@@ -258,7 +280,7 @@ class SimApi:
             self._db.execute("COMMIT")
             new = self._db.total_changes - before
             self.duplicates += len(readings) - new
-            self.requests.append(ApiRequest(t, 200, len(readings), key, new))
+            self.requests.append(ApiRequest(t, 200, len(readings), key, new, encoding, len(wire)))
         h.send_json(200, {"accepted": len(readings), "duplicates": len(readings) - new})
 
 
@@ -266,6 +288,18 @@ class SimApi:
         with self._lock:
             seqs, values = set(self.poisoned_seqs), set(self.poisoned_values)
         return [f"seq {r['seq']}" for r in readings if r["seq"] in seqs or r["value"] in values]
+
+
+def _decode(wire: bytes, encoding: str) -> bytes | None:
+    """The body without its Content-Encoding; None for an encoding we do not take (415)."""
+    if encoding in ("", "identity"):
+        return wire
+    if encoding != "gzip":
+        return None
+    try:
+        return gzip.decompress(wire)
+    except (OSError, EOFError, ValueError):
+        return None
 
 
 def _count(raw: bytes) -> int:
@@ -314,6 +348,9 @@ def _validate(raw: bytes, key: str | None) -> tuple[str, list[dict[str, Any]]]:
             raise ValueError(f"{where}.id: {r['id']!r} does not match device_id {device!r} and seq {seq}")
         if not _TIME.match(r["time"]):
             raise ValueError(f"{where}.time: {r['time']!r} is not UTC ISO-8601 ending in Z")
+        if r.get("time_quality", "synced") not in ("synced", "corrected", "unsynced"):
+            raise ValueError(f"{where}.time_quality: {r['time_quality']!r} is not synced, corrected "
+                             "or unsynced")
     expected = f"{device}:{readings[0]['seq']}-{readings[-1]['seq']}"
     if key != expected:
         raise ValueError(f"Idempotency-Key: got {key!r}, expected {expected!r}")

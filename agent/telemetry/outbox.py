@@ -16,6 +16,10 @@ Why it looks like this:
 - A corrupt file is moved aside to ``<db>.corrupt-<n>`` (with its -wal), logged at ERROR,
   counted in the side file (``corrupt_replaced``), announced as a state ``notice`` and a new
   database is started.
+- Each row keeps how its reading was stamped (``wall``, ``mono``, ``boot``, ``synced``: see
+  agent/clock.py) beside the payload, so its time can be corrected just before upload. Files
+  from before these columns get them added on open (``ALTER TABLE``); their rows have none and
+  upload with their stored time as ``unsynced``.
 
 What ``dropped`` counts (``counts().dropped``, shown by status/MQTT/screen) and what it cannot:
 
@@ -45,10 +49,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from agent.clock import Stamp
 from agent.fsutil import atomic_write
 from agent.state import OutboxCounts
 
 if TYPE_CHECKING:
+    from agent.clock import ClockTrust
     from agent.state import AgentState
 
 log = logging.getLogger(__name__)
@@ -61,7 +67,8 @@ DEAD_MAX_BYTES = 8 * 1024 * 1024   # dropped (counted into ``dropped``)
 _SQL_VARS = 500             # chunk size for IN (...) lists (SQLite's limit is 999 on old builds)
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, payload BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, payload BLOB NOT NULL,
+    wall REAL, mono REAL, boot TEXT, synced INTEGER);
 CREATE TABLE IF NOT EXISTS dead (
     id INTEGER PRIMARY KEY, device TEXT NOT NULL, seq INTEGER NOT NULL, payload BLOB NOT NULL,
     reason TEXT NOT NULL, at TEXT NOT NULL);
@@ -71,16 +78,20 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 
 @dataclass(frozen=True)
 class Row:
-    """One pending reading. ``reading`` is the CONTRACT.md reading object (id and seq included)."""
+    """One pending reading. ``reading`` is the CONTRACT.md reading object (id and seq included;
+    ``time`` and ``time_quality`` as the clock labelled them at claim). ``stamp``: how it was
+    sampled (None for rows queued before stamps existed)."""
 
     seq: int
     reading: dict[str, Any]
+    stamp: Stamp | None = None
 
 
 class Outbox:
     """The durable queue. See the module docstring for the guarantees.
 
     ``state`` (optional): where a corrupt-file replacement is announced (``notice``).
+    ``clock`` (optional): labels each claimed reading's ``time``/``time_quality``.
 
     Raises:
         sqlite3.OperationalError: the file cannot be opened at all (permissions, disk full).
@@ -88,7 +99,8 @@ class Outbox:
 
     def __init__(self, path: Path, device_id: str, *, max_rows: int, max_bytes: int,
                  state: AgentState | None = None, dead_max_rows: int = DEAD_MAX_ROWS,
-                 dead_max_bytes: int = DEAD_MAX_BYTES) -> None:
+                 dead_max_bytes: int = DEAD_MAX_BYTES,
+                 clock: ClockTrust | None = None) -> None:
         if max_rows < 1 or max_bytes < 1:
             raise ValueError("max_rows and max_bytes must be positive")
         self.path = Path(path)
@@ -98,6 +110,7 @@ class Outbox:
         self.dead_max_rows = dead_max_rows
         self.dead_max_bytes = dead_max_bytes
         self._state = state
+        self.clock = clock
         self._lock = threading.RLock()
         self._side_path = self.path.with_name(self.path.name + ".meta.json")
         self._side = self._read_side()
@@ -114,8 +127,10 @@ class Outbox:
 
     # ----------------------------------------------------------------- public API
 
-    def put(self, readings: Sequence[Mapping[str, Any]]) -> list[int]:
-        """Queue ``readings`` (sensor, type, value, unit, time) in one durable transaction.
+    def put(self, readings: Sequence[Mapping[str, Any]],
+            stamps: Sequence[Stamp | None] | None = None) -> list[int]:
+        """Queue ``readings`` (sensor, type, value, unit, time) in one durable transaction;
+        ``stamps``: one per reading (agent/clock.py), or None.
 
         Returns the assigned seqs. When this returns, the readings are on disk.
         """
@@ -123,8 +138,11 @@ class Outbox:
             return []
         payloads = [json.dumps(dict(r), ensure_ascii=False, separators=(",", ":")).encode()
                     for r in readings]
+        marks = list(stamps) if stamps is not None else [None] * len(payloads)
+        if len(marks) != len(payloads):
+            raise ValueError("one stamp per reading")
         with self._lock:
-            return self._retry_corrupt(lambda: self._put(payloads))
+            return self._retry_corrupt(lambda: self._put(payloads, marks))
 
     def claim(self, limit: int) -> list[Row]:
         """The oldest ``limit`` pending rows, ascending seq. They stay queued until acked."""
@@ -289,6 +307,7 @@ class Outbox:
             # Checkpoint in small steps so the WAL stays small on an SD card.
             db.execute("PRAGMA wal_autocheckpoint=256")
             db.executescript(_SCHEMA)
+            _add_stamp_columns(db)
             self._load(db)
         except BaseException:
             db.close()
@@ -332,7 +351,7 @@ class Outbox:
             log.warning("outbox: device id changed from %s to %s; %d pending readings dead-lettered",
                         old, self.device_id, n)
 
-    def _put(self, payloads: list[bytes]) -> list[int]:
+    def _put(self, payloads: list[bytes], stamps: list[Stamp | None]) -> list[int]:
         db = self._conn()
         first = self._next_seq
         seqs = list(range(first, first + len(payloads)))
@@ -340,8 +359,9 @@ class Outbox:
             self._reserve(seqs[-1] + SEQ_BLOCK)
         added = sum(len(p) for p in payloads)
         with _tx(db):
-            db.executemany("INSERT INTO outbox (seq, payload) VALUES (?, ?)",
-                           zip(seqs, payloads, strict=True))
+            db.executemany("INSERT INTO outbox (seq, payload, wall, mono, boot, synced) "
+                           "VALUES (?, ?, ?, ?, ?, ?)",
+                           [(q, p, *_stamp_columns(st)) for q, p, st in zip(seqs, payloads, stamps, strict=True)])
             pending = self._pending + len(seqs)
             pending_bytes = self._pending_bytes + added
             dropped = 0
@@ -391,8 +411,23 @@ class Outbox:
         return n, freed, last
 
     def _claim(self, limit: int) -> list[Row]:
-        cur = self._conn().execute("SELECT seq, payload FROM outbox ORDER BY seq LIMIT ?", (max(0, limit),))
-        return [Row(seq, self._reading(seq, payload)) for seq, payload in cur]
+        cur = self._conn().execute("SELECT seq, payload, wall, mono, boot, synced FROM outbox "
+                                   "ORDER BY seq LIMIT ?", (max(0, limit),))
+        rows = [Row(seq, self._reading(seq, payload), _stamp(wall, mono, boot, synced))
+                for seq, payload, wall, mono, boot, synced in cur]
+        if self.clock is not None:
+            self.clock.label((r.seq, r.reading, r.stamp) for r in rows)
+        return rows
+
+    def oldest(self) -> Row | None:
+        """The oldest pending row (its age is status ``oldest_pending_s``), unlabelled."""
+        with self._lock:
+            row = self._conn().execute("SELECT seq, payload, wall, mono, boot, synced FROM outbox "
+                                       "ORDER BY seq LIMIT 1").fetchone()
+        if row is None:
+            return None
+        seq, payload, wall, mono, boot, synced = row
+        return Row(seq, self._reading(seq, payload), _stamp(wall, mono, boot, synced))
 
     def _reading(self, seq: int, payload: bytes) -> dict[str, Any]:
         body = json.loads(payload)
@@ -588,6 +623,26 @@ def _salvage_count(aside: Path) -> int | None:
     finally:
         db.close()
     return pending + dropped
+
+
+def _add_stamp_columns(db: sqlite3.Connection) -> None:
+    """Migrate an outbox from before stamps: add the columns (old rows keep NULLs)."""
+    have = {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
+    for name, kind in (("wall", "REAL"), ("mono", "REAL"), ("boot", "TEXT"), ("synced", "INTEGER")):
+        if name not in have:
+            db.execute(f"ALTER TABLE outbox ADD COLUMN {name} {kind}")
+
+
+def _stamp_columns(st: Stamp | None) -> tuple[float | None, float | None, str | None, int | None]:
+    if st is None:
+        return None, None, None, None
+    return st.wall, st.mono, st.boot, int(st.synced)
+
+
+def _stamp(wall: float | None, mono: float | None, boot: str | None, synced: int | None) -> Stamp | None:
+    if wall is None or mono is None or boot is None:
+        return None
+    return Stamp(wall=float(wall), mono=float(mono), boot=str(boot), synced=bool(synced))
 
 
 def _now_iso() -> str:

@@ -20,7 +20,9 @@ readings: there is nowhere else to keep them. They are counted as dropped
 logged once with the exception at ERROR, then at most once a minute as a one-line summary, and
 at INFO when ``put`` works again.
 
-Reading times are wall-clock UTC (``agent.state.iso``) — the only use of wall time here.
+Reading times are wall-clock UTC (``agent.state.iso``) — the only use of wall time here. With a
+``ClockTrust`` (agent/clock.py) each reading is also stamped with its monotonic time, boot id
+and the clock's trust, so the outbox can correct its time before upload.
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from agent.clock import iso_epoch
 from agent.state import LastReading, iso
 
 if TYPE_CHECKING:
+    from agent.clock import ClockTrust, Stamp
     from agent.config import SensorSettings
     from agent.state import AgentState
     from agent.telemetry.outbox import Outbox
@@ -69,12 +73,14 @@ class Sampler:
 
     def __init__(self, pairs: Sequence[tuple[SensorSettings, Sensor]], outbox: Outbox, state: AgentState,
                  *, clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 wall: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 trust: ClockTrust | None = None) -> None:
         self.slots = [_Slot(s, sensor) for s, sensor in pairs]
         self.outbox = outbox
         self.state = state
         self.clock = clock
         self.wall = wall
+        self.trust = trust
         self.heartbeat = clock()
         self.errors: dict[str, int] = {s.name: 0 for s, _ in pairs}
         self.readings_queued = 0
@@ -100,12 +106,13 @@ class Sampler:
         """Read every sensor that is due, queue them in one transaction. Returns the next due time."""
         now = self.clock()
         readings: list[dict[str, Any]] = []
+        stamps: list[Stamp | None] = []
         for slot in self.slots:
             if not slot.started:
                 slot.start, slot.started = now, True
             if slot.due() > now:
                 continue
-            readings.extend(self._read(slot))
+            readings.extend(self._read(slot, stamps))
             slot.k += 1
             if slot.due() <= now:
                 # Stalled for more than an interval: jump to the next slot in the future.
@@ -118,7 +125,10 @@ class Sampler:
                             slot.settings.name, missed, (missed + 1) * interval)
         if readings:
             try:
-                self.outbox.put(readings)
+                if self.trust is not None:
+                    self.outbox.put(readings, stamps)
+                else:
+                    self.outbox.put(readings)
             except Exception as err:  # disk full, I/O error...: never kill the sampler
                 self._put_failed(err, len(readings), now)
             else:
@@ -148,7 +158,7 @@ class Sampler:
                       f"{type(err).__name__}: {err}"[:200])
         self._last_state = -math.inf          # show the new dropped count at once
 
-    def _read(self, slot: _Slot) -> list[dict[str, Any]]:
+    def _read(self, slot: _Slot, stamps: list[Stamp | None]) -> list[dict[str, Any]]:
         name = slot.settings.name
         try:
             measurements = slot.sensor.read()
@@ -168,7 +178,8 @@ class Sampler:
         if slot.failing is not None:
             log.info("sensor %s: reading again after %s", name, slot.failing)
             slot.failing = None
-        when = iso(self.wall())
+        stamp = self.trust.stamp() if self.trust is not None else None
+        when = iso(self.wall()) if stamp is None else iso_epoch(stamp.wall)
         out = []
         for m in measurements:
             sensor = f"{name}.{m.quantity}" if m.quantity else name
@@ -177,6 +188,7 @@ class Sampler:
             out.append({"sensor": sensor, "type": slot.settings.type, "value": value,
                         "unit": m.unit, "time": when})
             self._latest = LastReading(sensor=sensor, value=value, unit=m.unit)
+            stamps.append(stamp)
         return out
 
     def _publish(self, now: float) -> None:

@@ -145,7 +145,7 @@ def test_constraint_errors_never_replace_a_good_database(outbox: Outbox, tmp_pat
 
     outbox.put([reading()])
     with pytest.raises(sqlite3.IntegrityError):
-        outbox._retry_corrupt(lambda: outbox._conn().execute("INSERT INTO outbox VALUES (1, x'00')"))
+        outbox._retry_corrupt(lambda: outbox._conn().execute("INSERT INTO outbox (seq, payload) VALUES (1, x'00')"))
     assert outbox.corrupt_replaced == 0 and outbox.counts().pending == 1
     assert not list(tmp_path.glob("*.corrupt-*"))
 

@@ -190,14 +190,15 @@ def _fill_until_full(box: Outbox) -> None:
     db = box._conn()
     pages = db.execute("PRAGMA page_count").fetchone()[0]
     db.execute(f"PRAGMA max_page_count={pages + 1}")
-    for i in range(10_000):
-        try:
-            box.put([{"sensor": "fill", "type": "simulated", "value": float(i), "unit": "",
-                      "time": "2026-11-25T14:00:00.000Z"}] * 5)
-        except sqlite3.OperationalError as err:
-            assert "full" in str(err)
-            return
-    raise AssertionError("never filled up")
+    for n in (5, 1):                 # then single small rows: no slack left for a sampler tick
+        for i in range(10_000):
+            try:
+                box.put([{"sensor": "f", "type": "s", "value": float(i), "unit": "", "time": ""}] * n)
+            except sqlite3.OperationalError as err:
+                assert "full" in str(err)
+                break
+        else:
+            raise AssertionError("never filled up")
 
 
 def test_disk_full_losses_are_counted_as_dropped_and_logged_without_flooding(

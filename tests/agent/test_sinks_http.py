@@ -124,6 +124,7 @@ def test_413_halves_the_batch_until_it_fits_and_delivers_everything(
         outbox: Outbox, api_settings: UploadSettings, sim_api: SimApi, tokens: FakeTokens) -> None:
     outbox.put([reading(i) for i in range(40)])
     sim_api.max_body_bytes = 2500                 # ~14 readings of ~160 bytes
+    api_settings = dataclasses.replace(api_settings, compress="none")   # sizes as written
     sink = HttpSink(api_settings, DEVICE)
     try:
         assert _uploader(outbox, sink, tokens, api_settings).step() == 10.0
@@ -141,6 +142,7 @@ def test_413_for_a_single_reading_dead_letters_only_that_one(
     outbox.put([reading(i) for i in range(5)] + [reading(5, sensor="x" * 4000)]
                + [reading(i) for i in range(6, 12)])
     sim_api.max_body_bytes = 3000
+    api_settings = dataclasses.replace(api_settings, compress="none")
     sink = HttpSink(api_settings, DEVICE)
     try:
         _uploader(outbox, sink, tokens, api_settings).step()
@@ -209,3 +211,49 @@ def test_redact_url_and_text() -> None:
             "(Caused by ...) see https://a:b@h/p?code=K")
     assert redact_text(text) == ("HTTPSConnectionPool(host='h', port=1): Max retries exceeded with url: "
                                  "/api/r (Caused by ...) see https://h/p")
+
+
+def _wire_bytes(sim_api: SimApi) -> int:
+    return sum(r.wire_bytes for r in sim_api.requests if r.status == 200)
+
+
+def test_gzip_is_the_default_and_cuts_the_bytes_on_the_wire(
+        tmp_path: Path, api_settings: UploadSettings, sim_api: SimApi, tokens: FakeTokens) -> None:
+    sizes = {}
+    for compress in ("gzip", "none"):
+        with Outbox(tmp_path / f"{compress}.sqlite3", DEVICE, max_rows=10**6, max_bytes=10**9) as box:
+            box.put([reading(i % 50, sensor=f"env{i % 3}.temperature") for i in range(300)])
+            sink = HttpSink(dataclasses.replace(api_settings, compress=compress), DEVICE)
+            assert sink.send(box.claim(300), tokens.token or "").acked == list(range(1, 301))
+            sink.close()
+        assert sim_api.requests[-1].encoding == ("gzip" if compress == "gzip" else "")
+        sizes[compress] = sim_api.requests[-1].wire_bytes
+    assert sizes["gzip"] <= 0.4 * sizes["none"], sizes
+    assert sim_api.count(DEVICE) == 300 and sim_api.readings(DEVICE)[0]["sensor"] == "env0.temperature"
+
+
+def test_415_once_switches_to_identity_for_good_and_says_so_once(
+        outbox: Outbox, api_settings: UploadSettings, sim_api: SimApi, tokens: FakeTokens,
+        caplog: pytest.LogCaptureFixture) -> None:
+    outbox.put([reading(i) for i in range(4)])
+    sim_api.refuse_gzip(count=1)
+    sink = HttpSink(api_settings, DEVICE)
+    with caplog.at_level(logging.WARNING, logger="agent.telemetry.sinks.http"):
+        assert sink.send(outbox.claim(2), tokens.token or "").acked == [1, 2]
+        outbox.ack([1, 2])
+        assert sink.send(outbox.claim(2), tokens.token or "").acked == [3, 4]
+    sink.close()
+    assert [(r.status, r.encoding) for r in sim_api.requests] == [(415, "gzip"), (200, ""), (200, "")]
+    assert sim_api.seqs(DEVICE) == {1, 2, 3, 4}
+    said = [r.getMessage() for r in caplog.records if "415" in r.getMessage()]
+    assert len(said) == 1 and "uncompressed" in said[0]
+
+
+def test_sim_api_refuses_an_encoding_it_does_not_know(api_settings: UploadSettings, sim_api: SimApi,
+                                                      tokens: FakeTokens) -> None:
+    import requests
+
+    resp = requests.post(sim_api.url, data=b"\x00garbage", timeout=5, verify=api_settings.ca_file,
+                         headers={"Content-Encoding": "br", "Content-Type": "application/json",
+                                  "Authorization": f"Bearer {tokens.token}"})
+    assert resp.status_code == 415 and resp.headers.get("Date")
