@@ -8,7 +8,7 @@ The uploader thread calls :meth:`access_token` / :meth:`token_rejected` concurre
 
 Timers are ``time.monotonic()``: MSAL's own poll loop ends on the wall clock, which jumps at
 NTP sync on a box without an RTC, so it gets a monotonic ``exit_condition`` (FIELD-NOTES).
-Every HTTP call has a timeout and verifies against ``ca_file`` plus the system store, whatever
+Every HTTP call (``agent.net.https``) has a timeout and verifies against ``ca_file`` plus the system store, whatever
 ``REQUESTS_CA_BUNDLE`` says. Tokens are never logged, only user codes and account names.
 
 The uploader's token source (``TokenSource``, docs/INTERNALS.md), exactly:

@@ -79,7 +79,6 @@ class Uploader:
         self.settings = settings
         self.clock = clock
         self.wall = wall
-        self.rng = rng
         self.heartbeat = clock()
         self._wake = threading.Event()
         self._not_before = 0.0          # monotonic; server-imposed (Retry-After, 403) minimum
