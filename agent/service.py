@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -48,6 +47,7 @@ log = logging.getLogger(__name__)
 
 STOP_BUDGET_S = 1.5          # of the 2 s CONTRACT promise, what the joins may use
 STOP_TOTAL_S = 1.9           # ... and everything, MQTT's goodbye included
+TELEMETRY_AFTER_S = 0.5      # telemetry starts at the sign-in's first news or this long after start
 RESTART_BACKOFF_S = (1.0, 60.0)
 
 
@@ -126,6 +126,8 @@ class Service:
         self._lock = InstanceLock(settings.device.state_dir)
         self._was_signed_in = False
         self._running = False
+        self._news: threading.Event | None = None     # what the main thread waits on at start
+        self._sensors: list[tuple[SensorSettings, Sensor]] = []
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -136,7 +138,11 @@ class Service:
         try:
             if self._install_signals:
                 self._signals()
+            started = time.monotonic()
             self._start()
+            self._await_sign_in_news(started)
+            if not self.stop_event.is_set():
+                self._start_telemetry()
             self._running = True
             self._sd.notify("READY=1", f"STATUS={self._status_line(self.state.snapshot)}")
             log.info("device-agent %s running as %s (state in %s)", __version__, s.device.id, s.device.state_dir)
@@ -148,11 +154,18 @@ class Service:
 
     def request_stop(self) -> None:
         self.stop_event.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake the main thread's wait (stop_event alone cannot: it may be the caller's)."""
+        news = self._news
+        if news is not None:
+            news.set()
 
     def _signals(self) -> None:
         def on_stop(signum: int, frame: FrameType | None) -> None:
             log.info("received %s; stopping", signal.Signals(signum).name)
-            self.stop_event.set()
+            self.request_stop()
 
         def on_sign_out(signum: int, frame: FrameType | None) -> None:
             # Never do the work in the handler (it interrupts arbitrary code): hand it to a thread.
@@ -163,14 +176,21 @@ class Service:
         signal.signal(SIGN_OUT_SIGNAL, on_sign_out)
 
     def _start(self) -> None:
-        """Bring up hardware, then components; hardware failures are fatal (exit 1, one line)."""
+        """Sign-in first, then hardware and the announcers; telemetry follows in
+        ``_start_telemetry``. Hardware failures are fatal (exit 1, one line).
+
+        Order is the time to a code on the glass (docs/PERFORMANCE.md): the sign-in thread asks
+        the IdP before anything else is built, and the display stack is imported while it waits
+        on the network; nothing the code screen does not need runs before the code is shown.
+        """
         from agent.signin.authenticator import Authenticator
-        from agent.telemetry.outbox import Outbox
-        from agent.telemetry.sampler import Sampler
-        from agent.telemetry.sinks import make_sink
-        from agent.telemetry.uploader import Uploader
 
         s = self.settings
+        self.state.subscribe(self._on_state)
+        auth = self.auth = self._make_auth() or Authenticator(s.auth, s.token_cache_path, self.state,
+                                                              device_id=s.device.id)
+        self._supervise("auth", auth.run)
+
         previous = previous_last_upload(status_path(s))
         if previous is not None:
             self.state.update(last_upload=previous)     # "last upload" survives a restart
@@ -178,21 +198,7 @@ class Service:
         status.start()
         self._closers.append(("status file", status.stop))
 
-        gpio, display, sensors = self._open_hardware()
-
-        try:
-            self.outbox = Outbox(s.outbox_path, s.device.id, max_rows=s.upload.outbox_max_rows,
-                                 max_bytes=s.upload.outbox_max_bytes, state=self.state)
-        except sqlite3.Error as err:
-            raise AgentError(f"{s.outbox_path}: cannot open the outbox ({err}); check that "
-                             f"{s.device.state_dir} belongs to the user running the agent") from err
-        self._closers.append(("outbox", self.outbox.close))
-        self.state.update(outbox=self.outbox.counts())
-
-        self.auth = self._make_auth() or Authenticator(s.auth, s.token_cache_path, self.state,
-                                                       device_id=s.device.id)
-        self.sampler = Sampler(sensors, self.outbox, self.state)
-        self.uploader = Uploader(self.outbox, make_sink(s.upload, s.device.id), self.auth, self.state, s.upload)
+        gpio, display, self._sensors = self._open_hardware()
 
         if display is not None:
             from agent.panel.observer import Panel
@@ -216,11 +222,63 @@ class Service:
         else:
             self.state.set_link("mqtt", "off")
 
-        self.state.subscribe(self._on_state)
-        for name, comp in (("auth", self.auth), ("sampler", self.sampler), ("uploader", self.uploader)):
-            sup = Supervised(name, comp.run, self.stop_event)
-            sup.start()
-            self._components.append(sup)
+    def _await_sign_in_news(self, started: float) -> None:
+        """Until the sign-in has something to show (a code, signed in, an error) and the panel
+        has drawn it, at most ``TELEMETRY_AFTER_S`` after start, or stop: then telemetry may
+        have the CPU (imports, SQLite, the first reading, a TLS connection)."""
+        news = self._news = threading.Event()     # request_stop and the signals set it too
+        deadline = started + TELEMETRY_AFTER_S
+
+        def observe(snap: Snapshot) -> None:
+            if snap.phase != "starting":
+                news.set()
+
+        self.state.subscribe(observe)
+        try:
+            observe(self.state.snapshot)
+            while not news.is_set() and not self.stop_event.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                news.wait(left)
+        finally:
+            self._news = None
+            self.state.unsubscribe(observe)
+        if self.panel is not None and not self.stop_event.is_set():
+            # The code on the glass first: the panel thread draws it while we wait here.
+            self.panel.wait_drawn(max(0.0, deadline - time.monotonic()))
+
+    def _start_telemetry(self) -> None:
+        """Outbox, sampler and uploader: readings flow in every sign-in state from here on."""
+        import sqlite3
+
+        from agent.telemetry.outbox import Outbox
+        from agent.telemetry.sampler import Sampler
+        from agent.telemetry.sinks import make_sink
+        from agent.telemetry.uploader import Uploader
+
+        s = self.settings
+        try:
+            outbox = self.outbox = Outbox(s.outbox_path, s.device.id, max_rows=s.upload.outbox_max_rows,
+                                          max_bytes=s.upload.outbox_max_bytes, state=self.state)
+        except sqlite3.Error as err:
+            raise AgentError(f"{s.outbox_path}: cannot open the outbox ({err}); check that "
+                             f"{s.device.state_dir} belongs to the user running the agent") from err
+        self._closers.append(("outbox", outbox.close))
+        self.state.update(outbox=outbox.counts())
+        assert self.auth is not None
+        sampler = self.sampler = Sampler(self._sensors, outbox, self.state)
+        uploader = self.uploader = Uploader(outbox, make_sink(s.upload, s.device.id), self.auth, self.state,
+                                            s.upload)
+        self._supervise("sampler", sampler.run)
+        self._supervise("uploader", uploader.run)
+        if self.state.snapshot.phase == "signed_in":
+            uploader.flush()
+
+    def _supervise(self, name: str, target: Callable[[threading.Event], None]) -> None:
+        sup = Supervised(name, target, self.stop_event)
+        sup.start()
+        self._components.append(sup)
 
     def _make_auth(self) -> CertificateAuthenticator | None:
         """auth.flow = "client_certificate": the app-only token source (same interface as the

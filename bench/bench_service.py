@@ -12,6 +12,7 @@ idle: a signed-in agent sampling one sensor a minute; CPU seconds used and RSS a
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import statistics
 import subprocess
@@ -117,6 +118,10 @@ def time_bare_msal(idp: SimIdp, tls: Any) -> tuple[float, float]:
 
 
 def startup(runs: int) -> None:
+    # An installed agent runs from bytecode (pip compiles it); a checkout under
+    # PYTHONDONTWRITEBYTECODE would recompile every module at every start. msal is installed.
+    for pkg in ("agent", "hw"):
+        compileall.compile_dir(str(ROOT / pkg), quiet=1)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         tls = make_tls(tmp / "tls")

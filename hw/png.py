@@ -9,7 +9,9 @@ from __future__ import annotations
 import io
 import logging
 import os
+import struct
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +47,7 @@ class PngDisplay(ImageDisplay):
     def _output(self, img: Image.Image) -> None:
         if self._closed:
             raise HardwareError("display is closed")
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        data = buf.getvalue()
+        data = encode_png(img)
         if data == self._last_bytes and self.path.exists():
             return
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
@@ -63,6 +63,26 @@ class PngDisplay(ImageDisplay):
                 pass
             raise HardwareError(f"cannot write {self.path}: {err.strerror}") from err
         self._last_bytes = data
+
+
+def encode_png(img: Image.Image) -> bytes:
+    """``img`` as PNG bytes. Mode "1" (the panel) is written here, 1-bit greyscale where a set
+    bit is white, which is exactly Pillow's packing of mode "1": ~20 lines instead of Pillow's
+    save(), whose first call imports five image plugins (~10 ms at start, x86)."""
+    if img.mode != "1":
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return buf.getvalue()
+    w, h = img.size
+    packed = img.tobytes()
+    stride = (w + 7) // 8
+    raw = b"".join(b"\x00" + packed[y * stride:(y + 1) * stride] for y in range(h))   # filter: none
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
 
 
 def open_png(path: str | os.PathLike[str]) -> PngDisplay:

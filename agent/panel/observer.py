@@ -47,6 +47,9 @@ class Panel:
         self._clock = clock
         self._snap: Snapshot = state.snapshot
         self._wakeup = threading.Event()
+        self._drawn = threading.Condition()     # guards _seen / _drawn_upto (wait_drawn)
+        self._seen = 0                          # snapshots observed so far
+        self._drawn_upto = 0                    # ... of which the panel has drawn this many
         self._stopping = threading.Event()
         self._display_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -82,6 +85,8 @@ class Panel:
         self.state.unsubscribe(self._observe)
         self._stopping.set()
         self._wakeup.set()
+        with self._drawn:
+            self._drawn.notify_all()
         if self._thread is not None:
             self._thread.join(timeout_s)
             if self._thread.is_alive():
@@ -103,20 +108,36 @@ class Panel:
     # -- drawing ----------------------------------------------------------------------------------
 
     def _observe(self, snap: Snapshot) -> None:
-        self._snap = snap
+        with self._drawn:
+            self._snap = snap
+            self._seen += 1
         self._wakeup.set()
+
+    def wait_drawn(self, timeout_s: float) -> bool:
+        """Wait until the panel has drawn the newest state it was given (the service lets
+        telemetry start only once the code is on the glass). False on timeout or stop."""
+        with self._drawn:
+            target = self._seen
+            return self._drawn.wait_for(lambda: self._drawn_upto >= target or self._stopping.is_set(),
+                                        timeout_s) and not self._stopping.is_set()
 
     def _run(self) -> None:
         warmed = False
         while not self._stopping.is_set():
             self._wakeup.clear()
+            with self._drawn:
+                upto = self._seen
             try:
                 delay = self.step()
             except Exception:     # a drawing bug must not kill the panel thread for good
                 log.exception("panel step failed")
                 delay = MAX_WAIT_S
+            with self._drawn:
+                self._drawn_upto = upto
+                self._drawn.notify_all()
             if not warmed:
-                # After the first frame is up: fonts and QR code paths, so the first code is quick.
+                # After the first frame: what every code screen needs, so the first code is
+                # quick; nothing is drawn (a trial render would cost the start its CPU).
                 warmed = True
                 screens.warm_up(self.display.size)
                 self.warmed_up.set()

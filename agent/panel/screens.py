@@ -521,11 +521,12 @@ def _ellipsized(draw: ImageDraw.ImageDraw, text: str, f: Font, width: int) -> st
 
 
 def warm_up(size: tuple[int, int] = SIZE) -> None:
-    """Load the fonts and code paths of the code screen, so the first real code draws fast."""
-    wall = datetime(2026, 1, 1, tzinfo=UTC)
-    code = DeviceCode("WARM-UPXY", "https://example.invalid/device", 900.0, wall, 5)
-    for page in (0, 1):
-        render(Snapshot(phase="signing_in", code=code), 0.0, page, size=size)
+    """Load what every code screen needs (the QR encoder, the small fonts), so the first real
+    code draws fast. Draws nothing: at start a trial render is CPU the code itself waits for."""
+    import segno  # noqa: F401 - the import is the point
+
+    for px in (9, 10):
+        font(px)
 
 
 # -- every screen, for eyes and the README -----------------------------------------------------------
