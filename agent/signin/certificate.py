@@ -173,6 +173,12 @@ def make_assertion(cred: Credential, *, client_id: str, token_endpoint: str, sen
 class _Token:
     value: str
     expires_at: float  # monotonic
+    lifetime_s: float
+
+    def margin_s(self, timing: Timing) -> float:
+        """Renew when this much is left: half its life, at most ``refresh_margin_max_s`` (as the
+        device flow does)."""
+        return min(self.lifetime_s / 2, timing.refresh_margin_max_s)
 
 
 class _IdpDown(Exception):
@@ -276,10 +282,10 @@ class CertificateAuthenticator:
             now = self._clock()
             if tok is not None and tok.value == self._rejected:
                 return self._replace_rejected()
-            if tok is not None and tok.expires_at - now > self._timing.min_token_life_s:
+            if tok is not None and tok.expires_at - now > tok.margin_s(self._timing):
                 return tok.value
             try:
-                self._acquire(force=False)
+                self._acquire(force=tok is not None)   # msal's cache first only for the first one
             except (_IdpDown, _Refused) as err:
                 log.warning("app token refresh failed: %s", err)
                 tok = self._token
@@ -352,15 +358,15 @@ class CertificateAuthenticator:
         with self._lock:
             tok = self._token
             now = self._clock()
-            due = tok is None or tok.expires_at - now <= self._timing.min_token_life_s + 60
+            due = tok is None or tok.expires_at - now <= tok.margin_s(self._timing) + 1.0
             if due:
                 self._acquire(force=tok is not None)
                 tok = self._token
             if self._rejected is not None and self._rejected == (tok.value if tok else None):
                 return max(0.0, self._rejected_next - self._clock())
         assert tok is not None
-        # Proactive: a new token a minute before access_token() would have to fetch one.
-        return max(0.0, tok.expires_at - self._clock() - self._timing.min_token_life_s - 60)
+        # Proactive: a new token a second before access_token() would have to fetch one.
+        return max(0.0, tok.expires_at - self._clock() - tok.margin_s(self._timing) - 1.0)
 
     def _acquire(self, *, force: bool, claims_challenge: str | None = None) -> None:
         """A token from msal: its cache unless ``force``; raises _IdpDown / _Refused. Caller
@@ -387,7 +393,7 @@ class CertificateAuthenticator:
                 raise _Refused(problem)
             now = self._clock()
             expires_in = float(result.get("expires_in") or 3600)
-            self._token = _Token(str(result["access_token"]), now + expires_in)
+            self._token = _Token(str(result["access_token"]), now + expires_in, expires_in)
             if self._token.value != self._rejected:
                 self._rejected = None
                 self._rejected_retry.reset()

@@ -48,7 +48,7 @@ from tests.waiting import wait_until
 CLIENT = "sim-device-agent"
 APP_SCOPE = "api://telemetry/.default"
 FAST = Timing(backoff_initial_s=0.1, backoff_max_s=0.8, config_backoff_initial_s=0.3,
-              config_backoff_max_s=1.2, min_token_life_s=300.0, wait_slice_s=0.05)
+              config_backoff_max_s=1.2, wait_slice_s=0.05)
 
 
 @pytest.fixture
