@@ -53,7 +53,8 @@ def seed_fleet(broker: Broker, n: int, *, prefix: str = "test", codes_every: int
         for i in range(n):
             dev = f"dev{i:05d}"
             state = "signing_in" if i % codes_every == 0 else "signed_in"
-            infos.append(client.publish(f"{prefix}/{dev}/status", json.dumps(status(i, state=state)),
+            doc = status(i, state=state, account=None) if state == "signing_in" else status(i)
+            infos.append(client.publish(f"{prefix}/{dev}/status", json.dumps(doc),
                                         qos=1, retain=True))
             if i % codes_every == 0:
                 infos.append(client.publish(f"{prefix}/{dev}/auth/code", json.dumps(code(dev)), qos=1,

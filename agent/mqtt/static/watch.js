@@ -60,7 +60,7 @@ function showSummary(data) {
 function codeCell(code) {
   const td = el("td");
   if (!code) return td;
-  const wrap = el("div", "code");
+  const wrap = el("div", "codebox");
   if (code.qr) {
     const img = el("img");
     img.src = code.qr;
@@ -97,7 +97,7 @@ function showRows(data) {
     const tr = el("tr");
     tr.dataset.device = row.device_id;
     if (row.attention.length) tr.classList.add("attention");
-    if (row.code) tr.classList.add("code");
+    if (row.code) tr.classList.add("has-code");
     tr.append(el("td", "device", row.device_id));
     tr.append(el("td", `state ${row.state}`, row.state.replace("_", " ")));
     tr.append(el("td", "", row.account || "—"));
