@@ -27,3 +27,20 @@ def test_demo_signs_in_and_delivers_readings_then_cleans_up(tmp_path: Path) -> N
     assert "\u2588" in out.stdout
     # Nothing left behind: the demo's temp dir is gone.
     assert not list(tmp_path.glob("device-agent-demo-*"))
+
+
+@pytest.mark.slow
+def test_demo_with_a_throwaway_certificate_signs_in_as_app_without_a_code(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TMPDIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "agent", "demo", "--flow", "client_certificate",
+                          "--display", "none", "--duration", "6"],
+                         capture_output=True, text=True, timeout=90, env=env, cwd=tmp_path)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-3000:]
+    assert "Traceback" not in text
+    assert "signed in as app device-agent-demo" in text
+    assert re.search(r"no code: certificate [0-9A-F]{40}", text), text[-2000:]
+    assert "enter the code" not in text and "devicecode" not in text
+    finals = re.findall(r"API has (\d+) readings", text)
+    assert finals and int(finals[-1]) >= 3, text[-2000:]
+    assert not list(tmp_path.glob("device-agent-demo-*"))
