@@ -9,6 +9,7 @@ device at the provider (or declining) makes the device show a fresh code by itse
 from __future__ import annotations
 
 import json
+import logging
 import stat
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,26 @@ def test_unknown_client_id_at_the_provider_is_one_clear_config_error_and_no_code
         failed = states.wait_for(lambda s: s.phase == "error", "a configuration error", timeout_s=10)
     assert failed.error is not None and "auth.client_id" in failed.error
     assert states.codes() == []
+
+
+def test_the_scopes_oidc_guides_suggest_work_against_the_provider(
+        oidc_provider: OidcProvider, browser: Browser, state_dir: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """scopes = ["openid", "offline_access", <api>]: msal refuses reserved scopes before any
+    request, so the agent drops them (one warning naming auth.scopes) instead of blaming the IdP."""
+    caplog.set_level(logging.WARNING, logger="agent")
+    settings = oidc_settings(oidc_provider, scopes=("openid", "offline_access", oidc_provider.scope))
+    auth, states = new_agent(settings, state_dir / "token_cache.json")
+    with running(auth):
+        code = states.wait_for(lambda s: s.code is not None, "a device code").code
+        assert code is not None and code.verification_uri_complete is not None
+        browser.sign_in_oidc(code.verification_uri_complete, user_code=code.user_code, login="ada")
+        states.wait_for(lambda s: s.phase == "signed_in", "signed in")
+        token = auth.token_rejected()            # a refresh works with the effective scopes too
+    assert token is not None and verify_access_token(oidc_provider, token)["sub"] == "ada"
+    assert all(s.phase != "error" for s in states.history), [s.error for s in states.history]
+    warnings = [r.getMessage() for r in caplog.records if "auth.scopes" in r.getMessage()]
+    assert len(warnings) == 1 and "openid" in warnings[0] and "offline_access" in warnings[0]
 
 
 # ---- our simulated Entra ID, through its /devicelogin page ---------------------------------------
