@@ -261,6 +261,11 @@ def _auth(c: _Checker, t: Mapping[str, Any]) -> AuthSettings:
     send_chain = c.boolean(t, "send_certificate_chain", "auth", default=d["send_certificate_chain"])
     if flow == "client_certificate":
         _certificate_flow(c, scopes, cert_file, key_file)
+    elif cert_file or key_file or send_chain:
+        used = "auth.certificate_file" if cert_file else ("auth.private_key_file" if key_file
+                                                           else "auth.send_certificate_chain")
+        c.fail(f"auth.flow, {used}", f"{used} is used only with auth.flow = \"client_certificate\"; "
+                                     "set that, or remove it")
     return AuthSettings(client_id=client_id, scopes=scopes, dropped_scopes=dropped, authority=authority,
                         oidc_authority=oidc,
                         instance_discovery=c.boolean(t, "instance_discovery", "auth",

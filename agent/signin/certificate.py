@@ -45,7 +45,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from agent.config import AuthSettings
+from agent.config import AuthSettings, private_file_problem
 from agent.errors import AgentError
 from agent.net.https import HttpsSession
 from agent.net.retry import Backoff, retry_after_s
@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 WARN_WITHIN = timedelta(days=30)
 ASSERTION_LIFETIME_S = 600          # Entra accepts at most 10 minutes
+FILES_CHECK_S = 5.0                 # how often a wait looks for renewed certificate files
 REFUSED_FRESH = "the API refuses fresh tokens (401): check its audience and issuer"
 NO_CODES = "no sign-in codes with auth.flow = \"client_certificate\": the box signs in as an app"
 
@@ -271,7 +272,8 @@ class CertificateAuthenticator:
             except Exception as err:   # never let the sign-in thread die
                 log.exception("unexpected sign-in error (%s); retrying", type(err).__name__)
                 wait_s = self._transient.next_delay()
-            self._http_cache.clear()
+            with self._lock:
+                self._http_cache.clear()   # msal would replay a 5xx/400 from memory for 60 s
             self._wait(max(wait_s, started + MIN_PASS_S - self._clock()))
         log.info("sign-in stopped")
 
@@ -362,8 +364,14 @@ class CertificateAuthenticator:
             if due:
                 self._acquire(force=tok is not None)
                 tok = self._token
-            if self._rejected is not None and self._rejected == (tok.value if tok else None):
-                return max(0.0, self._rejected_next - self._clock())
+            if tok is not None and self._rejected == tok.value:
+                # Refused by the API and not replaced yet: replace it here when its back-off
+                # is over, whether or not the uploader asks meanwhile.
+                if self._clock() >= self._rejected_next:
+                    self._replace_rejected()
+                    tok = self._token
+                if tok is not None and self._rejected == tok.value:
+                    return max(self._timing.wait_slice_s, self._rejected_next - self._clock())
         assert tok is not None
         # Proactive: a new token a second before access_token() would have to fetch one.
         return max(0.0, tok.expires_at - self._clock() - tok.margin_s(self._timing) - 1.0)
@@ -465,12 +473,16 @@ class CertificateAuthenticator:
         mtimes = self._mtimes()
         if mtimes == self._cred_mtimes:
             return
+        self._cred_mtimes = mtimes      # a bad pair is looked at again when the files change again
+        key_problem = private_file_problem(Path(self._settings.private_key_file))
+        if key_problem:
+            log.warning("not using the changed certificate files: auth.private_key_file: %s", key_problem)
+            return
         try:
             cred = load_credential(self._settings.certificate_file, self._settings.private_key_file)
         except CredentialError as err:
             log.warning("not using the changed certificate files: %s", err)
-            return       # half-written (key before cert): the next pass looks again
-        self._cred_mtimes = mtimes
+            return       # e.g. the key replaced before the certificate: wait for the next change
         if cred.thumbprint != self._credential.thumbprint:
             log.info("certificate changed: now %s (expires %s)", cred.thumbprint, cred.not_after.date())
         self._credential = cred
@@ -503,10 +515,18 @@ class CertificateAuthenticator:
         self._state.set_link("idp", "up" if resp.status_code < 500 else "down")
 
     def _wait(self, seconds: float) -> None:
+        """Sleep up to ``seconds`` (monotonic); wake on stop, sign-out, or changed certificate
+        files (looked at every ``FILES_CHECK_S``: a renewed certificate ends an error wait)."""
         deadline = self._clock() + seconds
+        next_files = self._clock() + FILES_CHECK_S
         while not self._stop.is_set() and not self._wake.is_set():
-            left = deadline - self._clock()
+            now = self._clock()
+            left = deadline - now
             if left <= 0:
                 return
-            self.heartbeat = self._clock()
+            if now >= next_files:
+                next_files = now + FILES_CHECK_S
+                if self._mtimes() != self._cred_mtimes:
+                    return
+            self.heartbeat = now
             self._stop.wait(min(left, self._timing.wait_slice_s))

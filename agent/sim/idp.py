@@ -986,6 +986,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="approve every code S seconds after it was issued")
     parser.add_argument("--tenant", default="simtenant")
     parser.add_argument("--client-id", default=None, help="accept only this client id (default: any)")
+    parser.add_argument("--certificate", action="append", default=[], metavar="PEM",
+                        help="register this certificate on the app (auth.flow = \"client_certificate\"); "
+                             "repeatable")
+    parser.add_argument("--block-device-code", action="store_true",
+                        help="answer every device code request with AADSTS53003 (Conditional Access)")
     args = parser.parse_args(list(argv) if argv is not None else None)
     if not _is_loopback(args.host):
         sys.stderr.write(f"sim idp: refusing to listen on {args.host!r}: the simulated IdP issues "
@@ -999,6 +1004,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     tls = make_tls(tls_dir)
     idp = SimIdp(tls, host=args.host, port=args.port, tenant=args.tenant, client_id=args.client_id)
     idp.auto_approve_after_s = args.auto_approve
+    idp.set(device_code_blocked=args.block_device_code)
+    for pem in args.certificate:
+        try:
+            idp.register_certificate(Path(pem).read_bytes(), args.client_id)
+        except (OSError, ValueError) as err:
+            sys.stderr.write(f"sim idp: --certificate {pem}: {getattr(err, 'strerror', None) or err}\n")
+            return 2
     try:
         idp.start()
     except OSError as err:

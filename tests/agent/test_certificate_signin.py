@@ -445,3 +445,41 @@ def test_check_config_exits_78_with_one_line_for_a_readable_key(cert: Certificat
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 78 and "does not belong to auth.certificate_file" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_sim_idp_command_refuses_an_unreadable_certificate(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.sim.idp import main
+
+    assert main(["--tls-dir", str(tmp_path / "tls"), "--certificate", str(tmp_path / "missing.pem")]) == 2
+    assert "--certificate" in capsys.readouterr().err
+
+
+def test_a_renewed_certificate_is_used_without_a_restart(idp: SimIdp, tls: TlsFiles, tmp_path: Path,
+                                                         running: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.signin import certificate
+
+    monkeypatch.setattr(certificate, "FILES_CHECK_S", 0.05)
+    old = make_certificate(tmp_path / "c", "greenhouse-01", valid_days=30,
+                           not_before=datetime.now(UTC) - timedelta(days=31))
+    r = running(app_settings(idp, tls, old), tmp_path / "cache.json")
+    wait_until(lambda: r.state.snapshot.phase == "error", 10, "the expired certificate's error")
+    assert "expired on" in str(r.state.snapshot.error)
+    new = make_certificate(tmp_path / "new", "greenhouse-01")
+    idp.register_certificate(new.pem, CLIENT)
+    old.private_key_file.write_bytes(new.private_key_file.read_bytes())   # key first, as cp would
+    os.utime(old.private_key_file, (time.time() - 10, time.time() - 10))
+    old.certificate_file.write_bytes(new.certificate_file.read_bytes())
+    snap = wait_until(lambda: r.state.snapshot.phase == "signed_in" and r.state.snapshot, 5,
+                      "signed in with the renewed certificate (config backoff is longer than this)")
+    assert snap.error is None and accepted(idp) == 1
+
+
+def test_certificate_keys_without_the_certificate_flow_are_an_error(cert: CertificateFiles) -> None:
+    raw = raw_config(cert)
+    del raw["auth"]["flow"]
+    raw["auth"]["scopes"] = ["api://telemetry/Readings.Write"]
+    with pytest.raises(ConfigError) as err:
+        config.parse(raw, Path("c.toml"))
+    assert str(err.value) == ('c.toml: auth.flow, auth.certificate_file: auth.certificate_file is used only '
+                              'with auth.flow = "client_certificate"; set that, or remove it')
