@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+PAGE_SIZE = 1024            # SQLite page size of a new outbox file (SD-card wear, see _open)
 SEQ_BLOCK = 10_000          # seqs reserved in the side file at a time
 DEAD_MAX_ROWS = 10_000      # dead-letter table bounds: beyond them the oldest dead rows are
 DEAD_MAX_BYTES = 8 * 1024 * 1024   # dropped (counted into ``dropped``)
@@ -302,6 +303,12 @@ class Outbox:
         db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
         try:
             os.chmod(self.path, 0o600)
+            # Before WAL and the first table, or it is too late: a new file gets small pages, an
+            # existing one keeps its size. A commit appends one WAL frame per page it changes (24
+            # bytes + the page), so the page size is the floor of what each durable put writes to
+            # the card: 1 KiB pages cut it by a sixth per reading and a third for a day of
+            # ingest + acks (bench/bench_outbox.py, docs/PERFORMANCE.md).
+            db.execute(f"PRAGMA page_size={PAGE_SIZE}")
             db.execute("PRAGMA journal_mode=WAL").fetchone()
             db.execute("PRAGMA synchronous=FULL")
             # Checkpoint in small steps so the WAL stays small on an SD card.

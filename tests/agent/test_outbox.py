@@ -336,3 +336,33 @@ def test_dead_letter_table_is_bounded_oldest_dropped_and_counted(tmp_path: Path)
     box.close()
     with Outbox(tmp_path / "o.sqlite3", DEVICE, max_rows=1000, max_bytes=10**7) as again:
         assert again.counts() == OutboxCounts(pending=5, dead=5, dropped=2), "persistent"
+
+
+def test_new_outbox_has_small_pages_and_an_old_file_keeps_working(tmp_path: Path) -> None:
+    """SD wear: every durable put appends one WAL frame per changed page, so a new file gets
+    PAGE_SIZE pages; a file an older agent made (4 KiB pages) is used as it is, nothing lost."""
+    import sqlite3
+
+    from agent.telemetry.outbox import PAGE_SIZE
+
+    with open_box(tmp_path / "new.sqlite3") as box:
+        box.put([reading(1)])
+    db = sqlite3.connect(tmp_path / "new.sqlite3")
+    assert db.execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE == 1024
+    db.close()
+
+    old = tmp_path / "old.sqlite3"
+    with open_box(old) as box:
+        box.put([reading(1)])
+    db = sqlite3.connect(old)       # as an older agent would have made it: rebuilt with 4 KiB pages
+    db.execute("PRAGMA journal_mode=DELETE")
+    db.execute("PRAGMA page_size=4096")
+    db.execute("VACUUM")
+    assert db.execute("PRAGMA page_size").fetchone()[0] == 4096
+    db.close()
+    with open_box(old) as box:
+        assert box.put([reading(2)]) == [2]
+        assert [r.seq for r in box.claim(10)] == [1, 2]
+    db = sqlite3.connect(old)
+    assert db.execute("PRAGMA page_size").fetchone()[0] == 4096
+    db.close()
