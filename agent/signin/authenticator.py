@@ -365,8 +365,10 @@ class Authenticator:
 
     def _step(self) -> None:
         """One unit of work; raises _IdpDown / _ConfigProblem for the loop to back off."""
-        if self._account is not None or self._signed_in:
-            # Not a code flow: a new-code request has nothing to shorten here.
+        # A code flow is what waits unless a sign-in exists or is being restored; only then may
+        # a new-code request cut this pass's waits short.
+        self._code_pass = self._account is None and not self._signed_in
+        if not self._code_pass:
             self._new_code.clear()
         app = self._ensure_app()
         if self._signed_in:
@@ -375,10 +377,10 @@ class Authenticator:
         if self._account is None:
             self._account = self._pick_account(app)
         if self._account is not None:
+            self._code_pass = False
             self._new_code.clear()
             self._sign_in_silently()
             return
-        self._code_pass = True
         if self._exhausted and not self._new_code.is_set():
             self._wait(math.inf, self._new_code)
             return
@@ -774,12 +776,14 @@ class Authenticator:
             self._state.failed(f"{err}: retrying")
         self._clear_http_cache()
         self._wait_until(lambda: self._down.not_before, *self._code_events())
+        self._new_code.clear()      # a request that cut the wait short is used up: no 1 s loop
 
     def _on_config_problem(self, problem: Problem) -> None:
         self._refused.failed(f"{problem.message} (or on request_new_code)")
         self._state.failed(problem.message)
         self._clear_http_cache()
         self._wait_until(lambda: self._refused.not_before, *self._code_events())
+        self._new_code.clear()
 
     def _clear_http_cache(self) -> None:
         """Forget MSAL's replay cache before a retry: it would answer a 5xx (or a 400) again

@@ -101,6 +101,24 @@ def test_new_code_requests_while_restoring_a_saved_sign_in_never_shorten_the_bac
     assert len(token_posts(fast_idp, "refresh_token")) == n + 1
 
 
+@pytest.mark.slow   # real back-off seconds
+def test_a_new_code_request_while_the_idp_is_down_costs_one_attempt_not_a_loop(
+        idp: SimIdp, harness: Callable[..., Harness]) -> None:
+    idp.set(fail_discovery_next=10**6)         # no code yet: the code flow is what waits
+
+    def discoveries() -> list[object]:
+        return [r for r in list(idp.requests) if r.path.endswith("/openid-configuration")]
+
+    h = harness(timing=dataclasses.replace(FAST, backoff_initial_s=3.0, backoff_max_s=6.0))
+    wait_until(discoveries, what="the first attempt")
+    time.sleep(0.3)
+    assert h.auth.request_new_code() is True   # "try now": honoured at once...
+    second = wait_until(lambda: len(discoveries()) >= 2 and discoveries()[1], timeout_s=1.5,
+                        what="the attempt the request asked for")
+    time.sleep(max(0.0, second.time + 1.4 - time.monotonic()))
+    assert len(discoveries()) == 2, "...but it must not leave the waits cut short"
+
+
 # ---- 2. refreshes for the uploader share the sign-in back-off -----------------------------------
 
 def test_expired_token_with_idp_down_costs_a_few_attempts_and_warnings_an_hour(
