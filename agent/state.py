@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 Phase = Literal["starting", "signing_in", "signed_in", "error", "stopped"]
 LinkState = Literal["up", "down", "unknown", "off"]
+StorageState = Literal["ok", "full", "read_only"]
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class Snapshot:
     device_id: str = ""                       # [device] id: the code screen says whose box it is
     warning: str | None = None                # still working, but a person should act soon
                                               # (a sign-in certificate about to expire)
+    storage: StorageState = "ok"              # the state dir: full / read-only stops storing readings
     version: int = 0                          # increases on every change
 
     def status_payload(self, version: str) -> dict[str, Any]:
@@ -100,6 +102,7 @@ class Snapshot:
             "error": self.error,
             "outbox": dataclasses.asdict(self.outbox),
             "last_upload": iso(self.last_upload),
+            "storage": self.storage,
             "version": version,
         }
         if self.warning:       # only while there is one: the shape stays what subscribers know
@@ -180,6 +183,10 @@ class AgentState:
 
     def failed(self, message: str) -> None:
         self.update(phase="error", error=message, code=None)
+
+    def set_storage(self, storage: StorageState) -> None:
+        """The outbox found the state directory full or read-only, or writable again."""
+        self.update(storage=storage)
 
     def set_link(self, name: str, link: LinkState) -> None:
         def compute(old: Snapshot) -> dict[str, Any]:

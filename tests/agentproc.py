@@ -46,13 +46,17 @@ def write_config(path: Path, cfg: dict[str, Any]) -> Path:
 class AgentProcess:
     """`python -m agent run --config PATH` with its stderr collected line by line."""
 
-    def __init__(self, config_path: Path, *, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config_path: Path, *, env: dict[str, str] | None = None,
+                 wrap: Callable[[list[str]], list[str]] | None = None) -> None:
+        """``wrap``: turns the agent's argv into the command to run (e.g. inside ``unshare``);
+        it must ``exec`` the agent so that ``pid`` and signals are the agent's."""
         self.config_path = config_path
         full_env = dict(os.environ)
         full_env.pop("JOURNAL_STREAM", None)
         full_env.update(env or {})
+        argv = [sys.executable, "-m", "agent", "run", "--config", str(config_path)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--config", str(config_path)],
+            wrap(argv) if wrap else argv,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env=full_env, cwd=Path(__file__).resolve().parents[1])
         self.lines: list[str] = []

@@ -40,9 +40,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -52,6 +54,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from agent.clock import Stamp
 from agent.fsutil import atomic_write
 from agent.state import OutboxCounts
+from agent.telemetry.storage import (
+    RESERVE_BYTES,
+    Reserve,
+    Storage,
+    StorageUnavailable,
+    classify,
+    free_bytes,
+    read_only,
+)
 
 if TYPE_CHECKING:
     from agent.clock import ClockTrust
@@ -65,6 +76,10 @@ PAGE_SIZE = 1024            # SQLite page size of a new outbox file (SD-card wea
 SEQ_BLOCK = 10_000          # seqs reserved in the side file at a time
 DEAD_MAX_ROWS = 10_000      # dead-letter table bounds: beyond them the oldest dead rows are
 DEAD_MAX_BYTES = 8 * 1024 * 1024   # dropped (counted into ``dropped``)
+STORAGE_RECHECK_S = 5.0     # while storage is full/read-only: how often to look for room again
+STORAGE_LOG_EVERY_S = 600.0
+RECOVER_ROOM_RESERVES = 4   # store again once free space (filesystem + free pages inside the database)
+                            # is this many reserves: hysteresis, so a disk at the brink does not flap
 _SQL_VARS = 500             # chunk size for IN (...) lists (SQLite's limit is 999 on old builds)
 
 _SCHEMA = """
@@ -100,8 +115,9 @@ class Outbox:
 
     def __init__(self, path: Path, device_id: str, *, max_rows: int, max_bytes: int,
                  state: AgentState | None = None, dead_max_rows: int = DEAD_MAX_ROWS,
-                 dead_max_bytes: int = DEAD_MAX_BYTES,
-                 clock: ClockTrust | None = None) -> None:
+                 dead_max_bytes: int = DEAD_MAX_BYTES, reserve_bytes: int = RESERVE_BYTES,
+                 clock: ClockTrust | None = None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         if max_rows < 1 or max_bytes < 1:
             raise ValueError("max_rows and max_bytes must be positive")
         self.path = Path(path)
@@ -124,6 +140,15 @@ class Outbox:
         self._lost_unsaved = 0      # lost readings not yet in meta.dropped (the DB was unwritable)
         self._next_seq = 1
         self._data_version: int | None = None
+        self._monotonic = monotonic
+        self.storage: Storage = "ok"
+        self._space = Reserve(self.path.with_name(self.path.name + ".reserve"), reserve_bytes)
+        self._storage_checked = -math.inf
+        self._storage_logged = -math.inf
+        self._degraded_conn = False     # opened read-only / as a stand-in: reopen when storage returns
+        self._held: dict[int, str | None] = {}   # delivered (None) or dead (reason), not yet on disk
+        self._lost_reasons: dict[str, int] = {}  # of _lost_unsaved, per reason
+        self._file_id: tuple[int, int] | None = None
         self._open_checked()
 
     # ----------------------------------------------------------------- public API
@@ -143,12 +168,16 @@ class Outbox:
         if len(marks) != len(payloads):
             raise ValueError("one stamp per reading")
         with self._lock:
-            return self._retry_corrupt(lambda: self._put(payloads, marks))
+            if self.storage != "ok" and not self._recover():
+                raise StorageUnavailable(self.storage, "reading not stored")
+            return self._write(lambda: self._put(payloads, marks))
 
     def claim(self, limit: int) -> list[Row]:
         """The oldest ``limit`` pending rows, ascending seq. They stay queued until acked."""
         with self._lock:
             self._notice_outside_changes()
+            if self.storage != "ok":
+                self._recover()
             return self._retry_corrupt(lambda: self._claim(limit))
 
     def ack(self, seqs: Iterable[int]) -> None:
@@ -157,7 +186,7 @@ class Outbox:
         if not seqs:
             return
         with self._lock:
-            self._retry_corrupt(lambda: self._remove(seqs, dead_reason=None))
+            self._remove_or_hold(seqs, None)
 
     def dead_letter(self, seqs: Iterable[int], reason: str) -> None:
         """The sink will never accept these: move them to the dead-letter table (kept, counted)."""
@@ -165,31 +194,95 @@ class Outbox:
         if not seqs:
             return
         with self._lock:
-            self._retry_corrupt(lambda: self._remove(seqs, dead_reason=reason))
+            self._remove_or_hold(seqs, reason)
 
-    def count_lost(self, n: int) -> bool:
+    def count_lost(self, n: int, reason: str | None = None) -> bool:
         """``n`` readings were lost before they got a seq (their ``put`` failed): count them as
-        dropped. Never raises. Returns False when the count could only be kept in memory (the
-        database is unwritable too); the next successful ``put`` writes it."""
+        dropped (``reason``: default "storage full"/"storage read-only" while that is the state,
+        else "put failed"). Never raises. Returns False when the count could only be kept in
+        memory (the database is unwritable too); the next successful ``put`` writes it."""
         if n <= 0:
             return True
         with self._lock:
+            why = reason or (f"storage {self.storage.replace('_', '-')}" if self.storage != "ok"
+                             else "put failed")
             self._lost_unsaved += n
+            self._lost_reasons[why] = self._lost_reasons.get(why, 0) + n
+            if self.storage != "ok":
+                return False            # no write attempts on a full disk: the reserve is for acks
+            return self._save_lost()
+
+    def check_file(self) -> bool:
+        """Is the open database still the file at ``path``? When it was deleted or replaced
+        (compared by st_dev/st_ino), the rows it held are counted as dropped, a new database is
+        opened there and seq continues. Cheap (one stat); the uploader calls it every step.
+        Returns True when it had to switch."""
+        with self._lock:
+            if self._db is None or self._degraded_conn or self._file_id is None:
+                return False
+            now_id = _file_id(self.path)
+            if now_id == self._file_id:
+                return False
+            what = "deleted" if now_id is None else "replaced"
+            counts = self.counts()
+            lost = counts.pending + counts.dead
+            old_dropped, next_seq = counts.dropped, self._next_seq
+            self.close()
+            # The -wal and -shm beside the path are the old database's: SQLite would replay that
+            # WAL onto whatever file is there now (corrupting it, or resurrecting old rows).
+            for suffix in ("-wal", "-shm"):
+                try:
+                    self.path.with_name(self.path.name + suffix).unlink()
+                except FileNotFoundError:
+                    pass
+            self._held.clear()
+            self._lost_unsaved, self._lost_reasons = 0, {}
+            self._open_checked()
+            # We know exactly what the old file handed out: continue right after it.
+            top = self._conn().execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0]
+            self._next_seq = max(next_seq, top + 1)
+            if self._next_seq - 1 + SEQ_BLOCK > self._reserved() or not self._side_path.exists():
+                self._reserve(self._next_seq - 1 + SEQ_BLOCK)
+            total = max(self._dropped, old_dropped) + lost
             try:
                 with _tx(self._conn()) as db:
-                    db.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)",
-                               (self._dropped + self._lost_unsaved,))
-            except (sqlite3.Error, RuntimeError) as err:
-                log.debug("outbox: could not record %d lost readings on disk: %s", n, err)
-                return False
-            self._dropped += self._lost_unsaved
-            self._lost_unsaved = 0
+                    _count_dropped(db, total, lost, f"outbox file {what}")
+            except sqlite3.Error as err:
+                log.debug("outbox: could not record the loss: %s", err)
+            self._dropped = total
+            msg = (f"outbox file {what} while running: {lost} readings it held are lost (counted as "
+                   f"dropped); a new one is in use, seq continues at {self._next_seq}")
+            log.error("%s (%s)", msg, self.path)
+            if self._state is not None:
+                self._state.update(notice=msg, outbox=self.counts())
             return True
+
+    def _save_lost(self) -> bool:
+        if not self._lost_unsaved:
+            return True
+        try:
+            with _tx(self._conn()) as db:
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)",
+                           (self._dropped + self._lost_unsaved,))
+                self._save_lost_reasons(db)
+        except (sqlite3.Error, RuntimeError) as err:
+            log.debug("outbox: could not record %d lost readings on disk: %s", self._lost_unsaved, err)
+            return False
+        self._dropped += self._lost_unsaved
+        self._lost_unsaved = 0
+        self._lost_reasons.clear()
+        return True
+
+    def _save_lost_reasons(self, db: sqlite3.Connection) -> None:
+        for reason, n in self._lost_reasons.items():
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, coalesce((SELECT value FROM meta "
+                       "WHERE key = ?), 0) + ?)", (f"dropped:{reason}", f"dropped:{reason}", n))
 
     def counts(self) -> OutboxCounts:
         with self._lock:
             self._notice_outside_changes()
-            return OutboxCounts(pending=self._pending, dead=self._dead,
+            held_dead = sum(1 for r in self._held.values() if r is not None)
+            return OutboxCounts(pending=self._pending - len(self._held), dead=self._dead + held_dead,
                                 dropped=self._dropped + self._lost_unsaved)
 
     @property
@@ -259,6 +352,145 @@ class Outbox:
 
     # ----------------------------------------------------------------- internals
 
+    # ---- storage trouble (see agent/telemetry/storage.py)
+
+    def _write(self, op: Callable[[], T]) -> T:
+        """``op`` (a write); a full or read-only disk becomes the storage state and
+        StorageUnavailable, anything else propagates."""
+        try:
+            return self._retry_corrupt(op)
+        except (sqlite3.OperationalError, OSError) as err:
+            problem = classify(err, self.path.parent)
+            if problem is None:
+                raise
+            self._storage_trouble(problem, f"{type(err).__name__}: {err}")
+            raise StorageUnavailable(problem, str(err)) from err
+
+    def _remove_or_hold(self, seqs: list[int], reason: str | None) -> None:
+        """Ack / dead-letter; when the disk cannot take even that, remember it in memory so the
+        uploader does not send the same batch again and again (written when storage returns;
+        after a crash before that, the rows are sent once more and de-duplicated by id)."""
+        if self._held:
+            self._flush_held()
+        try:
+            self._write(lambda: self._remove(seqs, dead_reason=reason))
+        except StorageUnavailable:
+            for seq in seqs:
+                self._held.setdefault(seq, reason)
+            log.debug("outbox: %d %s kept in memory (storage %s)", len(seqs),
+                      "acks" if reason is None else "dead letters", self.storage)
+
+    def _flush_held(self) -> None:
+        held, self._held = self._held, {}
+        by_reason: dict[str | None, list[int]] = {}
+        for seq, reason in sorted(held.items()):
+            by_reason.setdefault(reason, []).append(seq)
+        try:
+            for reason, seqs in by_reason.items():
+                self._write(lambda s=seqs, r=reason: self._remove(s, dead_reason=r))   # type: ignore[misc]
+                for seq in seqs:
+                    held.pop(seq)
+        except StorageUnavailable:
+            pass
+        finally:
+            self._held.update(held)
+
+    def _storage_trouble(self, problem: Storage, detail: str) -> None:
+        if problem == "full":
+            self._space.release()      # room for acks and dead letters, not for new readings
+        self._storage_checked = self._monotonic()
+        if self.storage == problem:
+            return
+        self.storage = problem
+        self._log_storage(logging.WARNING, "outbox: storage %s (%s): new readings are not stored (counted "
+                          "as dropped) until %s; deliveries go on", problem.replace("_", "-"), detail[:200],
+                          "there is room again" if problem == "full" else "the filesystem is writable again")
+        self._announce()
+
+    def _log_storage(self, level: int, msg: str, *args: object) -> None:
+        """Storage state changes, at most one line per ``STORAGE_LOG_EVERY_S`` at ``level`` (a
+        disk that flaps between full and not must not flood the journal); the rest at DEBUG."""
+        now = self._monotonic()
+        if now - self._storage_logged >= STORAGE_LOG_EVERY_S:
+            self._storage_logged = now
+        else:
+            level = logging.DEBUG
+        log.log(level, msg, *args)
+
+    def _announce(self) -> None:
+        setter = getattr(self._state, "set_storage", None)
+        if setter is not None:
+            setter(self.storage)
+
+    def _recover(self) -> bool:
+        """Storage is full/read-only: every ``STORAGE_RECHECK_S``, look whether it came back
+        (writable, room for ``RECOVER_ROOM_RESERVES`` reserves, counting free pages inside the
+        database: after a long outage filled the disk with our own backlog, delivering it frees
+        pages there, not on the filesystem). True when storing works again."""
+        now = self._monotonic()
+        if now - self._storage_checked < STORAGE_RECHECK_S:
+            return False
+        self._storage_checked = now
+        directory = self.path.parent
+        if read_only(directory):
+            return False
+        room = free_bytes(directory) or 0
+        if self._db is not None and not self._degraded_conn:
+            try:
+                pages = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+                room += pages * self._db.execute("PRAGMA page_size").fetchone()[0]
+            except sqlite3.Error:
+                pass
+        if room < RECOVER_ROOM_RESERVES * self._space.size:
+            return False
+        if self._degraded_conn:
+            held, lost, reasons = dict(self._held), self._lost_unsaved, dict(self._lost_reasons)
+            next_seq = self._next_seq
+            self.close()
+            try:
+                self._open_checked()
+            except (sqlite3.Error, OSError) as err:
+                log.debug("outbox: reopening failed: %s", err)
+                return False
+            self._held, self._lost_unsaved, self._lost_reasons = held, lost, reasons
+            self._next_seq = max(self._next_seq, next_seq)
+            if self._degraded_conn:
+                return False
+        elif not self._space.make():
+            log.debug("outbox: storing again without a full reserve (room only inside the database)")
+        previous, self.storage = self.storage, "ok"
+        log.info("outbox: storage ok again (was %s; %d kB free); storing readings",
+                 previous.replace("_", "-"), room // 1024)
+        self._announce()
+        if self._held:
+            self._flush_held()
+        self._save_lost()
+        return self.storage == "ok"
+
+    def _open_degraded(self, problem: Storage, err: BaseException) -> None:
+        """The database cannot be opened for writing (read-only or full filesystem at start):
+        open it read-only so pending readings are still delivered (acks kept in memory), or an
+        empty stand-in when even that fails."""
+        uri = self.path.resolve().as_uri()
+        for target in (f"{uri}?mode=ro", f"{uri}?immutable=1"):
+            try:
+                db = sqlite3.connect(target, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
+                self._load(db, writable=False)
+                break
+            except sqlite3.Error:
+                try:
+                    db.close()
+                except (sqlite3.Error, UnboundLocalError):
+                    pass
+        else:
+            db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+            db.executescript(_SCHEMA)
+            self._load(db, writable=False)
+        self._db = db
+        self._degraded_conn = True
+        self._file_id = None
+        self._storage_trouble(problem, f"{type(err).__name__}: {err}")
+
     def _notice_outside_changes(self) -> None:
         """Another connection committed (``device-agent dead-letter retry|purge`` while we run):
         re-read the counters. ``PRAGMA data_version`` changes only for other connections'
@@ -290,6 +522,11 @@ class Outbox:
     def _open_checked(self) -> None:
         try:
             self._open()
+        except (sqlite3.OperationalError, OSError) as err:
+            problem = classify(err, self.path.parent)
+            if problem is None:
+                raise
+            self._open_degraded(problem, err)
         except sqlite3.DatabaseError as err:
             if not _is_corruption(err):
                 raise
@@ -320,13 +557,20 @@ class Outbox:
             db.close()
             raise
         self._db = db
+        self._degraded_conn = False
+        self._data_version = None
+        self._file_id = _file_id(self.path)
+        if not self._space.make():
+            self._storage_trouble("full", "no room for the storage reserve")
 
-    def _load(self, db: sqlite3.Connection) -> None:
+    def _load(self, db: sqlite3.Connection, *, writable: bool = True) -> None:
         """Counters from the database; one scan of the pending rows (lengths only)."""
         dev = self.device_id
         meta = dict(db.execute("SELECT key, value FROM meta"))
         stored_dev = meta.get("device_id")
-        if stored_dev is None:
+        if not writable:
+            pass
+        elif stored_dev is None:
             db.execute("INSERT OR REPLACE INTO meta VALUES ('device_id', ?)", (dev,))
         elif stored_dev != dev:
             self._adopt_other_device(db, str(stored_dev))
@@ -375,6 +619,7 @@ class Outbox:
             unsaved = self._lost_unsaved     # lost while the database was unwritable: write now
             if unsaved:
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)", (self._dropped + unsaved,))
+                self._save_lost_reasons(db)
             if pending > self.max_rows or pending_bytes > self.max_bytes:
                 dropped, freed, last = self._drop_oldest(db, pending - self.max_rows,
                                                          pending_bytes - self.max_bytes)
@@ -390,6 +635,8 @@ class Outbox:
         self._pending, self._pending_bytes = pending, pending_bytes
         self._dropped += unsaved
         self._lost_unsaved -= unsaved
+        if unsaved:
+            self._lost_reasons.clear()
         if dropped:
             self._dropped += dropped
             log.warning("outbox full (%d rows / %d bytes max): dropped the %d oldest readings "
@@ -418,10 +665,22 @@ class Outbox:
         return n, freed, last
 
     def _claim(self, limit: int) -> list[Row]:
-        cur = self._conn().execute("SELECT seq, payload, wall, mono, boot, synced FROM outbox "
-                                   "ORDER BY seq LIMIT ?", (max(0, limit),))
+        db = self._conn()
+        query = "SELECT seq, payload, wall, mono, boot, synced FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?"
+        if not self._held:
+            found = db.execute(query, (0, max(0, limit))).fetchall()
+        else:
+            # Delivered while the disk could not record it: never hand those out again.
+            found, after = [], 0
+            while len(found) < limit:
+                chunk = db.execute(query, (after, limit + 256)).fetchall()
+                if not chunk:
+                    break
+                found += [r for r in chunk if r[0] not in self._held]
+                after = chunk[-1][0]
+            found = found[:limit]
         rows = [Row(seq, self._reading(seq, payload), _stamp(wall, mono, boot, synced))
-                for seq, payload, wall, mono, boot, synced in cur]
+                for seq, payload, wall, mono, boot, synced in found]
         if self.clock is not None:
             self.clock.label((r.seq, r.reading, r.stamp) for r in rows)
         return rows
@@ -590,6 +849,14 @@ class _tx:
                 self.db.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _count_dropped(db: sqlite3.Connection, total: int, n: int, reason: str) -> None:

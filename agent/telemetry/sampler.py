@@ -14,8 +14,9 @@ never rejects a whole batch because one sensor broke. The failure is counted per
 a sensor starts failing and at INFO when it recovers. The gap in the sensor's readings is the
 far side's signal.
 
-A failed ``outbox.put`` (disk full, I/O error, side-file write error) loses that tick's
-readings: there is nowhere else to keep them. They are counted as dropped
+A failed ``outbox.put`` (disk full, read-only filesystem, I/O error, side-file write error) loses
+that tick's readings: there is nowhere else to keep them (while storage is full or read-only the
+outbox refuses at once, see agent/telemetry/storage.py). They are counted as dropped
 (``Outbox.count_lost``, so ``state.outbox.dropped`` as seen by status/MQTT/screen includes them),
 logged once with the exception at ERROR, then at most once a minute as a one-line summary, and
 at INFO when ``put`` works again.
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.clock import iso_epoch
 from agent.state import LastReading, iso
+from agent.telemetry.storage import StorageUnavailable
 
 if TYPE_CHECKING:
     from agent.clock import ClockTrust, Stamp
@@ -150,8 +152,10 @@ class Sampler:
             self._put_failing_since = now
             self._put_lost_run = n
             self._put_logged = now
-            log.error("sampler: could not queue %d readings, they are lost (counted as dropped)", n,
-                      exc_info=err)
+            # Storage full / read-only is a state (status "storage"), not a bug: no traceback.
+            expected = isinstance(err, StorageUnavailable)
+            log.error("sampler: could not queue %d readings, they are lost (counted as dropped)%s", n,
+                      f": {err}" if expected else "", exc_info=None if expected else err)
         elif now - self._put_logged >= PUT_LOG_EVERY_S:
             self._put_logged = now
             log.error("outbox put failing: %d readings lost so far: %s", self._put_lost_run,

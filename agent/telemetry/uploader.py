@@ -108,6 +108,7 @@ class Uploader:
                 log.exception("uploader step failed; retrying in %.0f s", BACKOFF_FIRST_S * 5)
                 delay = BACKOFF_FIRST_S * 5
             deadline = self.clock() + delay
+            checked = self.clock()
             while not stop.is_set():
                 left = deadline - self.clock()
                 if left <= 0:
@@ -116,6 +117,10 @@ class Uploader:
                     self._wake.clear()
                     break
                 self.heartbeat = self.clock()
+                if self.heartbeat - checked >= self.settings.interval_s:
+                    # A long back-off must not hide a deleted outbox file for longer than this.
+                    checked = self.heartbeat
+                    self._check_outbox_file()
         log.info("uploader stopped")
 
     def flush(self) -> None:
@@ -131,6 +136,7 @@ class Uploader:
     def step(self) -> float:
         """Send at most one batch. Returns seconds to wait before the next step (0 = at once)."""
         now = self.clock()
+        self._check_outbox_file()
         hold = max(self._not_before, self._backoff_until) - now
         if hold > 0:
             return hold
@@ -192,6 +198,11 @@ class Uploader:
         if self._takes_claims:
             return self.tokens.token_rejected(claims)  # type: ignore[call-arg]
         return self.tokens.token_rejected()
+
+    def _check_outbox_file(self) -> None:
+        check = getattr(self.outbox, "check_file", None)
+        if check is not None and check():
+            self._publish_counts()
 
     def _call(self, batch: list[Row], token: str) -> SendResult:
         try:

@@ -366,3 +366,32 @@ def test_new_outbox_has_small_pages_and_an_old_file_keeps_working(tmp_path: Path
     db = sqlite3.connect(old)
     assert db.execute("PRAGMA page_size").fetchone()[0] == 4096
     db.close()
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_an_outbox_file_deleted_or_replaced_while_running_is_noticed_counted_and_seq_continues(
+        tmp_path: Path, how: str) -> None:
+    from agent.state import AgentState
+
+    state = AgentState()
+    path = tmp_path / "outbox.sqlite3"
+    box = Outbox(path, DEVICE, max_rows=1000, max_bytes=10**7, state=state)
+    box.put([reading(i) for i in range(7)])
+    box.dead_letter([1], "HTTP 422 x")
+    assert box.check_file() is False, "nothing happened: nothing to do"
+    if how == "deleted":
+        path.unlink()
+    else:
+        other = tmp_path / "restored.sqlite3"
+        with Outbox(other, DEVICE, max_rows=10, max_bytes=10**6):
+            pass
+        os.replace(other, path)
+    assert box.check_file() is True
+    assert box.counts() == OutboxCounts(pending=0, dead=0, dropped=7), "6 pending + 1 dead, counted"
+    assert [box.put([reading()])] == [[8]], "seq continues"
+    assert state.snapshot.notice and f"outbox file {how}" in state.snapshot.notice
+    assert path.exists() and box.check_file() is False
+    box.close()
+    with Outbox(path, DEVICE, max_rows=1000, max_bytes=10**7) as again:
+        assert again.counts() == OutboxCounts(pending=1, dead=0, dropped=7), "on disk, in the new file"
+        assert [r.seq for r in again.claim(10)] == [8]

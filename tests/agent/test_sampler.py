@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from agent.config import SensorSettings
 from agent.state import AgentState
 from agent.telemetry.outbox import Outbox
 from agent.telemetry.sampler import Sampler
+from agent.telemetry.storage import StorageUnavailable
 from hw.base import Measurement
 from hw.errors import HardwareError
 from tests.fixtures.api import DEVICE
@@ -194,8 +194,8 @@ def _fill_until_full(box: Outbox) -> None:
         for i in range(10_000):
             try:
                 box.put([{"sensor": "f", "type": "s", "value": float(i), "unit": "", "time": ""}] * n)
-            except sqlite3.OperationalError as err:
-                assert "full" in str(err)
+            except StorageUnavailable as err:
+                assert err.storage == "full" and "full" in str(err)
                 break
         else:
             raise AssertionError("never filled up")
@@ -206,7 +206,8 @@ def test_disk_full_losses_are_counted_as_dropped_and_logged_without_flooding(
     clock = Clock()
     state = AgentState()
     path = tmp_path / "o.sqlite3"
-    box = Outbox(path, DEVICE, max_rows=10**6, max_bytes=10**9)
+    storage_clock = Clock()            # the outbox's look for room again: held back until the end
+    box = Outbox(path, DEVICE, max_rows=10**6, max_bytes=10**9, monotonic=storage_clock, state=state)
     _fill_until_full(box)
     before = box.counts()
     pairs = [(settings("a", 1.0), FakeSensor()), (settings("b", 1.0), FakeSensor())]
@@ -219,13 +220,15 @@ def test_disk_full_losses_are_counted_as_dropped_and_logged_without_flooding(
     assert state.snapshot.outbox.dropped == before.dropped + lost, "status/MQTT see the loss"
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 3, "first failure, then one summary a minute (not one per tick)"
-    assert errors[0].exc_info is not None and "full" in str(errors[0].exc_info[1])
-    assert all(r.exc_info is None for r in errors[1:])
+    assert all(r.exc_info is None for r in errors), "storage full is a state, not a traceback"
+    assert "storage full" in errors[0].getMessage() and state.snapshot.storage == "full"
     assert errors[1].getMessage().startswith("outbox put failing: ")
-    assert "readings lost so far: OperationalError: database or disk is full" in errors[2].getMessage()
+    assert "readings lost so far: StorageUnavailable: storage full" in errors[2].getMessage()
     box._conn().execute("PRAGMA max_page_count=1000000")
+    storage_clock.t += 10.0
     with caplog.at_level(logging.INFO, logger="agent.telemetry.sampler"):
         sampler.run(SteppingStop(clock, until=clock.t + 3.0))  # type: ignore[arg-type]
+    assert state.snapshot.storage == "ok"
     assert "queuing readings again" in caplog.text
     box.close()
     with Outbox(path, DEVICE, max_rows=10**6, max_bytes=10**9) as again:
@@ -236,14 +239,14 @@ def test_losses_while_the_database_is_unwritable_are_kept_in_memory_then_saved(t
     clock = Clock()
     state = AgentState()
     path = tmp_path / "o.sqlite3"
-    box = Outbox(path, DEVICE, max_rows=10**6, max_bytes=10**9)
+    box = Outbox(path, DEVICE, max_rows=10**6, max_bytes=10**9, monotonic=clock)
     box._conn().execute("PRAGMA query_only=ON")       # every write fails: "readonly database"
     sampler = Sampler([(settings("a", 1.0), FakeSensor())], box, state, clock=clock)
     sampler.run(SteppingStop(clock, until=1010.0))  # type: ignore[arg-type]
     assert box.counts().dropped == 10 and state.snapshot.outbox.dropped == 10
     assert Outbox.read_counts(path).dropped == 0, "not on disk yet"
     box._conn().execute("PRAGMA query_only=OFF")
-    sampler.run(SteppingStop(clock, until=1012.0))  # type: ignore[arg-type]
-    assert box.counts().dropped == 10 and box.counts().pending == 2
+    sampler.run(SteppingStop(clock, until=1016.0))  # type: ignore[arg-type]
+    assert box.counts().dropped == 10 and box.counts().pending == 6, "storing again, nothing more lost"
     assert Outbox.read_counts(path).dropped == 10, "written with the first put that worked"
     box.close()

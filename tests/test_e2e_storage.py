@@ -1,0 +1,131 @@
+"""Storage trouble is a state, not a loop: the real agent (`python -m agent run`) with its state
+directory on a 4 MiB tmpfs in a private mount namespace (`unshare -r -m`, no privileges needed),
+filled from outside through /proc/PID/root, against the simulated IdP and API over HTTPS."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.agentproc import AgentProcess
+from tests.fixtures.require import missing
+from tests.test_e2e_durability import DEVICE, agent_config
+
+
+def in_private_tmpfs(mnt: Path, size: str = "4M") -> Callable[[list[str]], list[str]]:
+    def wrap(argv: list[str]) -> list[str]:
+        return ["unshare", "-r", "-m", "sh", "-c", f'mount -t tmpfs -o size={size} tmpfs "{mnt}" && exec "$@"',
+                "sh", *argv]
+    return wrap
+
+
+def fill(path: Path) -> int:
+    """Write ``path`` until the filesystem says ENOSPC. Returns the bytes written."""
+    written = 0
+    block = b"\xff" * 65536
+    with open(path, "wb", buffering=0) as f:
+        while True:
+            try:
+                written += f.write(block)
+            except OSError as err:
+                assert err.errno == errno.ENOSPC, err
+                break
+        for size in (4096, 512):          # the last crumbs
+            try:
+                while True:
+                    written += f.write(block[:size])
+            except OSError:
+                pass
+    return written
+
+
+def contiguous(api: Any) -> int:
+    """The highest seq the API holds if it holds every seq below it, else 0. Readings the agent
+    could not store never got a seq, so contiguous means: nothing stored was lost."""
+    seqs = api.seqs(DEVICE)
+    top = max(seqs, default=0)
+    return top if seqs == set(range(1, top + 1)) else 0
+
+
+def status(root: Path) -> dict[str, Any]:
+    return json.loads((root / "status.json").read_text())
+
+
+def settled(value: Callable[[], int], timeout_s: float, what: str, quiet_s: float = 2.0) -> int:
+    """``value()`` once it is non-zero and has not changed for ``quiet_s``."""
+    deadline = time.monotonic() + timeout_s
+    last, since = value(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = value()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif now and time.monotonic() - since >= quiet_s:
+            return now
+    raise AssertionError(f"not settled within {timeout_s} s: {what}")
+
+
+def wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"not within {timeout_s} s: {what}")
+
+
+@pytest.mark.slow
+def test_disk_full_keeps_delivering_counts_what_it_cannot_store_and_resumes_by_itself(
+        tmp_path: Path, idp: Any, idp_api: Any, tls: Any) -> None:
+    if shutil.which("unshare") is None:
+        missing("needs unshare (util-linux) for a private tmpfs")
+    mnt = tmp_path / "state"
+    mnt.mkdir()
+    idp.auto_approve_after_s = 0.0
+    config = agent_config(tmp_path, idp, idp_api, tls)
+    proc = AgentProcess(config, wrap=in_private_tmpfs(mnt))
+    try:
+        root = Path(f"/proc/{proc.proc.pid}/root") / str(mnt).lstrip("/")
+        proc.wait_for_line(lambda line: "signed in" in line.lower(), timeout_s=30)
+        wait_for(lambda: idp_api.count(DEVICE) >= 200, 20, "first uploads")
+
+        idp_api.fail(503, count=10**6)             # a backlog builds up while the API is down
+        time.sleep(1.5)
+        filled = fill(root / "filler")
+        proc.wait_for_line(lambda line: "storage full" in line, timeout_s=10)
+        wait_for(lambda: status(root).get("storage") == "full", 10, "status says storage full")
+        idp_api.clear_faults()
+
+        # The backlog stored before the disk filled is delivered and acknowledged on the full disk.
+        before_full = settled(lambda: contiguous(idp_api), 30, "backlog delivered")
+        requests, dups = len(idp_api.requests), idp_api.duplicates
+        time.sleep(3.0)
+        assert contiguous(idp_api) == before_full, "nothing stored while full"
+        assert idp_api.duplicates == dups, "no batch sent again and again"
+        assert len(idp_api.requests) - requests <= 2, "no resend loop while full"
+        full_status = status(root)
+        assert full_status["storage"] == "full" and full_status["outbox"]["dropped"] > 0
+
+        (root / "filler").unlink()                 # space returns
+        proc.wait_for_line(lambda line: "storage ok again" in line, timeout_s=20)
+        wait_for(lambda: status(root).get("storage") == "ok", 10, "status says ok again")
+        wait_for(lambda: contiguous(idp_api) > before_full + 100, 20, "storing and delivering again")
+        rc, elapsed = proc.terminate()
+    finally:
+        proc.close()
+    assert rc == 0 and elapsed < 2.0
+    assert filled > 1_000_000
+    assert "Traceback" not in proc.output, proc.output[-3000:]
+    warnings = [ln for ln in proc.lines if "storage full" in ln]
+    assert len(warnings) <= 3, warnings
+    print(f"filled {filled} bytes; dropped while full: {full_status['outbox']['dropped']}; "  # noqa: T201
+          f"duplicates at the API: {idp_api.duplicates}")
+    assert os.path.exists(mnt) and not any(mnt.iterdir()), "the tmpfs was private to the agent"
