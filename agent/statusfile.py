@@ -49,7 +49,15 @@ class InstanceLock:
         self._file: IO[str] | None = None
 
     def acquire(self) -> None:
-        f = self.path.open("a+")
+        writable = True
+        try:
+            f = self.path.open("a+")
+        except OSError as err:
+            if err.errno != errno.EROFS or not self.path.exists():
+                raise
+            # A read-only state dir (an SD card gone read-only): still one service per state
+            # dir (flock works on a read-only descriptor); the outbox reports storage read-only.
+            f, writable = self.path.open("r"), False
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
@@ -58,10 +66,11 @@ class InstanceLock:
                 raise AgentError(f"another device-agent is already running on {self.path.parent} "
                                  f"(pid {running_pid(self.path.parent) or '?'})") from None
             raise
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
+        if writable:
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
         self._file = f
 
     def release(self) -> None:
@@ -95,6 +104,7 @@ class StatusWriter:
         self._state = state
         self._device_id = device_id
         self._min_interval_s = min_interval_s
+        self._failing: int | None = None          # errno of the last failed write (logged once)
         self._dirty = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="status-file", daemon=True)
@@ -127,7 +137,12 @@ class StatusWriter:
         try:
             atomic_write(self.path, (json.dumps(data, indent=1) + "\n").encode(), durable=False)
         except OSError as err:
-            log.warning("cannot write %s: %s", self.path, err)
+            # Once per kind of failure (a full or read-only state dir fails every rewrite).
+            level = logging.DEBUG if err.errno == self._failing else logging.WARNING
+            self._failing = err.errno
+            log.log(level, "cannot write %s: %s", self.path, err)
+        else:
+            self._failing = None
 
 
 def snapshot_document(snap: Snapshot, device_id: str) -> dict[str, Any]:

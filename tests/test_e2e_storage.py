@@ -129,3 +129,61 @@ def test_disk_full_keeps_delivering_counts_what_it_cannot_store_and_resumes_by_i
     print(f"filled {filled} bytes; dropped while full: {full_status['outbox']['dropped']}; "  # noqa: T201
           f"duplicates at the API: {idp_api.duplicates}")
     assert os.path.exists(mnt) and not any(mnt.iterdir()), "the tmpfs was private to the agent"
+
+
+@pytest.mark.slow
+def test_read_only_state_dir_at_start_delivers_the_backlog_and_stores_again_once_writable(
+        tmp_path: Path, idp: Any, idp_api: Any, tls: Any) -> None:
+    """An SD card the kernel remounted read-only before the service started (a running
+    filesystem cannot be remounted read-only while files are open for writing: EBUSY)."""
+    if shutil.which("unshare") is None:
+        missing("needs unshare (util-linux) for a private tmpfs")
+    idp.auto_approve_after_s = 0.0
+    src = tmp_path / "state"
+    config = agent_config(tmp_path, idp, idp_api, tls)
+    first = AgentProcess(config)                      # signs in and queues a backlog (API down)
+    try:
+        first.wait_for_line(lambda line: "signed in" in line.lower(), timeout_s=30)
+        wait_for(lambda: idp_api.count(DEVICE) >= 100, 20, "first uploads")
+        idp_api.fail(503, count=10**6)
+        time.sleep(1.5)
+        assert first.terminate()[0] == 0
+    finally:
+        first.close()
+    delivered_before = contiguous(idp_api)
+    idp_api.clear_faults()
+
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    trigger = tmp_path / "make-writable"
+
+    def wrap(argv: list[str]) -> list[str]:
+        script = (f'mount -t tmpfs -o size=8M tmpfs "{mnt}" && cp -a "{src}/." "{mnt}/" && '
+                  f'mount -o remount,ro "{mnt}" && '
+                  f'(while [ ! -e "{trigger}" ]; do sleep 0.1; done; mount -o remount,rw "{mnt}") & '
+                  'exec "$@"')
+        return ["unshare", "-r", "-m", "sh", "-c", script, "sh", *argv]
+
+    ro_config = tmp_path / "ro.toml"
+    ro_config.write_text(config.read_text().replace(str(src), str(mnt)))
+    proc = AgentProcess(ro_config, wrap=wrap)
+    try:
+        proc.wait_for_line(lambda line: "storage read-only" in line, timeout_s=20)
+        backlog = settled(lambda: contiguous(idp_api), 30, "backlog delivered from the read-only outbox")
+        assert backlog > delivered_before + 50, (backlog, delivered_before)
+        dups = idp_api.duplicates
+        time.sleep(2.0)
+        assert idp_api.duplicates == dups and contiguous(idp_api) == backlog, "acks kept in memory: no resend"
+        trigger.touch()                              # the filesystem is writable again
+        proc.wait_for_line(lambda line: "storage ok again" in line, timeout_s=20)
+        wait_for(lambda: contiguous(idp_api) > backlog + 100, 20, "storing and delivering again")
+        root = Path(f"/proc/{proc.proc.pid}/root") / str(mnt).lstrip("/")
+        wait_for(lambda: status(root).get("storage") == "ok", 10, "status says ok")
+        assert status(root)["outbox"]["dropped"] > 0, "readings sampled while read-only are counted"
+        rc, _ = proc.terminate()
+    finally:
+        proc.close()
+    assert rc == 0
+    assert "Traceback" not in proc.output, proc.output[-3000:]
+    cannot = [ln for ln in proc.lines if "cannot write" in ln]
+    assert len(cannot) <= 1, cannot
