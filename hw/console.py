@@ -14,6 +14,7 @@ from typing import Any, TextIO
 
 from PIL import Image
 
+from hw import handles
 from hw.base import DisplayOptions
 from hw.imagedisplay import ImageDisplay
 
@@ -69,8 +70,10 @@ class ConsoleDisplay(ImageDisplay):
         self._tty = bool(getattr(self._stream, "isatty", lambda: False)())
         self._last: str | None = None
         self._cleared = False
+        handles.register(self, "console display")
 
     def close(self) -> None:
+        handles.release(self)
         with self._lock:
             if self._tty and self._cleared:
                 rows = shutil.get_terminal_size().lines

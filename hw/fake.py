@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hw import handles
 from hw.base import Edge, Pull
 from hw.errors import HardwareError
 from hw.fakebus import FakeI2CBus
@@ -171,6 +172,7 @@ class FakeGpio:
         self.bank = bank if bank is not None else FakePinBank(clock=clock)
         self._mine: set[int] = set()
         self._closed = False
+        handles.register(self, "FakeGpio")
 
     def setup_input(self, pin: int, *, pull: Pull = "up",
                     on_edge: Callable[[int, bool], None] | None = None,
@@ -205,6 +207,7 @@ class FakeGpio:
         if self._closed:
             return
         self._closed = True
+        handles.release(self)
         for pin in sorted(self._mine):
             self.bank.free(pin)
         self._mine.clear()

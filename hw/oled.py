@@ -16,6 +16,7 @@ from luma.core.interface.serial import i2c, spi
 from luma.oled.device import sh1106, ssd1306
 from PIL import Image
 
+from hw import handles
 from hw.base import DisplayOptions
 from hw.errors import HardwareError, HardwareUnavailable
 
@@ -47,6 +48,7 @@ class OledDisplay:
         self._lock = threading.Lock()
         self._closed = False
         self.size: tuple[int, int] = (int(device.width), int(device.height))
+        handles.register(self, f"{type(device).__name__} display at 0x{address:02X} on bus {port}")
 
     def show(self, image: Image.Image) -> None:
         """Send ``image`` (``size``, mode "1") to the panel. Raises HardwareError on bus failure."""
@@ -74,6 +76,7 @@ class OledDisplay:
             if self._closed:
                 return
             self._closed = True
+            handles.release(self)
             try:
                 self._device.cleanup()
             except (OSError, luma.core.error.Error) as err:

@@ -17,6 +17,7 @@ from typing import Any
 
 from PIL import Image
 
+from hw import handles
 from hw.base import DisplayOptions
 from hw.errors import HardwareError, HardwareUnavailable
 from hw.imagedisplay import ImageDisplay
@@ -39,10 +40,12 @@ class PngDisplay(ImageDisplay):
                                       f"writable place (e.g. under $RUNTIME_DIRECTORY)") from err
         except OSError as err:
             raise HardwareUnavailable(f"{self.path.parent}: {err.strerror}") from err
+        handles.register(self, f"png display {self.path}")
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
+        handles.release(self)
 
     def _output(self, img: Image.Image) -> None:
         if self._closed:

@@ -7,8 +7,10 @@ pytest_plugins = [
     "tests.fixtures.idp",
     "tests.fixtures.api",
     "tests.fixtures.broker",
+    "tests.fixtures.clock",
     "tests.fixtures.hardware",
     "tests.fixtures.e2e",
+    "tests.fixtures.leaks",
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -12,7 +13,7 @@ from agent.panel.controls import Controls
 from agent.state import AgentState, DeviceCode
 from hw.fake import FakeGpio, FakePinBank, FakeRpiGpioModule
 from hw.rpi import RpiGpio
-from tests.fixtures.hardware import FakeClock
+from tests.fixtures.clock import FakeClock
 
 BUTTON, LED = 17, 27
 
@@ -55,10 +56,11 @@ class Rig:
 
 
 @pytest.fixture(params=["fake", "rpi-on-fake-module"])
-def rig(request: pytest.FixtureRequest, fake_clock: FakeClock) -> Rig:
+def rig(request: pytest.FixtureRequest, fake_clock: FakeClock) -> Iterator[Rig]:
     bank = FakePinBank(clock=fake_clock)
     gpio = FakeGpio(bank) if request.param == "fake" else RpiGpio(FakeRpiGpioModule(bank))
-    return Rig(gpio, bank, fake_clock)
+    yield Rig(gpio, bank, fake_clock)
+    gpio.close()
 
 
 def code(now: float) -> DeviceCode:
@@ -137,7 +139,8 @@ def test_action_exception_does_not_stop_the_button(fake_clock: FakeClock) -> Non
         calls.append(1)
         raise RuntimeError("auth is down")
 
-    controls = Controls(FakeGpio(bank), state, button_pin=BUTTON, led_pin=None, on_short_press=boom,
+    gpio = FakeGpio(bank)
+    controls = Controls(gpio, state, button_pin=BUTTON, led_pin=None, on_short_press=boom,
                         on_long_press=boom, clock=fake_clock).start(thread=False)
     for _ in range(2):
         bank.press(BUTTON)
@@ -148,6 +151,7 @@ def test_action_exception_does_not_stop_the_button(fake_clock: FakeClock) -> Non
         for _ in range(10):
             fake_clock.advance(0.01)
             controls.step()
+    gpio.close()
     assert calls == [1, 1]
 
 
@@ -155,7 +159,8 @@ def test_thread_reacts_and_stops_within_a_second() -> None:
     bank = FakePinBank()
     state = AgentState()
     pressed: list[float] = []
-    controls = Controls(FakeGpio(bank), state, button_pin=BUTTON, led_pin=LED,
+    gpio = FakeGpio(bank)
+    controls = Controls(gpio, state, button_pin=BUTTON, led_pin=LED,
                         on_short_press=lambda: pressed.append(time.monotonic()),
                         on_long_press=lambda: None).start()
     try:
@@ -175,4 +180,5 @@ def test_thread_reacts_and_stops_within_a_second() -> None:
         t0 = time.monotonic()
         controls.stop()
         assert time.monotonic() - t0 < 1.0
+        gpio.close()
     assert bank.level(LED) is False

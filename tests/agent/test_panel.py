@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -14,7 +15,8 @@ from agent.panel.observer import Panel
 from agent.state import AgentState, DeviceCode, Snapshot
 from hw.fakebus import FakeI2CBus
 from hw.registry import open_display
-from tests.fixtures.hardware import FakeClock, lit, pixel_diff
+from tests.fixtures.clock import FakeClock
+from tests.fixtures.hardware import lit, pixel_diff
 
 WALL = datetime(2026, 11, 25, 14, 54, 32, tzinfo=UTC)
 
@@ -28,13 +30,14 @@ def qr_text(bus: FakeI2CBus) -> list[str]:
 
 
 @pytest.fixture
-def rig(fake_clock: FakeClock) -> tuple[Panel, FakeI2CBus, AgentState]:
+def rig(fake_clock: FakeClock) -> Iterator[tuple[Panel, FakeI2CBus, AgentState]]:
     bus = FakeI2CBus("ssd1306")
     display = open_display("ssd1306", bus=bus)
     assert display is not None
     state = AgentState()
     panel = Panel(display, state, sleep_after_s=300, clock=fake_clock, shift_every_s=60).start(thread=False)
-    return panel, bus, state
+    yield panel, bus, state
+    display.close()
 
 
 def test_starting_screen_first(rig: tuple[Panel, FakeI2CBus, AgentState]) -> None:

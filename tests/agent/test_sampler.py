@@ -18,34 +18,27 @@ from agent.telemetry.storage import StorageUnavailable
 from hw.base import Measurement
 from hw.errors import HardwareError
 from tests.fixtures.api import DEVICE
-
-
-class Clock:
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
+from tests.fixtures.clock import FakeClock
 
 
 class SteppingStop:
     """Stands in for threading.Event in run(): wait() advances the fake clock instead of sleeping
     (plus a scheduler ``lateness``); stops after ``until`` seconds of fake time."""
 
-    def __init__(self, clock: Clock, until: float, lateness: float = 0.0,
+    def __init__(self, clock: FakeClock, until: float, lateness: float = 0.0,
                  stall_at: float | None = None, stall_s: float = 0.0) -> None:
         self.clock, self.until, self.lateness = clock, until, lateness
         self.stall_at, self.stall_s = stall_at, stall_s
         self.waits = 0
 
     def is_set(self) -> bool:
-        return self.clock.t >= self.until
+        return self.clock.now >= self.until
 
     def wait(self, timeout: float) -> bool:
         self.waits += 1
-        self.clock.t += timeout + self.lateness * (self.waits % 3)   # late by 0, 1 or 2 x lateness
-        if self.stall_at is not None and self.clock.t >= self.stall_at:
-            self.clock.t += self.stall_s                                 # e.g. SD card hang
+        self.clock.now += timeout + self.lateness * (self.waits % 3)   # late by 0, 1 or 2 x lateness
+        if self.stall_at is not None and self.clock.now >= self.stall_at:
+            self.clock.now += self.stall_s                                 # e.g. SD card hang
             self.stall_at = None
         return self.is_set()
 
@@ -53,12 +46,12 @@ class SteppingStop:
 class RecordingOutbox:
     """The outbox's put/counts, recording when each put happened (the outbox itself has its own tests)."""
 
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: FakeClock) -> None:
         self.clock = clock
         self.puts: list[tuple[float, list[dict[str, Any]]]] = []
 
     def put(self, readings: list[dict[str, Any]]) -> list[int]:
-        self.puts.append((self.clock.t, list(readings)))
+        self.puts.append((self.clock.now, list(readings)))
         return list(range(len(readings)))
 
     def counts(self) -> Any:
@@ -93,10 +86,10 @@ def settings(name: str, interval_s: float, kind: str = "simulated") -> SensorSet
 
 
 def test_no_drift_over_1000_ticks_with_late_wakeups() -> None:
-    clock = Clock()
+    clock = FakeClock()
     box = RecordingOutbox(clock)
     sampler = Sampler([(settings("a", 0.1), FakeSensor())], box, AgentState(), clock=clock)
-    start = clock.t
+    start = clock.now
     sampler.run(SteppingStop(clock, until=start + 100.0, lateness=0.004))   # type: ignore[arg-type]
     times = box.times("a")
     assert len(times) == 1000
@@ -106,10 +99,10 @@ def test_no_drift_over_1000_ticks_with_late_wakeups() -> None:
 
 
 def test_stall_skips_missed_slots_instead_of_catching_up() -> None:
-    clock = Clock()
+    clock = FakeClock()
     box = RecordingOutbox(clock)
     sampler = Sampler([(settings("a", 1.0), FakeSensor())], box, AgentState(), clock=clock)
-    start = clock.t
+    start = clock.now
     sampler.run(SteppingStop(clock, until=start + 200.0, stall_at=start + 50.0, stall_s=60.0))  # type: ignore[arg-type]
     times = box.times("a")
     # ~200 s of schedule minus the 60 s stall: about 140 readings, never ~200.
@@ -124,12 +117,12 @@ def test_stall_skips_missed_slots_instead_of_catching_up() -> None:
 
 
 def test_wall_clock_jump_does_not_move_the_schedule() -> None:
-    clock = Clock()
+    clock = FakeClock()
     box = RecordingOutbox(clock)
     wall_base = datetime(2026, 11, 25, 14, 0, tzinfo=UTC)
 
     def wall() -> datetime:
-        elapsed = clock.t - 1000.0
+        elapsed = clock.now - 1000.0
         jump = timedelta(hours=-3) if elapsed >= 10 else timedelta(0)   # NTP steps the clock back
         return wall_base + timedelta(seconds=elapsed) + jump
 
@@ -144,7 +137,7 @@ def test_wall_clock_jump_does_not_move_the_schedule() -> None:
 
 
 def test_one_put_per_tick_holds_every_due_reading_and_quantities_are_named() -> None:
-    clock = Clock()
+    clock = FakeClock()
     box = RecordingOutbox(clock)
     bme = FakeSensor([Measurement(21.0, "°C", "temperature"), Measurement(40.0, "%", "humidity")])
     pairs = [(settings("cpu", 2.0, "cpu_temperature"), FakeSensor()), (settings("env", 2.0, "bme280"), bme)]
@@ -158,7 +151,7 @@ def test_one_put_per_tick_holds_every_due_reading_and_quantities_are_named() -> 
 
 
 def test_failing_sensor_never_kills_the_sampler_and_is_reported(tmp_path: Path) -> None:
-    clock = Clock()
+    clock = FakeClock()
     state = AgentState()
     box = Outbox(tmp_path / "o.sqlite3", DEVICE, max_rows=1000, max_bytes=10**7)
     broken, good, weird = FakeSensor(), FakeSensor(), FakeSensor([Measurement(math.nan, "°C")])
@@ -203,10 +196,10 @@ def _fill_until_full(box: Outbox) -> None:
 
 def test_disk_full_losses_are_counted_as_dropped_and_logged_without_flooding(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    clock = Clock()
+    clock = FakeClock()
     state = AgentState()
     path = tmp_path / "o.sqlite3"
-    storage_clock = Clock()            # the outbox's look for room again: held back until the end
+    storage_clock = FakeClock()            # the outbox's look for room again: held back until the end
     box = Outbox(path, DEVICE, max_rows=10**6, max_bytes=10**9, monotonic=storage_clock, state=state)
     _fill_until_full(box)
     before = box.counts()
@@ -225,9 +218,9 @@ def test_disk_full_losses_are_counted_as_dropped_and_logged_without_flooding(
     assert errors[1].getMessage().startswith("outbox put failing: ")
     assert "readings lost so far: StorageUnavailable: storage full" in errors[2].getMessage()
     box._conn().execute("PRAGMA max_page_count=1000000")
-    storage_clock.t += 10.0
+    storage_clock.now += 10.0
     with caplog.at_level(logging.INFO, logger="agent.telemetry.sampler"):
-        sampler.run(SteppingStop(clock, until=clock.t + 3.0))  # type: ignore[arg-type]
+        sampler.run(SteppingStop(clock, until=clock.now + 3.0))  # type: ignore[arg-type]
     assert state.snapshot.storage == "ok"
     assert "queuing readings again" in caplog.text
     box.close()
@@ -236,7 +229,7 @@ def test_disk_full_losses_are_counted_as_dropped_and_logged_without_flooding(
 
 
 def test_losses_while_the_database_is_unwritable_are_kept_in_memory_then_saved(tmp_path: Path) -> None:
-    clock = Clock()
+    clock = FakeClock()
     state = AgentState()
     path = tmp_path / "o.sqlite3"
     box = Outbox(path, DEVICE, max_rows=10**6, max_bytes=10**9, monotonic=clock)

@@ -55,6 +55,7 @@ def test_qr_from_the_rebuilt_frame_holds_the_exact_uri(controller: str, code: De
     assert display is not None
     img = screens.render(Snapshot(phase="signing_in", code=code), NOW, 0, size=display.size)
     display.show(img)
+    display.close()
     # What a person in front of the mounted panel sees: the glass, turned back by the mounting.
     seen = bus.image.rotate(90 * rotate, expand=True)
     assert pixel_diff(seen, img) is None

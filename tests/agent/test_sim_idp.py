@@ -23,19 +23,10 @@ import requests
 
 from agent.sim.idp import DEVICE_CODE_GRANT, USER_CODE_ALPHABET, SimIdp, main
 from agent.sim.tls import TlsFiles
+from tests.fixtures.clock import FakeClock
 
 CLIENT = "sim-device-agent"
 SCOPE = "api://telemetry/Readings.Write openid profile offline_access"
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

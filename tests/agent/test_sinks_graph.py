@@ -18,16 +18,10 @@ from agent.telemetry.sinks.graph_excel import GraphExcelSink
 from agent.telemetry.sinks.graph_list import GraphListSink
 from agent.telemetry.uploader import Uploader
 from tests.fixtures.api import DEVICE, FakeTokens, reading
+from tests.fixtures.clock import FakeClock
 
 SITE, LIST = "contoso.sharepoint.com,1111,2222", "readings-list"
 ITEM, TABLE = "/me/drive/root:/sensors.xlsx:", "Readings"
-
-
-class Clock:
-    t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 @pytest.fixture
@@ -58,11 +52,11 @@ def excel_sink(excel_settings: UploadSettings) -> Iterator[GraphExcelSink]:
     sink.close()
 
 
-def drain(up: Uploader, clock: Clock, outbox: Outbox, max_steps: int = 50) -> None:
+def drain(up: Uploader, clock: FakeClock, outbox: Outbox, max_steps: int = 50) -> None:
     for _ in range(max_steps):
         if not outbox.counts().pending:
             return
-        clock.t += up.step()
+        clock.now += up.step()
     raise AssertionError(f"not drained: {outbox.counts()}")
 
 
@@ -95,14 +89,14 @@ def test_per_item_429_retried_until_every_item_delivered_exactly_once(
     sim_graph.item_throttle_every = 7
     sim_graph.item_retry_after_s = 3
     outbox.put([reading(i) for i in range(120)])
-    clock = Clock()
+    clock = FakeClock(100.0)
     up = Uploader(outbox, list_sink, tokens, AgentState(), list_settings, clock=clock)
     waits = []
     for _ in range(100):
         if not outbox.counts().pending:
             break
         waits.append(up.step())
-        clock.t += waits[-1]
+        clock.now += waits[-1]
     assert outbox.counts() == OutboxCounts(0, 0, 0)
     assert 3.0 in waits, "the items' Retry-After was honoured"
     titles = [i["Title"] for i in sim_graph.list_items(SITE, LIST)]
@@ -125,7 +119,7 @@ def test_rejected_item_is_dead_lettered_and_the_rest_delivered(
         tokens: FakeTokens) -> None:
     sim_graph.reject_titles = {f"{DEVICE}:4"}
     outbox.put([reading(i) for i in range(25)])
-    clock = Clock()
+    clock = FakeClock(100.0)
     up = Uploader(outbox, list_sink, tokens, AgentState(), list_settings, clock=clock)
     drain(up, clock, outbox)
     assert outbox.counts() == OutboxCounts(pending=0, dead=1, dropped=0)
@@ -158,7 +152,7 @@ def test_excel_rows_appended_in_order_across_batches(outbox: Outbox, excel_setti
                                                      excel_sink: GraphExcelSink, sim_graph: SimGraph,
                                                      tokens: FakeTokens) -> None:
     outbox.put([reading(i) for i in range(130)])
-    clock = Clock()
+    clock = FakeClock(100.0)
     up = Uploader(outbox, excel_sink, tokens, AgentState(), excel_settings, clock=clock)
     drain(up, clock, outbox)
     rows = sim_graph.table_rows(ITEM, TABLE)
@@ -174,7 +168,7 @@ def test_excel_504_after_append_does_not_duplicate_rows(outbox: Outbox, excel_se
                                                         tokens: FakeTokens) -> None:
     outbox.put([reading(i) for i in range(80)])
     sim_graph.lost_answers = 1          # the first rows/add is applied, then answered 504
-    clock = Clock()
+    clock = FakeClock(100.0)
     up = Uploader(outbox, excel_sink, tokens, AgentState(), excel_settings, clock=clock)
     drain(up, clock, outbox)
     ids = [r[0] for r in sim_graph.table_rows(ITEM, TABLE)]
@@ -213,13 +207,13 @@ def test_excel_workbook_open_or_locked_is_retried_with_retry_after_not_dead_lett
         tokens: FakeTokens, status: int) -> None:
     outbox.put([reading(i) for i in range(10)])
     sim_graph.fail(status, count=2, retry_after=30, after=2)     # the two start-up GETs pass
-    clock = Clock()
+    clock = FakeClock(100.0)
     state = AgentState()
     up = Uploader(outbox, excel_sink, tokens, state, excel_settings, clock=clock, rng=lambda: 0.5)
     waits = []
     for _ in range(3):
         waits.append(up.step())
-        clock.t += waits[-1]
+        clock.now += waits[-1]
     assert waits[:2] == [30.0, 30.0], "Retry-After honoured, not a tight loop"
     assert outbox.counts() == OutboxCounts(pending=0, dead=0, dropped=0)
     assert [r[2] for r in sim_graph.table_rows(ITEM, TABLE)] == list(range(1, 11))
@@ -232,7 +226,7 @@ def test_excel_413_halves_the_batch_until_the_rows_fit(outbox: Outbox, excel_set
                                                        tokens: FakeTokens) -> None:
     outbox.put([reading(i) for i in range(40)])
     sim_graph.max_body_bytes = 1500                  # ~12 rows of ~110 bytes
-    clock = Clock()
+    clock = FakeClock(100.0)
     up = Uploader(outbox, excel_sink, tokens, AgentState(), excel_settings, clock=clock)
     drain(up, clock, outbox)
     assert outbox.counts() == OutboxCounts(pending=0, dead=0, dropped=0)
@@ -248,7 +242,7 @@ def test_excel_single_row_still_too_large_is_the_only_one_dead_lettered(
     outbox.put([reading(i) for i in range(5)] + [reading(5, sensor="x" * 3000)]
                + [reading(i) for i in range(6, 9)])
     sim_graph.max_body_bytes = 2000
-    clock = Clock()
+    clock = FakeClock(100.0)
     up = Uploader(outbox, excel_sink, tokens, AgentState(), excel_settings, clock=clock)
     drain(up, clock, outbox)
     assert outbox.counts() == OutboxCounts(pending=0, dead=1, dropped=0)

@@ -25,19 +25,12 @@ from agent.telemetry.uploader import (
     Uploader,
 )
 from tests.fixtures.api import DEVICE, FakeTokens, reading
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 5000.0
-
-    def __call__(self) -> float:
-        return self.t
+from tests.fixtures.clock import FakeClock
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> FakeClock:
+    return FakeClock(5000.0)
 
 
 @pytest.fixture
@@ -47,7 +40,7 @@ def state() -> AgentState:
 
 @pytest.fixture
 def make(outbox: Outbox, tokens: FakeTokens, state: AgentState, api_settings: UploadSettings,
-         clock: Clock) -> Iterator:
+         clock: FakeClock) -> Iterator:
     sinks: list[HttpSink] = []
 
     def build(**overrides: object) -> Uploader:
@@ -85,7 +78,7 @@ def test_backlog_drains_in_batches_back_to_back_then_idles(make, outbox: Outbox,
 
 
 @pytest.mark.parametrize("http_date", [False, True])
-def test_503_retry_after_is_a_minimum_wait(make, outbox: Outbox, sim_api: SimApi, clock: Clock,
+def test_503_retry_after_is_a_minimum_wait(make, outbox: Outbox, sim_api: SimApi, clock: FakeClock,
                                            state: AgentState, http_date: bool) -> None:
     fill(outbox, 10)
     sim_api.fail(503, count=2, retry_after=20, http_date=http_date)
@@ -93,11 +86,11 @@ def test_503_retry_after_is_a_minimum_wait(make, outbox: Outbox, sim_api: SimApi
     wait = up.step()
     assert 18.0 <= wait <= 20.0 if http_date else wait == 20.0
     assert state.snapshot.links["api"] == "down"
-    clock.t += wait - 1
+    clock.now += wait - 1
     assert up.step() == pytest.approx(1.0) and len(sim_api.requests) == 1, "no request before Retry-After"
-    clock.t += 1
+    clock.now += 1
     assert up.step() >= 18.0 and len(sim_api.requests) == 2
-    clock.t += 20
+    clock.now += 20
     up.step()
     assert statuses(sim_api) == [503, 503, 200]
     assert sim_api.seqs(DEVICE) == set(range(1, 11)) and state.snapshot.links["api"] == "up"
@@ -108,17 +101,17 @@ def test_503_retry_after_is_a_minimum_wait(make, outbox: Outbox, sim_api: SimApi
     ("99999999999", 3600.0), ("1e9", 0.75), ("7200", 3600.0),                   # huge: capped at 1 h
     ("Fri, 31 Dec 9999 23:59:59 GMT", 3600.0)])
 def test_retry_after_garbage_or_huge_neither_crashes_nor_silences_uploads(
-        make, outbox: Outbox, sim_api: SimApi, clock: Clock, value: str, expected: float) -> None:
+        make, outbox: Outbox, sim_api: SimApi, clock: FakeClock, value: str, expected: float) -> None:
     fill(outbox, 3)
     sim_api.fail(503, retry_after=value)
     up = make()
     assert up.step() == expected
-    clock.t += expected
+    clock.now += expected
     assert up.step() == 10.0 and sim_api.seqs(DEVICE) == {1, 2, 3}
 
 
 def test_http_date_retry_after_is_measured_against_the_servers_date_not_a_pi_clock_at_1970(
-        make, outbox: Outbox, sim_api: SimApi, clock: Clock) -> None:
+        make, outbox: Outbox, sim_api: SimApi, clock: FakeClock) -> None:
     """A Pi without RTC believes it is 1970: to it, every server date lies ~57 years ahead. The
     same as a server clock 57 years ahead of ours, which the simulated API can do."""
     fill(outbox, 3)
@@ -127,7 +120,7 @@ def test_http_date_retry_after_is_measured_against_the_servers_date_not_a_pi_clo
     up = make()
     wait = up.step()
     assert 19.0 <= wait <= 20.0
-    clock.t += wait
+    clock.now += wait
     up.step()
     assert sim_api.seqs(DEVICE) == {1, 2, 3}
 
@@ -143,26 +136,26 @@ def test_flush_cuts_a_retry_after_wait_short(make, outbox: Outbox, sim_api: SimA
     assert statuses(sim_api) == [503, 200] and sim_api.seqs(DEVICE) == {1, 2, 3}
 
 
-def test_retry_after_zero_does_not_spin(make, outbox: Outbox, sim_api: SimApi, clock: Clock) -> None:
+def test_retry_after_zero_does_not_spin(make, outbox: Outbox, sim_api: SimApi, clock: FakeClock) -> None:
     fill(outbox, 3)
     sim_api.fail(503, count=4, retry_after=0)
     up = make()
     waits = []
     for _ in range(4):
         waits.append(up.step())
-        clock.t += waits[-1]
+        clock.now += waits[-1]
     assert waits == [0.375, 0.75, 1.5, 3.0]
 
 
 def test_exponential_backoff_with_jitter_capped_then_reset(make, outbox: Outbox, sim_api: SimApi,
-                                                           clock: Clock) -> None:
+                                                           clock: FakeClock) -> None:
     fill(outbox, 3)
     sim_api.fail(500, count=12)
     up = make()
     waits = []
     for _ in range(12):
         waits.append(up.step())
-        clock.t += waits[-1]
+        clock.now += waits[-1]
     # rng = 0.5: equal jitter gives 0.75 x the doubled base, up to the 5 min cap.
     assert waits[:4] == [0.75, 1.5, 3.0, 6.0]
     assert max(waits) == 0.75 * BACKOFF_CAP_S
@@ -203,20 +196,20 @@ def test_a_400_that_does_not_come_back_dead_letters_nothing(make, outbox: Outbox
 
 
 def test_a_wrong_endpoint_keeps_everything_backs_off_and_says_where(make, outbox: Outbox, sim_api: SimApi,
-                                                                    clock: Clock, state: AgentState) -> None:
+                                                                    clock: FakeClock, state: AgentState) -> None:
     fill(outbox, 20)
     up = make(url=f"{sim_api.base_url}/v1/readngs?code=s3cret", batch_max=10)
     waits = []
     for _ in range(6):
         waits.append(up.step())
-        clock.t += waits[-1]
+        clock.now += waits[-1]
     assert waits == [30.0, 60.0, 120.0, 240.0, 480.0, FORBIDDEN_CAP_S]
     assert set(statuses(sim_api)) == {404} and len(sim_api.requests) == 6
     assert outbox.counts() == OutboxCounts(pending=20, dead=0, dropped=0)
     error = state.snapshot.error or ""
     assert "404" in error and f"{sim_api.base_url}/v1/readngs" in error and "s3cret" not in error
     up.url = up.sink.url = sim_api.url             # fixed (a config reload would do the same)
-    clock.t += up.step()
+    clock.now += up.step()
     up.step()
     assert sim_api.seqs(DEVICE) == set(range(1, 21)) and state.snapshot.error is None
 
@@ -233,18 +226,18 @@ def test_401_refreshes_once_and_retries_with_the_new_token(make, outbox: Outbox,
 
 def test_401_then_no_token_waits_for_sign_in_while_readings_queue(make, outbox: Outbox, sim_api: SimApi,
                                                                   tokens: FakeTokens, sim_keys: SimKeys,
-                                                                  clock: Clock) -> None:
+                                                                  clock: FakeClock) -> None:
     fill(outbox, 5)
     tokens.token = sim_keys.mint({"exp": int(time.time()) - 600})
     tokens.on_reject = lambda: None                                     # refresh failed: code flow
     up = make()
     for _ in range(5):
-        clock.t += up.step()
+        clock.now += up.step()
         fill(outbox, 1)
     assert tokens.rejections == 1 and statuses(sim_api) == [401]
     assert outbox.counts().pending == 10
     tokens.token = sim_keys.mint()                                      # signed in again
-    clock.t += up.step()
+    clock.now += up.step()
     assert sim_api.seqs(DEVICE) == set(range(1, 11))
 
 
@@ -266,7 +259,7 @@ class _RefreshFailsOnce(FakeTokens):
 
 
 def test_401_with_a_failed_refresh_tries_again_after_the_poll_not_an_hour_later(
-        outbox: Outbox, sim_api: SimApi, sim_keys: SimKeys, api_settings: UploadSettings, clock: Clock,
+        outbox: Outbox, sim_api: SimApi, sim_keys: SimKeys, api_settings: UploadSettings, clock: FakeClock,
         state: AgentState) -> None:
     fill(outbox, 5)
     tokens = _RefreshFailsOnce(sim_keys)
@@ -276,7 +269,7 @@ def test_401_with_a_failed_refresh_tries_again_after_the_poll_not_an_hour_later(
     try:
         wait = up.step()
         assert wait == NO_TOKEN_POLL_S and statuses(sim_api) == [401] and tokens.rejections == 1
-        clock.t += wait
+        clock.now += wait
         up.step()          # same token again -> 401 -> this time the refresh works -> delivered
     finally:
         sink.close()
@@ -285,7 +278,7 @@ def test_401_with_a_failed_refresh_tries_again_after_the_poll_not_an_hour_later(
 
 
 def test_401_again_with_the_fresh_token_keeps_readings_backs_off_and_never_signs_in_again(
-        make, outbox: Outbox, sim_api: SimApi, tokens: FakeTokens, sim_keys: SimKeys, clock: Clock,
+        make, outbox: Outbox, sim_api: SimApi, tokens: FakeTokens, sim_keys: SimKeys, clock: FakeClock,
         state: AgentState) -> None:
     fill(outbox, 5)
     wrong = sim_keys.mint({"aud": "api://someone-else"})
@@ -295,7 +288,7 @@ def test_401_again_with_the_fresh_token_keeps_readings_backs_off_and_never_signs
     waits = []
     for _ in range(6):
         waits.append(up.step())
-        clock.t += waits[-1]
+        clock.now += waits[-1]
     assert waits == [30.0, 60.0, 120.0, 240.0, 480.0, FORBIDDEN_CAP_S]
     # One refresh, then the refused fresh token is retried rarely, never reported again (a second
     # report is what would send the device back to the code flow).
@@ -321,7 +314,7 @@ def test_401_with_a_claims_challenge_asks_for_a_token_with_those_claims(
 
 def test_a_token_source_without_the_claims_parameter_still_works(
         outbox: Outbox, sim_api: SimApi, sim_keys: SimKeys, api_settings: UploadSettings,
-        state: AgentState, clock: Clock) -> None:
+        state: AgentState, clock: FakeClock) -> None:
     class OldTokens:
         def __init__(self) -> None:
             self.token = sim_keys.mint()
@@ -348,14 +341,14 @@ def test_a_token_source_without_the_claims_parameter_still_works(
 
 def test_403_keeps_readings_backs_off_and_says_check_the_scopes(make, outbox: Outbox, sim_api: SimApi,
                                                                 tokens: FakeTokens, sim_keys: SimKeys,
-                                                                clock: Clock, state: AgentState) -> None:
+                                                                clock: FakeClock, state: AgentState) -> None:
     fill(outbox, 5)
     tokens.token = sim_keys.mint({"scp": "User.Read"})
     up = make()
     waits = []
     for _ in range(7):
         waits.append(up.step())
-        clock.t += waits[-1]
+        clock.now += waits[-1]
     assert waits == [30.0, 60.0, 120.0, 240.0, 480.0, FORBIDDEN_CAP_S, FORBIDDEN_CAP_S]
     assert set(statuses(sim_api)) == {403} and tokens.rejections == 0
     assert outbox.counts() == OutboxCounts(pending=5, dead=0, dropped=0)
@@ -367,7 +360,7 @@ def test_403_keeps_readings_backs_off_and_says_check_the_scopes(make, outbox: Ou
 
 def test_overflow_while_signed_out_is_counted_in_state(tmp_path, tokens: FakeTokens, state: AgentState,
                                                        api_settings: UploadSettings, sim_api: SimApi,
-                                                       clock: Clock) -> None:
+                                                       clock: FakeClock) -> None:
     box = Outbox(tmp_path / "small.sqlite3", DEVICE, max_rows=10, max_bytes=10**7)
     tokens.token = None
     sink = HttpSink(api_settings, DEVICE)
@@ -384,14 +377,14 @@ def test_overflow_while_signed_out_is_counted_in_state(tmp_path, tokens: FakeTok
 
 
 def test_connection_reset_is_retried_and_delivered_once(make, outbox: Outbox, sim_api: SimApi,
-                                                        clock: Clock, state: AgentState) -> None:
+                                                        clock: FakeClock, state: AgentState) -> None:
     fill(outbox, 8)
     up = make()
     sim_api.reset(count=2)
     waits = []
     for _ in range(3):
         waits.append(up.step())
-        clock.t += waits[-1]
+        clock.now += waits[-1]
     assert waits[:2] == [0.75, 1.5] and waits[2] == 10.0
     assert statuses(sim_api) == [None, None, 200]
     assert sim_api.seqs(DEVICE) == set(range(1, 9)) and outbox.counts().pending == 0
@@ -400,11 +393,11 @@ def test_connection_reset_is_retried_and_delivered_once(make, outbox: Outbox, si
 
 @pytest.mark.slow
 def test_timeout_is_retried_and_the_repeat_deduplicated(make, outbox: Outbox, sim_api: SimApi,
-                                                        clock: Clock) -> None:
+                                                        clock: FakeClock) -> None:
     fill(outbox, 8)
     up = make(timeout_s=1.0)
     sim_api.latency_s = 1.3                       # the API stores the batch, the answer comes too late
-    clock.t += up.step()
+    clock.now += up.step()
     deadline = time.monotonic() + 5
     while len(sim_api.requests) < 1 and time.monotonic() < deadline:
         time.sleep(0.02)                          # let the slow request finish on the server

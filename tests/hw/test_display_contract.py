@@ -15,9 +15,7 @@ from hw.console import ConsoleDisplay, render_text
 from hw.errors import HardwareError
 from hw.fakebus import FakeI2CBus
 from hw.registry import open_display
-from tests.fixtures.hardware import pixel_diff
-
-ON_PI = os.environ.get("DEVICE_AGENT_TEST_HW") == "1"
+from tests.fixtures.hardware import ON_PI, pixel_diff
 
 
 class Seen:
@@ -105,6 +103,7 @@ def test_png_is_written_atomically_and_readable(tmp_path: Path) -> None:
     display = open_display("png", path=str(path))
     assert display is not None
     display.show(picture())
+    display.close()
     assert path.exists() and oct(path.stat().st_mode & 0o777) == "0o644"
     assert [p.name for p in path.parent.iterdir()] == ["screen.png"]   # no temp files left
     with Image.open(path) as im:
@@ -151,6 +150,7 @@ def test_console_small_tty_uses_braille(monkeypatch: pytest.MonkeyPatch) -> None
     out = Tty()
     display = ConsoleDisplay(out)
     display.show(picture())
+    display.close()
     text = out.getvalue()
     assert text.startswith("\x1b[2J\x1b[19;24r")
     frame = text.split("\x1b[H", 1)[1].split("\x1b8")[0]
@@ -177,6 +177,7 @@ def test_console_pipe_prints_only_changed_frames() -> None:
         display.show(picture())
     assert out.getvalue().count("\u250c") == 1 and "\x1b" not in out.getvalue()
     display.show(Image.new("1", (128, 64)))
+    display.close()
     assert out.getvalue().count("\u250c") == 2
 
 

@@ -56,8 +56,10 @@ def test_blank_until_first_frame_then_on(oled_bus: FakeI2CBus) -> None:
 
 
 def test_contrast_reaches_the_controller(oled_bus: FakeI2CBus) -> None:
-    open_display(oled_bus.controller, bus=oled_bus, contrast=42)
+    display = open_display(oled_bus.controller, bus=oled_bus, contrast=42)
     assert oled_bus.contrast == 42
+    assert display is not None
+    display.close()
 
 
 def test_sh1106_column_offset_matters() -> None:
@@ -103,6 +105,7 @@ def test_display_unplugged_later_raises_hardware_error(oled_bus: FakeI2CBus) -> 
         display.show(Image.new("1", (128, 64)))
     with pytest.raises(HardwareError, match="no display answers"):
         display.power(False)
+    display.close()
 
 
 def test_wrong_image_is_refused(oled_bus: FakeI2CBus) -> None:
@@ -110,6 +113,7 @@ def test_wrong_image_is_refused(oled_bus: FakeI2CBus) -> None:
     assert display is not None
     with pytest.raises(HardwareError, match="128, 64"):
         display.show(Image.new("RGB", (128, 64)))
+    display.close()
 
 
 def test_persist_keeps_last_frame_at_cleanup(oled_bus: FakeI2CBus) -> None:

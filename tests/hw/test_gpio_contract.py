@@ -16,9 +16,9 @@ from hw.base import Gpio
 from hw.errors import HardwareError, HardwareUnavailable
 from hw.fake import FakeGpio, FakePinBank, FakeRpiGpioModule
 from hw.rpi import RpiGpio
-from tests.fixtures.hardware import FakeClock
+from tests.fixtures.clock import FakeClock
+from tests.fixtures.hardware import ON_PI
 
-ON_PI = os.environ.get("DEVICE_AGENT_TEST_HW") == "1"
 IN_PIN = int(os.environ.get("DEVICE_AGENT_TEST_IN_PIN", "17"))     # on a Pi: wired to OUT_PIN
 OUT_PIN = int(os.environ.get("DEVICE_AGENT_TEST_OUT_PIN", "27"))
 

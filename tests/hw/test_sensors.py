@@ -18,7 +18,7 @@ from hw.fake import (
 )
 from hw.registry import open_sensor
 from hw.sensors.bme280 import Bme280, Trim, compensate
-from tests.fixtures.hardware import FakeClock
+from tests.fixtures.clock import FakeClock
 
 
 def test_cpu_temperature_from_thermal_zone(tmp_path: Path) -> None:
