@@ -75,8 +75,9 @@ AADSTS: dict[int, tuple[Kind, str]] = {
 CERTIFICATE_AADSTS: dict[int, tuple[Kind, str]] = {
     700027: ("config", "The IdP refused the certificate (AADSTS700027): upload auth.certificate_file "
                        "to the app registration"),
-    700024: ("config", "The IdP says the client assertion is outside its valid time (AADSTS700024): "
-                       "check the device clock (NTP)"),
+    # Retried soon: the refusal's Date header is enough to correct the next assertion's time.
+    700024: ("transient", "The IdP says the client assertion is outside its valid time (AADSTS700024): "
+                          "check the device clock (NTP)"),
     700023: ("config", "The client assertion's audience does not match the IdP (AADSTS700023): check "
                        "auth.authority"),
     700021: ("config", "The client assertion names another app (AADSTS700021): check auth.client_id"),

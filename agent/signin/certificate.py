@@ -45,6 +45,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from agent.clock import ClockTrust
 from agent.config import AuthSettings, private_file_problem
 from agent.errors import AgentError
 from agent.net.https import HttpsSession
@@ -170,6 +171,33 @@ def make_assertion(cred: Credential, *, client_id: str, token_endpoint: str, sen
     return jwt.encode(claims, cred.private_key, algorithm="PS256", headers=headers)
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+class _Quiet:
+    """One log line per failure streak, then one every ``every_s`` with a count (never a line
+    per retry): the sign-in thread retries for as long as the box runs."""
+
+    def __init__(self, clock: Callable[[], float], every_s: float = 600.0) -> None:
+        self._clock, self._every_s = clock, every_s
+        self._last: tuple[str, float] | None = None
+        self._count = 0
+
+    def log(self, level: int, message: str, then: str) -> None:
+        now = self._clock()
+        if self._last is not None and self._last[0] == message and now - self._last[1] < self._every_s:
+            self._count += 1
+            log.debug("%s; %s", message, then)
+            return
+        more = f" ({self._count} more times since)" if self._last and self._last[0] == message else ""
+        log.log(level, "%s; %s%s", message, then, more)
+        self._last, self._count = (message, now), 0
+
+    def reset(self) -> None:
+        self._last, self._count = None, 0
+
+
 @dataclass
 class _Token:
     value: str
@@ -207,13 +235,17 @@ class CertificateAuthenticator:
     def __init__(self, settings: AuthSettings, cache_path: Path, state: AgentState, *, device_id: str,
                  timing: Timing | None = None, clock: Callable[[], float] = time.monotonic,
                  rng: Callable[[], float] = random.random,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time, trust: ClockTrust | None = None) -> None:
         self._settings = settings
         self._state = state
         self._device_id = device_id
         self._timing = timing or Timing()
         self._clock = clock
-        self._wall = wall_clock
+        # The assertion's iat/exp and the certificate's validity are wall-clock facts; a box
+        # without an RTC may be off, so the time is the IdP's (its Date headers) when the
+        # kernel's clock is not trusted (agent/clock.py).
+        self._trust = trust or ClockTrust(wall=wall_clock)
+        self._quiet = _Quiet(clock)
         self._credential = load_credential(settings.certificate_file, settings.private_key_file)
         self._cred_mtimes = self._mtimes()
         self._cache = TokenCacheFile(cache_path)
@@ -260,14 +292,15 @@ class CertificateAuthenticator:
                 wait_s = self._step()
                 self._transient.reset()
                 self._config.reset()
+                self._quiet.reset()
             except _IdpDown as err:
                 wait_s = self._transient.next_delay(err.retry_after_s or 0.0)
-                log.warning("%s; retrying in %.1f s", err, wait_s)
+                self._quiet.log(logging.WARNING, str(err), f"retrying in {wait_s:.1f} s")
                 if not self._signed_in:
                     self._state.failed(f"{err}: retrying")
             except _Refused as err:
                 wait_s = self._config.next_delay()
-                log.error("%s; trying again in %.0f min", err.problem.message, wait_s / 60)
+                self._quiet.log(logging.ERROR, err.problem.message, f"trying again in {_duration(wait_s)}")
                 self._state.failed(err.problem.message)
             except Exception as err:   # never let the sign-in thread die
                 log.exception("unexpected sign-in error (%s); retrying", type(err).__name__)
@@ -346,7 +379,12 @@ class CertificateAuthenticator:
     def _step(self) -> float:
         """One pass: check the certificate, have a token, say how long until the next pass."""
         self._reload_if_changed()
-        problem = validity_problem(self._credential, datetime.fromtimestamp(self._wall(), UTC))
+        problem = validity_problem(self._credential, datetime.fromtimestamp(self._trust.now(), UTC))
+        if problem is not None and problem.kind != "pending" and self._trust.quality() == "unsynced":
+            # An unsynchronized clock and no server's Date yet: this box cannot tell whether the
+            # certificate is valid. The IdP can, and its answer carries the time.
+            log.debug("certificate validity unknown here (clock not synchronized): asking the IdP")
+            problem = None
         if problem is not None and problem.kind != "pending":
             with self._lock:
                 self._signed_in = False
@@ -459,7 +497,7 @@ class CertificateAuthenticator:
         self.assertions_signed += 1
         return make_assertion(self._credential, client_id=self._settings.client_id,
                               token_endpoint=endpoint, send_chain=self._settings.send_certificate_chain,
-                              now=self._wall())
+                              now=self._trust.now())
 
     def _mtimes(self) -> tuple[float, float]:
         try:
@@ -511,6 +549,7 @@ class CertificateAuthenticator:
         return _IdpDown(msg, self._idp_retry_after)
 
     def _on_idp_response(self, resp: requests.Response) -> None:
+        self._trust.observe_response(resp)
         self._idp_retry_after = retry_after_s(resp) if resp.status_code in (429, 503) else None
         self._state.set_link("idp", "up" if resp.status_code < 500 else "down")
 

@@ -23,6 +23,7 @@ import pytest
 import requests
 
 from agent import config
+from agent.clock import ClockTrust
 from agent.config import AuthSettings, private_file_problem
 from agent.errors import ConfigError
 from agent.signin.authenticator import Timing
@@ -100,6 +101,11 @@ def running() -> Iterator[Any]:
     yield start
     for r in started:
         r.stop()
+
+
+def SYNCED() -> ClockTrust:  # noqa: N802 - reads as a constant at the call sites
+    """The box's clock is synchronized (the kernel says so): expiry is judged here."""
+    return ClockTrust(kernel=lambda: True, boot_id="b")
 
 
 def accepted(idp: SimIdp) -> int:
@@ -236,21 +242,49 @@ def test_certificate_expired_here_is_not_even_sent(idp: SimIdp, tls: TlsFiles, t
     old = make_certificate(tmp_path / "old", "greenhouse-01", valid_days=30,
                            not_before=datetime.now(UTC) - timedelta(days=40))
     idp.register_certificate(old.pem, CLIENT)
-    error = sign_in_error(app_settings(idp, tls, old), tmp_path / "c.json", running)
+    error = sign_in_error(app_settings(idp, tls, old), tmp_path / "c.json", running, trust=SYNCED())
     day = (datetime.now(UTC) - timedelta(days=10)).strftime("%Y-%m-%d")
     assert error == (f"The certificate in auth.certificate_file expired on {day}: create a new one "
                      "and upload it to the app registration (README)")
     assert idp.app_credentials.assertions == [], "an expired certificate is not offered to the IdP"
 
 
-def test_assertion_outside_its_time_means_the_clock(idp: SimIdp, tls: TlsFiles, tmp_path: Path,
-                                                    running: Any) -> None:
-    files = make_certificate(tmp_path / "c", "greenhouse-01", not_before=datetime.now(UTC) - timedelta(days=2))
-    idp.register_certificate(files.pem, CLIENT)
-    error = sign_in_error(app_settings(idp, tls, files), tmp_path / "c.json", running,
-                          wall_clock=lambda: time.time() - 3600)     # the box's clock is an hour behind
+def test_assertion_outside_its_time_means_the_clock(tls: TlsFiles, tmp_path: Path, running: Any) -> None:
+    """An IdP whose checks run an hour ahead of the time its Date headers tell: nothing the box
+    can correct, so the refusal stays, and says where to look."""
+    ahead = SimIdp(tls, client_id=CLIENT, wall_clock=lambda: time.time() + 3600).start()
+    try:
+        files = make_certificate(tmp_path / "c", "greenhouse-01")
+        ahead.register_certificate(files.pem, CLIENT)
+        error = sign_in_error(app_settings(ahead, tls, files), tmp_path / "c.json", running)
+    finally:
+        ahead.stop()
     assert error == ("The IdP says the client assertion is outside its valid time (AADSTS700024): "
-                     "check the device clock (NTP)")
+                     "check the device clock (NTP): retrying")
+
+
+def test_a_box_clock_hours_behind_is_corrected_by_the_idps_date(idp: SimIdp, tls: TlsFiles, tmp_path: Path,
+                                                                running: Any) -> None:
+    """No RTC, no NTP yet: the clock says 3 h ago. The discovery answer's Date header gives the
+    time before the first assertion is signed, so the first one is accepted."""
+    files = make_certificate(tmp_path / "c", "greenhouse-01")
+    idp.register_certificate(files.pem, CLIENT)
+    trust = ClockTrust(wall=lambda: time.time() - 3 * 3600, kernel=lambda: False, boot_id="b")
+    r = running(app_settings(idp, tls, files), tmp_path / "c.json", trust=trust)
+    wait_until(lambda: r.state.snapshot.phase == "signed_in", 10, "sign-in with a corrected clock")
+    assert [a.accepted for a in idp.app_credentials.assertions] == [True]
+
+
+def test_a_stale_synchronized_flag_costs_one_refused_assertion(idp: SimIdp, tls: TlsFiles, tmp_path: Path,
+                                                               running: Any) -> None:
+    """The kernel says synchronized but the clock is an hour off: two servers' answers outweigh
+    it (agent/clock.py), so the retry after the first refusal is signed with the right time."""
+    files = make_certificate(tmp_path / "c", "greenhouse-01", not_before=datetime.now(UTC) - timedelta(days=1))
+    idp.register_certificate(files.pem, CLIENT)
+    trust = ClockTrust(wall=lambda: time.time() - 3600, kernel=lambda: True, boot_id="b")
+    r = running(app_settings(idp, tls, files), tmp_path / "c.json", trust=trust)
+    wait_until(lambda: r.state.snapshot.phase == "signed_in", 10, "signed in after one refusal")
+    assert [a.aadsts for a in idp.app_credentials.assertions] == [700024, None]
 
 
 def test_delegated_scope_refused_by_the_idp_says_default(idp: SimIdp, tls: TlsFiles,
@@ -462,7 +496,7 @@ def test_a_renewed_certificate_is_used_without_a_restart(idp: SimIdp, tls: TlsFi
     monkeypatch.setattr(certificate, "FILES_CHECK_S", 0.05)
     old = make_certificate(tmp_path / "c", "greenhouse-01", valid_days=30,
                            not_before=datetime.now(UTC) - timedelta(days=31))
-    r = running(app_settings(idp, tls, old), tmp_path / "cache.json")
+    r = running(app_settings(idp, tls, old), tmp_path / "cache.json", trust=SYNCED())
     wait_until(lambda: r.state.snapshot.phase == "error", 10, "the expired certificate's error")
     assert "expired on" in str(r.state.snapshot.error)
     new = make_certificate(tmp_path / "new", "greenhouse-01")
@@ -483,3 +517,24 @@ def test_certificate_keys_without_the_certificate_flow_are_an_error(cert: Certif
         config.parse(raw, Path("c.toml"))
     assert str(err.value) == ('c.toml: auth.flow, auth.certificate_file: auth.certificate_file is used only '
                               'with auth.flow = "client_certificate"; set that, or remove it')
+
+
+def test_an_unsynchronized_clock_lets_the_idp_judge_the_certificate(idp: SimIdp, tls: TlsFiles,
+                                                                    tmp_path: Path, running: Any) -> None:
+    """Booted at 1970 (no RTC, no NTP): "not valid yet" here says nothing; the IdP's answer does."""
+    files = make_certificate(tmp_path / "c", "greenhouse-01")
+    idp.register_certificate(files.pem, CLIENT)
+    trust = ClockTrust(wall=lambda: 86400.0 + time.monotonic(), kernel=lambda: False, boot_id="b")
+    r = running(app_settings(idp, tls, files), tmp_path / "c.json", trust=trust)
+    wait_until(lambda: r.state.snapshot.phase == "signed_in", 10, "signed in despite a 1970 clock")
+
+
+def test_a_lasting_refusal_is_one_journal_line_not_one_per_retry(idp: SimIdp, tls: TlsFiles, cert: CertificateFiles,
+                                                                  tmp_path: Path, running: Any,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="agent.signin.certificate")
+    running(app_settings(idp, tls, cert), tmp_path / "c.json")     # not registered: refused each time
+    wait_until(lambda: len(idp.app_credentials.assertions) >= 4, 15, "several retries")
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name == "agent.signin.certificate"]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    assert "does not know this certificate" in errors[0].getMessage()
