@@ -502,6 +502,9 @@ def render_status(snap: Snapshot, size: tuple[int, int] = SIZE) -> Image.Image:
         queue += f"  dead {o.dead}"
     if o.dropped:
         queue += f"  dropped {o.dropped}"
+    if snap.storage != "ok":      # new readings are being dropped: this outranks the counts
+        queue = "not storing: disk full" if snap.storage == "full" else "not storing: read-only"
+        queue = _ellipsized(draw, queue, small, w - 2)
     _ink_text(draw, (1, queue_y), queue, small)
     x = 1
     for name_ in ("idp", "api", "mqtt"):

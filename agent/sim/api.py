@@ -90,6 +90,7 @@ class SimApi:
         self._lock = threading.Lock()
         self._faults: deque[Fault] = deque()
         self.latency_s = 0.0
+        self.in_flight = 0              # requests being answered right now (bench: kill mid-upload)
         self.clock_offset_s = 0.0       # the server's clock (Date, Retry-After dates) runs this far ahead
         self.max_body_bytes: int | None = None      # larger bodies get 413, before auth
         self.poisoned_seqs: set[int] = set()        # a request holding one of these gets 422
@@ -199,6 +200,15 @@ class SimApi:
             self.requests.append(ApiRequest(t, status, count, key, new, encoding, wire))
 
     def _handle(self, h: JsonHandler) -> None:
+        with self._lock:
+            self.in_flight += 1
+        try:
+            self._answer(h)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _answer(self, h: JsonHandler) -> None:
         t = time.monotonic()
         key = h.headers.get("Idempotency-Key")
         if self.latency_s:

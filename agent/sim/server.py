@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -25,6 +27,13 @@ class LoopbackHTTPSServer(ThreadingHTTPServer):
         super().__init__((host, port), handler)
         self.socket = tls.server_context().wrap_socket(self.socket, server_side=True)
         self._thread: threading.Thread | None = None
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that vanished mid-request (killed, timed out, reset) is routine for the
+        sims; anything else is printed as socketserver does."""
+        if isinstance(sys.exc_info()[1], ConnectionError | ssl.SSLError | TimeoutError):
+            return
+        super().handle_error(request, client_address)
 
     @property
     def base_url(self) -> str:

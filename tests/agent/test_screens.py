@@ -160,3 +160,16 @@ def test_absurd_verification_uri_still_gives_a_screen_quickly() -> None:
         pages = [render_code(code, 0.0, page) for page in (0, 1)]
         assert _time.perf_counter() - t0 < 2.0
         assert all(p.size == (128, 64) for p in pages)
+
+
+def test_status_screen_says_when_storage_is_full_or_read_only() -> None:
+    base = Snapshot(phase="signed_in", account="ada@contoso.example",
+                    last_reading=LastReading("cpu", 47.2, "°C"), links={"api": "up"})
+    ok = screens.render_status(base)
+    full = screens.render_status(Snapshot(**{**base.__dict__, "storage": "full"}))
+    read_only = screens.render_status(Snapshot(**{**base.__dict__, "storage": "read_only"}))
+    changed = pixel_diff(ok, full)
+    assert changed is not None and pixel_diff(full, read_only) is not None
+    # Only the queue line changes: the account, the reading and the links stay as they were.
+    top, bottom = changed[1], changed[3]
+    assert top > 30 and bottom < 56, changed
