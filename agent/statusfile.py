@@ -186,6 +186,9 @@ def read_status(settings: Settings) -> dict[str, Any]:
 
     counts = Outbox.read_counts(settings.outbox_path) if settings.outbox_path.exists() else None
     account = _cached_account(settings.token_cache_path)
+    if account is None and settings.auth.flow == "client_certificate":
+        # App-only tokens have no account; the identity is the app (as the running service says).
+        account = f"app {settings.auth.client_id}" if _has_app_token(settings.token_cache_path) else None
     return {
         "running": False,
         "device_id": settings.device.id,
@@ -210,6 +213,16 @@ def _cached_account(cache_path: Path) -> str | None:
         if isinstance(acc, dict):
             return str(acc.get("username") or acc.get("home_account_id") or "") or None
     return None
+
+
+def _has_app_token(cache_path: Path) -> bool:
+    """Whether the cache holds an app-only access token (auth.flow = "client_certificate")."""
+    try:
+        data = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        return False
+    tokens = data.get("AccessToken") or {}
+    return any(isinstance(t, dict) and not t.get("home_account_id") for t in tokens.values())
 
 
 def acknowledge_sign_out(state_dir: Path) -> None:

@@ -265,6 +265,8 @@ class CertificateAuthenticator:
         self._wake = threading.Event()
         self._transient = Backoff(self._timing.backoff_initial_s, self._timing.backoff_max_s, rng)
         self._config = Backoff(self._timing.config_backoff_initial_s, self._timing.config_backoff_max_s, rng)
+        self._poll_backoff = Backoff(self._timing.config_backoff_initial_s, self._timing.config_backoff_max_s, rng)
+        self._retry_at = 0.0                     # monotonic: no attempt before (a failure's back-off)
         self.assertions_signed = 0
         self.heartbeat: float = clock()
 
@@ -294,33 +296,52 @@ class CertificateAuthenticator:
                 self._config.reset()
                 self._quiet.reset()
             except _IdpDown as err:
-                wait_s = self._transient.next_delay(err.retry_after_s or 0.0)
+                wait_s = self._retry_wait(self._transient.next_delay(err.retry_after_s or 0.0))
                 self._quiet.log(logging.WARNING, str(err), f"retrying in {wait_s:.1f} s")
                 if not self._signed_in:
                     self._state.failed(f"{err}: retrying")
             except _Refused as err:
-                wait_s = self._config.next_delay()
+                wait_s = self._retry_wait(self._config.next_delay())
                 self._quiet.log(logging.ERROR, err.problem.message, f"trying again in {_duration(wait_s)}")
                 self._state.failed(err.problem.message)
             except Exception as err:   # never let the sign-in thread die
                 log.exception("unexpected sign-in error (%s); retrying", type(err).__name__)
-                wait_s = self._transient.next_delay()
+                wait_s = self._retry_wait(self._transient.next_delay())
             with self._lock:
                 self._http_cache.clear()   # msal would replay a 5xx/400 from memory for 60 s
             self._wait(max(wait_s, started + MIN_PASS_S - self._clock()))
         log.info("sign-in stopped")
+
+    def _retry_wait(self, delay_s: float) -> float:
+        """A failed pass: no attempt from any thread before ``delay_s`` is over."""
+        with self._lock:
+            self._retry_at = self._clock() + delay_s
+        return delay_s
 
     def access_token(self) -> str | None:
         """A valid app token (from msal's cache or the IdP); None while there is none."""
         with self._lock:
             tok = self._token
             now = self._clock()
-            if tok is not None and tok.value == self._rejected:
+            if tok is None:
+                # No token yet (or lost): try now unless a failure's back-off is running, so an
+                # uploader polling for a token never hammers the IdP.
+                if now < self._retry_at:
+                    return None
+                try:
+                    self._acquire(force=False)
+                except (_IdpDown, _Refused) as err:
+                    self._retry_at = self._clock() + self._poll_backoff.next_delay()
+                    log.debug("no app token yet: %s", err)
+                    return None
+                self._poll_backoff.reset()
+                return self._token.value if self._token else None
+            if tok.value == self._rejected:
                 return self._replace_rejected()
-            if tok is not None and tok.expires_at - now > tok.margin_s(self._timing):
+            if tok.expires_at - now > tok.margin_s(self._timing):
                 return tok.value
             try:
-                self._acquire(force=tok is not None)   # msal's cache first only for the first one
+                self._acquire(force=True)
             except (_IdpDown, _Refused) as err:
                 log.warning("app token refresh failed: %s", err)
                 tok = self._token
@@ -366,6 +387,7 @@ class CertificateAuthenticator:
             except OSError as err:
                 log.error("cannot clear the token cache %s: %s", self._cache.path, err.strerror or err)
             self._app = None           # its in-memory view of the cache is stale now
+            self._retry_at = 0.0
             self._token = None
             self._forced_token = None
             self._rejected = None

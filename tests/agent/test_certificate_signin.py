@@ -533,8 +533,26 @@ def test_a_lasting_refusal_is_one_journal_line_not_one_per_retry(idp: SimIdp, tl
                                                                   tmp_path: Path, running: Any,
                                                                   caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="agent.signin.certificate")
-    running(app_settings(idp, tls, cert), tmp_path / "c.json")     # not registered: refused each time
+    r = running(app_settings(idp, tls, cert), tmp_path / "c.json")     # not registered: refused each time
+    wait_until(lambda: idp.app_credentials.assertions, 10, "a first refusal")
+    for _ in range(50):          # the uploader asking for a token meanwhile costs the IdP nothing
+        assert r.auth.access_token() is None
+    assert len(idp.app_credentials.assertions) <= 2
     wait_until(lambda: len(idp.app_credentials.assertions) >= 4, 15, "several retries")
     errors = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name == "agent.signin.certificate"]
     assert len(errors) == 1, [r.getMessage() for r in errors]
     assert "does not know this certificate" in errors[0].getMessage()
+
+
+def test_status_of_a_stopped_box_names_the_app(idp: SimIdp, tls: TlsFiles, registered: CertificateFiles,
+                                               tmp_path: Path) -> None:
+    from agent.statusfile import read_status
+
+    raw = raw_config(registered, authority=idp.authority, instance_discovery=False, ca_file=str(tls.ca_file))
+    raw["device"] = {"id": "greenhouse-01", "state_dir": str(tmp_path / "state")}
+    settings = config.parse(raw, Path("c.toml"))
+    assert read_status(settings)["account"] is None
+    (tmp_path / "state").mkdir(mode=0o700)
+    CertificateAuthenticator(settings.auth, settings.token_cache_path, AgentState(), device_id="d",
+                             timing=FAST).access_token()
+    assert read_status(settings)["account"] == f"app {CLIENT}"
