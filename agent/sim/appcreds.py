@@ -104,7 +104,7 @@ class TrustedSubject:
     issuer: x509.Certificate
 
 
-class AssertionError_(Exception):   # noqa: N801,N818 - not the builtin AssertionError
+class AssertionRefused(Exception):  # noqa: N818 - an Entra refusal, not a bug
     """Raised by :meth:`AppCredentials.check`; the IdP turns it into an Entra error answer."""
 
     def __init__(self, aadsts: int, **fmt: str) -> None:
@@ -143,19 +143,19 @@ class AppCredentials:
         """Verify the request's client authentication; records every assertion examined.
 
         Raises:
-            AssertionError_: with Entra's AADSTS code for what is wrong.
+            AssertionRefused: with Entra's AADSTS code for what is wrong.
         """
         if form.get("client_secret"):
-            raise AssertionError_(7000215, client=client_id)
+            raise AssertionRefused(7000215, client=client_id)
         assertion = form.get("client_assertion", "")
         if not assertion:
-            raise AssertionError_(7000218)
+            raise AssertionRefused(7000218)
         if form.get("client_assertion_type") != CLIENT_ASSERTION_TYPE:
-            raise AssertionError_(50027, why="client_assertion_type must be " + CLIENT_ASSERTION_TYPE)
+            raise AssertionRefused(50027, why="client_assertion_type must be " + CLIENT_ASSERTION_TYPE)
         record: dict[str, Any] = {"jti": None, "alg": None, "thumbprint_header": None, "x5c": False}
         try:
             self._check_assertion(assertion, client_id, record)
-        except AssertionError_ as err:
+        except AssertionRefused as err:
             self._record(record, False, err.aadsts)
             raise
         self._record(record, True, None)
@@ -175,12 +175,12 @@ class AppCredentials:
         try:
             header = jwt.get_unverified_header(assertion)
         except jwt.PyJWTError as err:
-            raise AssertionError_(50027, why=f"({type(err).__name__})") from err
+            raise AssertionRefused(50027, why=f"({type(err).__name__})") from err
         alg = str(header.get("alg") or "")
         record["alg"] = alg
         record["x5c"] = bool(header.get("x5c"))
         if alg not in ALGORITHMS:
-            raise AssertionError_(5002738, alg=alg[:20])
+            raise AssertionRefused(5002738, alg=alg[:20])
         if header.get("x5t#S256"):
             record["thumbprint_header"] = "x5t#S256"
             digest, want = _b64decode(header["x5t#S256"]), "sha256"
@@ -188,7 +188,7 @@ class AppCredentials:
             record["thumbprint_header"] = "x5t"
             digest, want = _b64decode(header["x5t"]), "sha1"
         else:
-            raise AssertionError_(50027, why="No certificate thumbprint specified in token header.")
+            raise AssertionRefused(50027, why="No certificate thumbprint specified in token header.")
         shown = digest.hex().upper() if digest else str(header.get("x5t#S256") or header.get("x5t"))[:64]
         cert = self._find_certificate(client_id, digest, want, header.get("x5c"), shown)
         now = self.wall_clock()
@@ -196,38 +196,38 @@ class AppCredentials:
         not_after = cert.not_valid_after_utc.timestamp()
         if not not_before <= now <= not_after:
             found = f", Found key 'Start={_us_time(not_before)}, End={_us_time(not_after)}'"
-            raise AssertionError_(700027, reason="The key used is expired.", thumbprint=shown,
+            raise AssertionRefused(700027, reason="The key used is expired.", thumbprint=shown,
                                   found=found, client=client_id)
         try:
             claims = jwt.decode(assertion, cert.public_key(), algorithms=[alg],   # type: ignore[arg-type]
                                 options={"verify_exp": False, "verify_aud": False, "verify_iat": False,
                                          "verify_nbf": False})
         except jwt.InvalidSignatureError as err:
-            raise AssertionError_(700027, reason="The provided signature value did not match the "
+            raise AssertionRefused(700027, reason="The provided signature value did not match the "
                                   "expected signature value.", thumbprint=shown, found="",
                                   client=client_id) from err
         except jwt.PyJWTError as err:
-            raise AssertionError_(50027, why=f"({type(err).__name__})") from err
+            raise AssertionRefused(50027, why=f"({type(err).__name__})") from err
         record["jti"] = str(claims.get("jti")) if claims.get("jti") else None
         if claims.get("aud") != self.token_url():
-            raise AssertionError_(700023)
+            raise AssertionRefused(700023)
         if claims.get("iss") != client_id or claims.get("sub") != client_id:
-            raise AssertionError_(700021)
+            raise AssertionRefused(700021)
         exp, nbf = claims.get("exp"), claims.get("nbf", claims.get("iat"))
         if not isinstance(exp, int | float) or isinstance(exp, bool):
-            raise AssertionError_(50027, why="The assertion has no exp claim.")
+            raise AssertionRefused(50027, why="The assertion has no exp claim.")
         start = nbf if isinstance(nbf, int | float) and not isinstance(nbf, bool) else 0
         if (now > exp + CLOCK_SKEW_S or exp - now > MAX_ASSERTION_AHEAD_S + CLOCK_SKEW_S
                 or start - now > CLOCK_SKEW_S):
-            raise AssertionError_(700024, now=_iso7(now), valid_from=_iso7(start), expiry=_iso7(exp))
+            raise AssertionRefused(700024, now=_iso7(now), valid_from=_iso7(start), expiry=_iso7(exp))
         jti = record["jti"]
         if not jti:
-            raise AssertionError_(50027, why="The assertion has no jti claim.")
+            raise AssertionRefused(50027, why="The assertion has no jti claim.")
         with self._lock:
             for old in [j for j, e in self._seen_jti.items() if e + CLOCK_SKEW_S < now]:
                 del self._seen_jti[old]
             if jti in self._seen_jti:
-                raise AssertionError_(70002, jti=jti[:64])
+                raise AssertionRefused(70002, jti=jti[:64])
             self._seen_jti[jti] = float(exp)
 
     def _find_certificate(self, client_id: str, digest: bytes, kind: str, x5c: Any,
@@ -245,7 +245,7 @@ class AppCredentials:
                     if (fingerprint == digest and leaf.subject.rfc4514_string() == trusted.subject
                             and _issued_by(leaf, trusted.issuer)):
                         return leaf
-        raise AssertionError_(700027, reason="The key was not found.", thumbprint=shown, found="",
+        raise AssertionRefused(700027, reason="The key was not found.", thumbprint=shown, found="",
                               client=client_id)
 
 
@@ -255,11 +255,11 @@ def issue_app_token(sign: Callable[[dict[str, Any]], str], *, issuer: str, tenan
     """The token answer of a client-credentials grant: an app-only access token and nothing else.
 
     Raises:
-        AssertionError_: AADSTS1002012 unless exactly one ``<resource>/.default`` scope is asked.
+        AssertionRefused: AADSTS1002012 unless exactly one ``<resource>/.default`` scope is asked.
     """
     resource_scopes = [s for s in scopes if s not in ("openid", "profile", "offline_access", "email")]
     if len(resource_scopes) != 1 or not resource_scopes[0].endswith("/.default"):
-        raise AssertionError_(1002012, scope=" ".join(scopes)[:200])
+        raise AssertionRefused(1002012, scope=" ".join(scopes)[:200])
     aud = resource_scopes[0][: -len("/.default")]
     now = int(wall_clock())
     oid = hashlib.sha256(f"sp:{tenant_id}:{client_id}".encode()).hexdigest()
@@ -294,7 +294,7 @@ def _leaf(x5c: list[Any]) -> x509.Certificate | None:
 def _issued_by(leaf: x509.Certificate, issuer: x509.Certificate) -> bool:
     try:
         leaf.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, Exception):   # noqa: BLE001 - InvalidSignature and friends
+    except Exception:  # noqa: BLE001 - InvalidSignature, ValueError, TypeError: not issued by it
         return False
     return True
 

@@ -40,7 +40,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-from agent.sim.appcreds import ASSERTION_ERRORS, AppCredentials, AssertionError_, issue_app_token
+from agent.sim.appcreds import ASSERTION_ERRORS, AppCredentials, AssertionRefused, issue_app_token
 from agent.sim.server import LOOPBACK, JsonHandler, LoopbackHTTPSServer
 from agent.sim.tls import TlsFiles, make_tls
 
@@ -621,7 +621,7 @@ class SimIdp:
                                    roles=self.app_credentials.roles_for(client_id),
                                    lifetime_s=self.switches.access_token_lifetime_s,
                                    wall_clock=self.wall_clock)
-        except AssertionError_ as err:
+        except AssertionRefused as err:
             log.info("client credentials refused for %s: AADSTS%d", client_id, err.aadsts)
             raise OAuthError(err.aadsts, **err.fmt) from err
         log.info("app-only token issued for %s", client_id)
