@@ -115,6 +115,8 @@ def format_event(ev: WatchEvent, *, now: datetime | None = None) -> str:
                 line += f", {box[k]} {k}"
     if p.get("error"):
         line += f"  error: {p['error']}"
+    if p.get("warning"):        # e.g. the sign-in certificate expires soon
+        line += f"  warning: {p['warning']}"
     return line
 
 

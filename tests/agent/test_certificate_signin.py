@@ -556,3 +556,14 @@ def test_status_of_a_stopped_box_names_the_app(idp: SimIdp, tls: TlsFiles, regis
     CertificateAuthenticator(settings.auth, settings.token_cache_path, AgentState(), device_id="d",
                              timing=FAST).access_token()
     assert read_status(settings)["account"] == f"app {CLIENT}"
+
+
+def test_watch_shows_the_app_account_and_the_certificate_warning() -> None:
+    from agent.mqtt.watch import WatchEvent, format_event
+
+    ev = WatchEvent("greenhouse-01", "device-agent/greenhouse-01/status", "status",
+                    {"state": "signed_in", "account": f"app {CLIENT}", "error": None,
+                     "warning": "The certificate in auth.certificate_file expires on 2026-12-20 (in 19 days): "
+                                "renew it (README)"}, datetime.now(UTC))
+    assert format_event(ev) == (f"greenhouse-01  signed_in  app {CLIENT}  warning: The certificate in "
+                                "auth.certificate_file expires on 2026-12-20 (in 19 days): renew it (README)")
