@@ -26,6 +26,9 @@ def toml_value(v: Any) -> str:
     raise TypeError(type(v))
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 def write_config(path: Path, cfg: dict[str, Any]) -> Path:
     """Write a config dict as TOML (tables, and arrays of tables for ``sensors``)."""
     lines: list[str] = []
@@ -54,11 +57,14 @@ class AgentProcess:
         full_env = dict(os.environ)
         full_env.pop("JOURNAL_STREAM", None)
         full_env.update(env or {})
+        # This checkout's agent, run from the test's temp dir: whatever it writes to a relative
+        # path lands there, never in the checkout.
+        full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), full_env.get("PYTHONPATH")]))
         argv = [sys.executable, "-m", "agent", "run", "--config", str(config_path)]
         self.proc = subprocess.Popen(
             wrap(argv) if wrap else argv,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env=full_env, cwd=Path(__file__).resolve().parents[1])
+            env=full_env, cwd=config_path.parent)
         self.lines: list[str] = []
         self._q: queue.Queue[str] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
