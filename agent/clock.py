@@ -27,7 +27,7 @@ import logging
 import statistics
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -43,6 +43,7 @@ NOISE_S = 2.0             # |offset| below this is the Date header's resolution 
 OVERRIDE_S = 60.0         # |offset| above this, twice alike, beats the kernel's "synchronized"
 AGREE_S = 5.0             # two anchors "agree" when their bases differ by less than this
 KEEP_ANCHORS = 16         # recent anchors kept (their median is the base applied)
+KEEP_LABELS = 20_000      # labels remembered by seq, so a retried batch gets the same times
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 
 
@@ -151,7 +152,13 @@ class ClockTrust:
         self._lock = threading.Lock()
         self._anchors: deque[Anchor] = deque(maxlen=KEEP_ANCHORS)
         self._floors: dict[tuple[str, str], tuple[int, float]] = {}   # (boot, sensor) -> (seq, time)
+        self._given: OrderedDict[int, tuple[float, Quality]] = OrderedDict()   # seq -> label
         self._logged: str | None = None
+        # Called with status() when a server answer changes the verdict or the correction (by a
+        # second or more), so a code published right after the IdP's answer already has true
+        # times; the service sets it to update AgentState.
+        self.on_change: Callable[[Mapping[str, Any]], None] | None = None
+        self._reported: Mapping[str, Any] | None = None
 
     # ---------------------------------------------------------------- inputs
 
@@ -177,6 +184,13 @@ class ClockTrust:
         with self._lock:
             self._anchors.append(anchor)
         self._log_change()
+        if self.on_change is not None:
+            now = self.status()
+            old = self._reported
+            if (old is None or old["clock"] != now["clock"] or old["clock_note"] != now["clock_note"]
+                    or abs(old["clock_offset_s"] - now["clock_offset_s"]) >= 1.0):
+                self._reported = now
+                self.on_change(now)
         return anchor
 
     # ---------------------------------------------------------------- the verdict
@@ -253,7 +267,8 @@ class ClockTrust:
 
         A sensor's readings never go backwards in time within a boot: a reading is never labelled
         earlier than one of its sensor with a smaller seq (where a synced reading meets a
-        corrected one, the two witnesses may disagree by a second).
+        corrected one, the two witnesses may disagree by a second). A reading labelled before
+        (a retried batch) gets the same time again, unless its quality has changed since.
         """
         with self._lock:
             for seq, reading, stamp in readings:
@@ -262,21 +277,30 @@ class ClockTrust:
                     reading.setdefault("time_quality", "unsynced")
                     continue
                 t, quality = self.true_time(stamp)
-                key = (stamp.boot, str(reading.get("sensor", "")))
-                floor = self._floors.get(key)
-                if floor is not None and seq > floor[0] and t < floor[1]:
-                    t = floor[1]
-                if floor is None or seq > floor[0]:
-                    self._floors[key] = (seq, t)
+                given = self._given.get(seq)
+                if given is not None and given[1] == quality:
+                    t = given[0]
+                else:
+                    key = (stamp.boot, str(reading.get("sensor", "")))
+                    floor = self._floors.get(key)
+                    if floor is not None and seq > floor[0] and t < floor[1]:
+                        t = floor[1]
+                    if floor is None or seq > floor[0]:
+                        self._floors[key] = (seq, t)
+                    self._given[seq] = (t, quality)
+                    while len(self._given) > KEEP_LABELS:
+                        self._given.popitem(last=False)
                 reading["time"] = iso_epoch(t)
                 reading["time_quality"] = quality
 
     # ---------------------------------------------------------------- status
 
     def status(self) -> Mapping[str, Any]:
-        """``clock``, the correction applied now and the note, for AgentState."""
+        """``clock``, the correction and the note, for AgentState. The correction is taken
+        against the system clock (``time.time()``, what ``datetime.now`` reads), so the snapshot's
+        ``true_now()`` is right whatever wall clock this object was given."""
         self._log_change()
-        return {"clock": self.quality(), "clock_offset_s": round(self.correction_s(), 3),
+        return {"clock": self.quality(), "clock_offset_s": round(self.now() - time.time(), 1),
                 "clock_note": self.note()}
 
     # ---------------------------------------------------------------- internals

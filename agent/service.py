@@ -17,9 +17,11 @@ from types import FrameType
 from typing import TYPE_CHECKING, TypedDict
 
 from agent import __version__, logs
+from agent.clock import ClockTrust
 from agent.config import Settings
 from agent.errors import AgentError, ConfigError
 from agent.fsutil import ensure_private_dir
+from agent.health import Health
 from agent.net.retry import Backoff
 from agent.sdnotify import Notifier
 from agent.state import AgentState, Snapshot
@@ -106,8 +108,12 @@ class Service:
     """One agent process. ``run`` blocks until ``stop`` is set (by a signal or a caller)."""
 
     def __init__(self, settings: Settings, *, install_signals: bool = True,
-                 hardware: Hardware | None = None, stop_event: threading.Event | None = None) -> None:
+                 hardware: Hardware | None = None, stop_event: threading.Event | None = None,
+                 clock: ClockTrust | None = None) -> None:
         self.settings = settings
+        # One opinion about the time for the whole process (agent/clock.py); tests inject theirs.
+        self.clock = clock or ClockTrust()
+        self.health: Health | None = None
         self.state = AgentState()
         self.state.update(device_id=settings.device.id)    # the code screen says whose box it is
         self.stop_event = stop_event or threading.Event()
@@ -183,9 +189,14 @@ class Service:
         the IdP before anything else is built, and the display stack is imported while it waits
         on the network; nothing the code screen does not need runs before the code is shown.
         """
+        from agent.net.https import observe_responses
         from agent.signin.authenticator import Authenticator
 
         s = self.settings
+        # Every HTTPS answer (IdP, API, Graph) tells the clock what time the server thinks it is;
+        # from the first one on, the code's expires_at and the status times are true.
+        self.clock.on_change = lambda fields: self.state.update(**fields)
+        self._closers.append(("clock observer", observe_responses(self.clock.observe_response)))
         self.state.subscribe(self._on_state)
         auth = self.auth = self._make_auth() or Authenticator(s.auth, s.token_cache_path, self.state,
                                                               device_id=s.device.id)
@@ -260,16 +271,20 @@ class Service:
         s = self.settings
         try:
             outbox = self.outbox = Outbox(s.outbox_path, s.device.id, max_rows=s.upload.outbox_max_rows,
-                                          max_bytes=s.upload.outbox_max_bytes, state=self.state)
+                                          max_bytes=s.upload.outbox_max_bytes, state=self.state,
+                                          clock=self.clock)
         except sqlite3.Error as err:
             raise AgentError(f"{s.outbox_path}: cannot open the outbox ({err}); check that "
                              f"{s.device.state_dir} belongs to the user running the agent") from err
         self._closers.append(("outbox", outbox.close))
         self.state.update(outbox=outbox.counts())
         assert self.auth is not None
-        sampler = self.sampler = Sampler(self._sensors, outbox, self.state)
+        sampler = self.sampler = Sampler(self._sensors, outbox, self.state, trust=self.clock)
         uploader = self.uploader = Uploader(outbox, make_sink(s.upload, s.device.id), self.auth, self.state,
-                                            s.upload)
+                                            s.upload, wall=self.clock.now_utc)
+        self.health = Health(self.state, self.clock, outbox, self.auth, cache_path=s.token_cache_path,
+                             refresh_lifetime_days=s.auth.refresh_lifetime_days)
+        self.health.step()
         self._supervise("sampler", sampler.run)
         self._supervise("uploader", uploader.run)
         if self.state.snapshot.phase == "signed_in":
@@ -331,6 +346,8 @@ class Service:
             now = time.monotonic()
             for comp in self._components:
                 comp.check(now)
+            if self.health is not None:
+                self.health.step()
             snap = self.state.snapshot
             line = self._status_line(snap)
             fields = []

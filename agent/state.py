@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 log = logging.getLogger(__name__)
@@ -44,13 +44,21 @@ class DeviceCode:
         """What the QR holds: exactly the complete URI when the IdP sent one, else the plain URI."""
         return self.verification_uri_complete or self.verification_uri
 
-    def public(self, device_id: str) -> dict[str, Any]:
-        """The MQTT/JSON shape of CONTRACT.md (no secrets in a user code)."""
+    def public(self, device_id: str, *, true_now: datetime | None = None,
+               now_monotonic: float | None = None) -> dict[str, Any]:
+        """The MQTT/JSON shape of docs/INTERFACE.md (no secrets in a user code).
+
+        ``true_now`` (``Snapshot.true_now()``): ``expires_at`` is then true time plus the
+        seconds left on the monotonic clock, right even when the wall clock was days off when
+        the code was issued or has stepped since."""
+        expires = self.expires_at_wall
+        if true_now is not None:
+            expires = true_now + timedelta(seconds=self.seconds_left(now_monotonic))
         data: dict[str, Any] = {
             "device_id": device_id,
             "user_code": self.user_code,
             "verification_uri": self.verification_uri,
-            "expires_at": self.expires_at_wall.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "expires_at": expires.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "message": self.message or f"To sign in, open {self.verification_uri} and enter the code "
                                        f"{self.user_code}.",
         }
@@ -92,21 +100,51 @@ class Snapshot:
     warning: str | None = None                # still working, but a person should act soon
                                               # (a sign-in certificate about to expire)
     storage: StorageState = "ok"              # the state dir: full / read-only stops storing readings
+    # Time (agent/clock.py): what applies now, what to add to the wall clock, the note for people.
+    clock: str = "unsynced"                   # synced | corrected | unsynced
+    clock_offset_s: float = 0.0               # true time minus time.time() (0 when trusted/unknown)
+    clock_note: str | None = None             # "clock not synchronized (off by ~3 d)"
+    # Health figures, kept as monotonic instants so an age is exact whenever it is read.
+    oldest_pending_mono: float | None = None  # when the oldest unsent reading was sampled
+    signin_lapse_mono: float | None = None    # when the refresh token dies if the box stays offline
     version: int = 0                          # increases on every change
 
+    def true_now(self) -> datetime:
+        """The wall clock corrected as readings are (agent/clock.py)."""
+        return datetime.now(UTC) + timedelta(seconds=self.clock_offset_s)
+
+    def oldest_pending_s(self, now_monotonic: float | None = None) -> int | None:
+        """Age of the oldest unsent reading, whole seconds (None: nothing pending)."""
+        if self.oldest_pending_mono is None or self.outbox.pending == 0:
+            return None
+        now = time.monotonic() if now_monotonic is None else now_monotonic
+        return max(0, int(now - self.oldest_pending_mono))
+
+    def signin_lapses_in_days(self, now_monotonic: float | None = None) -> float | None:
+        """Days the sign-in survives offline (refresh-token inactivity lifetime), one decimal."""
+        if self.signin_lapse_mono is None:
+            return None
+        now = time.monotonic() if now_monotonic is None else now_monotonic
+        return max(0.0, round((self.signin_lapse_mono - now) / 86400.0, 1))
+
     def status_payload(self, version: str) -> dict[str, Any]:
-        """The retained MQTT status / `status --json` shape of CONTRACT.md."""
+        """The retained MQTT status / `status --json` shape of docs/INTERFACE.md."""
         payload = {
             "state": self.phase if self.phase != "stopped" else "offline",
             "account": self.account,
             "error": self.error,
             "outbox": dataclasses.asdict(self.outbox),
+            "oldest_pending_s": self.oldest_pending_s(),
             "last_upload": iso(self.last_upload),
             "storage": self.storage,
+            "clock": self.clock,
+            "signin_lapses_in_days": self.signin_lapses_in_days(),
             "version": version,
         }
         if self.warning:       # only while there is one: the shape stays what subscribers know
             payload["warning"] = self.warning
+        if self.clock_note:    # likewise: "clock not synchronized (off by ~3 d)"
+            payload["clock_note"] = self.clock_note
         return payload
 
 

@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -151,10 +151,11 @@ def snapshot_document(snap: Snapshot, device_id: str) -> dict[str, Any]:
     doc.update({
         "device_id": device_id,
         "pid": os.getpid(),
-        "updated_at": iso(datetime.now(UTC)),
+        "updated_at": iso(snap.true_now()),
+        "monotonic_at": round(time.monotonic(), 3),   # lets `status` age the figures it reads
         "renewals_exhausted": snap.renewals_exhausted,
         "links": dict(snap.links),
-        "code": snap.code.public(device_id) if snap.code else None,
+        "code": snap.code.public(device_id, true_now=snap.true_now()) if snap.code else None,
         "last_reading": None if snap.last_reading is None else {
             "sensor": snap.last_reading.sensor, "value": snap.last_reading.value,
             "unit": snap.last_reading.unit, "error": snap.last_reading.error},
@@ -180,8 +181,10 @@ def read_status(settings: Settings) -> dict[str, Any]:
         doc = json.loads(status_path(settings).read_text())
     if pid is not None and doc is not None:
         doc["running"] = True
+        _age(doc)
         return doc
     # Not running: derive from the files, never writing them.
+    from agent.clock import kernel_synchronized
     from agent.telemetry.outbox import Outbox
 
     counts = Outbox.read_counts(settings.outbox_path) if settings.outbox_path.exists() else None
@@ -189,6 +192,11 @@ def read_status(settings: Settings) -> dict[str, Any]:
     if account is None and settings.auth.flow == "client_certificate":
         # App-only tokens have no account; the identity is the app (as the running service says).
         account = f"app {settings.auth.client_id}" if _has_app_token(settings.token_cache_path) else None
+    oldest = Outbox.read_oldest_wall(settings.outbox_path) if counts and counts.pending else None
+    refreshed = refresh_token_time(settings.token_cache_path)
+    lapse = (None if refreshed is None else
+             max(0.0, round((refreshed + settings.auth.refresh_lifetime_days * 86400.0 - time.time())
+                            / 86400.0, 1)))
     return {
         "running": False,
         "device_id": settings.device.id,
@@ -197,9 +205,41 @@ def read_status(settings: Settings) -> dict[str, Any]:
         "error": None,
         "outbox": {"pending": counts.pending, "dead": counts.dead, "dropped": counts.dropped}
         if counts else {"pending": 0, "dead": 0, "dropped": 0},
+        "oldest_pending_s": None if oldest is None else max(0, int(time.time() - oldest)),
         "last_upload": (doc or {}).get("last_upload"),
+        # Without the service there are no server answers to compare with: the kernel's word.
+        "clock": "synced" if kernel_synchronized() else "unsynced",
+        "signin_lapses_in_days": lapse,
         "version": __version__,
     }
+
+
+def _age(doc: dict[str, Any]) -> None:
+    """Bring the figures of a status.json written a while ago up to now (monotonic: same boot)."""
+    at = doc.get("monotonic_at")
+    if not isinstance(at, int | float) or not 0 <= time.monotonic() - at < 86400 * 365:
+        return
+    elapsed = time.monotonic() - at
+    if isinstance(doc.get("oldest_pending_s"), int | float):
+        doc["oldest_pending_s"] = int(doc["oldest_pending_s"] + elapsed)
+    if isinstance(doc.get("signin_lapses_in_days"), int | float):
+        doc["signin_lapses_in_days"] = max(0.0, round(doc["signin_lapses_in_days"] - elapsed / 86400, 1))
+
+
+def refresh_token_time(cache_path: Path) -> float | None:
+    """When the newest refresh token in the MSAL cache was issued (msal's
+    ``last_modification_time``, wall clock then), read as data; None without one."""
+    try:
+        data = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        return None
+    times = []
+    for rt in (data.get("RefreshToken") or {}).values() if isinstance(data, dict) else ():
+        try:
+            times.append(float(rt.get("last_modification_time")))
+        except (AttributeError, TypeError, ValueError):
+            continue
+    return max(times) if times else None
 
 
 def _cached_account(cache_path: Path) -> str | None:
@@ -254,7 +294,13 @@ def show_status(settings: Settings, *, as_json: bool, out: IO[str] | None = None
         f"outbox:      {ob.get('pending', 0)} pending, {ob.get('dead', 0)} dead-lettered, "
         f"{ob.get('dropped', 0)} dropped",
         f"last upload: {doc.get('last_upload') or 'never'}",
+        f"oldest:      {_age_text(doc.get('oldest_pending_s'))}",
+        f"clock:       {doc.get('clock') or '?'}" + (f" ({doc['clock_note']})" if doc.get("clock_note") else ""),
+        "sign-in:     " + (f"lapses in {doc['signin_lapses_in_days']:g} days if the box stays offline"
+                           if isinstance(doc.get("signin_lapses_in_days"), int | float) else "-"),
     ]
+    if doc.get("storage"):
+        lines.append(f"storage:     {doc['storage']}")
     if doc.get("code"):
         c = doc["code"]
         lines.append(f"sign in:     open {c.get('verification_uri')} and enter {c.get('user_code')} "
@@ -265,6 +311,15 @@ def show_status(settings: Settings, *, as_json: bool, out: IO[str] | None = None
         lines.append(f"warning:     {doc['warning']}")
     print("\n".join(lines), file=out)
     return 0
+
+
+def _age_text(seconds: object) -> str:
+    """The oldest unsent reading's age for people: nothing pending, or how long it waits."""
+    if not isinstance(seconds, int | float):
+        return "nothing pending"
+    from agent.clock import describe_offset
+
+    return f"{describe_offset(seconds)} (age of the oldest unsent reading)"
 
 
 def sign_out(settings: Settings, *, wait_s: float = 5.0, out: IO[str] | None = None) -> int:

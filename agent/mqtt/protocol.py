@@ -106,7 +106,8 @@ class Outbound:
         if force or status != self._status:
             # Sample-rate churn (outbox depth, upload time) is throttled; what a person acts on is not.
             churn_only = self._status is not None and all(
-                status[k] == self._status[k] for k in status if k not in ("outbox", "last_upload"))
+                status[k] == self._status[k] for k in status
+                if k not in ("outbox", "last_upload", "oldest_pending_s", "signin_lapses_in_days"))
             due = self._status_at + self.min_interval_s
             if force or not churn_only or now >= due:
                 out.append(Publication(self.status_topic, _json(status)))
@@ -119,7 +120,8 @@ class Outbound:
             if code is not None:
                 # Whole seconds, rounded down: the broker must never offer a code that is dead.
                 expiry = max(1, int(code.seconds_left(now)))
-                out.append(Publication(self.code_topic, _json(code.public(self.device_id)), expiry))
+                public = code.public(self.device_id, true_now=snap.true_now(), now_monotonic=now)
+                out.append(Publication(self.code_topic, _json(public), expiry))
                 self.code_published = True
             else:
                 out.append(Publication(self.code_topic, b""))

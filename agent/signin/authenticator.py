@@ -219,6 +219,11 @@ class Authenticator:
     def signed_in(self) -> bool:
         return self._signed_in
 
+    @property
+    def last_refresh_monotonic(self) -> float | None:
+        """Monotonic time of the last token the IdP itself issued (status signin_lapses_in_days)."""
+        return self._last_refresh
+
     def run(self, stop: threading.Event) -> None:
         """The sign-in thread: silent, else device flow; refresh while signed in; return on stop."""
         self._stop = stop

@@ -350,6 +350,32 @@ class Outbox:
         finally:
             db.close()
 
+    @staticmethod
+    def read_oldest_wall(path: Path) -> float | None:
+        """Wall time (epoch) the oldest pending reading was sampled, read-only as ``read_counts``
+        (for ``status`` without the service); None when there is none or it cannot be read."""
+        try:
+            db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+        except sqlite3.Error:
+            return None
+        try:
+            row = db.execute("SELECT * FROM outbox ORDER BY seq LIMIT 1").fetchone()
+            names = [d[0] for d in db.execute("SELECT * FROM outbox LIMIT 0").description]
+        except sqlite3.Error:
+            return None
+        finally:
+            db.close()
+        if row is None:
+            return None
+        found = dict(zip(names, row, strict=True))
+        if found.get("wall") is not None:
+            return float(found["wall"])
+        try:
+            text = json.loads(found["payload"])["time"]
+            return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+        except (ValueError, KeyError, TypeError):
+            return None
+
     # ----------------------------------------------------------------- internals
 
     # ---- storage trouble (see agent/telemetry/storage.py)

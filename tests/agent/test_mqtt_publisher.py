@@ -182,6 +182,7 @@ def test_code_reaches_a_late_subscriber_with_expiry(variant: str, request: pytes
     status = json.loads(retained(broker, STATUS).payload)
     assert status == {"state": "signing_in", "account": None, "error": None,
                       "outbox": {"pending": 0, "dead": 0, "dropped": 0}, "last_upload": None, "storage": "ok",
+                      "oldest_pending_s": None, "clock": "unsynced", "signin_lapses_in_days": None,
                       "version": "1.2.3"}
     assert state.snapshot.links["mqtt"] == "up"
 
