@@ -560,23 +560,23 @@ class _Checker:
 
     def integer(self, t: Mapping[str, Any], name: str, section: str, *, default: Any,
                 minimum: float | None = None, maximum: float | None = None) -> Any:
-        if name not in t:
-            return default
-        v = t[name]
-        if isinstance(v, bool) or not isinstance(v, int):
-            self.fail(self._key(section, name), f"must be an integer, not {_typename(v)}")
-        self._range(v, section, name, minimum, maximum)
-        return v
+        return self._numeric(t, name, section, default, minimum, maximum, integer=True)
 
     def number(self, t: Mapping[str, Any], name: str, section: str, *, default: float,
                minimum: float | None = None, maximum: float | None = None) -> float:
+        return float(self._numeric(t, name, section, default, minimum, maximum, integer=False))
+
+    def _numeric(self, t: Mapping[str, Any], name: str, section: str, default: Any,
+                 lo: float | None, hi: float | None, *, integer: bool) -> Any:
         if name not in t:
             return default
         v = t[name]
-        if isinstance(v, bool) or not isinstance(v, int | float) or v != v:
-            self.fail(self._key(section, name), f"must be a number, not {_typename(v)}")
-        self._range(v, section, name, minimum, maximum)
-        return float(v)
+        fits = isinstance(v, int) if integer else isinstance(v, int | float) and v == v   # NaN is not
+        if isinstance(v, bool) or not fits:
+            self.fail(self._key(section, name),
+                      f"must be {'an integer' if integer else 'a number'}, not {_typename(v)}")
+        self._range(v, section, name, lo, hi)
+        return v
 
     def choice(self, t: Mapping[str, Any], name: str, section: str, allowed: tuple[str, ...], *,
                default: str = "", required: bool = False) -> str:
