@@ -235,7 +235,7 @@ class AgentState:
         self._change(compute)
 
 def iso(when: datetime | None) -> str | None:
-    """UTC ISO-8601 with milliseconds and Z, as in CONTRACT.md payloads."""
+    """UTC ISO-8601 with milliseconds and Z, as in the payloads of docs/INTERFACE.md."""
     if when is None:
         return None
     return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"

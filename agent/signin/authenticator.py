@@ -7,7 +7,7 @@ never idles out (Entra: 90 days), and falls back to the code flow by itself when
 The uploader thread calls :meth:`access_token` / :meth:`token_rejected` concurrently.
 
 Timers are ``time.monotonic()``: MSAL's own poll loop ends on the wall clock, which jumps at
-NTP sync on a box without an RTC, so it gets a monotonic ``exit_condition`` (FIELD-NOTES).
+NTP sync on a box without an RTC, so it gets a monotonic ``exit_condition`` (docs/INTEROP.md).
 Every HTTP call (``agent.net.https``) has a timeout and verifies against ``ca_file`` plus the system store, whatever
 ``REQUESTS_CA_BUNDLE`` says. Tokens are never logged, only user codes and account names.
 
