@@ -479,6 +479,14 @@ def test_check_config_exits_78_with_one_line_for_a_readable_key(cert: Certificat
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 78 and "does not belong to auth.certificate_file" in proc.stderr
     assert "Traceback" not in proc.stderr
+    soon = make_certificate(tmp_path / "soon", "greenhouse-01", valid_days=12)
+    path = write_config(tmp_path / "config.toml", raw_config(soon))
+    proc = subprocess.run([sys.executable, "-m", "agent", "check-config", "--config", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    thumbprint = load_credential(str(soon.certificate_file), str(soon.private_key_file)).thumbprint
+    assert proc.returncode == 0, proc.stderr
+    assert f"certificate {thumbprint} (SHA-1, as the Entra portal lists it), valid until" in proc.stderr
+    assert "warning: The certificate in auth.certificate_file expires on" in proc.stderr
 
 
 def test_sim_idp_command_refuses_an_unreadable_certificate(tmp_path: Path,
