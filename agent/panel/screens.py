@@ -122,7 +122,7 @@ def render(snap: Snapshot, now_monotonic: float, page: int = 0, *,
             return _message_screen("Signed in", f"as app {(snap.account or '')[4:]}", size, max_size=12)
         if which == "warning":
             return render_notice(snap.warning or "", size, title="Warning")
-        return render_status(snap, size)
+        return render_status(snap, size, now_monotonic=now_monotonic)
     return render_starting(snap, size)
 
 
@@ -472,8 +472,34 @@ def _link_dot(draw: ImageDraw.ImageDraw, x: int, y: int, state: str) -> None:
         draw.line((x, y + 3, x + 5, y + 3), fill=1)
 
 
-def render_status(snap: Snapshot, size: tuple[int, int] = SIZE) -> Image.Image:
-    """Signed in: account, latest reading, outbox depth, link states."""
+LAPSE_SHOWN_DAYS = 14.0     # the panel names the sign-in lapse only when it is this close
+
+
+def health_lines(snap: Snapshot, now_monotonic: float | None = None) -> list[str]:
+    """What the signed-in screen adds when a figure needs a person's eye: the clock while it is
+    not synchronized (two lines: "clock not synchronized" / "(off by ~3 d)"), else a sign-in
+    that lapses within LAPSE_SHOWN_DAYS if the box stays offline."""
+    if snap.clock_note:
+        head, _, rest = snap.clock_note.partition(" (")
+        return [head] + ([f"({rest}"] if rest else [])
+    days = snap.signin_lapses_in_days(now_monotonic)
+    if days is not None and days < LAPSE_SHOWN_DAYS:
+        return [f"sign-in lapses in {days:g} d"]
+    return []
+
+
+def _age(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds // size} {unit}"
+    return f"{seconds} s"
+
+
+def render_status(snap: Snapshot, size: tuple[int, int] = SIZE, *,
+                  now_monotonic: float | None = None) -> Image.Image:
+    """Signed in: account, latest reading, outbox depth (and the oldest reading's age once it is
+    a minute old), link states; the health lines when there are any (the reading then takes one
+    small line)."""
     img, draw = _canvas(size)
     w, h = size
     small = font(9)
@@ -485,7 +511,18 @@ def render_status(snap: Snapshot, size: tuple[int, int] = SIZE) -> Image.Image:
     queue_y = links_y - lh - 2
     y = lh + 4
     r: LastReading | None = snap.last_reading
-    if r is None:
+    health = health_lines(snap, now_monotonic)
+    if health:
+        y = lh + 2
+        if r is None:
+            line = "no readings yet"
+        else:
+            value = f"{_fmt_value(r.value)} {r.unit}".strip() if r.value is not None else "read error"
+            line = f"{value}  {r.sensor}"
+        _ink_text(draw, (1, y), _ellipsized(draw, line, small, w - 2), small)
+        for i, text in enumerate(health[:2]):
+            _ink_text(draw, (1, y + (i + 1) * (lh - 1) + 1), _ellipsized(draw, text, small, w - 2), small)
+    elif r is None:
         _ink_text(draw, (1, y + 2), "no readings yet", small)
     else:
         text = f"{_fmt_value(r.value)} {r.unit}".strip() if r.value is not None else "read error"
@@ -498,10 +535,14 @@ def render_status(snap: Snapshot, size: tuple[int, int] = SIZE) -> Image.Image:
         _ink_text(draw, (1, queue_y - name_h - 1), label, small)
     o: OutboxCounts = snap.outbox
     queue = f"queued {o.pending}"
+    oldest = snap.oldest_pending_s(now_monotonic)
+    if oldest is not None and oldest >= 60:      # falling behind: how long the oldest waits
+        queue += f" ({_age(oldest)})"
     if o.dead:
         queue += f"  dead {o.dead}"
     if o.dropped:
         queue += f"  dropped {o.dropped}"
+    queue = _ellipsized(draw, queue, small, w - 2)
     if snap.storage != "ok":      # new readings are being dropped: this outranks the counts
         queue = "not storing: disk full" if snap.storage == "full" else "not storing: read-only"
         queue = _ellipsized(draw, queue, small, w - 2)
@@ -556,6 +597,10 @@ def examples(now: float = 1000.0) -> dict[str, Image.Image]:
         "code_portrait": render(Snapshot(phase="signing_in", code=oidc), now, 0, size=(64, 128)),
         "exhausted": render(Snapshot(phase="error", renewals_exhausted=True, notice="code expired"), now),
         "status": render(signed, now),
+        "status_clock": render(dataclasses.replace(signed, clock="corrected",
+                                                   clock_note="clock not synchronized (off by ~3 d)",
+                                                   oldest_pending_mono=now - 330), now),
+        "status_signin_lapse": render(dataclasses.replace(signed, signin_lapse_mono=now + 9.5 * 86400), now),
         "status_no_reading": render(Snapshot(phase="signed_in", account="pi@example.org"), now),
         "status_app": render(dataclasses.replace(signed, account="app 3f2b8c1e-5d4a-4f6e-9b7c-1a2d3e4f5a6b"),
                              now),
