@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 PAGE_ROWS_MAX = 500
 EVENTS_MIN_INTERVAL_S = 0.2      # at most 5 "changed" events a second per browser
 EVENTS_KEEPALIVE_S = 15.0
-QR_CACHE = 4096
+QR_CACHE = 512             # ~5 pages of codes; each SVG data URI is a few KiB
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 STATIC = {"/": ("watch.html", "text/html; charset=utf-8"),
