@@ -169,8 +169,15 @@ def test_device_cmd_subscription_survives_a_command_burst(mosquitto: Broker) -> 
     try:
         wait_until(lambda: n.connected, what="device connected")
         burst = 1_500
-        for _ in range(burst):
-            sub.client.publish("test/dev-a/cmd", b'{"action": "publish_status"}', qos=1)
+        admin = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        admin.max_inflight_messages_set(burst)      # a script firing at a whole fleet at once
+        admin.connect("127.0.0.1", mosquitto.port)
+        admin.loop_start()
+        infos = [admin.publish("test/dev-a/cmd", b'{"action": "publish_status"}', qos=1) for _ in range(burst)]
+        for info in infos:
+            info.wait_for_publish(10)
+        admin.disconnect()
+        admin.loop_stop()
         results = []
         deadline = time.monotonic() + 20
         while len(results) < burst and time.monotonic() < deadline:
