@@ -575,3 +575,36 @@ def test_watch_shows_the_app_account_and_the_certificate_warning() -> None:
                                 "renew it (README)"}, datetime.now(UTC))
     assert format_event(ev) == (f"greenhouse-01  signed_in  app {CLIENT}  warning: The certificate in "
                                 "auth.certificate_file expires on 2026-12-20 (in 19 days): renew it (README)")
+
+
+def test_device_code_blocked_by_conditional_access_names_the_way_out(idp: SimIdp, idp_settings: AuthSettings,
+                                                                     tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """The device code path with the real msal public client: AADSTS53003 on the code request."""
+    from agent.signin.aadsts import DEVICE_CODE_BLOCKED
+    from agent.signin.authenticator import Authenticator
+
+    idp.set(device_code_blocked=True)
+    state = AgentState()
+    auth = Authenticator(idp_settings, tmp_path / "c.json", state, device_id="greenhouse-01", timing=FAST)
+    stop = threading.Event()
+    thread = threading.Thread(target=auth.run, args=(stop,), daemon=True)
+    caplog.set_level(logging.INFO)
+    thread.start()
+    try:
+        snap = wait_until(lambda: state.snapshot.error and state.snapshot, 10, "the error")
+    finally:
+        stop.set()
+        thread.join(5)
+    assert snap.error == DEVICE_CODE_BLOCKED and snap.code is None
+    assert snap.status_payload("1")["error"] == DEVICE_CODE_BLOCKED          # what MQTT carries
+    assert any(DEVICE_CODE_BLOCKED in r.getMessage() and r.levelno >= logging.ERROR for r in caplog.records)
+    assert DEVICE_CODE_BLOCKED == ('device code sign-in is blocked by your tenant\'s policy: use '
+                                   'auth.flow = "client_certificate" (README)')
+
+
+def test_the_example_screen_shows_the_words_the_agent_says() -> None:
+    from agent.panel import screens
+    from agent.signin import aadsts
+
+    assert screens.DEVICE_CODE_BLOCKED == aadsts.DEVICE_CODE_BLOCKED
