@@ -105,7 +105,9 @@ def test_disk_full_keeps_delivering_counts_what_it_cannot_store_and_resumes_by_i
         idp_api.clear_faults()
 
         # The backlog stored before the disk filled is delivered and acknowledged on the full disk.
-        before_full = settled(lambda: contiguous(idp_api), 30, "backlog delivered")
+        wait_for(lambda: status(root)["outbox"]["pending"] == 0, 60, "backlog delivered (status: 0 pending)")
+        before_full = contiguous(idp_api)
+        assert before_full > 200, before_full
         requests, dups = len(idp_api.requests), idp_api.duplicates
         time.sleep(3.0)
         assert contiguous(idp_api) == before_full, "nothing stored while full"
@@ -169,7 +171,8 @@ def test_read_only_state_dir_at_start_delivers_the_backlog_and_stores_again_once
     proc = AgentProcess(ro_config, wrap=wrap)
     try:
         proc.wait_for_line(lambda line: "storage read-only" in line, timeout_s=20)
-        backlog = settled(lambda: contiguous(idp_api), 30, "backlog delivered from the read-only outbox")
+        backlog = settled(lambda: contiguous(idp_api), 30, "backlog delivered from the read-only outbox",
+                          quiet_s=3.0)
         assert backlog > delivered_before + 50, (backlog, delivered_before)
         dups = idp_api.duplicates
         time.sleep(2.0)
