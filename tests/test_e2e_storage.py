@@ -190,3 +190,37 @@ def test_read_only_state_dir_at_start_delivers_the_backlog_and_stores_again_once
     assert "Traceback" not in proc.output, proc.output[-3000:]
     cannot = [ln for ln in proc.lines if "cannot write" in ln]
     assert len(cannot) <= 1, cannot
+
+
+@pytest.mark.slow
+def test_outbox_deleted_while_running_is_noticed_within_an_upload_interval_and_seq_continues(
+        tmp_path: Path, idp: Any, idp_api: Any, tls: Any) -> None:
+    idp.auto_approve_after_s = 0.0
+    config = agent_config(tmp_path, idp, idp_api, tls, interval_s=1.0)
+    state = tmp_path / "state"
+    proc = AgentProcess(config)
+    try:
+        proc.wait_for_line(lambda line: "signed in" in line.lower(), timeout_s=30)
+        wait_for(lambda: idp_api.count(DEVICE) >= 100, 20, "first uploads")
+        idp_api.fail(503, count=10**6)           # so the file holds a backlog when it goes
+        time.sleep(1.0)
+        delivered = contiguous(idp_api)
+        (state / "outbox.sqlite3").unlink()
+        t0 = time.monotonic()
+        line = proc.wait_for_line(lambda ln: "outbox file deleted while running" in ln, timeout_s=5)
+        noticed_s = time.monotonic() - t0
+        idp_api.clear_faults()
+        wait_for(lambda: status(state)["outbox"]["dropped"] > 0, 10, "the loss counted in status")
+        wait_for(lambda: max(idp_api.seqs(DEVICE)) > delivered + 200, 30, "new readings delivered")
+        rc, _ = proc.terminate()
+    finally:
+        proc.close()
+    assert rc == 0
+    assert noticed_s < 1.0 + 0.5, f"noticed after {noticed_s:.1f} s (upload interval 1 s)"
+    lost = int(line.split("running: ")[1].split()[0])
+    seqs = idp_api.seqs(DEVICE)
+    gap = set(range(1, max(seqs) + 1)) - seqs
+    assert lost > 0 and len(gap) <= lost, (lost, len(gap))
+    assert min(s for s in seqs if s > delivered + lost) > delivered, "seq continued, none reused"
+    assert status(state)["outbox"]["dropped"] >= lost
+    assert "Traceback" not in proc.output
