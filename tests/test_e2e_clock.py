@@ -11,6 +11,8 @@ readings arrive with true times (within 2 s of when they were really sampled) an
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +27,8 @@ from agent.config import parse
 from agent.service import Service
 from agent.sim.api import SimApi
 from agent.telemetry.outbox import Outbox
+from tests.agentproc import AgentProcess, write_config
+from tests.fixtures.faketime import FakeWallClock
 from tests.waiting import wait_until
 
 DEVICE = "clock-01"
@@ -167,3 +171,48 @@ def test_a_1_hour_ntp_step_while_readings_queue(running: Any, idp_api: SimApi) -
     queued = len(box.stamped)
     qualities = check_true_times(arrived(idp_api, queued + 3), box)
     assert "corrected" in qualities[:queued - 3] and qualities[-1] == "synced"
+
+
+@pytest.mark.slow
+def test_a_real_process_three_days_behind_sends_true_times(tmp_path: Path, idp: Any, idp_api: SimApi,
+                                                            tls: Any) -> None:
+    """`device-agent run` under libfaketime, wall clock only (the kernel's verdict is whatever this
+    machine's is: unsynchronized, or synchronized and then outweighed by the servers)."""
+    wall = FakeWallClock(tmp_path / "faketime")
+    wall.set_offset(-DAYS3)
+    idp.set(interval_s=1)
+    idp.auto_approve_after_s = 0.0
+    config = write_config(tmp_path / "config.toml", {
+        "device": {"id": DEVICE, "state_dir": str(tmp_path / "state")},
+        "auth": {"client_id": "sim-device-agent", "authority": idp.authority, "instance_discovery": False,
+                 "scopes": ["api://telemetry/Readings.Write"], "ca_file": str(tls.ca_file), "timeout_s": 5},
+        "sensors": [{"name": "temp", "type": "simulated", "interval_s": 0.25}],
+        "upload": {"sink": "http", "url": idp_api.url, "ca_file": str(tls.ca_file), "interval_s": 0.5},
+    })
+    started = time.time()
+    agent = AgentProcess(config, env=wall.env())
+    try:
+        wait_until(lambda: idp_api.count(DEVICE) >= 12, 30, "readings at the API")
+        got = idp_api.arrivals(DEVICE)
+        for reading, received in got:
+            assert reading["time_quality"] == "corrected", reading
+            late = received - seconds(reading["time"])
+            assert -2.0 < late < received - started + 2.0, (reading, received)
+        assert all(received - seconds(r["time"]) < 2.5 for r, received in got[-4:]), \
+            "readings sampled while signed in arrive within an upload interval of their true time"
+        out = subprocess.run([sys.executable, "-m", "agent", "status", "--json", "--config", str(config)],
+                             capture_output=True, text=True, timeout=30, cwd=tmp_path, env=_env(wall))
+        assert out.returncode == 0, out.stderr
+        doc = json.loads(out.stdout)
+        assert doc["clock"] == "corrected" and doc["clock_note"] == "clock not synchronized (off by ~3 d)"
+        assert abs(seconds(doc["last_upload"]) - time.time()) < 10
+        rc, _ = agent.terminate()
+        assert rc == 0, agent.output[-2000:]
+    finally:
+        agent.close()
+
+
+def _env(wall: FakeWallClock) -> dict[str, str]:
+    import os
+
+    return {**os.environ, **wall.env()}

@@ -187,6 +187,13 @@ class SimApi:
             cur = self._db.execute("SELECT body FROM readings WHERE device = ? ORDER BY seq", (device_id,))
             return [json.loads(b) for (b,) in cur]
 
+    def arrivals(self, device_id: str) -> list[tuple[dict[str, Any], float]]:
+        """(reading, time.time() it was first stored) by seq: how late a reading's time says it came."""
+        with self._lock:
+            cur = self._db.execute("SELECT body, received FROM readings WHERE device = ? ORDER BY seq",
+                                   (device_id,))
+            return [(json.loads(b), float(t)) for b, t in cur]
+
     def count(self, device_id: str) -> int:
         with self._lock:
             cur = self._db.execute("SELECT count(*) FROM readings WHERE device = ?", (device_id,))
