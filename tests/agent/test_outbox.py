@@ -395,3 +395,38 @@ def test_an_outbox_file_deleted_or_replaced_while_running_is_noticed_counted_and
     with Outbox(path, DEVICE, max_rows=1000, max_bytes=10**7) as again:
         assert again.counts() == OutboxCounts(pending=1, dead=0, dropped=7), "on disk, in the new file"
         assert [r.seq for r in again.claim(10)] == [8]
+
+
+def test_acks_that_cannot_be_written_are_kept_in_memory_and_written_when_storage_returns(
+        tmp_path: Path) -> None:
+    """SQLite refusing writes (here ``query_only``, as on a filesystem gone read-only): a delivered
+    batch is never handed out again, the readings that cannot be stored are counted, and all of it
+    reaches the file once writes work again."""
+    from agent.state import AgentState
+    from agent.telemetry.storage import StorageUnavailable
+
+    t = [0.0]
+    state = AgentState()
+    path = tmp_path / "outbox.sqlite3"
+    box = Outbox(path, DEVICE, max_rows=1000, max_bytes=10**7, state=state, monotonic=lambda: t[0])
+    box.put([reading(i) for i in range(10)])
+    box._conn().execute("PRAGMA query_only=ON")
+    with pytest.raises(StorageUnavailable):
+        box.put([reading()])
+    box.count_lost(1)
+    assert box.storage == "read_only" and state.snapshot.storage == "read_only"
+    batch = box.claim(4)
+    box.ack([r.seq for r in batch])                     # delivered; the ack cannot be written
+    box.dead_letter([5], "HTTP 422 x")
+    assert [r.seq for r in box.claim(10)] == [6, 7, 8, 9, 10], "never handed out again"
+    assert box.counts() == OutboxCounts(pending=5, dead=1, dropped=1)
+    assert Outbox.read_counts(path) == OutboxCounts(pending=10, dead=0, dropped=0), "not on disk yet"
+    with pytest.raises(StorageUnavailable):
+        box.put([reading()])                            # refused at once, no write attempted
+    box._conn().execute("PRAGMA query_only=OFF")
+    t[0] += 10.0                                        # the next look for room
+    assert box.put([reading()]) == [11]
+    assert box.storage == "ok" and state.snapshot.storage == "ok"
+    assert Outbox.read_counts(path) == OutboxCounts(pending=6, dead=1, dropped=1)
+    assert [r.seq for r in box.claim(10)] == [6, 7, 8, 9, 10, 11]
+    box.close()
