@@ -260,7 +260,7 @@ def _auth(c: _Checker, t: Mapping[str, Any]) -> AuthSettings:
     key_file = c.file(t, "private_key_file", "auth")
     send_chain = c.boolean(t, "send_certificate_chain", "auth", default=d["send_certificate_chain"])
     if flow == "client_certificate":
-        _certificate_flow(c, scopes, cert_file, key_file)
+        _certificate_flow(c, scopes, cert_file, key_file, entra=authority is not None)
     elif cert_file or key_file or send_chain:
         used = "auth.certificate_file" if cert_file else ("auth.private_key_file" if key_file
                                                            else "auth.send_certificate_chain")
@@ -275,11 +275,13 @@ def _auth(c: _Checker, t: Mapping[str, Any]) -> AuthSettings:
                         send_certificate_chain=send_chain, refresh_lifetime_days=lifetime)
 
 
-def _certificate_flow(c: _Checker, scopes: tuple[str, ...], cert_file: str, key_file: str) -> None:
-    """auth.flow = "client_certificate": app-only tokens, so one ``<resource>/.default`` scope
-    (Entra answers AADSTS1002012 to anything else), a certificate, and a private key file that
-    nobody but the service (or root) can read."""
-    if len(scopes) != 1 or not scopes[0].endswith("/.default"):
+def _certificate_flow(c: _Checker, scopes: tuple[str, ...], cert_file: str, key_file: str, *,
+                      entra: bool = True) -> None:
+    """auth.flow = "client_certificate": app-only tokens, so (Entra, ``auth.authority``) one
+    ``<resource>/.default`` scope: Entra answers AADSTS1002012 to anything else; a generic OIDC
+    provider (``auth.oidc_authority``) names its own scopes. A certificate, and a private key
+    file that nobody but the service (or root) can read."""
+    if entra and (len(scopes) != 1 or not scopes[0].endswith("/.default")):
         delegated = next((s for s in scopes if not s.endswith("/.default")), scopes[0])
         resource = delegated.rsplit("/", 1)[0] if "/" in delegated else "api://<resource>"
         c.fail("auth.scopes", f"auth.flow = \"client_certificate\" gets app-only tokens: use one "

@@ -608,3 +608,11 @@ def test_the_example_screen_shows_the_words_the_agent_says() -> None:
     from agent.signin import aadsts
 
     assert screens.DEVICE_CODE_BLOCKED == aadsts.DEVICE_CODE_BLOCKED
+
+
+def test_a_generic_oidc_provider_names_its_own_app_scopes(cert: CertificateFiles) -> None:
+    """/.default is Entra's rule; with auth.oidc_authority the provider's scopes are taken as given."""
+    raw = raw_config(cert, scopes=["Readings.Write"])
+    del raw["auth"]["authority"]
+    raw["auth"]["oidc_authority"] = "https://idp.example.com/realms/iot"
+    assert config.parse(raw, Path("c.toml")).auth.scopes == ("Readings.Write",)
