@@ -38,6 +38,8 @@ from agent.mqtt.connection import (
 )
 from agent.mqtt.fleet import BACKLOG_ATTENTION_S, STATES, Fleet
 
+RESYNC_QUIET_S = 2.0     # after a reconnect, the retained burst is over once quiet this long
+RESYNC_MAX_S = 30.0
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 78
@@ -172,6 +174,10 @@ class WatchClient:
         self._closed_early = False           # the broker hung up before any CONNACK
         self.fatal: str | None = None        # set when the broker later refuses us for good
         self._last: dict[str, bytes] = {}
+        self._last_lock = threading.Lock()
+        self._had_subscription = False
+        self._resync_seen: set[str] | None = None    # topics heard since a re-subscription
+        self._resync_heard = 0.0
 
     @property
     def protocol(self) -> str:
@@ -276,15 +282,24 @@ class WatchClient:
                 self.fatal = (f"{self.address} refused the subscription to {self.prefix}/+/...: "
                               f"{refused[0].getName()} (check the broker's ACL)")
             self._subscribed.set()
+            if self._had_subscription and self._resync_seen is None:
+                with self._last_lock:
+                    self._resync_seen, self._resync_heard = set(), time.monotonic()
+                threading.Thread(target=self._resync, name="watch-resync", daemon=True).start()
+            self._had_subscription = True
         except Exception as err:  # noqa: BLE001
             self._problem(f"internal error in on_subscribe: {err}")
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
             payload = bytes(msg.payload)
-            if self._last.get(msg.topic) == payload:
-                return   # the same retained truth again after a reconnect: nothing new
-            self._last[msg.topic] = payload
+            with self._last_lock:
+                if self._resync_seen is not None:
+                    self._resync_seen.add(msg.topic)
+                    self._resync_heard = time.monotonic()
+                if self._last.get(msg.topic) == payload:
+                    return   # the same retained truth again after a reconnect: nothing new
+                self._last[msg.topic] = payload
             expiry = getattr(msg.properties, "MessageExpiryInterval", None) if msg.properties else None
             ev = classify(self.prefix, msg.topic, payload, expiry_s=expiry)
             if isinstance(ev, WatchEvent):
@@ -293,6 +308,30 @@ class WatchClient:
                 self._problem(ev)
         except Exception as err:  # noqa: BLE001
             self._problem(f"internal error handling {msg.topic}: {err}")
+
+    def _resync(self) -> None:
+        """After a reconnect: a code cleared while we were away is simply absent from the new
+        retained burst (an empty retained message is not kept). Once the burst has gone quiet,
+        every code we still show but did not hear again is reported cleared."""
+        started = time.monotonic()
+        while True:
+            time.sleep(0.25)
+            with self._last_lock:
+                now = time.monotonic()
+                if now - self._resync_heard < RESYNC_QUIET_S and now - started < RESYNC_MAX_S:
+                    continue
+                seen, self._resync_seen = self._resync_seen or set(), None
+                gone = [t for t, p in self._last.items() if p and t.endswith("/auth/code") and t not in seen]
+                for topic in gone:
+                    self._last[topic] = b""
+            for topic in gone:
+                ev = classify(self.prefix, topic, b"")
+                if isinstance(ev, WatchEvent):
+                    try:
+                        self._on_event(ev)
+                    except Exception as err:  # noqa: BLE001
+                        self._problem(f"internal error handling {topic}: {err}")
+            return
 
     def _problem(self, line: str) -> None:
         try:

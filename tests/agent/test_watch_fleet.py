@@ -252,3 +252,33 @@ def test_summary_cli_against_the_broker(mosquitto: Broker) -> None:
     assert last[0].startswith("30 devices   signing_in 3  signed_in 27")
     assert last[1] == "needs a person now: 3"
     assert all("CODE F4XQ9ZRTL" in line for line in last[2:])
+
+
+@pytest.mark.slow
+def test_a_code_cleared_while_watch_was_away_is_cleared_after_it_reconnects(mosquitto: Broker) -> None:
+    from tests.fixtures.broker import OldBrokerProxy
+
+    state = AgentState()
+    device = MqttPublisher(mosquitto.mqtt_settings(), "dev-a", state, {}, "1")
+    device.start()
+    proxy = OldBrokerProxy(mosquitto.port, on_v5="forward")
+    fleet = Fleet()
+    client = WatchClient(f"mqtt://127.0.0.1:{proxy.port}", "test", on_event=fleet.apply)
+    try:
+        from tests.agent.test_watch import make_code
+
+        state.code_issued(make_code(900))
+        wait_until(lambda: device.connected, what="device connected")
+        client.connect()
+        wait_until(lambda: any(d.code for d in fleet.devices()), what="watch sees the code")
+        proxy.on_v5 = "close"                 # watch's network is down for a while ...
+        proxy.drop_connections()
+        state.signed_in("ada@contoso.example")   # ... while the code is used and cleared
+        time.sleep(1.0)
+        proxy.on_v5 = "forward"               # back: watch reconnects, the clear is history
+        wait_until(lambda: all(d.code is None for d in fleet.devices())
+                   and fleet.devices()[0].state == "signed_in", 15, what="watch's view after reconnect")
+    finally:
+        client.close()
+        proxy.close()
+        device.stop()
