@@ -46,7 +46,9 @@ from tests.waiting import wait_until
 
 
 class Shift:
-    """A monotonic clock that tests move forward: ``time.monotonic() + offset``."""
+    """A monotonic clock that runs and that tests move forward: ``time.monotonic() + offset``.
+    (tests/fixtures/clock.py's FakeClock stands still, but the sign-in thread's pacing and
+    msal's poll loop need time to pass while a test waits on the real IdP.)"""
 
     def __init__(self) -> None:
         self.offset = 0.0
