@@ -136,7 +136,7 @@ def _pump(stream: IO[bytes], lines: queue.Queue[str], keep: list[str]) -> None:
 
 def start_oidc_provider(tls: TlsFiles, workdir: Path, *, node: str = "node",
                         access_ttl_s: int = 3600, device_ttl_s: int = 600,
-                        client_id: str = "device-agent-interop") -> OidcProvider:
+                        client_id: str = "device-agent-interop", app_jwks: Path | None = None) -> OidcProvider:
     """Start provider.mjs on a free loopback port and wait until discovery answers.
 
     Raises:
@@ -146,6 +146,8 @@ def start_oidc_provider(tls: TlsFiles, workdir: Path, *, node: str = "node",
     cmd = [node, str(PROVIDER_SCRIPT), "--port", "0", "--cert", str(tls.cert_file),
            "--key", str(tls.key_file), "--client-id", client_id,
            "--access-ttl", str(access_ttl_s), "--device-ttl", str(device_ttl_s)]
+    if app_jwks is not None:      # the certificate flow's client "<client_id>-app"
+        cmd += ["--app-jwks", str(app_jwks)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("NODE_")}
     with stderr_path.open("wb") as err:
         proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=err, env=env)

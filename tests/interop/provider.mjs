@@ -5,7 +5,10 @@
 // verification_uri_complete, no interval and no message, and rotates refresh tokens.
 //
 //   node provider.mjs --cert server.pem --key server.key [--port 0] [--client-id ID]
-//                     [--access-ttl 3600] [--device-ttl 600]
+//                     [--access-ttl 3600] [--device-ttl 600] [--app-jwks FILE]
+//
+// --app-jwks adds a confidential client "<client-id>-app" for the certificate flow (client
+// credentials, private_key_jwt: RFC 7523 assertions checked against FILE's public keys).
 //
 // Serves HTTPS on 127.0.0.1 only, with the issuer mounted under /oidc (MSAL wants a path
 // segment). Prints one JSON line to stdout once listening: {"issuer", "port", ...}.
@@ -33,6 +36,7 @@ const { values: args } = parseArgs({
     scope: { type: 'string', default: 'Readings.Write' },
     'access-ttl': { type: 'string', default: '3600' },
     'device-ttl': { type: 'string', default: '600' },
+    'app-jwks': { type: 'string' },
   },
 });
 
@@ -50,6 +54,7 @@ const RESOURCE = args.resource;
 const SCOPE = args.scope;
 const ACCESS_TTL_S = Number(args['access-ttl']);
 const DEVICE_TTL_S = Number(args['device-ttl']);
+const APP_JWKS = args['app-jwks'] ? JSON.parse(readFileSync(args['app-jwks'], 'utf8')) : null;
 
 // One RSA key per run: access tokens and id tokens are RS256 JWTs verifiable through the JWKS.
 const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
@@ -73,7 +78,16 @@ function configuration() {
       grant_types: ['urn:ietf:params:oauth:grant-type:device_code', 'refresh_token'],
       response_types: [],
       redirect_uris: [],
-    }],
+    }, ...(APP_JWKS ? [{
+      client_id: `${args['client-id']}-app`,
+      client_name: 'device-agent (interop, certificate)',
+      application_type: 'web',
+      token_endpoint_auth_method: 'private_key_jwt',
+      grant_types: ['client_credentials'],
+      response_types: [],
+      redirect_uris: [],
+      jwks: APP_JWKS,
+    }] : [])],
     jwks: { keys: [signingKey] },
     cookies: { keys: [randomBytes(32).toString('hex')] },
     scopes: ['openid', 'offline_access'],
@@ -81,6 +95,7 @@ function configuration() {
     features: {
       devInteractions: { enabled: true },
       deviceFlow: { enabled: true },
+      clientCredentials: { enabled: Boolean(APP_JWKS) },
       revocation: { enabled: true },
       resourceIndicators: {
         enabled: true,
@@ -134,6 +149,7 @@ function describe(name, eventArgs) {
     if (arg instanceof Error) {
       detail.error = arg.error || arg.name;
       detail.error_description = arg.error_description || arg.message;
+      if (arg.error_detail) detail.error_detail = arg.error_detail;   // why (e.g. a replayed jti)
     } else if (arg && typeof arg === 'object' && 'kind' in arg) {
       if (arg.grantId) detail.grant = arg.grantId;
       if (arg.kind === 'Grant') detail.grant = arg.jti;
