@@ -7,6 +7,11 @@ chain, a subject + issuer the app trusts: Entra's "SNI" registrations); the sign
 the token endpoint; ``iss`` = ``sub`` = the client id; ``exp`` in the future and at most 10
 minutes ahead; a ``jti`` not seen before. Failures answer with Entra's AADSTS codes and texts.
 
+On replays the simulation is stricter than Entra by default (``reject_replays``): Entra accepts
+one assertion again while it is valid (msal-python and older msal4j reuse theirs for 9-10
+minutes), but OpenID Connect Core §9 says a ``jti`` is single-use and certified providers (npm
+oidc-provider) refuse a replay, so the agent is tested against the strict kind.
+
 Which scopes: a client-credentials request must ask for ``<resource>/.default`` (AADSTS1002012
 otherwise); the access token then carries the application permissions an admin consented to as
 ``roles`` (no ``scp``), and no refresh token, id token or client_info, as Entra does.
@@ -40,8 +45,8 @@ ALGORITHMS = ("RS256", "PS256")
 _DOC = "Review the documentation at https://learn.microsoft.com/entra/identity-platform/certificate-credentials ."
 
 # AADSTS code -> (OAuth error, extra fields, description template), merged into the IdP's table.
-# Texts follow what Entra answers (seen in public bug reports); the jti-replay answer is not
-# documented by Microsoft, so the generic "error validating credentials" code stands in for it.
+# Texts follow what Entra answers (seen in public bug reports). Entra does not refuse replays
+# (see the module docstring), so the generic "error validating credentials" code stands in.
 ASSERTION_ERRORS: dict[int, tuple[str, dict[str, str], str]] = {
     700027: ("invalid_client", {},
              "Client assertion contains an invalid signature. [Reason - {reason}, Thumbprint of key "
@@ -122,6 +127,7 @@ class AppCredentials:
     trusted_subjects: list[TrustedSubject] = field(default_factory=list)
     app_roles: dict[str, tuple[str, ...]] = field(default_factory=dict)  # client id -> consented roles
     assertions: list[AssertionRecord] = field(default_factory=list)
+    reject_replays: bool = True       # a jti seen before is refused (False: as Entra does)
     _seen_jti: dict[str, float] = field(default_factory=dict)            # jti -> its exp
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -226,7 +232,7 @@ class AppCredentials:
         with self._lock:
             for old in [j for j, e in self._seen_jti.items() if e + CLOCK_SKEW_S < now]:
                 del self._seen_jti[old]
-            if jti in self._seen_jti:
+            if jti in self._seen_jti and self.reject_replays:
                 raise AssertionRefused(70002, jti=jti[:64])
             self._seen_jti[jti] = float(exp)
 

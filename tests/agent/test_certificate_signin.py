@@ -320,6 +320,9 @@ def test_the_idp_refuses_each_broken_assertion_as_entra_does(idp: SimIdp, tls: T
     assert "access_token" in post_assertion(idp, tls, good)
     replay = post_assertion(idp, tls, good)
     assert replay["error_codes"] == [70002] and replay["error"] == "invalid_client"
+    idp.app_credentials.reject_replays = False      # Entra itself takes it again while valid
+    assert "access_token" in post_assertion(idp, tls, good)
+    idp.app_credentials.reject_replays = True
 
     def claims_of(**override: Any) -> str:
         now = int(time.time())
