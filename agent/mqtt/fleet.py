@@ -43,7 +43,7 @@ class Device:
         return max(0.0, self.code_deadline - now)
 
     def attention(self, now: float, backlog_s: float = BACKLOG_ATTENTION_S) -> list[str]:
-        """Why a person is needed now: pending code, error, storage, a stale backlog (may be empty)."""
+        """Why a person is needed: pending code, error, storage, a stale backlog, a warning (may be empty)."""
         why: list[str] = []
         left = self.seconds_left(now)
         if left is not None and left > 0:
@@ -57,10 +57,12 @@ class Device:
         oldest = s.get("oldest_pending_s")
         if isinstance(oldest, int | float) and not isinstance(oldest, bool) and oldest > backlog_s:
             why.append("backlog")
+        if s.get("warning") and s.get("state") != "offline":
+            why.append("warning")       # still working, but someone should act soon
         return why
 
     def rank(self, now: float, backlog_s: float = BACKLOG_ATTENTION_S) -> tuple[Any, ...]:
-        """Sort key: codes by time left, then errors, storage, backlog (oldest first), then the rest."""
+        """Sort key: codes by time left, errors, storage, backlog (oldest first), warnings, the rest."""
         why = self.attention(now, backlog_s)
         if "code" in why:
             return (0, self.seconds_left(now), self.device_id)
@@ -70,7 +72,9 @@ class Device:
             return (2, 0, self.device_id)
         if "backlog" in why:
             return (3, -float((self.status or {}).get("oldest_pending_s") or 0), self.device_id)
-        return (4, 0, self.device_id)
+        if "warning" in why:
+            return (4, 0, self.device_id)
+        return (5, 0, self.device_id)
 
     def row(self, now: float, backlog_s: float = BACKLOG_ATTENTION_S) -> dict[str, Any]:
         """The JSON row of the web page and ``--summary`` (only what a person reads)."""
@@ -85,6 +89,8 @@ class Device:
             "error": s.get("error"),
             "storage": s.get("storage"),
             "clock": s.get("clock"),
+            "warning": s.get("warning"),
+            "signin_lapses_in_days": s.get("signin_lapses_in_days"),
             "outbox": {k: box.get(k) for k in ("pending", "dead", "dropped")},
             "oldest_pending_s": s.get("oldest_pending_s"),
             "last_upload": s.get("last_upload"),

@@ -348,7 +348,8 @@ class MqttPublisher:
 
     def _on_state(self, snap: Snapshot) -> None:
         """State observer (any thread): wake the publisher only for what MQTT shows."""
-        key = (snap.phase, snap.account, snap.error, snap.outbox, snap.last_upload, snap.code, snap.warning)
+        key = (snap.phase, snap.account, snap.error, snap.outbox, snap.last_upload, snap.code, snap.warning,
+               getattr(snap, "storage", None), getattr(snap, "clock", None))
         if key != self._seen:
             self._seen = key
             self._wake.set()

@@ -459,6 +459,8 @@ def attention_line(dev: Any, now: float) -> str:
             parts.append(f"storage {str(s.get('storage')).replace('_', '-')}")
         elif why == "backlog":
             parts.append(f"oldest reading waiting {_duration(float(s.get('oldest_pending_s') or 0))}")
+        elif why == "warning":
+            parts.append(f"warning: {s.get('warning')}")
     return f"{dev.device_id:<20} " + "; ".join(parts)
 
 

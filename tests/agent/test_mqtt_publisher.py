@@ -463,9 +463,9 @@ def test_after_a_311_connection_the_next_one_tries_mqtt_5(mosquitto: Broker, old
     wait_until(lambda: n.connected and n.protocol == "5", 8.0, what="reconnected with MQTT 5")
     assert proxy.levels[0] == 4 and proxy.levels[-1] == 5
     # the broker lost its retained copies (crash): the reconnect republished them, code with expiry
-    code = retained(mosquitto, CODE)
-    assert code is not None and code.expiry_s is not None and 0 < code.expiry_s <= 600
-    assert retained(mosquitto, STATUS) is not None
+    code = wait_until(lambda: retained(mosquitto, CODE, 0.1), what="code republished")
+    assert code.expiry_s is not None and 0 < code.expiry_s <= 600
+    assert wait_until(lambda: retained(mosquitto, STATUS, 0.1), what="status republished")
 
 
 @pytest.mark.slow

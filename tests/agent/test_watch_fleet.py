@@ -211,18 +211,21 @@ def test_summary_lists_who_needs_a_person_most_urgent_first() -> None:
     fleet.apply(ev("sd-card", "status", status(5, storage="read_only")))
     fleet.apply(ev("backlog", "status", status(6, oldest_pending_s=9000)))
     fleet.apply(ev("fine-backlog", "status", status(7, oldest_pending_s=60)))
+    fleet.apply(ev("lapsing", "status", status(8, warning="sign-in lapses in 3 days: sign in again",
+                                                 signin_lapses_in_days=3)))
     fleet.apply(ev("used", "code", code("used", user_code="USED0CODE"), expiry_s=600))
     fleet.apply(ev("used", "code", None))                                # cleared: signed in
     lines = summary_lines(fleet, now=datetime(2026, 12, 1, 10, 0, tzinfo=UTC))
-    assert lines[0].startswith("9 devices   signing_in 2  signed_in 5  error 1  starting 0  offline 0")
+    assert lines[0].startswith("10 devices   signing_in 2  signed_in 6  error 1  starting 0  offline 0")
     assert "unknown 1" in lines[0]                                       # "used" has no status yet
-    assert lines[1] == "needs a person now: 5"
+    assert lines[1] == "needs a person now: 6"
     body = [line.split()[0] for line in lines[2:]]
-    assert body == ["soon", "late", "broken", "sd-card", "backlog"]
+    assert body == ["soon", "late", "broken", "sd-card", "backlog", "lapsing"]
     assert "CODE SOON0CODE 0:59 left" in lines[2] or "CODE SOON0CODE 1:00 left" in lines[2]
     assert "error: the API refuses fresh tokens (401)" in lines[4]
     assert "storage read-only" in lines[5]
     assert "oldest reading waiting 2 h 30 min" in lines[6]
+    assert "warning: sign-in lapses in 3 days" in lines[7]
 
 
 class FakeTty(io.StringIO):

@@ -86,6 +86,7 @@ function problem(row) {
   if (row.error) parts.push(row.error);
   if (row.storage && row.storage !== "ok") parts.push(`storage ${row.storage.replace("_", "-")}`);
   if (row.attention.includes("backlog")) parts.push("readings waiting too long");
+  if (row.warning) parts.push(row.warning);
   if (row.clock && row.clock === "unsynced") parts.push("clock not synced");
   return parts.join("; ");
 }
