@@ -141,6 +141,24 @@ def test_page_shows_1000_devices_and_a_new_code_within_1s(mosquitto: Broker, bro
     assert not [m for m in console if "Content Security Policy" in m], console
 
 
+@pytest.mark.slow
+def test_page_at_10000_devices_is_one_page_of_rows(mosquitto: Broker, browser: Browser) -> None:
+    from playwright.sync_api import expect
+
+    seed_fleet(mosquitto, 10_000, codes_every=10)
+    served = Served(mosquitto, f"127.0.0.1:{free_port()}")
+    with browser.page() as page:
+        t0 = time.monotonic()
+        page.goto(served.url)
+        expect(page.locator("#summary")).to_contain_text("10000 devices", timeout=10_000)
+        expect(page.locator("#rows tr")).to_have_count(100)
+        assert page.locator("#rows tr.has-code").count() == 100           # codes first
+        assert page.text_content("#range") == "1–100 of 10000"
+        page.fill("#filter", "dev09999")
+        expect(page.locator("#rows tr")).to_have_count(1)
+        assert time.monotonic() - t0 < 10
+
+
 def test_screenshot_for_the_readme(mosquitto: Broker, browser: Browser) -> None:
     from playwright.sync_api import expect
 
