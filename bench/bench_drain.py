@@ -1,4 +1,5 @@
-"""Draining a backlog to the simulated API over HTTPS: batched uploader vs one POST per reading.
+"""Draining a backlog to the simulated API over HTTPS: batched uploader vs one POST per reading,
+and the bytes on the wire and CPU per reading with ``upload.compress`` "gzip" vs "none".
 
     .venv/bin/python bench/bench_drain.py [--readings 100000] [--naive 2000] [--repeat 3] [--dir DIR]
 
@@ -6,12 +7,18 @@ The API runs in a separate process (``python -m agent sim api``) so the figures 
 are the agent side only: Outbox (SQLite, synchronous=FULL) -> Uploader -> HttpSink -> TLS.
 The naive loop uses the same sink, session (keep-alive), TLS and API, one reading per POST, on
 a subset; its rate is extrapolated. Peak RSS is ru_maxrss of this process (the whole run).
+
+Wire bytes: request body plus request line and headers as sent (TLS framing not counted), per
+reading, for the same backlog: 8 sensors sampled every 10 s, stamped by the clock and labelled
+with ``time_quality`` at claim, as the service queues them. CPU per 1,000 readings: this
+process's CPU time (claim + label + serialise + compress + TLS + ack) over the drain.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import resource
 import shutil
 import statistics
@@ -19,15 +26,17 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from agent.clock import ClockTrust, Stamp, iso_epoch  # noqa: E402
 from agent.config import UploadSettings  # noqa: E402
 from agent.sim.jwks import SimKeys  # noqa: E402
 from agent.state import AgentState  # noqa: E402
 from agent.telemetry.outbox import Outbox  # noqa: E402
-from agent.telemetry.sinks.http import HttpSink  # noqa: E402
+from agent.telemetry.sinks.http import HttpSink, encode_body  # noqa: E402
 from agent.telemetry.uploader import Uploader  # noqa: E402
 
 DEVICE = "bench-01"
@@ -56,6 +65,49 @@ def fill(path: Path, n: int) -> Outbox:
     return box
 
 
+def fill_stamped(path: Path, n: int, clock: ClockTrust) -> Outbox:
+    """A backlog as the service stores it: 8 sensors every 10 s, each reading stamped."""
+    box = Outbox(path, DEVICE, max_rows=10**7, max_bytes=10**10, clock=clock)
+    t0 = 1_795_000_000.0
+    rng = random.Random(1)           # values as noisy as a real sensor's: no free compression
+    for i in range(0, n, 1000):
+        readings, stamps = [], []
+        for j in range(i, min(n, i + 1000)):
+            wall = t0 + (j // 8) * 10.0
+            stamps.append(Stamp(wall=wall, mono=100.0 + (j // 8) * 10.0, boot="bench", synced=True))
+            readings.append({"sensor": f"greenhouse{j % 8}.temperature", "type": "bme280",
+                             "value": round(rng.gauss(21.0, 3.0), 2), "unit": "°C",
+                             "time": iso_epoch(wall)})
+        box.put(readings, stamps)
+    return box
+
+
+def wire(box: Outbox, settings: UploadSettings, tokens: Tokens) -> tuple[int, int, float]:
+    """Drain ``box``: (readings, bytes on the wire, CPU seconds of this process)."""
+    sink = HttpSink(settings, DEVICE)
+    sent_bytes = [0]
+
+    def count(resp: object) -> None:
+        req = resp.request  # type: ignore[attr-defined]
+        sent_bytes[0] += len(f"{req.method} {req.path_url} HTTP/1.1\r\n") + 2
+        sent_bytes[0] += sum(len(k) + len(v) + 4 for k, v in req.headers.items())
+        sent_bytes[0] += len(req.body or b"")
+
+    sink.client.on_response.append(count)
+    up = Uploader(box, sink, tokens, AgentState(), settings)
+    sent = 0
+    c0 = time.process_time()
+    try:
+        while box.counts().pending:
+            before = box.counts().pending
+            if up.step() > 0 and box.counts().pending:
+                raise RuntimeError("unexpected wait while draining (API failing?)")
+            sent += before - box.counts().pending
+    finally:
+        sink.close()
+    return sent, sent_bytes[0], time.process_time() - c0
+
+
 def drain(box: Outbox, settings: UploadSettings, tokens: Tokens,
           limit: int | None = None) -> tuple[int, float]:
     sink = HttpSink(settings, DEVICE)
@@ -81,6 +133,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=500, help="upload.batch_max")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--dir", default=".", help="where the outbox lives (a real disk)")
+    p.add_argument("--wire", type=int, default=20_000, help="readings for the gzip/none comparison")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(dir=args.dir))
     keys = SimKeys(issuer="https://bench/v2.0")
@@ -114,6 +167,31 @@ def main() -> int:
         print(f"  ratio batched/naive: {b / n:.0f}x")
         print(f"  peak RSS of the agent-side process: {rss_mib():.1f} MiB "
               f"(before draining: {rss_before:.1f} MiB)")
+        clock = ClockTrust(kernel=lambda: True, boot_id="bench")
+        figures: dict[str, list[tuple[float, float]]] = {"none": [], "gzip": []}
+        for r in range(args.repeat):
+            for compress in ("none", "gzip"):
+                box = fill_stamped(work / f"wire-{compress}-{r}.sqlite3", args.wire, clock)
+                n, nbytes, cpu = wire(box, UploadSettings(**{**settings.__dict__, "compress": compress}), tokens)
+                box.close()
+                figures[compress].append((nbytes / n, cpu / n * 1000))
+        per = {k: statistics.median(b for b, _ in v) for k, v in figures.items()}
+        cpu_k = {k: statistics.median(c for _, c in v) for k, v in figures.items()}
+        print(f"bytes on the wire per reading ({args.wire} readings, batch_max={args.batch}, "
+              f"body + request line + headers, TLS framing not counted), median of {args.repeat}")
+        print(f"  compress = \"none\": {per['none']:.1f} B/reading, CPU {cpu_k['none'] * 1000:.1f} ms "
+              f"per 1,000 readings")
+        print(f"  compress = \"gzip\": {per['gzip']:.1f} B/reading, CPU {cpu_k['gzip'] * 1000:.1f} ms "
+              f"per 1,000 readings")
+        print(f"  gzip sends {100 * (1 - per['gzip'] / per['none']):.0f} % fewer bytes, for "
+              f"{(cpu_k['gzip'] - cpu_k['none']) * 1000:+.1f} ms CPU per 1,000 readings")
+        box = fill_stamped(work / "encode.sqlite3", args.batch, clock)
+        rows = box.claim(args.batch)
+        box.close()
+        for gz in (False, True):
+            secs = min(timeit.repeat(lambda gz=gz: encode_body(DEVICE, rows, gzipped=gz), number=20, repeat=7))
+            print(f"  serialising{' + gzip' if gz else ''} alone: {secs / 20 / len(rows) * 1e6:.2f} ms CPU "
+                  f"per 1,000 readings (best of 7)")
     finally:
         api.terminate()
         api.wait(timeout=10)
