@@ -344,7 +344,8 @@ def run_watch(*, url: str, prefix: str, ca_file: str, username: str, password_fi
               as_json: bool, count: int | None = None, timeout_s: float | None = None,
               out: TextIO | None = None, err: TextIO | None = None, summary: bool = False,
               serve: str | None = None, serve_password_file: str = "",
-              backlog_s: float = BACKLOG_ATTENTION_S, legacy: bool = False) -> int:
+              backlog_s: float = BACKLOG_ATTENTION_S, legacy: bool = False,
+              stop_event: threading.Event | None = None) -> int:
     """Print every device's code and status until SIGINT/SIGTERM, ``count`` events or ``timeout_s``.
 
     ``summary``: counts by state and the devices needing a person, redrawn in place on a
@@ -376,7 +377,7 @@ def run_watch(*, url: str, prefix: str, ca_file: str, username: str, password_fi
         print(f"config error: {e}", file=err)
         return EXIT_CONFIG
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    stop = threading.Event()
+    stop = stop_event or threading.Event()
     restore = _on_sigterm(stop)
     printed = 0
     screen = SummaryScreen(out) if summary and fleet is not None else None

@@ -43,12 +43,29 @@ class Served:
         self._stop = threading.Event()
         self.thread = threading.Thread(target=lambda: self.rc.append(run_watch(
             url=broker.url, prefix="test", ca_file="", username="", password_file="", as_json=False,
-            serve=listen, serve_password_file=password_file, timeout_s=120, out=self.out, err=self.err)),
-            daemon=True)
+            serve=listen, serve_password_file=password_file, timeout_s=120, out=self.out, err=self.err,
+            stop_event=self._stop)), daemon=True)
+        SERVED.append(self)
         self.thread.start()
         wait_until(lambda: "serving the fleet on" in self.err.getvalue() or self.rc, 10, what="server up")
         assert not self.rc, self.err.getvalue()
         self.url = self.err.getvalue().split("serving the fleet on ", 1)[1].split()[0]
+
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(5)
+        assert self.rc == [0], self.err.getvalue()
+
+
+SERVED: list[Served] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_servers() -> Iterator[None]:
+    yield
+    while SERVED:
+        SERVED.pop().close()
 
 
 @pytest.fixture
