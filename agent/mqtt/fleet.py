@@ -79,7 +79,8 @@ class Device:
     def row(self, now: float, backlog_s: float = BACKLOG_ATTENTION_S) -> dict[str, Any]:
         """The JSON row of the web page and ``--summary`` (only what a person reads)."""
         s = self.status or {}
-        box = s.get("outbox") if isinstance(s.get("outbox"), dict) else {}
+        raw_box = s.get("outbox")
+        box: dict[str, Any] = raw_box if isinstance(raw_box, dict) else {}
         code = self.code or {}
         left = self.seconds_left(now)
         return {

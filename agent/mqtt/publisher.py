@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -117,7 +118,7 @@ class MqttPublisher:
         self._protocol = mqtt.MQTTv5
         self._connected = False
         self._force = False               # publish the whole truth at the next chance
-        self._rebuild_as: int | None = None   # rebuild the client for this MQTT version
+        self._rebuild_as: MQTTProtocolVersion | None = None   # rebuild the client for this version
         self._auth_failed = False
         self._down_logged = False
         self._awaiting_connack = False    # a socket is open, no CONNACK yet
@@ -206,7 +207,7 @@ class MqttPublisher:
                              properties=receive_maximum() if self._protocol == mqtt.MQTTv5 else None)
         client.loop_start()
 
-    def _rebuild(self, protocol: int) -> None:
+    def _rebuild(self, protocol: MQTTProtocolVersion) -> None:
         """Runs on the publisher thread: paho fixes the protocol per Client, so build a new one."""
         with self._lock:
             old = self._client

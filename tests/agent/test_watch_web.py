@@ -229,3 +229,21 @@ def test_password_file_means_basic_auth(mosquitto: Broker, tmp_path: Path) -> No
     assert get(url, {"Authorization": f"Basic {bad}"})[0] == 401
     good = base64.b64encode(b"admin:correct horse").decode()
     wait_until(lambda: b"F4XQ9ZRTL" in get(url, {"Authorization": f"Basic {good}"})[1], what="code served")
+
+
+def test_serve_address_and_password_file_mistakes_are_one_line_exit_78(mosquitto: Broker, tmp_path: Path) -> None:
+    from agent.mqtt.web import is_loopback, parse_listen
+
+    assert parse_listen("[::1]:8080") == ("::1", 8080) and is_loopback("::1") and is_loopback("127.0.0.2")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.0.2.1")
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    for serve, pw, expect in (("8080", "", "config error: --serve: '8080' must look like 127.0.0.1:8080\n"),
+                              ("127.0.0.1:99999", "", "config error: --serve: '127.0.0.1:99999' must look"),
+                              ("0.0.0.0:8080", str(tmp_path / "missing"),
+                               "config error: --serve-password-file "),
+                              ("0.0.0.0:8080", str(empty), "config error: --serve-password-file ")):
+        err = io.StringIO()
+        rc = run_watch(url=mosquitto.url, prefix="test", ca_file="", username="", password_file="",
+                       as_json=False, serve=serve, serve_password_file=pw, timeout_s=1, err=err)
+        assert rc == 78 and err.getvalue().startswith(expect) and err.getvalue().count("\n") == 1, err.getvalue()
