@@ -157,7 +157,7 @@ class ClockTrust:
         # Called with status() when a server answer changes the verdict or the correction (by a
         # second or more), so a code published right after the IdP's answer already has true
         # times; the service sets it to update AgentState.
-        self.on_change: Callable[[Mapping[str, Any]], None] | None = None
+        self.on_change: Callable[[Mapping[str, Any]], object] | None = None
         self._reported: Mapping[str, Any] | None = None
 
     # ---------------------------------------------------------------- inputs
