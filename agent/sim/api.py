@@ -1,4 +1,4 @@
-"""The simulated telemetry API: CONTRACT.md "Custom API" on loopback HTTPS, with failure switches.
+"""The simulated telemetry API: docs/INTERFACE.md "HTTP: your API" on loopback HTTPS, with failure switches.
 
 It checks bearer JWTs (RS256) against a JWKS, validates each batch strictly (so agent bugs show
 up as 400s in tests), de-duplicates by reading id, stores readings in SQLite and keeps a request
@@ -327,7 +327,7 @@ def _count(raw: bytes) -> int:
 
 
 def _validate(raw: bytes, key: str | None) -> tuple[str, list[dict[str, Any]]]:
-    """CONTRACT.md's body, strictly.
+    """docs/INTERFACE.md's body, strictly.
 
     Raises:
         ValueError: what is wrong, for the 400 body.

@@ -94,7 +94,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 
 @dataclass(frozen=True)
 class Row:
-    """One pending reading. ``reading`` is the CONTRACT.md reading object (id and seq included;
+    """One pending reading. ``reading`` is the docs/INTERFACE.md reading object (id and seq included;
     ``time`` and ``time_quality`` as the clock labelled them at claim). ``stamp``: how it was
     sampled (None for rows queued before stamps existed)."""
 

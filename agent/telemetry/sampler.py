@@ -8,7 +8,7 @@ One ``outbox.put`` per tick holds every reading due at that tick: one SQLite tra
 fsync, however many sensors fire together.
 
 A failed read (HardwareError or any other exception, or a non-finite value) queues nothing:
-the readings sent keep CONTRACT.md's shape (``value`` is always a number) so a strict receiver
+the readings sent keep docs/INTERFACE.md's shape (``value`` is always a number) so a strict receiver
 never rejects a whole batch because one sensor broke. The failure is counted per sensor
 (``errors``), shown in ``state.last_reading`` (``LastReading.error``) and logged at WARNING when
 a sensor starts failing and at INFO when it recovers. The gap in the sensor's readings is the

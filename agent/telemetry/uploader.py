@@ -1,4 +1,4 @@
-"""Outbox -> sink, one batch at a time, with the status handling of CONTRACT.md "Custom API".
+"""Outbox -> sink, one batch at a time, with the status handling of docs/INTERFACE.md "HTTP: your API".
 
 - 2xx: ack; while a backlog remains the next batch goes at once, else wait ``interval_s``
   (or until ``flush()``).
@@ -19,6 +19,9 @@
   otherwise exponential back-off with equal jitter (1 s doubling to 5 min).
 - other 4xx (400, 422, ...): the sink splits the batch until the refused readings are isolated;
   only those are dead-lettered, the rest delivered.
+- storage full / read-only (the outbox's state): uploads go on; an ack the disk cannot take is
+  held by the outbox and the batch is not handed out again. Every step (and every ``interval_s``
+  during a long wait) asks the outbox whether its file is still the one at its path.
 
 All waits are on the monotonic clock. ``step()`` does one unit of work and returns how long to
 wait before the next, so tests drive it with a fake clock and never sleep.
