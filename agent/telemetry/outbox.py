@@ -149,6 +149,7 @@ class Outbox:
         self._held: dict[int, str | None] = {}   # delivered (None) or dead (reason), not yet on disk
         self._lost_reasons: dict[str, int] = {}  # of _lost_unsaved, per reason
         self._file_id: tuple[int, int] | None = None
+        self._replacing = False
         self._open_checked()
 
     # ----------------------------------------------------------------- public API
@@ -237,7 +238,11 @@ class Outbox:
                     pass
             self._held.clear()
             self._lost_unsaved, self._lost_reasons = 0, {}
-            self._open_checked()
+            self._replacing = True
+            try:
+                self._open_checked()
+            finally:
+                self._replacing = False
             # We know exactly what the old file handed out: continue right after it.
             top = self._conn().execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0]
             self._next_seq = max(next_seq, top + 1)
@@ -611,7 +616,8 @@ class Outbox:
             # A new database (the old one was corrupt or deleted): continue after everything the
             # old one may have handed out, so no seq is ever reused.
             hw = self._reserved()
-            log.warning("outbox: new database; seq continues at %d", hw + 1)
+            if not self._replacing:       # check_file() says where seq continues itself
+                log.warning("outbox: new database; seq continues at %d", hw + 1)
         self._next_seq = hw + 1
 
     def _adopt_other_device(self, db: sqlite3.Connection, old: str) -> None:
