@@ -172,3 +172,30 @@ def test_standalone_command_prints_a_loopback_banner(tmp_path, sim_keys: SimKeys
 def test_refuses_non_loopback(tls: TlsFiles, sim_keys: SimKeys) -> None:
     with pytest.raises(ValueError, match="loopback"):
         SimApi(tls, jwks=sim_keys.jwks(), host="0.0.0.0")
+
+
+def test_poisoned_readings_get_the_whole_request_refused_with_422(sim_api: SimApi, tls: TlsFiles,
+                                                                 sim_keys: SimKeys) -> None:
+    token = sim_keys.mint()
+    sim_api.poison(seqs={3}, values={99.5})
+    refused = post(sim_api, tls, body([1, 2, 3]), token)
+    assert refused.status_code == 422 and "seq 3" in refused.json()["message"]
+    poisoned_value = body([4, 5])
+    poisoned_value["readings"][1]["value"] = 99.5
+    assert post(sim_api, tls, poisoned_value, token).status_code == 422
+    assert post(sim_api, tls, body([1, 2, 4]), token).status_code == 200
+    assert sim_api.seqs(DEV) == {1, 2, 4}, "nothing of a refused request is stored"
+
+
+def test_claims_challenge_is_a_401_with_the_claims_base64_encoded(sim_api: SimApi, tls: TlsFiles,
+                                                                  sim_keys: SimKeys) -> None:
+    import base64
+
+    claims = '{"access_token":{"nbf":{"essential":true,"value":"1700000000"}}}'
+    sim_api.challenge(claims)
+    first = post(sim_api, tls, body([1]), sim_keys.mint())
+    assert first.status_code == 401
+    header = first.headers["WWW-Authenticate"]
+    assert 'error="insufficient_claims"' in header
+    assert base64.b64decode(header.split('claims="')[1].split('"')[0]).decode() == claims
+    assert post(sim_api, tls, body([1]), sim_keys.mint()).status_code == 200, "one challenge only"
