@@ -23,6 +23,7 @@ import ipaddress
 import json
 import logging
 import threading
+import time
 from collections import OrderedDict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -97,6 +98,7 @@ class WatchServer:
         self._httpd: ThreadingHTTPServer | None = None
         self._qr: OrderedDict[str, str] = OrderedDict()
         self._qr_lock = threading.Lock()
+        self._header: tuple[tuple[int, int], dict[str, Any]] | None = None
 
     @property
     def url(self) -> str:
@@ -157,8 +159,16 @@ class WatchServer:
         return {"version": version, **self.header(), "matched": matched, "offset": offset, "rows": rows}
 
     def header(self) -> dict[str, Any]:
-        return {"total": len(self.fleet), "counts": self.fleet.counts(),
-                "attention": len(self.fleet.needs_attention())}
+        """Fleet size and counts; computed once per fleet change and second, not per browser."""
+        key = (self.fleet.version, int(time.monotonic()))
+        with self._qr_lock:
+            if self._header is not None and self._header[0] == key:
+                return self._header[1]
+        value = {"total": len(self.fleet), "counts": self.fleet.counts(),
+                 "attention": len(self.fleet.needs_attention())}
+        with self._qr_lock:
+            self._header = (key, value)
+        return value
 
 
 class _V6Server(ThreadingHTTPServer):
