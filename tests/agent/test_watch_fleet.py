@@ -67,7 +67,7 @@ def seed_fleet(broker: Broker, n: int, *, prefix: str = "test", codes_every: int
     return len(infos)
 
 
-def count_events(broker: Broker, *, legacy: bool, settle_s: float = 1.5,
+def count_events(url: str, *, legacy: bool, settle_s: float = 1.5,
                  limit_s: float = 15.0) -> tuple[set[str], float]:
     """Topics a fresh WatchClient receives, and the time until the last one."""
     topics: set[str] = set()
@@ -77,7 +77,7 @@ def count_events(broker: Broker, *, legacy: bool, settle_s: float = 1.5,
         topics.add(ev.topic)
         last[0] = time.monotonic()
 
-    client = WatchClient(broker.url, "test", on_event=seen, legacy=legacy)
+    client = WatchClient(url, "test", on_event=seen, legacy=legacy)
     t0 = time.monotonic()
     client.connect()
     try:
@@ -92,10 +92,23 @@ def count_events(broker: Broker, *, legacy: bool, settle_s: float = 1.5,
 def test_watch_gets_a_10000_device_fleet_from_a_default_broker(mosquitto: Broker) -> None:
     sent = seed_fleet(mosquitto, 10_000)
     assert sent == 11_000
-    old, _ = count_events(mosquitto, legacy=True, settle_s=1.0)
+    old, _ = count_events(mosquitto.url, legacy=True, settle_s=1.0)
     assert len(old) < 2_000            # the trap is real: the old subscription saw a fraction
-    topics, took = count_events(mosquitto, legacy=False)
+    topics, took = count_events(mosquitto.url, legacy=False)
     assert len(topics) == 11_000 and took < 10.0
+
+
+@pytest.mark.slow
+def test_watch_gets_the_whole_fleet_from_a_311_only_broker(mosquitto: Broker) -> None:
+    from tests.fixtures.broker import OldBrokerProxy
+
+    seed_fleet(mosquitto, 10_000)
+    proxy = OldBrokerProxy(mosquitto.port)      # no MQTT 5, so no Receive Maximum: QoS 0 instead
+    try:
+        topics, took = count_events(f"mqtt://127.0.0.1:{proxy.port}", legacy=False)
+        assert proxy.refused_v5 == 1 and len(topics) == 11_000 and took < 10.0
+    finally:
+        proxy.close()
 
 
 @pytest.mark.slow
