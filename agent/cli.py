@@ -1,4 +1,4 @@
-"""The `device-agent` commands of CONTRACT.md; maps errors to exit codes (0, 78 config, 1 other).
+"""The `device-agent` commands of docs/INTERFACE.md; maps errors to exit codes (0, 78 config, 1 other).
 
 Each command's module is imported only when that command runs, so `check-config` and `status`
 start fast on a Pi and `watch` does not pay for msal or luma.

@@ -1,7 +1,7 @@
 """paho-mqtt wrapped: the retained status, the retained sign-in code and remote commands.
 
 Admins of a fleet learn the code and each device's state from the broker instead of walking to
-the box. Topics and payloads are CONTRACT.md's "MQTT" table. Threads:
+the box. Topics and payloads are docs/INTERFACE.md's "MQTT" table. Threads:
 
 * paho's network thread runs the callbacks; they only record facts and wake our threads (an
   exception escaping a paho callback would kill that thread, so every callback is guarded);
