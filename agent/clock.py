@@ -324,11 +324,15 @@ class ClockTrust:
         note = self.note()
         if note != self._logged:
             self._logged = note
+            off = self.offset_s()
             if note is None:
                 log.info("clock: synchronized")
+            elif off is not None and abs(off) < NOISE_S:
+                # The kernel has no sync, but the servers agree: nothing a person must do yet.
+                log.info("%s by the kernel, but within %.0f s of the servers' Date headers", note, NOISE_S)
             else:
                 how = ("reading times are corrected from the servers' Date headers"
-                       if self._base() is not None else "no server time seen yet")
+                       if off is not None else "no server time seen yet")
                 log.warning("%s; %s", note, how)
 
 

@@ -295,7 +295,7 @@ def show_status(settings: Settings, *, as_json: bool, out: IO[str] | None = None
         f"{ob.get('dropped', 0)} dropped",
         f"last upload: {doc.get('last_upload') or 'never'}",
         f"oldest:      {_age_text(doc.get('oldest_pending_s'))}",
-        f"clock:       {doc.get('clock') or '?'}" + (f" ({doc['clock_note']})" if doc.get("clock_note") else ""),
+        f"clock:       {doc.get('clock') or '?'}" + (f": {doc['clock_note']}" if doc.get("clock_note") else ""),
         "sign-in:     " + (f"lapses in {doc['signin_lapses_in_days']:g} days if the box stays offline"
                            if isinstance(doc.get("signin_lapses_in_days"), int | float) else "-"),
     ]
