@@ -207,3 +207,28 @@ def test_an_outbox_from_before_stamps_is_migrated_and_its_rows_still_upload(
     got = sim_api.readings(DEVICE)
     assert got[0]["time"] == "2026-11-20T08:00:00.000Z" and got[0]["time_quality"] == "unsynced"
     assert got[1]["time_quality"] == "corrected" and abs(seconds(got[1]) - c.true) < 2.0
+
+
+def test_mqtt_code_and_status_carry_true_time_while_the_box_is_days_behind() -> None:
+    import json
+    import time as _time
+    from datetime import UTC, datetime, timedelta
+
+    from agent.mqtt.protocol import Outbound
+    from agent.state import DeviceCode, Snapshot
+
+    now = _time.monotonic()
+    # Issued while the wall clock was 3 days behind: the wall expiry is 3 days early.
+    box_wall = datetime.now(UTC) - timedelta(days=3)
+    code = DeviceCode("ABCD-EFGH", "https://login.example/device", now + 600, box_wall + timedelta(seconds=600), 5)
+    snap = Snapshot(phase="signing_in", code=code, clock="corrected", clock_offset_s=0.0,
+                    clock_note="clock not synchronized (off by ~3 d)")
+    pubs, _ = Outbound("p", "d", "1").plan(snap, now)
+    by_topic = {p.topic: p for p in pubs}
+    body = json.loads(by_topic["p/d/auth/code"].payload)
+    expires = datetime.fromisoformat(body["expires_at"].replace("Z", "+00:00"))
+    assert abs((expires - datetime.now(UTC)).total_seconds() - 600) < 2, "true time + seconds left"
+    status = json.loads(by_topic["p/d/status"].payload)
+    assert status["clock"] == "corrected" and status["clock_note"] == "clock not synchronized (off by ~3 d)"
+    synced = json.loads(Outbound("p", "d", "1").plan(Snapshot(clock="synced"), now)[0][0].payload)
+    assert synced["clock"] == "synced" and "clock_note" not in synced
