@@ -1,4 +1,5 @@
-"""When to try again: the one ``Retry-After`` parser and the one exponential back-off.
+"""When to try again: the one ``Retry-After`` parser, the one exponential back-off, and the one
+rule for telling the journal about a failure that goes on (:class:`OutageLog`).
 
 Every retry in the agent (sign-in, uploads, component restarts) waits on the monotonic clock;
 a server's ``Retry-After`` only ever raises the wait (a floor), and is sanitised here, once:
@@ -8,9 +9,11 @@ whatever a server or a proxy sends, the result is a finite number of seconds wit
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import re
+import threading
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -18,6 +21,8 @@ from email.utils import parsedate_to_datetime
 from typing import Protocol
 
 RETRY_AFTER_CAP_S = 3600.0
+# A failure that goes on is reported once when it starts, then at most this often, with a count.
+REPEAT_WARNING_S = 600.0
 # RFC 9110 §10.2.3 delay-seconds is 1*DIGIT; decimals are accepted too. ASCII only: str.isdigit()
 # and float() would take "²" or Arabic-Indic digits.
 _SECONDS = re.compile(r"([0-9]+)(?:\.[0-9]+)?", re.ASCII)
@@ -97,6 +102,65 @@ class Backoff:
     def reset(self) -> None:
         """Success: the next failure starts from ``initial_s`` again."""
         self.attempts = 0
+
+
+class OutageLog:
+    """The journal's side of a failure that goes on, the same on every network path: one line
+    when it starts, then at most one every ``repeat_s`` with a count of the failed attempts,
+    and one INFO line when it ends. Never a line per retry (those go to DEBUG): a box retries
+    for as long as it runs. ``logger`` names the component (records keep its name); ``clock``
+    is monotonic. Thread-safe.
+    """
+
+    def __init__(self, logger: logging.Logger, *, level: int = logging.WARNING,
+                 repeat_s: float = REPEAT_WARNING_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._log, self._level, self.repeat_s, self._clock = logger, level, repeat_s, clock
+        self._lock = threading.Lock()
+        self._started: float | None = None    # monotonic: the first failure of this outage
+        self.failures = 0                     # failed attempts in this outage
+        self._reported_at = 0.0
+        self._reported_failures = 0
+
+    @property
+    def ongoing(self) -> bool:
+        return self._started is not None
+
+    def failed(self, message: str, then: str = "") -> bool:
+        """Count a failed attempt (``then``: what happens next, e.g. "retrying in 2.0 s");
+        logs it only when the outage starts or ``repeat_s`` after the last line. Returns
+        whether it logged."""
+        tail = f"; {then}" if then else ""
+        with self._lock:
+            now = self._clock()
+            self.failures += 1
+            if self._started is None:
+                self._started = self._reported_at = now
+                self._reported_failures = 1
+                self._log.log(self._level, "%s%s (repeats are counted and reported every %.0f min)",
+                              message, tail, self.repeat_s / 60)
+                return True
+            if now - self._reported_at < self.repeat_s:
+                self._log.debug("%s%s (failed attempt %d)", message, tail, self.failures)
+                return False
+            self._log.log(self._level, "%s; still failing: %d failed attempts in the last %.0f min "
+                          "(%d since %.0f min ago)%s", message,
+                          self.failures - self._reported_failures, (now - self._reported_at) / 60,
+                          self.failures, (now - self._started) / 60, tail)
+            self._reported_at, self._reported_failures = now, self.failures
+            return True
+
+    def ended(self, message: str) -> bool:
+        """It works again: logs ``message`` with the outage's count and length (INFO) if one
+        was going on, and forgets it. Returns whether one was."""
+        with self._lock:
+            if self._started is None:
+                return False
+            self._log.info("%s (after %d failed attempts in %.0f min)", message, self.failures,
+                           (self._clock() - self._started) / 60)
+            self._started = None
+            self.failures = 0
+            return True
 
 
 def _headers(source: object) -> Mapping[str, object]:

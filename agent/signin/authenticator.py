@@ -40,7 +40,6 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -50,8 +49,20 @@ import requests
 
 from agent.config import RESERVED_SCOPES, AuthSettings
 from agent.net.https import HttpsSession
-from agent.net.retry import Backoff, retry_after_s
-from agent.signin.aadsts import Problem, explain
+from agent.net.retry import REPEAT_WARNING_S, Backoff, OutageLog, retry_after_s  # noqa: F401 - REPEAT_WARNING_S: public here too
+from agent.signin.aadsts import Problem
+from agent.signin.flow import (
+    MIN_PASS_S,
+    IdpDown,
+    IdpRefused,
+    IdpTrouble,
+    Timing,
+    Token,
+    build_app,
+    explain_result,
+    idp_down,
+    number,
+)
 from agent.signin.token_cache import TokenCacheFile
 from agent.state import AgentState, DeviceCode
 
@@ -62,112 +73,14 @@ announce = logging.getLogger(__name__ + ".code")
 RENEWALS_EXHAUSTED = ("No sign-in code: press the button, send renew_code over MQTT, "
                       "or restart the agent")
 _REAUTH_ERRORS = frozenset({"invalid_grant", "interaction_required", "login_required"})
-# A failure that goes on is reported once when it starts, then at most this often, with a count.
-REPEAT_WARNING_S = 600.0
-# Every pass of the sign-in loop that did not wait for anything lasts at least this long, so a
-# state the loop cannot leave costs a log line a second, not a core (monotonic; ends on stop).
-MIN_PASS_S = 1.0
 CACHE_UNREADABLE = "The saved sign-in could not be read: sign in with a new code"
 
 _T = TypeVar("_T")
 
 
-@dataclass(frozen=True)
-class Timing:
-    """Back-off and refresh periods. Production defaults; tests shorten them."""
-
-    backoff_initial_s: float = 2.0            # network error, timeout, 5xx, unreadable reply
-    backoff_max_s: float = 300.0
-    config_backoff_initial_s: float = 60.0    # tenant/app registration problems: don't hammer
-    config_backoff_max_s: float = 1800.0
-    refresh_every_s: float = 12 * 3600.0      # proactive refresh: keeps the refresh token alive
-    refresh_margin_max_s: float = 300.0       # refresh when half the token's life, at most this, is left
-    wait_slice_s: float = 0.25                # how often waits look at request_new_code/sign_out
-
-
-@dataclass(frozen=True)
-class _Token:
-    """An access token with its life on the monotonic clock, from ``expires_in`` when it came."""
-
-    value: str
-    expires_at: float    # monotonic: never handed out from then on
-    refresh_at: float    # monotonic: refreshed from the IdP from then on
-
-    @classmethod
-    def received(cls, value: str, now: float, life_s: float, margin_max_s: float) -> _Token:
-        life_s = max(0.0, life_s)
-        return cls(value, now + life_s, now + life_s - min(life_s / 2, margin_max_s))
-
-
-class _Trouble:
-    """One kind of IdP failure that may go on: one back-off for every caller (the sign-in
-    thread and the uploader's refreshes alike), a warning when it starts, then at most one
-    every ``REPEAT_WARNING_S`` with a count. Thread-safe."""
-
-    def __init__(self, backoff: Backoff, clock: Callable[[], float], level: int) -> None:
-        self._backoff, self._clock, self._level = backoff, clock, level
-        self._lock = threading.Lock()
-        self.not_before = 0.0                 # monotonic: no attempt before this
-        self._started: float | None = None
-        self._failures = 0
-        self._reported_at = 0.0
-        self._reported_failures = 0
-
-    def ready(self, now: float) -> bool:
-        return now >= self.not_before
-
-    def failed(self, message: str, retry_after: float | None = None,
-               floor_s: float = 0.0) -> float:
-        """Count a failure and back off; returns the wait (at least Retry-After and ``floor_s``)."""
-        with self._lock:
-            now = self._clock()
-            delay = max(self._backoff.next_delay(retry_after), floor_s)
-            self.not_before = now + delay
-            self._failures += 1
-            if self._started is None:
-                self._started = self._reported_at = now
-                self._reported_failures = 1
-                log.log(self._level, "%s; retrying in %.1f s (repeats are counted and reported "
-                        "every %.0f min)", message, delay, REPEAT_WARNING_S / 60)
-            elif now - self._reported_at >= REPEAT_WARNING_S:
-                log.log(self._level, "%s; still failing: %d failed attempts in the last %.0f min "
-                        "(%d since %.0f min ago); retrying in %.1f s", message,
-                        self._failures - self._reported_failures, (now - self._reported_at) / 60,
-                        self._failures, (now - self._started) / 60, delay)
-                self._reported_at, self._reported_failures = now, self._failures
-            return delay
-
-    def ended(self) -> None:
-        """The IdP answered properly: forget the back-off, say so if an outage was reported."""
-        with self._lock:
-            if self._started is not None:
-                log.info("the sign-in service answers again (after %d failed attempts in %.0f min)",
-                         self._failures, (self._clock() - self._started) / 60)
-            self._backoff.reset()
-            self.not_before = 0.0
-            self._started = None
-            self._failures = 0
-
-
-class _IdpDown(Exception):
-    """Transient: network, timeout, 5xx, unreadable reply. Back off and retry."""
-
-    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
 class _CacheDamaged(Exception):
     """msal failed while reading the token cache, before asking the IdP anything: the file
     parses, but its content is not what msal expects. Retrying cannot help; a new sign-in does."""
-
-
-class _ConfigProblem(Exception):
-    """The tenant or app registration refuses us; retrying soon will not help."""
-
-    def __init__(self, problem: Problem) -> None:
-        super().__init__(problem.message)
-        self.problem = problem
 
 
 class Authenticator:
@@ -195,7 +108,7 @@ class Authenticator:
         self._idp_retry_after: float | None = None   # the last 429/503 reply's Retry-After
         self._http_cache: dict[str, Any] = {}
         self._account: dict[str, Any] | None = None
-        self._token: _Token | None = None
+        self._token: Token | None = None
         self._rejected: str | None = None      # refused by the API: never handed out again
         self._claims: str | None = None        # a claims challenge the next sign-in must meet
         self._pass_waited = False              # the current run() pass blocked in _wait
@@ -208,9 +121,10 @@ class Authenticator:
         self._wake = threading.Event()          # something for the sign-in thread to look at
         self._new_code = threading.Event()      # request_new_code(), honoured by code flows only
         t = self._timing
-        self._down = _Trouble(Backoff(t.backoff_initial_s, t.backoff_max_s, rng), clock, logging.WARNING)
-        self._refused = _Trouble(Backoff(t.config_backoff_initial_s, t.config_backoff_max_s, rng),
-                                 clock, logging.ERROR)
+        self._down = IdpTrouble(Backoff(t.backoff_initial_s, t.backoff_max_s, rng), clock,
+                                OutageLog(log, level=logging.WARNING, clock=clock))
+        self._refused = IdpTrouble(Backoff(t.config_backoff_initial_s, t.config_backoff_max_s, rng),
+                                   clock, OutageLog(log, level=logging.ERROR, clock=clock))
         self.heartbeat: float = clock()
 
     # ---- public API -------------------------------------------------------------------------
@@ -236,15 +150,15 @@ class Authenticator:
             self._code_pass = False
             try:
                 self._step()
-            except _IdpDown as err:
+            except IdpDown as err:
                 self._on_idp_down(err)
-            except _ConfigProblem as err:
+            except IdpRefused as err:
                 self._on_config_problem(err.problem)
             except _CacheDamaged as err:
                 self._set_cache_aside(str(err))
             except Exception as err:   # never let the sign-in thread die
                 log.exception("unexpected sign-in error (%s); retrying", type(err).__name__)
-                self._on_idp_down(_IdpDown(f"Sign-in error ({type(err).__name__})"))
+                self._on_idp_down(IdpDown(f"Sign-in error ({type(err).__name__})"))
             if not self._pass_waited:
                 self._pace(started)
         log.info("sign-in stopped")
@@ -339,7 +253,7 @@ class Authenticator:
 
     # ---- tokens -----------------------------------------------------------------------------
 
-    def _usable_token(self, now: float) -> _Token | None:
+    def _usable_token(self, now: float) -> Token | None:
         """The current token if it may be handed out now (not expired, not refused)."""
         tok = self._token
         if tok is None or tok.value == self._rejected or now >= tok.expires_at:
@@ -355,10 +269,10 @@ class Authenticator:
         Caller holds _lock."""
         try:
             self._refresh(force=True)
-        except _IdpDown as err:
+        except IdpDown as err:
             self._down.failed(f"token refresh failed: {err}", err.retry_after_s)
             self._clear_http_cache()
-        except _ConfigProblem as err:
+        except IdpRefused as err:
             self._refused.failed(f"token refresh refused: {err.problem.message}")
             self._state.failed(err.problem.message)
             self._clear_http_cache()
@@ -369,7 +283,7 @@ class Authenticator:
         self.heartbeat = self._clock()
 
     def _step(self) -> None:
-        """One unit of work; raises _IdpDown / _ConfigProblem for the loop to back off."""
+        """One unit of work; raises IdpDown / IdpRefused for the loop to back off."""
         # A code flow is what waits unless a sign-in exists or is being restored; only then may
         # a new-code request cut this pass's waits short.
         self._code_pass = self._account is None and not self._signed_in
@@ -398,24 +312,10 @@ class Authenticator:
         if self._session is None:
             self._session = HttpsSession(s.ca_file, s.timeout_s, on_response=[self._on_idp_response],
                                          on_failure=[self._on_idp_failure])
-        kwargs: dict[str, Any] = {"client_id": s.client_id, "token_cache": self._cache.cache,
-                                  "http_client": self._session, "http_cache": self._http_cache}
-        if s.oidc_authority:
-            # Generic providers may not know "profile", which MSAL adds to every request.
-            kwargs.update(oidc_authority=s.oidc_authority, exclude_scopes=["profile"])
-        else:
-            kwargs.update(authority=s.authority, instance_discovery=s.instance_discovery)
-        try:
-            self._app = msal.PublicClientApplication(**kwargs)
-        except ValueError as err:
-            status = self._session.last_status
-            if status is not None and 400 <= status < 500:
-                raise _ConfigProblem(Problem(
-                    "config", f"The sign-in authority was not found (HTTP {status}): check "
-                              f"auth.{'oidc_authority' if s.oidc_authority else 'authority'}")) from err
-            raise self._idp_down(err) from err
-        except Exception as err:
-            raise self._idp_down(err) from err
+        # Generic providers may not know "profile", which MSAL adds to every request.
+        extra: dict[str, Any] = {"exclude_scopes": ["profile"]} if s.oidc_authority else {}
+        self._app = build_app(msal.PublicClientApplication, s, self._session, self._idp_down,
+                              token_cache=self._cache.cache, http_cache=self._http_cache, **extra)
         self._set_link(True)
         return self._app
 
@@ -474,7 +374,7 @@ class Authenticator:
         later refresh is decided by our monotonic clock and goes to the IdP.
 
         Raises:
-            _IdpDown, _ConfigProblem: the caller decides how to wait.
+            IdpDown, IdpRefused: the caller decides how to wait.
         """
         app, account = self._app, self._account
         if app is None or account is None:
@@ -492,31 +392,31 @@ class Authenticator:
             self._accept(result, account)
             return
         if result and "error" not in result:
-            raise _IdpDown("The sign-in service sent an incomplete token reply")
+            raise IdpDown("The sign-in service sent an incomplete token reply")
         if not result:
             self._begin_reauth(Problem("reauth", "The saved sign-in has no usable refresh token: sign "
                                                  "in with a new code"))
             return
         problem = self._explain(result)
         if problem.kind == "transient":
-            raise _IdpDown(problem.message, self._idp_retry_after)
+            raise IdpDown(problem.message, self._idp_retry_after)
         if problem.kind == "reauth" or result.get("error") in _REAUTH_ERRORS:
             # The IdP itself refused the refresh token (or wants a person): only now is it given up.
             self._begin_reauth(problem)
             return
-        raise _ConfigProblem(problem)
+        raise IdpRefused(problem)
 
     def _accept(self, result: Mapping[str, Any], account: Mapping[str, Any] | None) -> None:
         """A token response (silent or device flow) succeeded. Caller holds _lock."""
         now = self._clock()
         value = str(result["access_token"])
-        life_s = _number(result.get("expires_in"), 3600.0)
+        life_s = number(result.get("expires_in"), 3600.0)
         from_cache = result.get("token_source") == "cache"
         if from_cache:
             # msal judged this cached token by the wall clock, which may be years off on a box
             # without an RTC: it may not live longer here than it did when it was issued.
             life_s = min(life_s, self._cached_lifetime(value))
-        self._token = _Token.received(value, now, life_s, self._timing.refresh_margin_max_s)
+        self._token = Token.received(value, now, life_s, self._timing.refresh_margin_max_s)
         if value != self._rejected:
             self._rejected = None
         if not from_cache:
@@ -585,7 +485,7 @@ class Authenticator:
         """Run an msal call that reads the token cache and sort its failures by who is at fault.
 
         Raises:
-            _IdpDown: a transport problem (requests exception; an HTTP error status, which msal
+            IdpDown: a transport problem (requests exception; an HTTP error status, which msal
                 raises as MsalServiceError, also when it replays one from its http_cache) or a
                 reply msal could not read (it failed after sending a request).
             _CacheDamaged: anything else msal raised before asking the IdP: the cache choked it.
@@ -623,22 +523,22 @@ class Authenticator:
             raise self._idp_down(err) from err
         if "user_code" not in flow or "device_code" not in flow:
             if "error" not in flow:
-                raise _IdpDown("The sign-in service sent an incomplete device code reply")
+                raise IdpDown("The sign-in service sent an incomplete device code reply")
             problem = self._explain(flow)
             status = self._session.last_status if self._session else None
             if status is not None and status >= 500:
                 # MSAL does not raise on a 5xx here; it hands over the error body.
-                raise _IdpDown(f"The sign-in service failed (HTTP {status})",
+                raise IdpDown(f"The sign-in service failed (HTTP {status})",
                                self._idp_retry_after)
             if problem.kind == "transient":
-                raise _IdpDown(problem.message, self._idp_retry_after)
-            raise _ConfigProblem(problem)
+                raise IdpDown(problem.message, self._idp_retry_after)
+            raise IdpRefused(problem)
         self._set_link(True)
         self._down.ended()
         self._refused.ended()
-        expires_in = max(1.0, _number(flow.get("expires_in"), 900.0))
+        expires_in = max(1.0, number(flow.get("expires_in"), 900.0))
         # RFC 8628 §3.2: interval defaults to 5 s. 0 would make MSAL busy-loop.
-        interval = max(1, int(_number(flow.get("interval"), 5.0)))
+        interval = max(1, int(number(flow.get("interval"), 5.0)))
         flow["interval"] = interval
         deadline = started + expires_in
         uri = str(flow.get("verification_uri") or flow.get("verification_url") or "")
@@ -674,11 +574,11 @@ class Authenticator:
                 if "access_token" in result:
                     break
                 if "error" not in result:
-                    down = _IdpDown("The sign-in service sent an incomplete token reply")
+                    down = IdpDown("The sign-in service sent an incomplete token reply")
                 elif self._explain(result).kind == "transient":
                     # temporarily_unavailable / server_error as an OAuth answer: the code is
                     # still valid at the IdP, so it stays on show while we wait.
-                    down = _IdpDown(self._explain(result).message,
+                    down = IdpDown(self._explain(result).message,
                                     self._idp_retry_after)
                 else:
                     break
@@ -727,7 +627,7 @@ class Authenticator:
             self._renew_or_wait("code not accepted")
         else:
             self._state.code_cleared(notice=None)
-            raise _ConfigProblem(problem)
+            raise IdpRefused(problem)
 
     def _cancelled(self) -> bool:
         return self._stop.is_set() or self._new_code.is_set()
@@ -749,33 +649,16 @@ class Authenticator:
     # ---- errors and waiting -----------------------------------------------------------------
 
     def _explain(self, result: Mapping[str, Any]) -> Problem:
-        codes = result.get("error_codes")
-        return explain(str(result.get("error") or ""), str(result.get("error_description") or ""),
-                       codes if isinstance(codes, list) else None)
+        return explain_result(result)
 
-    def _idp_down(self, err: BaseException) -> _IdpDown:
-        """Name a transport failure for operators (never with response bodies: no secrets)."""
-        status = self._session.last_status if self._session else None
-        retry_after = self._idp_retry_after
-        if isinstance(err, requests.exceptions.SSLError):
-            msg = "TLS check of the sign-in service failed: check auth.ca_file"
-        elif isinstance(err, requests.exceptions.Timeout):
-            msg = f"The sign-in service did not answer within {self._settings.timeout_s:g} s"
-        elif isinstance(err, requests.exceptions.ConnectionError):
-            msg = "Cannot reach the sign-in service (check the network)"
-        elif status is not None and status >= 500:
-            msg = f"The sign-in service failed (HTTP {status})"
-        elif isinstance(err, ValueError):
-            msg = "The sign-in service sent an unreadable reply"
-        else:
-            msg = f"Sign-in error ({type(err).__name__})"
-        return _IdpDown(msg, retry_after)
+    def _idp_down(self, err: BaseException) -> IdpDown:
+        return idp_down(err, self._session, self._settings.timeout_s, self._idp_retry_after)
 
     def _code_events(self) -> tuple[threading.Event, ...]:
         """What may cut a back-off short: a new-code request, but only while a code flow waits."""
         return (self._new_code,) if self._code_pass else ()
 
-    def _on_idp_down(self, err: _IdpDown) -> None:
+    def _on_idp_down(self, err: IdpDown) -> None:
         self._down.failed(str(err), err.retry_after_s)
         if not self._signed_in:
             self._state.failed(f"{err}: retrying")
@@ -874,14 +757,6 @@ def claims_json(challenge: str | None) -> str | None:
         log.warning("ignoring a claims challenge that is not a JSON object")
         return None
     return json.dumps(parsed, separators=(",", ":"))
-
-
-def _number(value: Any, default: float) -> float:
-    try:
-        n = float(value)
-    except (TypeError, ValueError):
-        return default
-    return n if math.isfinite(n) else default
 
 
 def _display_name(account: Mapping[str, Any] | None, claims: Mapping[str, Any]) -> str | None:

@@ -49,9 +49,20 @@ from agent.clock import ClockTrust
 from agent.config import AuthSettings, private_file_problem
 from agent.errors import AgentError
 from agent.net.https import HttpsSession
-from agent.net.retry import Backoff, retry_after_s
-from agent.signin.aadsts import Problem, explain
-from agent.signin.authenticator import MIN_PASS_S, Timing
+from agent.net.retry import Backoff, OutageLog, retry_after_s
+from agent.signin.aadsts import Problem
+from agent.signin.flow import (
+    MIN_PASS_S,
+    IdpDown,
+    IdpRefused,
+    IdpTrouble,
+    Timing,
+    Token,
+    build_app,
+    explain_result,
+    idp_down,
+    number,
+)
 from agent.signin.token_cache import TokenCacheFile
 from agent.state import AgentState
 
@@ -171,57 +182,6 @@ def make_assertion(cred: Credential, *, client_id: str, token_endpoint: str, sen
     return jwt.encode(claims, cred.private_key, algorithm="PS256", headers=headers)
 
 
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
-
-
-class _Quiet:
-    """One log line per failure streak, then one every ``every_s`` with a count (never a line
-    per retry): the sign-in thread retries for as long as the box runs."""
-
-    def __init__(self, clock: Callable[[], float], every_s: float = 600.0) -> None:
-        self._clock, self._every_s = clock, every_s
-        self._last: tuple[str, float] | None = None
-        self._count = 0
-
-    def log(self, level: int, message: str, then: str) -> None:
-        now = self._clock()
-        if self._last is not None and self._last[0] == message and now - self._last[1] < self._every_s:
-            self._count += 1
-            log.debug("%s; %s", message, then)
-            return
-        more = f" ({self._count} more times since)" if self._last and self._last[0] == message else ""
-        log.log(level, "%s; %s%s", message, then, more)
-        self._last, self._count = (message, now), 0
-
-    def reset(self) -> None:
-        self._last, self._count = None, 0
-
-
-@dataclass
-class _Token:
-    value: str
-    expires_at: float  # monotonic
-    lifetime_s: float
-
-    def margin_s(self, timing: Timing) -> float:
-        """Renew when this much is left: half its life, at most ``refresh_margin_max_s`` (as the
-        device flow does)."""
-        return min(self.lifetime_s / 2, timing.refresh_margin_max_s)
-
-
-class _IdpDown(Exception):
-    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class _Refused(Exception):
-    def __init__(self, problem: Problem) -> None:
-        super().__init__(problem.message)
-        self.problem = problem
-
-
 class CertificateAuthenticator:
     """App-only sign-in and the uploader's token source for ``auth.flow = "client_certificate"``.
 
@@ -245,7 +205,6 @@ class CertificateAuthenticator:
         # without an RTC may be off, so the time is the IdP's (its Date headers) when the
         # kernel's clock is not trusted (agent/clock.py).
         self._trust = trust or ClockTrust(wall=wall_clock)
-        self._quiet = _Quiet(clock)
         self._credential = load_credential(settings.certificate_file, settings.private_key_file)
         self._cred_mtimes = self._mtimes()
         self._cache = TokenCacheFile(cache_path)
@@ -255,7 +214,7 @@ class CertificateAuthenticator:
         self._session: HttpsSession | None = None
         self._http_cache: dict[str, Any] = {}
         self._idp_retry_after: float | None = None
-        self._token: _Token | None = None
+        self._token: Token | None = None
         self._forced_token: str | None = None    # obtained because the API refused the one before
         self._rejected: str | None = None        # refused, not replaced yet
         self._rejected_next = 0.0                # monotonic: next try to replace it
@@ -263,10 +222,13 @@ class CertificateAuthenticator:
         self._signed_in = False
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._transient = Backoff(self._timing.backoff_initial_s, self._timing.backoff_max_s, rng)
-        self._config = Backoff(self._timing.config_backoff_initial_s, self._timing.config_backoff_max_s, rng)
-        self._poll_backoff = Backoff(self._timing.config_backoff_initial_s, self._timing.config_backoff_max_s, rng)
-        self._retry_at = 0.0                     # monotonic: no attempt before (a failure's back-off)
+        # One back-off per kind of failure for every caller (this thread and the uploader's
+        # refreshes alike), with the journal's one rule for failures that go on: as the device flow.
+        t = self._timing
+        self._down = IdpTrouble(Backoff(t.backoff_initial_s, t.backoff_max_s, rng), clock,
+                                OutageLog(log, level=logging.WARNING, clock=clock))
+        self._refused = IdpTrouble(Backoff(t.config_backoff_initial_s, t.config_backoff_max_s, rng),
+                                   clock, OutageLog(log, level=logging.ERROR, clock=clock))
         self.assertions_signed = 0
         self.heartbeat: float = clock()
 
@@ -292,65 +254,48 @@ class CertificateAuthenticator:
             started = self._clock()
             try:
                 wait_s = self._step()
-                self._transient.reset()
-                self._config.reset()
-                self._quiet.reset()
-            except _IdpDown as err:
-                wait_s = self._retry_wait(self._transient.next_delay(err.retry_after_s or 0.0))
-                self._quiet.log(logging.WARNING, str(err), f"retrying in {wait_s:.1f} s")
+            except IdpDown as err:
+                wait_s = self._down.failed(str(err), err.retry_after_s)
                 if not self._signed_in:
                     self._state.failed(f"{err}: retrying")
-            except _Refused as err:
-                wait_s = self._retry_wait(self._config.next_delay())
-                self._quiet.log(logging.ERROR, err.problem.message, f"trying again in {_duration(wait_s)}")
+            except IdpRefused as err:
+                wait_s = self._refused.failed(err.problem.message)
                 self._state.failed(err.problem.message)
             except Exception as err:   # never let the sign-in thread die
                 log.exception("unexpected sign-in error (%s); retrying", type(err).__name__)
-                wait_s = self._retry_wait(self._transient.next_delay())
+                wait_s = self._down.failed(f"Sign-in error ({type(err).__name__})")
             with self._lock:
                 self._http_cache.clear()   # msal would replay a 5xx/400 from memory for 60 s
             self._wait(max(wait_s, started + MIN_PASS_S - self._clock()))
         log.info("sign-in stopped")
 
-    def _retry_wait(self, delay_s: float) -> float:
-        """A failed pass: no attempt from any thread before ``delay_s`` is over."""
-        with self._lock:
-            self._retry_at = self._clock() + delay_s
-        return delay_s
-
     def access_token(self) -> str | None:
-        """A valid app token (from msal's cache or the IdP); None while there is none."""
+        """A valid app token, or None while there is none.
+
+        From memory while more than half its life (at most ``refresh_margin_max_s``) is left;
+        then, or with no token yet, from msal (its cache at first, else the IdP) as far as the
+        shared back-off allows: while the IdP is down no call touches the network or the journal
+        before the back-off is over, and the token is handed out while it is still valid.
+        """
         with self._lock:
             tok = self._token
             now = self._clock()
-            if tok is None:
-                # No token yet (or lost): try now unless a failure's back-off is running, so an
-                # uploader polling for a token never hammers the IdP.
-                if now < self._retry_at:
-                    return None
-                try:
-                    self._acquire(force=False)
-                except (_IdpDown, _Refused) as err:
-                    self._retry_at = self._clock() + self._poll_backoff.next_delay()
-                    log.debug("no app token yet: %s", err)
-                    return None
-                self._poll_backoff.reset()
-                return self._token.value if self._token else None
-            if tok.value == self._rejected:
+            if tok is not None and tok.value == self._rejected:
                 return self._replace_rejected()
-            if tok.expires_at - now > tok.margin_s(self._timing):
+            if tok is not None and now < tok.refresh_at:
                 return tok.value
-            try:
-                self._acquire(force=True)
-            except (_IdpDown, _Refused) as err:
-                log.warning("app token refresh failed: %s", err)
-                tok = self._token
-                return tok.value if tok is not None and tok.expires_at > self._clock() else None
-            return self._token.value if self._token else None
+            if self._may_ask_idp(now):
+                try:
+                    self._acquire(force=tok is not None)
+                except (IdpDown, IdpRefused) as err:
+                    self._backed_off(err, "app token refresh failed" if tok else "no app token yet")
+            tok = self._token
+            return tok.value if tok is not None and tok.expires_at > self._clock() else None
 
     def token_rejected(self, claims_challenge: str | None = None) -> str | None:
         """The API answered 401: a new token from the IdP (for ``claims_challenge`` if given).
-        None: none now (the IdP failed, or a fresh token was refused as well; retried backed off)."""
+        None: none now (the IdP failed or its back-off runs, or a fresh token was refused as
+        well; retried backed off)."""
         with self._lock:
             rejected = self._token.value if self._token else None
             if rejected is not None and rejected == self._forced_token:
@@ -360,16 +305,15 @@ class CertificateAuthenticator:
                 self._rejected_next = self._clock() + self._rejected_retry.next_delay()
                 log.error("%s", REFUSED_FRESH)
                 return None
+            if not self._may_ask_idp(self._clock()):
+                self._rejected = rejected       # replaced when the shared back-off is over
+                return None
             log.info("the API refused the app token (401); getting a new one")
             try:
                 self._acquire(force=True, claims_challenge=claims_challenge)
-            except (_IdpDown, _Refused) as err:
+            except (IdpDown, IdpRefused) as err:
                 self._rejected = rejected
-                self._rejected_next = self._clock() + self._rejected_retry.next_delay(
-                    err.retry_after_s if isinstance(err, _IdpDown) else None)
-                log.warning("new app token after a 401 failed: %s", err)
-                if isinstance(err, _Refused):
-                    self._state.failed(err.problem.message)
+                self._backed_off(err, "new app token after a 401 failed", show=True)
                 return None
             self._forced_token = self._token.value if self._token else None
             return self._forced_token
@@ -387,7 +331,8 @@ class CertificateAuthenticator:
             except OSError as err:
                 log.error("cannot clear the token cache %s: %s", self._cache.path, err.strerror or err)
             self._app = None           # its in-memory view of the cache is stale now
-            self._retry_at = 0.0
+            self._down.retry_now()
+            self._refused.retry_now()
             self._token = None
             self._forced_token = None
             self._rejected = None
@@ -411,7 +356,7 @@ class CertificateAuthenticator:
             with self._lock:
                 self._signed_in = False
                 self._token = None
-            raise _Refused(problem)
+            raise IdpRefused(problem)
         warning = problem.message if problem is not None else None
         if self._state.snapshot.warning != warning:
             if warning:
@@ -420,7 +365,10 @@ class CertificateAuthenticator:
         with self._lock:
             tok = self._token
             now = self._clock()
-            due = tok is None or tok.expires_at - now <= tok.margin_s(self._timing) + 1.0
+            due = tok is None or now >= tok.refresh_at - 1.0
+            if due and not self._may_ask_idp(now):
+                # The uploader met the outage first: its back-off is ours.
+                return max(self._timing.wait_slice_s, self._idp_not_before() - now)
             if due:
                 self._acquire(force=tok is not None)
                 tok = self._token
@@ -431,13 +379,15 @@ class CertificateAuthenticator:
                     self._replace_rejected()
                     tok = self._token
                 if tok is not None and self._rejected == tok.value:
-                    return max(self._timing.wait_slice_s, self._rejected_next - self._clock())
-        assert tok is not None
+                    return max(self._timing.wait_slice_s, self._rejected_next - self._clock(),
+                               self._idp_not_before() - self._clock())
+        if tok is None:
+            raise IdpDown("The sign-in service sent no token")
         # Proactive: a new token a second before access_token() would have to fetch one.
-        return max(0.0, tok.expires_at - self._clock() - tok.margin_s(self._timing) - 1.0)
+        return max(0.0, tok.refresh_at - self._clock() - 1.0)
 
     def _acquire(self, *, force: bool, claims_challenge: str | None = None) -> None:
-        """A token from msal: its cache unless ``force``; raises _IdpDown / _Refused. Caller
+        """A token from msal: its cache unless ``force``; raises IdpDown / IdpRefused. Caller
         holds _lock (or is the sign-in thread, which takes it here)."""
         with self._lock:
             app = self._ensure_app()
@@ -452,16 +402,19 @@ class CertificateAuthenticator:
             if not isinstance(result, dict) or "access_token" not in result:
                 status = self._session.last_status if self._session else None
                 if not isinstance(result, dict) or "error" not in result or (status or 0) >= 500:
-                    raise _IdpDown(f"The sign-in service failed (HTTP {status})" if status
+                    raise IdpDown(f"The sign-in service failed (HTTP {status})" if status
                                    else "The sign-in service sent an incomplete token reply",
                                    self._idp_retry_after)
                 problem = self._explain(result)
                 if problem.kind == "transient":
-                    raise _IdpDown(problem.message, self._idp_retry_after)
-                raise _Refused(problem)
+                    raise IdpDown(problem.message, self._idp_retry_after)
+                raise IdpRefused(problem)
             now = self._clock()
-            expires_in = float(result.get("expires_in") or 3600)
-            self._token = _Token(str(result["access_token"]), now + expires_in, expires_in)
+            expires_in = number(result.get("expires_in") or 3600, 3600.0)
+            self._token = Token.received(str(result["access_token"]), now, expires_in,
+                                         self._timing.refresh_margin_max_s)
+            self._down.ended()
+            self._refused.ended()
             if self._token.value != self._rejected:
                 self._rejected = None
                 self._rejected_retry.reset()
@@ -476,15 +429,35 @@ class CertificateAuthenticator:
     def _replace_rejected(self) -> str | None:
         """The current token was refused; until a different one exists, hand out nothing new.
         Caller holds _lock."""
-        if self._clock() < self._rejected_next:
+        now = self._clock()
+        if now < self._rejected_next:
             return self._rejected       # the uploader knows it is refused and waits
+        if not self._may_ask_idp(now):
+            return None
         try:
             self._acquire(force=True)
-        except (_IdpDown, _Refused) as err:
-            self._rejected_next = self._clock() + self._rejected_retry.next_delay()
-            log.warning("replacing the refused app token failed: %s", err)
+        except (IdpDown, IdpRefused) as err:
+            self._backed_off(err, "replacing the refused app token failed")
             return None
         return self._token.value if self._token else None
+
+    def _may_ask_idp(self, now: float) -> bool:
+        """Whether the shared back-offs allow a request to the IdP now."""
+        return self._down.ready(now) and self._refused.ready(now)
+
+    def _idp_not_before(self) -> float:
+        return max(self._down.not_before, self._refused.not_before)
+
+    def _backed_off(self, err: IdpDown | IdpRefused, what: str, *, show: bool = False) -> None:
+        """A request for the uploader failed: it feeds the shared back-off and its journal rule
+        (``show``: the state says a refusal). Caller holds _lock."""
+        if isinstance(err, IdpDown):
+            self._down.failed(f"{what}: {err}", err.retry_after_s)
+        else:
+            self._refused.failed(f"{what}: {err.problem.message}")
+            if show:
+                self._state.failed(err.problem.message)
+        self._http_cache.clear()        # msal would replay the failure from memory for 60 s
 
     def _ensure_app(self) -> msal.ConfidentialClientApplication:
         if self._app is not None:
@@ -493,24 +466,9 @@ class CertificateAuthenticator:
         if self._session is None:
             self._session = HttpsSession(s.ca_file, s.timeout_s, on_response=[self._on_idp_response],
                                          on_failure=[lambda err: self._state.set_link("idp", "down")])
-        kwargs: dict[str, Any] = {"client_id": s.client_id, "token_cache": self._cache.cache,
-                                  "http_client": self._session, "http_cache": self._http_cache,
-                                  "client_credential": {"client_assertion": self._assertion}}
-        if s.oidc_authority:
-            kwargs.update(oidc_authority=s.oidc_authority)
-        else:
-            kwargs.update(authority=s.authority, instance_discovery=s.instance_discovery)
-        try:
-            self._app = msal.ConfidentialClientApplication(**kwargs)
-        except ValueError as err:
-            status = self._session.last_status
-            if status is not None and 400 <= status < 500:
-                key = "oidc_authority" if s.oidc_authority else "authority"
-                raise _Refused(Problem("config", f"The sign-in authority was not found (HTTP {status}): "
-                                                 f"check auth.{key}")) from err
-            raise self._idp_down(err) from err
-        except Exception as err:
-            raise self._idp_down(err) from err
+        self._app = build_app(msal.ConfidentialClientApplication, s, self._session, self._idp_down,
+                              token_cache=self._cache.cache, http_cache=self._http_cache,
+                              client_credential={"client_assertion": self._assertion})
         return self._app
 
     def _assertion(self, context: Mapping[str, Any]) -> str:
@@ -546,29 +504,15 @@ class CertificateAuthenticator:
         if cred.thumbprint != self._credential.thumbprint:
             log.info("certificate changed: now %s (expires %s)", cred.thumbprint, cred.not_after.date())
         self._credential = cred
+        self._refused.retry_now()       # a refusal may have been this certificate's: ask now
 
     # ---- errors and waiting -------------------------------------------------------------------
 
     def _explain(self, result: Mapping[str, Any]) -> Problem:
-        codes = result.get("error_codes")
-        return explain(str(result.get("error") or ""), str(result.get("error_description") or ""),
-                       codes if isinstance(codes, list) else None, flow="client_certificate")
+        return explain_result(result, flow="client_certificate")
 
-    def _idp_down(self, err: BaseException) -> _IdpDown:
-        status = self._session.last_status if self._session else None
-        if isinstance(err, requests.exceptions.SSLError):
-            msg = "TLS check of the sign-in service failed: check auth.ca_file"
-        elif isinstance(err, requests.exceptions.Timeout):
-            msg = f"The sign-in service did not answer within {self._settings.timeout_s:g} s"
-        elif isinstance(err, requests.exceptions.ConnectionError):
-            msg = "Cannot reach the sign-in service (check the network)"
-        elif status is not None and status >= 500:
-            msg = f"The sign-in service failed (HTTP {status})"
-        elif isinstance(err, ValueError):
-            msg = "The sign-in service sent an unreadable reply"
-        else:
-            msg = f"Sign-in error ({type(err).__name__})"
-        return _IdpDown(msg, self._idp_retry_after)
+    def _idp_down(self, err: BaseException) -> IdpDown:
+        return idp_down(err, self._session, self._settings.timeout_s, self._idp_retry_after)
 
     def _on_idp_response(self, resp: requests.Response) -> None:
         self._trust.observe_response(resp)

@@ -555,6 +555,74 @@ def test_a_lasting_refusal_is_one_journal_line_not_one_per_retry(idp: SimIdp, tl
     assert "does not know this certificate" in errors[0].getMessage()
 
 
+class Shift:
+    """A monotonic clock that runs and that a test moves forward (the sign-in thread's waits
+    need time to pass while the test waits on the real IdP)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+
+# 503: msal itself holds a 5xx back for 60 s (by the wall clock); 400 temporarily_unavailable:
+# nothing in msal does, every call would reach the IdP but for the agent's own back-off.
+@pytest.mark.parametrize("status", [503, 400])
+def test_an_hour_of_uploads_with_the_idp_down_costs_a_few_attempts_and_warnings(
+        idp: SimIdp, tls: TlsFiles, registered: CertificateFiles, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture, status: int) -> None:
+    """Issue 11 item 2 for the certificate flow: the token nears its end, the IdP is down, and
+    the uploader asks for a token every 2 s for an hour. The sign-in thread and the uploader's
+    calls share one back-off, and the journal gets the one rule, not a line per call."""
+    caplog.set_level(logging.INFO, logger="agent.signin")
+    clock = Shift()
+    state = AgentState()
+    auth = CertificateAuthenticator(app_settings(idp, tls, registered), tmp_path / "c.json", state,
+                                    device_id="d", timing=dataclasses.replace(Timing(), wait_slice_s=0.05),
+                                    clock=clock)                       # production back-off
+    stop = threading.Event()
+    thread = threading.Thread(target=auth.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: state.snapshot.phase == "signed_in", 10, "sign-in")
+        token = auth.access_token()
+        assert token is not None
+        idp.set(fail_token_next=10**9, fail_status=status)
+
+        def failed_posts() -> int:
+            return len([q for q in list(idp.requests) if q.path.endswith("/token") and q.status == status])
+
+        # The token lives 3600 s and is due for a refresh 300 s before its end: while it is
+        # still valid it is handed out, then nothing; one uploader step every 2 s.
+        due_at = 3600.0 - 300.0
+        for step in range(1800):
+            clock.offset = due_at + 2.0 * step
+            got = auth.access_token()
+            if clock.offset < 3599.0:
+                assert got == token, "a still-valid token is handed out while the IdP is down"
+            elif clock.offset > 3601.0:
+                assert got is None
+        attempts = failed_posts()
+        assert 5 <= attempts <= 40, f"{attempts} token requests in an hour of 1,800 calls"
+        warnings = [r.getMessage() for r in caplog.records
+                    if r.name == "agent.signin.certificate" and r.levelno >= logging.WARNING]
+        assert 1 + 3 <= len(warnings) <= 1 + 6, warnings
+        assert "repeats are counted" in warnings[0]
+        assert all("failed attempts" in w for w in warnings[1:]), warnings
+
+        # The IdP is back: the next attempt the back-off allows gets a token, the journal says so.
+        idp.set(fail_token_next=0)
+        clock.offset += 301.0                   # beyond the longest back-off
+        fresh = wait_until(lambda: auth.access_token(), 5, "a token once the IdP answers")
+        assert fresh != token
+        assert any("answers again" in r.getMessage() for r in caplog.records)
+        assert state.snapshot.phase == "signed_in"
+    finally:
+        stop.set()
+        thread.join(5)
+
+
 def test_status_of_a_stopped_box_names_the_app(idp: SimIdp, tls: TlsFiles, registered: CertificateFiles,
                                                tmp_path: Path) -> None:
     from agent.statusfile import read_status

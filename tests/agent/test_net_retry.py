@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -9,7 +10,8 @@ from email.utils import format_datetime
 import pytest
 import requests
 
-from agent.net.retry import RETRY_AFTER_CAP_S, Backoff, retry_after_s
+from agent.net.retry import REPEAT_WARNING_S, RETRY_AFTER_CAP_S, Backoff, OutageLog, retry_after_s
+from tests.fixtures.clock import FakeClock
 
 NOW = datetime(2026, 11, 25, 14, 0, 0, tzinfo=UTC)
 
@@ -167,3 +169,43 @@ def test_deadline_is_on_the_given_monotonic_clock() -> None:
     b = Backoff(2.0, 8.0, rng=lambda: 1.0, clock=lambda: 1000.0)
     assert b.next_deadline() == 1002.0
     assert b.next_deadline(floor_s=10.0) == 1010.0
+
+
+# ---- OutageLog: the journal's one rule for a failure that goes on --------------------------------
+
+def _lines(caplog: pytest.LogCaptureFixture, level: int = logging.WARNING) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "test.outage" and r.levelno >= level]
+
+
+def test_an_hours_outage_is_a_line_at_its_start_then_one_every_10_min_with_a_count(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="test.outage")
+    clock = FakeClock()
+    outage = OutageLog(logging.getLogger("test.outage"), clock=clock)
+    for _ in range(1800):                    # a retry every 2 s for an hour
+        outage.failed("Cannot reach the API", "retrying in 2.0 s")
+        clock.advance(2.0)
+    lines = _lines(caplog)
+    assert REPEAT_WARNING_S == 600.0
+    assert len(lines) == 6, lines             # at 0, 10, 20, 30, 40 and 50 min
+    assert lines[0] == ("Cannot reach the API; retrying in 2.0 s (repeats are counted and reported "
+                        "every 10 min)")
+    assert lines[1] == ("Cannot reach the API; still failing: 300 failed attempts in the last 10 min "
+                        "(301 since 10 min ago); retrying in 2.0 s")
+    assert outage.ongoing and outage.failures == 1800
+    assert outage.ended("the API answers again")
+    assert _lines(caplog, logging.INFO)[-1] == "the API answers again (after 1800 failed attempts in 60 min)"
+    assert not outage.ongoing and not outage.ended("again")
+
+
+def test_the_next_outage_starts_with_its_own_line(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="test.outage")
+    clock = FakeClock()
+    outage = OutageLog(logging.getLogger("test.outage"), level=logging.ERROR, clock=clock)
+    assert outage.failed("refused") is True
+    assert outage.failed("refused") is False
+    outage.ended("accepted again")
+    clock.advance(1.0)
+    assert outage.failed("refused again") is True
+    assert [r.levelno for r in caplog.records] == [logging.ERROR, logging.INFO, logging.ERROR]
+    assert _lines(caplog)[-1] == "refused again (repeats are counted and reported every 10 min)"
