@@ -49,21 +49,20 @@ import requests
 
 from agent.config import RESERVED_SCOPES, AuthSettings
 from agent.net.https import HttpsSession
-from agent.net.retry import REPEAT_WARNING_S, Backoff, OutageLog, retry_after_s  # noqa: F401 - REPEAT_WARNING_S: public here too
+from agent.net.retry import REPEAT_WARNING_S, retry_after_s  # noqa: F401 - REPEAT_WARNING_S: public here too
 from agent.signin.aadsts import Problem
 from agent.signin.flow import (
     MIN_PASS_S,
     IdpDown,
     IdpRefused,
-    IdpTrouble,
+    SignInFlow,
     Timing,
     Token,
     build_app,
+    error_answer,
     explain_result,
-    idp_down,
     number,
 )
-from agent.signin.token_cache import TokenCacheFile
 from agent.state import AgentState, DeviceCode
 
 log = logging.getLogger(__name__)
@@ -83,7 +82,7 @@ class _CacheDamaged(Exception):
     parses, but its content is not what msal expects. Retrying cannot help; a new sign-in does."""
 
 
-class Authenticator:
+class Authenticator(SignInFlow):
     """Device-code sign-in, silent refresh and the uploader's token source.
 
     Thread model: :meth:`run` is the sign-in thread; :meth:`access_token`,
@@ -94,44 +93,22 @@ class Authenticator:
     def __init__(self, settings: AuthSettings, cache_path: Path, state: AgentState, *, device_id: str,
                  timing: Timing | None = None, clock: Callable[[], float] = time.monotonic,
                  rng: Callable[[], float] = random.random) -> None:
-        self._settings = settings
-        self._state = state
-        self._device_id = device_id
-        self._timing = timing or Timing()
-        self._clock = clock
         self._scopes = effective_scopes(settings)
-        self._cache = TokenCacheFile(cache_path)
-        self._cache.load()
-        self._lock = threading.RLock()          # silent MSAL calls and the token fields
+        super().__init__(settings, cache_path, state, device_id=device_id, timing=timing, clock=clock,
+                         rng=rng, logger=log)
         self._app: msal.PublicClientApplication | None = None
-        self._session: HttpsSession | None = None
-        self._idp_retry_after: float | None = None   # the last 429/503 reply's Retry-After
-        self._http_cache: dict[str, Any] = {}
         self._account: dict[str, Any] | None = None
         self._token: Token | None = None
         self._rejected: str | None = None      # refused by the API: never handed out again
         self._claims: str | None = None        # a claims challenge the next sign-in must meet
         self._pass_waited = False              # the current run() pass blocked in _wait
         self._code_pass = False                # the current run() pass is a code flow
-        self._signed_in = False
         self._last_refresh: float | None = None   # monotonic; last token from the IdP itself
         self._renewals_used = 0
         self._exhausted = False
-        self._stop = threading.Event()
-        self._wake = threading.Event()          # something for the sign-in thread to look at
         self._new_code = threading.Event()      # request_new_code(), honoured by code flows only
-        t = self._timing
-        self._down = IdpTrouble(Backoff(t.backoff_initial_s, t.backoff_max_s, rng), clock,
-                                OutageLog(log, level=logging.WARNING, clock=clock))
-        self._refused = IdpTrouble(Backoff(t.config_backoff_initial_s, t.config_backoff_max_s, rng),
-                                   clock, OutageLog(log, level=logging.ERROR, clock=clock))
-        self.heartbeat: float = clock()
 
     # ---- public API -------------------------------------------------------------------------
-
-    @property
-    def signed_in(self) -> bool:
-        return self._signed_in
 
     @property
     def last_refresh_monotonic(self) -> float | None:
@@ -237,10 +214,7 @@ class Authenticator:
     def sign_out(self) -> None:
         """Forget the account and tokens (memory and file); the code flow starts again."""
         with self._lock:
-            try:
-                self._cache.clear()
-            except OSError as err:
-                log.error("cannot clear the token cache %s: %s", self._cache.path, err.strerror or err)
+            self._cache.clear_or_log()
             self._forget_sign_in()
             self._claims = None
             self._renewals_used = 0
@@ -259,10 +233,6 @@ class Authenticator:
         if tok is None or tok.value == self._rejected or now >= tok.expires_at:
             return None
         return tok
-
-    def _may_ask_idp(self, now: float) -> bool:
-        """Whether the shared back-offs allow a request to the IdP now."""
-        return self._down.ready(now) and self._refused.ready(now)
 
     def _refresh_from_idp(self) -> None:
         """One refresh for access_token()/token_rejected(); failures feed the shared back-off.
@@ -331,10 +301,16 @@ class Authenticator:
                         accounts[0].get("username"))
         return accounts[0] if accounts else None
 
+    def _waited_for_backoff(self) -> bool:
+        """Wait out the shared back-off if it runs (the uploader met the outage first: its
+        back-off is ours); True if it did, and the pass is over."""
+        if self._may_ask_idp(self._clock()):
+            return False
+        self._wait_until(lambda: self._idp.not_before)
+        return True
+
     def _sign_in_silently(self) -> None:
-        if not self._may_ask_idp(self._clock()):
-            # The uploader met the outage first: its back-off is ours.
-            self._wait_until(lambda: max(self._down.not_before, self._refused.not_before))
+        if self._waited_for_backoff():
             return
         with self._lock:
             log.info("signing in silently as %s", (self._account or {}).get("username"))
@@ -358,8 +334,7 @@ class Authenticator:
                 self._begin_reauth(Problem("reauth", "The sign-in cannot be refreshed: sign in with "
                                                      "a new code"))
             return
-        if not self._may_ask_idp(self._clock()):
-            self._wait_until(lambda: max(self._down.not_before, self._refused.not_before))
+        if self._waited_for_backoff():
             return
         with self._lock:
             if not self._signed_in:
@@ -421,8 +396,7 @@ class Authenticator:
             self._rejected = None
         if not from_cache:
             self._last_refresh = now
-            self._down.ended()
-            self._refused.ended()
+            self._idp.ended()
         self._renewals_used = 0
         self._exhausted = False
         username = _display_name(account, result.get("id_token_claims") or {})
@@ -524,18 +498,11 @@ class Authenticator:
         if "user_code" not in flow or "device_code" not in flow:
             if "error" not in flow:
                 raise IdpDown("The sign-in service sent an incomplete device code reply")
-            problem = self._explain(flow)
-            status = self._session.last_status if self._session else None
-            if status is not None and status >= 500:
-                # MSAL does not raise on a 5xx here; it hands over the error body.
-                raise IdpDown(f"The sign-in service failed (HTTP {status})",
+            # MSAL does not raise on a 5xx here; it hands over the error body.
+            raise error_answer(flow, self._session.last_status if self._session else None,
                                self._idp_retry_after)
-            if problem.kind == "transient":
-                raise IdpDown(problem.message, self._idp_retry_after)
-            raise IdpRefused(problem)
         self._set_link(True)
-        self._down.ended()
-        self._refused.ended()
+        self._idp.ended()
         expires_in = max(1.0, number(flow.get("expires_in"), 900.0))
         # RFC 8628 §3.2: interval defaults to 5 s. 0 would make MSAL busy-loop.
         interval = max(1, int(number(flow.get("interval"), 5.0)))
@@ -651,9 +618,6 @@ class Authenticator:
     def _explain(self, result: Mapping[str, Any]) -> Problem:
         return explain_result(result)
 
-    def _idp_down(self, err: BaseException) -> IdpDown:
-        return idp_down(err, self._session, self._settings.timeout_s, self._idp_retry_after)
-
     def _code_events(self) -> tuple[threading.Event, ...]:
         """What may cut a back-off short: a new-code request, but only while a code flow waits."""
         return (self._new_code,) if self._code_pass else ()
@@ -672,13 +636,6 @@ class Authenticator:
         self._clear_http_cache()
         self._wait_until(lambda: self._refused.not_before, *self._code_events())
         self._new_code.clear()
-
-    def _clear_http_cache(self) -> None:
-        """Forget MSAL's replay cache before a retry: it would answer a 5xx (or a 400) again
-        from memory for up to 60 s, while our own back-off (never shorter than Retry-After)
-        already decides when to ask."""
-        with self._lock:
-            self._http_cache.clear()
 
     def _wait(self, seconds: float, *events: threading.Event) -> None:
         """Sleep up to ``seconds`` (monotonic), waking early on stop, ``_wake`` or ``events``."""

@@ -49,21 +49,19 @@ from agent.clock import ClockTrust
 from agent.config import AuthSettings, private_file_problem
 from agent.errors import AgentError
 from agent.net.https import HttpsSession
-from agent.net.retry import Backoff, OutageLog, retry_after_s
+from agent.net.retry import Backoff, retry_after_s
 from agent.signin.aadsts import Problem
 from agent.signin.flow import (
     MIN_PASS_S,
     IdpDown,
     IdpRefused,
-    IdpTrouble,
+    SignInFlow,
     Timing,
     Token,
     build_app,
-    explain_result,
-    idp_down,
+    error_answer,
     number,
 )
-from agent.signin.token_cache import TokenCacheFile
 from agent.state import AgentState
 
 log = logging.getLogger(__name__)
@@ -114,21 +112,13 @@ def load_credential(certificate_file: str, private_key_file: str) -> Credential:
     Raises:
         CredentialError: naming ``auth.certificate_file`` or ``auth.private_key_file``.
     """
-    try:
-        cert_pem = Path(certificate_file).read_bytes()
-    except OSError as err:
-        raise CredentialError("auth.certificate_file", f"cannot read {certificate_file!r}: "
-                                                       f"{err.strerror or err}") from err
+    cert_pem = _read("auth.certificate_file", certificate_file)
     try:
         chain = tuple(x509.load_pem_x509_certificates(cert_pem))
     except ValueError as err:
         raise CredentialError("auth.certificate_file", f"{certificate_file!r} holds no PEM certificate "
                                                        "(-----BEGIN CERTIFICATE-----)") from err
-    try:
-        key_pem = Path(private_key_file).read_bytes()
-    except OSError as err:
-        raise CredentialError("auth.private_key_file", f"cannot read {private_key_file!r}: "
-                                                       f"{err.strerror or err}") from err
+    key_pem = _read("auth.private_key_file", private_key_file)
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except TypeError as err:
@@ -145,6 +135,13 @@ def load_credential(certificate_file: str, private_key_file: str) -> Credential:
                                                        f"auth.certificate_file {certificate_file!r} "
                                                        "(different public keys)")
     return Credential(key, chain)
+
+
+def _read(key: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise CredentialError(key, f"cannot read {path!r}: {err.strerror or err}") from err
 
 
 def validity_problem(cred: Credential, now: datetime) -> Problem | None:
@@ -182,7 +179,7 @@ def make_assertion(cred: Credential, *, client_id: str, token_endpoint: str, sen
     return jwt.encode(claims, cred.private_key, algorithm="PS256", headers=headers)
 
 
-class CertificateAuthenticator:
+class CertificateAuthenticator(SignInFlow):
     """App-only sign-in and the uploader's token source for ``auth.flow = "client_certificate"``.
 
     Thread model as :class:`agent.signin.authenticator.Authenticator`: :meth:`run` is the
@@ -196,47 +193,23 @@ class CertificateAuthenticator:
                  timing: Timing | None = None, clock: Callable[[], float] = time.monotonic,
                  rng: Callable[[], float] = random.random,
                  wall_clock: Callable[[], float] = time.time, trust: ClockTrust | None = None) -> None:
-        self._settings = settings
-        self._state = state
-        self._device_id = device_id
-        self._timing = timing or Timing()
-        self._clock = clock
         # The assertion's iat/exp and the certificate's validity are wall-clock facts; a box
         # without an RTC may be off, so the time is the IdP's (its Date headers) when the
         # kernel's clock is not trusted (agent/clock.py).
         self._trust = trust or ClockTrust(wall=wall_clock)
         self._credential = load_credential(settings.certificate_file, settings.private_key_file)
+        super().__init__(settings, cache_path, state, device_id=device_id, timing=timing, clock=clock,
+                         rng=rng, logger=log)
         self._cred_mtimes = self._mtimes()
-        self._cache = TokenCacheFile(cache_path)
-        self._cache.load()
-        self._lock = threading.RLock()
         self._app: msal.ConfidentialClientApplication | None = None
-        self._session: HttpsSession | None = None
-        self._http_cache: dict[str, Any] = {}
-        self._idp_retry_after: float | None = None
         self._token: Token | None = None
         self._forced_token: str | None = None    # obtained because the API refused the one before
         self._rejected: str | None = None        # refused, not replaced yet
         self._rejected_next = 0.0                # monotonic: next try to replace it
         self._rejected_retry = Backoff(self._timing.backoff_initial_s, 600.0, rng)
-        self._signed_in = False
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        # One back-off per kind of failure for every caller (this thread and the uploader's
-        # refreshes alike), with the journal's one rule for failures that go on: as the device flow.
-        t = self._timing
-        self._down = IdpTrouble(Backoff(t.backoff_initial_s, t.backoff_max_s, rng), clock,
-                                OutageLog(log, level=logging.WARNING, clock=clock))
-        self._refused = IdpTrouble(Backoff(t.config_backoff_initial_s, t.config_backoff_max_s, rng),
-                                   clock, OutageLog(log, level=logging.ERROR, clock=clock))
         self.assertions_signed = 0
-        self.heartbeat: float = clock()
 
     # ---- the token source ----------------------------------------------------------------------
-
-    @property
-    def signed_in(self) -> bool:
-        return self._signed_in
 
     @property
     def account(self) -> str:
@@ -264,8 +237,7 @@ class CertificateAuthenticator:
             except Exception as err:   # never let the sign-in thread die
                 log.exception("unexpected sign-in error (%s); retrying", type(err).__name__)
                 wait_s = self._down.failed(f"Sign-in error ({type(err).__name__})")
-            with self._lock:
-                self._http_cache.clear()   # msal would replay a 5xx/400 from memory for 60 s
+            self._clear_http_cache()
             self._wait(max(wait_s, started + MIN_PASS_S - self._clock()))
         log.info("sign-in stopped")
 
@@ -326,10 +298,7 @@ class CertificateAuthenticator:
         """Forget the app tokens (memory and file); the next pass signs in again by itself: the
         certificate is the credential, nobody has to approve anything."""
         with self._lock:
-            try:
-                self._cache.clear()
-            except OSError as err:
-                log.error("cannot clear the token cache %s: %s", self._cache.path, err.strerror or err)
+            self._cache.clear_or_log()
             self._app = None           # its in-memory view of the cache is stale now
             self._down.retry_now()
             self._refused.retry_now()
@@ -368,7 +337,7 @@ class CertificateAuthenticator:
             due = tok is None or now >= tok.refresh_at - 1.0
             if due and not self._may_ask_idp(now):
                 # The uploader met the outage first: its back-off is ours.
-                return max(self._timing.wait_slice_s, self._idp_not_before() - now)
+                return max(self._timing.wait_slice_s, self._idp.not_before - now)
             if due:
                 self._acquire(force=tok is not None)
                 tok = self._token
@@ -380,7 +349,7 @@ class CertificateAuthenticator:
                     tok = self._token
                 if tok is not None and self._rejected == tok.value:
                     return max(self._timing.wait_slice_s, self._rejected_next - self._clock(),
-                               self._idp_not_before() - self._clock())
+                               self._idp.not_before - self._clock())
         if tok is None:
             raise IdpDown("The sign-in service sent no token")
         # Proactive: a new token a second before access_token() would have to fetch one.
@@ -405,16 +374,12 @@ class CertificateAuthenticator:
                     raise IdpDown(f"The sign-in service failed (HTTP {status})" if status
                                    else "The sign-in service sent an incomplete token reply",
                                    self._idp_retry_after)
-                problem = self._explain(result)
-                if problem.kind == "transient":
-                    raise IdpDown(problem.message, self._idp_retry_after)
-                raise IdpRefused(problem)
+                raise error_answer(result, status, self._idp_retry_after, flow="client_certificate")
             now = self._clock()
             expires_in = number(result.get("expires_in") or 3600, 3600.0)
             self._token = Token.received(str(result["access_token"]), now, expires_in,
                                          self._timing.refresh_margin_max_s)
-            self._down.ended()
-            self._refused.ended()
+            self._idp.ended()
             if self._token.value != self._rejected:
                 self._rejected = None
                 self._rejected_retry.reset()
@@ -441,13 +406,6 @@ class CertificateAuthenticator:
             return None
         return self._token.value if self._token else None
 
-    def _may_ask_idp(self, now: float) -> bool:
-        """Whether the shared back-offs allow a request to the IdP now."""
-        return self._down.ready(now) and self._refused.ready(now)
-
-    def _idp_not_before(self) -> float:
-        return max(self._down.not_before, self._refused.not_before)
-
     def _backed_off(self, err: IdpDown | IdpRefused, what: str, *, show: bool = False) -> None:
         """A request for the uploader failed: it feeds the shared back-off and its journal rule
         (``show``: the state says a refusal). Caller holds _lock."""
@@ -457,7 +415,7 @@ class CertificateAuthenticator:
             self._refused.failed(f"{what}: {err.problem.message}")
             if show:
                 self._state.failed(err.problem.message)
-        self._http_cache.clear()        # msal would replay the failure from memory for 60 s
+        self._clear_http_cache()
 
     def _ensure_app(self) -> msal.ConfidentialClientApplication:
         if self._app is not None:
@@ -507,12 +465,6 @@ class CertificateAuthenticator:
         self._refused.retry_now()       # a refusal may have been this certificate's: ask now
 
     # ---- errors and waiting -------------------------------------------------------------------
-
-    def _explain(self, result: Mapping[str, Any]) -> Problem:
-        return explain_result(result, flow="client_certificate")
-
-    def _idp_down(self, err: BaseException) -> IdpDown:
-        return idp_down(err, self._session, self._settings.timeout_s, self._idp_retry_after)
 
     def _on_idp_response(self, resp: requests.Response) -> None:
         self._trust.observe_response(resp)

@@ -9,10 +9,12 @@ same way (docs/DESIGN.md, "Faults").
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import msal
@@ -22,6 +24,8 @@ from agent.config import AuthSettings
 from agent.net.https import HttpsSession
 from agent.net.retry import Backoff, OutageLog
 from agent.signin.aadsts import Problem, explain
+from agent.signin.token_cache import TokenCacheFile
+from agent.state import AgentState
 
 # Every pass of a sign-in loop that did not wait for anything lasts at least this long, so a
 # state the loop cannot leave costs a log line a second, not a core (monotonic; ends on stop).
@@ -113,6 +117,96 @@ class IdpTrouble:
             self.not_before = 0.0
 
 
+class IdpBackoff:
+    """Both kinds of IdP trouble a flow meets, for all its callers: ``down`` (network, 5xx,
+    unreadable replies: ``Timing.backoff_*``, WARNING) and ``refused`` (the tenant or app
+    registration: ``Timing.config_backoff_*``, ERROR, since a person must act). A request may
+    go only when neither back-off runs."""
+
+    def __init__(self, timing: Timing, logger: logging.Logger, clock: Callable[[], float],
+                 rng: Callable[[], float]) -> None:
+        t = timing
+        self.down = IdpTrouble(Backoff(t.backoff_initial_s, t.backoff_max_s, rng), clock,
+                               OutageLog(logger, level=logging.WARNING, clock=clock))
+        self.refused = IdpTrouble(Backoff(t.config_backoff_initial_s, t.config_backoff_max_s, rng),
+                                  clock, OutageLog(logger, level=logging.ERROR, clock=clock))
+
+    def ready(self, now: float) -> bool:
+        """Whether the back-offs allow a request to the IdP now."""
+        return self.down.ready(now) and self.refused.ready(now)
+
+    @property
+    def not_before(self) -> float:
+        """Monotonic: no request to the IdP before this."""
+        return max(self.down.not_before, self.refused.not_before)
+
+    def ended(self) -> None:
+        """The IdP issued a token: both outages are over."""
+        self.down.ended()
+        self.refused.ended()
+
+
+def error_answer(result: Mapping[str, Any], status: int | None, retry_after_s: float | None,
+                 flow: str = "device_code") -> IdpDown | IdpRefused:
+    """An msal error result (``{"error": ...}``) as the exception the loops back off on: a 5xx
+    (msal hands some over as a result, not an exception) or a transient OAuth error ("temporarily
+    unavailable") is ``IdpDown``, the rest ``IdpRefused``."""
+    if status is not None and status >= 500:
+        return IdpDown(f"The sign-in service failed (HTTP {status})", retry_after_s)
+    problem = explain_result(result, flow)
+    if problem.kind == "transient":
+        return IdpDown(problem.message, retry_after_s)
+    return IdpRefused(problem)
+
+
+class SignInFlow:
+    """What a sign-in flow object holds whichever the flow: its settings and clock, the token
+    cache file, the lock for msal calls and token fields, the HTTPS session and msal's replay
+    cache, the shared IdP back-off, and the events its loop waits on. ``heartbeat`` is the
+    monotonic time the sign-in loop last advanced."""
+
+    def __init__(self, settings: AuthSettings, cache_path: Path, state: AgentState, *, device_id: str,
+                 timing: Timing | None, clock: Callable[[], float], rng: Callable[[], float],
+                 logger: logging.Logger) -> None:
+        self._settings = settings
+        self._state = state
+        self._device_id = device_id
+        self._timing = timing or Timing()
+        self._clock = clock
+        self._cache = TokenCacheFile(cache_path)
+        self._cache.load()
+        self._lock = threading.RLock()          # msal calls and the token fields
+        self._session: HttpsSession | None = None
+        self._idp_retry_after: float | None = None   # the last 429/503 reply's Retry-After
+        self._http_cache: dict[str, Any] = {}
+        self._signed_in = False
+        self._stop = threading.Event()
+        self._wake = threading.Event()          # something for the sign-in thread to look at
+        # One back-off per kind of failure for every caller (the sign-in thread and the
+        # uploader's refreshes alike), with the journal's one rule for failures that go on.
+        self._idp = IdpBackoff(self._timing, logger, clock, rng)
+        self._down, self._refused = self._idp.down, self._idp.refused
+        self.heartbeat: float = clock()
+
+    @property
+    def signed_in(self) -> bool:
+        return self._signed_in
+
+    def _may_ask_idp(self, now: float) -> bool:
+        """Whether the shared back-offs allow a request to the IdP now."""
+        return self._idp.ready(now)
+
+    def _idp_down(self, err: BaseException) -> IdpDown:
+        return idp_down(err, self._session, self._settings.timeout_s, self._idp_retry_after)
+
+    def _clear_http_cache(self) -> None:
+        """Forget msal's replay cache before a retry: it would answer a 5xx (or a 400) again
+        from memory for up to 60 s, while our own back-off (never shorter than Retry-After)
+        already decides when to ask."""
+        with self._lock:
+            self._http_cache.clear()
+
+
 def explain_result(result: Mapping[str, Any], flow: str = "device_code") -> Problem:
     """An msal error result (``{"error": ...}``) in words for people (``aadsts.explain``)."""
     codes = result.get("error_codes")
@@ -151,7 +245,7 @@ def build_app(cls: type[_App], settings: AuthSettings, session: HttpsSession,
     else:
         kwargs.update(authority=settings.authority, instance_discovery=settings.instance_discovery)
     try:
-        return cls(settings.client_id, http_client=session, **kwargs)
+        app: _App = cls(settings.client_id, http_client=session, **kwargs)
     except ValueError as err:
         status = session.last_status
         if status is not None and 400 <= status < 500:
@@ -161,6 +255,7 @@ def build_app(cls: type[_App], settings: AuthSettings, session: HttpsSession,
         raise down(err) from err
     except Exception as err:
         raise down(err) from err
+    return app
 
 
 def number(value: Any, default: float) -> float:

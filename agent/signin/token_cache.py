@@ -176,6 +176,16 @@ class TokenCacheFile:
             self.cache.deserialize("")
             atomic_write(self.path, b"{}", mode=0o600)
 
+    def clear_or_log(self) -> bool:
+        """``clear()`` for a sign-out: a file that cannot be written is an ERROR in the journal
+        (a person must look), never an exception: the sign-out goes on in memory."""
+        try:
+            self.clear()
+        except OSError as err:
+            log.error("cannot clear the token cache %s: %s", self.path, err.strerror or err)
+            return False
+        return True
+
     def accounts(self) -> list[dict[str, Any]]:
         """Accounts in the cache, without going to the network."""
         with self._lock:
