@@ -4,7 +4,7 @@ failure and their names for operators, the shared back-off with its journal line
 the msal application on an ``agent.net.https`` session.
 
 One place for each, so both flows back off, word their failures and judge a token's age the
-same way (docs/DESIGN.md, "Faults").
+same way (docs/DESIGN.md, "Faults are states").
 """
 
 from __future__ import annotations

@@ -623,6 +623,35 @@ def test_an_hour_of_uploads_with_the_idp_down_costs_a_few_attempts_and_warnings(
         thread.join(5)
 
 
+def test_a_401_with_the_idp_down_costs_one_request_until_the_back_off_is_over(
+        idp: SimIdp, tls: TlsFiles, registered: CertificateFiles, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="agent.signin")
+    clock = Shift()
+    auth = CertificateAuthenticator(app_settings(idp, tls, registered), tmp_path / "c.json", AgentState(),
+                                    device_id="d", timing=Timing(), clock=clock)
+    token = auth.access_token()
+    assert token is not None
+    idp.set(fail_token_next=10**6, fail_status=400)       # temporarily_unavailable: msal keeps no copy
+
+    def token_posts() -> int:
+        return len([q for q in list(idp.requests) if q.path.endswith("/token") and q.status == 400])
+
+    assert auth.token_rejected() is None
+    for _ in range(100):                    # the uploader's 401s and polls meanwhile
+        assert auth.token_rejected() is None
+        assert auth.access_token() is None, "the refused token is not handed out again"
+    assert token_posts() == 1
+    warnings = [r for r in caplog.records if r.name == "agent.signin.certificate" and r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+
+    idp.set(fail_token_next=0)
+    clock.offset += 10.0                    # the first back-off is 1-2 s
+    fresh = auth.access_token()
+    assert fresh not in (None, token)
+    assert token_posts() == 1
+
+
 def test_status_of_a_stopped_box_names_the_app(idp: SimIdp, tls: TlsFiles, registered: CertificateFiles,
                                                tmp_path: Path) -> None:
     from agent.statusfile import read_status
