@@ -7,7 +7,9 @@ the service's short transactions). The running service notices the change by its
 (``PRAGMA data_version`` in ``Outbox``) and uploads retried readings at its next step.
 
 ``retry`` moves rows back into the queue with their original seq, so they are sent with their
-original id ``<device>:<seq>`` (the receiver de-duplicates by it). Rows dead-lettered under an
+original id ``<device>:<seq>`` (the receiver de-duplicates by it), and with the clock stamp they
+were sampled with (wall, monotonic time, boot, synced: agent/clock.py), so their ``time`` and
+``time_quality`` are what they would have been had they never been refused. Rows dead-lettered under an
 earlier device id cannot be sent under their id any more: they are reported, not retried.
 ``purge`` deletes them and counts them into ``dropped`` (nothing disappears unaccounted).
 """
@@ -19,6 +21,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
+
+from agent.telemetry.outbox import STAMP_COLUMNS, add_stamp_columns
 
 BUSY_TIMEOUT_S = 10.0
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -70,6 +74,8 @@ def run(path: Path, device_id: str, action: str, seqs: Sequence[str] = (), *, al
         return EXIT_OK
     db = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None)
     try:
+        if action == "retry":
+            add_stamp_columns(db)      # a file the service has not opened since an upgrade
         if action == "list":
             return _list(db, device_id, out)
         if action == "retry":
@@ -119,7 +125,8 @@ def _retry(db: sqlite3.Connection, device_id: str, wanted: list[int], out: TextI
             marks = ",".join("?" * len(chunk))
             # The newest copy of each seq (a row retried and refused again is in the table twice).
             moved += db.execute(
-                f"INSERT OR IGNORE INTO outbox (seq, payload) SELECT seq, payload FROM dead d "  # noqa: S608
+                f"INSERT OR IGNORE INTO outbox (seq, payload, {STAMP_COLUMNS}) "  # noqa: S608
+                f"SELECT seq, payload, {STAMP_COLUMNS} FROM dead d "
                 f"WHERE device = ? AND seq IN ({marks}) AND id = (SELECT max(id) FROM dead "
                 f"WHERE device = d.device AND seq = d.seq)", (device_id, *chunk)).rowcount
             db.execute(f"DELETE FROM dead WHERE device = ? AND seq IN ({marks})",  # noqa: S608

@@ -17,9 +17,11 @@ Why it looks like this:
   counted in the side file (``corrupt_replaced``), announced as a state ``notice`` and a new
   database is started.
 - Each row keeps how its reading was stamped (``wall``, ``mono``, ``boot``, ``synced``: see
-  agent/clock.py) beside the payload, so its time can be corrected just before upload. Files
-  from before these columns get them added on open (``ALTER TABLE``); their rows have none and
-  upload with their stored time as ``unsynced``.
+  agent/clock.py) beside the payload, so its time can be corrected just before upload. A
+  dead-lettered row keeps them too (the ``dead`` table has the same four columns), so a reading
+  that ``device-agent dead-letter retry`` puts back is labelled exactly as before. Files from
+  before these columns get them added on open (``ALTER TABLE``, both tables); their rows have
+  none and upload with their stored time as ``unsynced``.
 
 What ``dropped`` counts (``counts().dropped``, shown by status/MQTT/screen) and what it cannot:
 
@@ -80,6 +82,8 @@ STORAGE_RECHECK_S = 5.0     # while storage is full/read-only: how often to look
 STORAGE_LOG_EVERY_S = 600.0
 RECOVER_ROOM_RESERVES = 4   # store again once free space (filesystem + free pages inside the database)
                             # is this many reserves: hysteresis, so a disk at the brink does not flap
+_STAMP_KINDS = (("wall", "REAL"), ("mono", "REAL"), ("boot", "TEXT"), ("synced", "INTEGER"))
+STAMP_COLUMNS = ", ".join(name for name, _ in _STAMP_KINDS)   # how a row was stamped, in both tables
 _SQL_VARS = 500             # chunk size for IN (...) lists (SQLite's limit is 999 on old builds)
 
 _SCHEMA = """
@@ -87,7 +91,7 @@ CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, payload BLOB NOT NUL
     wall REAL, mono REAL, boot TEXT, synced INTEGER);
 CREATE TABLE IF NOT EXISTS dead (
     id INTEGER PRIMARY KEY, device TEXT NOT NULL, seq INTEGER NOT NULL, payload BLOB NOT NULL,
-    reason TEXT NOT NULL, at TEXT NOT NULL);
+    reason TEXT NOT NULL, at TEXT NOT NULL, wall REAL, mono REAL, boot TEXT, synced INTEGER);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 """
 
@@ -582,7 +586,7 @@ class Outbox:
             # Checkpoint in small steps so the WAL stays small on an SD card.
             db.execute("PRAGMA wal_autocheckpoint=256")
             db.executescript(_SCHEMA)
-            _add_stamp_columns(db)
+            add_stamp_columns(db)
             self._load(db)
         except BaseException:
             db.close()
@@ -625,8 +629,8 @@ class Outbox:
         now = _now_iso()
         with _tx(db):
             n = db.execute(
-                "INSERT INTO dead (device, seq, payload, reason, at) "
-                "SELECT ?, seq, payload, ?, ? FROM outbox",
+                f"INSERT INTO dead (device, seq, payload, reason, at, {STAMP_COLUMNS}) "  # noqa: S608
+                f"SELECT ?, seq, payload, ?, ?, {STAMP_COLUMNS} FROM outbox",
                 (old, f"device id changed from {old} to {self.device_id}", now)).rowcount
             db.execute("DELETE FROM outbox")
             db.execute("INSERT OR REPLACE INTO meta VALUES ('device_id', ?)", (self.device_id,))
@@ -743,8 +747,8 @@ class Outbox:
                     chunk).fetchone()[0]
                 if dead_reason is not None:
                     db.execute(
-                        f"INSERT INTO dead (device, seq, payload, reason, at) SELECT ?, seq, payload, ?, ? "  # noqa: S608
-                        f"FROM outbox WHERE seq IN ({marks})",
+                        f"INSERT INTO dead (device, seq, payload, reason, at, {STAMP_COLUMNS}) "  # noqa: S608
+                        f"SELECT ?, seq, payload, ?, ?, {STAMP_COLUMNS} FROM outbox WHERE seq IN ({marks})",
                         (self.device_id, dead_reason[:500], _now_iso(), *chunk))
                 removed += db.execute(f"DELETE FROM outbox WHERE seq IN ({marks})", chunk).rowcount  # noqa: S608
             key = f"seq_hw:{self.device_id}"
@@ -931,12 +935,15 @@ def _salvage_count(aside: Path) -> int | None:
     return pending + dropped
 
 
-def _add_stamp_columns(db: sqlite3.Connection) -> None:
-    """Migrate an outbox from before stamps: add the columns (old rows keep NULLs)."""
-    have = {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
-    for name, kind in (("wall", "REAL"), ("mono", "REAL"), ("boot", "TEXT"), ("synced", "INTEGER")):
-        if name not in have:
-            db.execute(f"ALTER TABLE outbox ADD COLUMN {name} {kind}")
+def add_stamp_columns(db: sqlite3.Connection) -> None:
+    """Migrate an outbox from before stamps (``outbox`` and ``dead``): add the columns, old rows
+    keep NULLs. Also run by ``device-agent dead-letter``, which may meet a file the service has
+    not opened since an upgrade."""
+    for table in ("outbox", "dead"):
+        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        for name, kind in _STAMP_KINDS:
+            if have and name not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
 
 def _stamp_columns(st: Stamp | None) -> tuple[float | None, float | None, str | None, int | None]:

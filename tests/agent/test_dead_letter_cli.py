@@ -4,6 +4,8 @@ to the simulated API with the original seq and id."""
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -11,12 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from agent.clock import Stamp, iso_epoch
 from agent.config import UploadSettings
 from agent.sim.api import SimApi
 from agent.state import AgentState, OutboxCounts
 from agent.telemetry.outbox import Outbox
 from agent.telemetry.sinks.http import HttpSink
 from agent.telemetry.uploader import Uploader
+from tests.agent.test_clock import DAYS3, Clocks, seconds
 from tests.agentproc import write_config
 from tests.fixtures.api import DEVICE, FakeTokens, reading
 
@@ -129,3 +133,74 @@ def test_retry_all_and_a_missing_outbox(config: Path, tmp_path: Path) -> None:
     with Outbox(tmp_path / "state" / "outbox.sqlite3", DEVICE, max_rows=100, max_bytes=10**6) as again:
         assert again.counts() == OutboxCounts(pending=6, dead=0, dropped=0)
         assert [r.seq for r in again.claim(10)] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("synced", [False, True], ids=["untrusted-clock-days-behind", "synced-clock"])
+def test_a_retried_reading_arrives_with_the_time_and_quality_it_had_before(
+        config: Path, tmp_path: Path, sim_api: SimApi, tokens: FakeTokens, api_settings: UploadSettings,
+        synced: bool) -> None:
+    """Dead-lettering keeps the clock stamp and retry restores it: a reading sampled while the box
+    was 3 days behind arrives `corrected` with the true time; one sampled synced arrives `synced`."""
+    c = Clocks(0.0 if synced else DAYS3, synced=synced)
+    trust = c.trust()
+    trust.observe_date(c.date_header())              # a server's Date: the offset is known
+    true_times, stamps = [], []
+    for _ in range(3):
+        stamps.append(trust.stamp())
+        true_times.append(c.true)
+        c.advance(10.0)
+    with Outbox(tmp_path / "state" / "outbox.sqlite3", DEVICE, max_rows=1000, max_bytes=10**6,
+                clock=trust) as box:
+        box.put([{**reading(i), "time": iso_epoch(st.wall)} for i, st in enumerate(stamps)], stamps)
+        before = {r.seq: dict(r.reading) for r in box.claim(10)}   # as the first attempt sent them
+        sim_api.poison(seqs={2})
+        sink = HttpSink(api_settings, DEVICE)
+        up = Uploader(box, sink, tokens, AgentState(), api_settings, clock=lambda: 0.0)
+        try:
+            up.step()
+            assert box.counts() == OutboxCounts(pending=0, dead=1, dropped=0)
+            sim_api.poisoned_seqs.clear()
+            retried = cli(config, "retry", "2")
+            assert retried.returncode == 0 and "1 readings queued again" in retried.stdout, retried
+            while box.counts().pending:
+                up.step()
+        finally:
+            sink.close()
+    got = {r["seq"]: r for r in sim_api.readings(DEVICE)}
+    assert sorted(got) == [1, 2, 3]
+    quality = "synced" if synced else "corrected"
+    for seq in (1, 2, 3):
+        assert got[seq]["time_quality"] == quality, got[seq]
+        assert abs(seconds(got[seq]) - true_times[seq - 1]) < 2.0, "true time, not the box's clock"
+    for key in ("id", "seq", "time", "time_quality", "value", "sensor"):
+        assert got[2][key] == before[2][key], f"{key}: as it would have been sent before"
+
+
+def test_dead_letters_of_an_outbox_from_before_stamps_are_migrated_and_retried(config: Path,
+                                                                              tmp_path: Path) -> None:
+    """An old file (no stamp columns in either table), first touched by `dead-letter retry`, then
+    by the service: the old dead row comes back unstamped, a newly dead-lettered one keeps its stamp."""
+    path = tmp_path / "state" / "outbox.sqlite3"
+    path.parent.mkdir(parents=True)
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE outbox (seq INTEGER PRIMARY KEY, payload BLOB NOT NULL);
+        CREATE TABLE dead (id INTEGER PRIMARY KEY, device TEXT NOT NULL, seq INTEGER NOT NULL,
+                           payload BLOB NOT NULL, reason TEXT NOT NULL, at TEXT NOT NULL);
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;""")
+    old.execute("INSERT INTO meta VALUES ('device_id', ?)", (DEVICE,))
+    old.execute("INSERT INTO meta VALUES (?, 1)", (f"seq_hw:{DEVICE}",))
+    old.execute("INSERT INTO dead VALUES (1, ?, 1, ?, 'HTTP 422 old', '2026-11-20T08:00:00.000Z')",
+                (DEVICE, json.dumps(reading(0)).encode()))
+    old.commit()
+    old.close()
+    done = cli(config, "retry", "--all")
+    assert done.returncode == 0 and "1 readings queued again" in done.stdout, done
+    stamp = Stamp(wall=1_796_000_000.0, mono=500.0, boot="boot-b", synced=True)
+    with Outbox(path, DEVICE, max_rows=100, max_bytes=10**6) as box:
+        assert box.put([reading(1)], [stamp]) == [2]
+        box.dead_letter([2], "HTTP 422 new")
+    assert cli(config, "retry", "2").returncode == 0
+    with Outbox(path, DEVICE, max_rows=100, max_bytes=10**6) as box:
+        rows = box.claim(10)
+    assert [(r.seq, r.stamp) for r in rows] == [(1, None), (2, stamp)]
