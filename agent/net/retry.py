@@ -126,10 +126,11 @@ class OutageLog:
     def ongoing(self) -> bool:
         return self._started is not None
 
-    def failed(self, message: str, then: str = "") -> bool:
+    def failed(self, message: str, then: str = "", *, exc_info: bool = False) -> bool:
         """Count a failed attempt (``then``: what happens next, e.g. "retrying in 2.0 s");
-        logs it only when the outage starts or ``repeat_s`` after the last line. Returns
-        whether it logged."""
+        logs it only when the outage starts or ``repeat_s`` after the last line. ``exc_info``:
+        the outage's first line carries the exception being handled (a bug's traceback once,
+        not once per retry). Returns whether it logged."""
         tail = f"; {then}" if then else ""
         with self._lock:
             now = self._clock()
@@ -138,7 +139,7 @@ class OutageLog:
                 self._started = self._reported_at = now
                 self._reported_failures = 1
                 self._log.log(self._level, "%s%s (repeats are counted and reported every %.0f min)",
-                              message, tail, self.repeat_s / 60)
+                              message, tail, self.repeat_s / 60, exc_info=exc_info)
                 return True
             if now - self._reported_at < self.repeat_s:
                 self._log.debug("%s%s (failed attempt %d)", message, tail, self.failures)

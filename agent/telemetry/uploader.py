@@ -23,6 +23,9 @@
   held by the outbox and the batch is not handed out again. Every step (and every ``interval_s``
   during a long wait) asks the outbox whether its file is still the one at its path.
 
+The journal follows ``agent.net.retry.OutageLog`` on every path here: a line when a failure
+starts, then at most one every 10 min with a count, and one when it ends; never one per retry.
+
 All waits are on the monotonic clock. ``step()`` does one unit of work and returns how long to
 wait before the next, so tests drive it with a fake clock and never sleep.
 """
@@ -40,7 +43,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
 
 from agent.errors import UploadError
-from agent.net.retry import Backoff
+from agent.net.retry import Backoff, OutageLog
 from agent.telemetry.sinks import WRONG_ENDPOINT, SendResult
 
 if TYPE_CHECKING:
@@ -57,6 +60,7 @@ BACKOFF_FIRST_S = 1.0
 BACKOFF_CAP_S = 300.0
 FORBIDDEN_FIRST_S = 30.0
 FORBIDDEN_CAP_S = 600.0
+CRASH_RETRY_S = 5.0            # a step that raised (a bug) is tried again after this
 NO_TOKEN_POLL_S = 2.0          # how often to look for a token while signed out (cheap, local)
 TICK_S = 0.25                  # run(): longest single wait, so stop/flush/heartbeat stay responsive
 
@@ -90,7 +94,11 @@ class Uploader:
         self._forbidden = Backoff(FORBIDDEN_FIRST_S, FORBIDDEN_CAP_S, jitter=(1.0, 1.0))
         self._refused_token: str | None = None   # digest of a token the API refused twice
         self._waiting_for_token = False
-        self._refresh_failed = False             # the last 401's refresh gave no token (log once)
+        # One journal rule per kind of trouble (agent.net.retry.OutageLog).
+        self._down = OutageLog(log, clock=clock)                       # 408/429/5xx/network
+        self._held_log = OutageLog(log, level=logging.ERROR, clock=clock)  # 401/403/404 held
+        self._no_refresh = OutageLog(log, clock=clock)                 # 401, refresh gave nothing
+        self._crashed = OutageLog(log, level=logging.ERROR, clock=clock)   # step() raised
         self._held: str | None = None            # the error shown while a _hold() lasts
         try:
             self._takes_claims = bool(inspect.signature(tokens.token_rejected).parameters)
@@ -104,12 +112,7 @@ class Uploader:
         log.info("uploader started (sink %s, batch_max %d)", self.sink.name, self.settings.batch_max)
         while not stop.is_set():
             self.heartbeat = self.clock()
-            try:
-                delay = self.step()
-            except Exception:
-                # A bug here must not stop delivery for good; the watchdog sees the heartbeat.
-                log.exception("uploader step failed; retrying in %.0f s", BACKOFF_FIRST_S * 5)
-                delay = BACKOFF_FIRST_S * 5
+            delay = self.guarded_step()
             deadline = self.clock() + delay
             checked = self.clock()
             while not stop.is_set():
@@ -135,6 +138,18 @@ class Uploader:
         self._wake.set()
 
     # ---------------------------------------------------------------- one step
+
+    def guarded_step(self) -> float:
+        """``step()`` that never raises: a bug must not stop delivery for good (the watchdog
+        sees the heartbeat). Its traceback is logged once per streak, then counted."""
+        try:
+            delay = self.step()
+        except Exception:
+            self._crashed.failed("uploader step failed", f"retrying in {CRASH_RETRY_S:.0f} s",
+                                 exc_info=True)
+            return CRASH_RETRY_S
+        self._crashed.ended("uploader steps work again")
+        return delay
 
     def step(self) -> float:
         """Send at most one batch. Returns seconds to wait before the next step (0 = at once)."""
@@ -166,27 +181,27 @@ class Uploader:
         challenge, if any), one retry. None: no token now, wait for sign-in."""
         result = self._call(batch, token)
         if _status(result) != 401:
-            self._refresh_failed = False
+            self._no_refresh.ended("uploader: the API accepts the token again")
             return result
         if _digest(token) == self._refused_token:
             # This very token came back from a forced refresh and was refused: asking again
             # would only start a new sign-in. Keep it, back off (in _apply).
             return result
         claims = result.error.claims if result.error is not None else None
-        log.warning("API answered 401 for seq %d..%d%s; refreshing the token once",
-                    batch[0].seq, batch[-1].seq, " with a claims challenge" if claims else "")
+        # While refreshes keep failing this repeats every poll: the outage below counts it.
+        log.log(logging.DEBUG if self._no_refresh.ongoing else logging.WARNING,
+                "API answered 401 for seq %d..%d%s; refreshing the token once",
+                batch[0].seq, batch[-1].seq, " with a claims challenge" if claims else "")
         fresh = self._token_rejected(claims)
         if fresh is None:
             # The refresh failed (IdP unreachable) or sign-in starts over. The token is NOT
             # recorded as refused: the sign-in side refreshes a rejected token itself, so after
             # the poll interval whatever access_token() then hands out is tried again.
             self._apply_partial(result)
-            if not self._refresh_failed:
-                log.warning("uploader: no fresh token after the 401; trying again in %.0f s",
-                            NO_TOKEN_POLL_S)
-            self._refresh_failed = True
+            self._no_refresh.failed("uploader: no fresh token after the API's 401",
+                                    f"trying again in {NO_TOKEN_POLL_S:.0f} s")
             return None
-        self._refresh_failed = False
+        self._no_refresh.ended("uploader: got a fresh token after the API's 401")
         pending = [r for r in batch if r.seq not in set(result.acked) | set(result.dead)]
         retry = self._call(pending, fresh)
         retry.acked.extend(result.acked)
@@ -236,7 +251,8 @@ class Uploader:
             # say what to fix, try again rarely in case someone fixed it at the far side.
             wait = self._forbidden.next_delay(err.retry_after_s)
             self._not_before = now + wait
-            log.error("%s; keeping %d readings, next try in %.0f s", held, len(result.retry), wait)
+            self._held_log.failed(f"{held}; keeping {len(result.retry)} readings",
+                                  f"next try in {wait:.0f} s")
             self._held = held
             self.state.update(error=held)
             self.state.set_link("api", "down")
@@ -254,19 +270,22 @@ class Uploader:
                 self._backoff_until = now + backoff
                 wait = backoff
             what = str(err) if err is not None else f"{len(result.retry)} readings throttled"
-            log.warning("upload failed (%s); retrying in %.1f s%s", what, wait,
-                        " (Retry-After)" if server is not None else "")
+            self._down.failed(f"upload failed ({what})", f"retrying in {wait:.1f} s"
+                              + (" (Retry-After)" if server is not None else ""))
             if err is not None:
                 self.state.set_link("api", "down")
             if result.acked:
-                self._delivered(True)
+                self._delivered(True, throttled=True)
             else:
                 self._publish_counts()
             return wait
         self._delivered(bool(result.acked))
         return 0.0 if self.outbox.counts().pending > 0 else self.settings.interval_s
 
-    def _delivered(self, any_acked: bool) -> None:
+    def _delivered(self, any_acked: bool, *, throttled: bool = False) -> None:
+        if not throttled:          # part of a batch throttled: the outage's count goes on
+            self._down.ended("uploads work again")
+        self._held_log.ended("the API accepts uploads again")
         self._retry.reset()
         self._forbidden.reset()
         self.state.set_link("api", "up")
