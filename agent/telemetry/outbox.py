@@ -84,6 +84,7 @@ RECOVER_ROOM_RESERVES = 4   # store again once free space (filesystem + free pag
                             # is this many reserves: hysteresis, so a disk at the brink does not flap
 _STAMP_KINDS = (("wall", "REAL"), ("mono", "REAL"), ("boot", "TEXT"), ("synced", "INTEGER"))
 STAMP_COLUMNS = ", ".join(name for name, _ in _STAMP_KINDS)   # how a row was stamped, in both tables
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
 _SQL_VARS = 500             # chunk size for IN (...) lists (SQLite's limit is 999 on old builds)
 
 _SCHEMA = """
@@ -337,13 +338,21 @@ class Outbox:
 
         A corrupt file reads as empty, with a WARNING: the service moves it aside when it starts.
 
+        Works on a read-only state directory too (``connect_read_only``).
+
         Raises:
             sqlite3.OperationalError: the file cannot be read (permissions, locked for > 5 s).
         """
         path = Path(path)
         if not path.exists():
             return OutboxCounts()
-        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+        try:
+            db = connect_read_only(path, timeout=5)
+        except sqlite3.DatabaseError as err:
+            if _is_corruption(err):
+                log.warning("outbox %s is corrupt (%s); the service will move it aside", path, err)
+                return OutboxCounts()
+            raise
         try:
             pending = db.execute("SELECT count(*) FROM outbox").fetchone()[0]
             dead = db.execute("SELECT count(*) FROM dead").fetchone()[0]
@@ -364,7 +373,7 @@ class Outbox:
         """Wall time (epoch) the oldest pending reading was sampled, read-only as ``read_counts``
         (for ``status`` without the service); None when there is none or it cannot be read."""
         try:
-            db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+            db = connect_read_only(Path(path), timeout=5)
         except sqlite3.Error:
             return None
         try:
@@ -506,18 +515,14 @@ class Outbox:
         """The database cannot be opened for writing (read-only or full filesystem at start):
         open it read-only so pending readings are still delivered (acks kept in memory), or an
         empty stand-in when even that fails."""
-        uri = self.path.resolve().as_uri()
-        for target in (f"{uri}?mode=ro", f"{uri}?immutable=1"):
+        try:
+            db = connect_read_only(self.path, timeout=30, check_same_thread=False)
             try:
-                db = sqlite3.connect(target, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
                 self._load(db, writable=False)
-                break
-            except sqlite3.Error:
-                try:
-                    db.close()
-                except (sqlite3.Error, UnboundLocalError):
-                    pass
-        else:
+            except BaseException:
+                db.close()
+                raise
+        except sqlite3.Error:
             db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
             db.executescript(_SCHEMA)
             self._load(db, writable=False)
@@ -885,6 +890,43 @@ class _tx:
                 self.db.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
+
+
+def connect_read_only(path: Path, *, timeout: float, check_same_thread: bool = True) -> sqlite3.Connection:
+    """A connection that never writes the database or anything beside it, also where the
+    directory is read-only (an SD card remounted read-only, ``status`` as another user).
+
+    ``mode=ro`` first: it takes no write locks and sees a live writer's WAL. It cannot read a WAL
+    database whose ``-shm`` is missing when that file cannot be created (a read-only
+    directory after a clean stop removed it): then ``immutable=1``, which reads the main file
+    as it is and needs no -shm. That is all of it after a clean stop; a WAL left by a crash is
+    not seen (its commits are not lost, only not shown until a writer replays it).
+
+    Raises:
+        sqlite3.Error: neither opens (the last error; corruption is raised at once).
+    """
+    uri = Path(path).resolve().as_uri()
+    last: sqlite3.Error | None = None
+    for target in (f"{uri}?mode=ro", f"{uri}?immutable=1"):
+        try:
+            db = sqlite3.connect(target, uri=True, timeout=timeout, isolation_level=None,
+                                 check_same_thread=check_same_thread)
+        except sqlite3.OperationalError as err:
+            last = err
+            continue
+        try:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()   # opens the WAL index
+            return db
+        except sqlite3.OperationalError as err:
+            db.close()
+            if (getattr(err, "sqlite_errorcode", 0) or 0) & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED):
+                raise                     # a writer holds it: immutable would read it mid-change
+            last = err                    # cannot open or create -shm (CANTOPEN, READONLY_CANTINIT)
+        except BaseException:
+            db.close()
+            raise
+    assert last is not None
+    raise last
 
 
 def _file_id(path: Path) -> tuple[int, int] | None:

@@ -1,0 +1,85 @@
+"""`device-agent status` with the service stopped and the state directory read-only (an SD card
+the kernel remounted read-only, or a read-only bind mount for a monitoring user): the outbox is a
+WAL database whose -shm the clean stop removed and nobody can create, and status still reads it.
+
+The read-only directory is a bind mount in a private mount namespace (`unshare -r -m`, no
+privileges needed), so nothing outside the test sees it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.clock import Stamp, iso_epoch
+from agent.telemetry.outbox import Outbox
+from tests.agentproc import write_config
+from tests.fixtures.api import DEVICE, reading
+from tests.fixtures.require import missing
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def stopped_state(tmp_path: Path) -> tuple[Path, Path]:
+    """A config and the state a cleanly stopped service leaves: 3 pending (the oldest sampled
+    2 minutes ago), 1 dead-lettered, 1 dropped for the bounds; no -wal, no -shm."""
+    state = tmp_path / "state"
+    config = write_config(tmp_path / "config.toml", {
+        "device": {"id": DEVICE, "state_dir": str(state)},
+        "auth": {"client_id": "sim", "authority": "https://127.0.0.1:1/simtenant", "instance_discovery": False,
+                 "scopes": ["api://telemetry/Readings.Write"]},
+        "upload": {"sink": "http", "url": "https://127.0.0.1:1/v1/readings"},
+    })
+    now = time.time()
+    stamps = [Stamp(wall=now - 120 + i, mono=100.0 + i, boot="b", synced=True) for i in range(5)]
+    with Outbox(state / "outbox.sqlite3", DEVICE, max_rows=4, max_bytes=10**6) as box:
+        box.put([{**reading(i), "time": iso_epoch(st.wall)} for i, st in enumerate(stamps)], stamps)
+        box.dead_letter([2], "HTTP 422 test")
+    (state / "agent.lock").write_text("4242\n")              # left by the service, unlocked
+    assert not (state / "outbox.sqlite3-shm").exists() and not (state / "outbox.sqlite3-wal").exists()
+    return config, state
+
+
+def status_read_only(config: Path, state: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    if shutil.which("unshare") is None:
+        missing("needs unshare (util-linux) for a private read-only mount")
+    script = ('mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && '
+              '{ touch "$0/probe" 2>/dev/null && echo "STATE DIR WRITABLE" >&2; exec "$@"; }')
+    return subprocess.run(["unshare", "-r", "-m", "sh", "-c", script, str(state),
+                           sys.executable, "-m", "agent", "status", *args, "--config", str(config)],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+
+def test_status_reads_a_stopped_services_outbox_on_a_read_only_state_dir(
+        stopped_state: tuple[Path, Path]) -> None:
+    config, state = stopped_state
+    done = status_read_only(config, state, "--json")
+    assert "STATE DIR WRITABLE" not in done.stderr, "the mount must really be read-only"
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["running"] is False
+    assert doc["outbox"] == {"pending": 3, "dead": 1, "dropped": 1}
+    assert 115 <= doc["oldest_pending_s"] <= 180, doc["oldest_pending_s"]   # seq 3, sampled at now-118
+    text = status_read_only(config, state)
+    assert text.returncode == 0, text.stderr
+    assert "outbox:      3 pending, 1 dead-lettered, 1 dropped" in text.stdout, text.stdout
+    assert not (state / "probe").exists() and not (state / "outbox.sqlite3-shm").exists()
+
+
+def test_a_read_only_open_still_sees_a_live_writers_uncheckpointed_commits(tmp_path: Path) -> None:
+    """Where -shm can be used (the service runs), the read-only open is ``mode=ro``, not the
+    immutable fallback that would miss what sits in the WAL."""
+    path = tmp_path / "outbox.sqlite3"
+    with Outbox(path, DEVICE, max_rows=100, max_bytes=10**6) as live:
+        live.put([reading(i) for i in range(3)])
+        assert (tmp_path / "outbox.sqlite3-wal").stat().st_size > 0
+        assert Outbox.read_counts(path).pending == 3
+        live.put([reading(9)])
+        assert Outbox.read_counts(path).pending == 4
