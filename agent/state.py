@@ -127,18 +127,19 @@ class Snapshot:
         now = time.monotonic() if now_monotonic is None else now_monotonic
         return max(0.0, round((self.signin_lapse_mono - now) / 86400.0, 1))
 
-    def status_payload(self, version: str) -> dict[str, Any]:
-        """The retained MQTT status / `status --json` shape of docs/INTERFACE.md."""
+    def status_payload(self, version: str, now_monotonic: float | None = None) -> dict[str, Any]:
+        """The retained MQTT status / `status --json` shape of docs/INTERFACE.md (ages as of
+        ``now_monotonic``, default now)."""
         payload = {
             "state": self.phase if self.phase != "stopped" else "offline",
             "account": self.account,
             "error": self.error,
             "outbox": dataclasses.asdict(self.outbox),
-            "oldest_pending_s": self.oldest_pending_s(),
+            "oldest_pending_s": self.oldest_pending_s(now_monotonic),
             "last_upload": iso(self.last_upload),
             "storage": self.storage,
             "clock": self.clock,
-            "signin_lapses_in_days": self.signin_lapses_in_days(),
+            "signin_lapses_in_days": self.signin_lapses_in_days(now_monotonic),
             "version": version,
         }
         if self.warning:       # only while there is one: the shape stays what subscribers know

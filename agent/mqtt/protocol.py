@@ -17,6 +17,9 @@ from agent.state import DeviceCode, Snapshot
 ACTIONS = ("renew_code", "sign_out", "flush", "publish_status")
 MAX_COMMAND_BYTES = 4096
 STATUS_MIN_INTERVAL_S = 5.0          # outbox/last_upload-only changes: at most this often
+STATUS_AGE_INTERVAL_S = 60.0         # ages alone (a stalled box's oldest_pending_s): this often
+CHURN_KEYS = frozenset({"outbox", "last_upload"})                        # change with every reading/upload
+AGE_KEYS = frozenset({"oldest_pending_s", "signin_lapses_in_days"})     # change with time alone
 OFFLINE = b'{"state":"offline"}'
 
 
@@ -82,15 +85,24 @@ class Outbound:
 
     ``plan`` assumes its publications are made (the caller only asks while connected and asks
     with ``force=True`` after every (re)connect, when the broker's copy is unknown).
+
+    Status: what a person acts on (state, error, storage, clock, ...) goes out at once; sample-
+    rate churn (outbox counts, last upload) at most every ``status_min_interval_s``; ages that
+    move with time alone (``oldest_pending_s``, ``signin_lapses_in_days``) at most every
+    ``status_age_interval_s`` — and at least that often while ``oldest_pending_s`` is non-null
+    (``plan`` asks to be called again then), so a box whose uploads stall, with no reading and
+    no other change, still shows the backlog growing (``watch --summary`` thresholds see it).
     """
 
     def __init__(self, prefix: str, device_id: str, version: str, *,
-                 status_min_interval_s: float = STATUS_MIN_INTERVAL_S) -> None:
+                 status_min_interval_s: float = STATUS_MIN_INTERVAL_S,
+                 status_age_interval_s: float = STATUS_AGE_INTERVAL_S) -> None:
         self.device_id = device_id
         self.version = version
         self.status_topic = f"{prefix}/{device_id}/status"
         self.code_topic = f"{prefix}/{device_id}/auth/code"
         self.min_interval_s = status_min_interval_s
+        self.age_interval_s = status_age_interval_s
         self._status: dict[str, Any] | None = None
         self._status_at = -math.inf
         self._code: DeviceCode | None = None
@@ -102,18 +114,26 @@ class Outbound:
         out: list[Publication] = []
         wake: list[float] = []
 
-        status = snap.status_payload(self.version)
-        if force or status != self._status:
-            # Sample-rate churn (outbox depth, upload time) is throttled; what a person acts on is not.
-            churn_only = self._status is not None and all(
-                status[k] == self._status[k] for k in status
-                if k not in ("outbox", "last_upload", "oldest_pending_s", "signin_lapses_in_days"))
-            due = self._status_at + self.min_interval_s
-            if force or not churn_only or now >= due:
+        status = snap.status_payload(self.version, now)
+        old = self._status
+        if force or old is None or status != old:
+            changed = set() if old is None else {k for k in status.keys() | old.keys()
+                                                 if status.get(k) != old.get(k)}
+            if force or old is None or changed - CHURN_KEYS - AGE_KEYS:
+                due = now                                   # what a person acts on: at once
+            elif changed & CHURN_KEYS:
+                due = self._status_at + self.min_interval_s
+            else:
+                due = self._status_at + self.age_interval_s
+            if now >= due:
                 out.append(Publication(self.status_topic, _json(status)))
                 self._status, self._status_at = status, now
             else:
                 wake.append(due)
+        if self._status is not None and self._status.get("oldest_pending_s") is not None:
+            # A backlog ages while nothing else happens: come back to show it.
+            again = self._status_at + self.age_interval_s
+            wake.append(again if again > now else now + self.age_interval_s)
 
         code = snap.code if snap.code is not None and snap.code.seconds_left(now) > 0 else None
         if force or code != self._code:

@@ -46,6 +46,7 @@ from agent.mqtt.connection import (
 from agent.mqtt.homeassistant import birth_topic, discovery_payload, discovery_topic
 from agent.mqtt.protocol import (
     OFFLINE,
+    STATUS_AGE_INTERVAL_S,
     STATUS_MIN_INTERVAL_S,
     Outbound,
     Publication,
@@ -74,6 +75,7 @@ class MqttPublisher:
                  commands: Mapping[str, Callable[[], None]], version: str, *,
                  clock: Callable[[], float] = time.monotonic,
                  status_min_interval_s: float = STATUS_MIN_INTERVAL_S,
+                 status_age_interval_s: float = STATUS_AGE_INTERVAL_S,
                  reconnect_delay_s: tuple[float, float] = RECONNECT_DELAY_S) -> None:
         """Check URL, TLS files and password now, so a mistake stops the service at start.
 
@@ -101,7 +103,8 @@ class MqttPublisher:
         self.device_id = device_id
         self.cmd_topic = f"{prefix}/{device_id}/cmd"
         self.result_topic = f"{prefix}/{device_id}/cmd/result"
-        self._out = Outbound(prefix, device_id, version, status_min_interval_s=status_min_interval_s)
+        self._out = Outbound(prefix, device_id, version, status_min_interval_s=status_min_interval_s,
+                             status_age_interval_s=status_age_interval_s)
         self._client_id = f"device-agent-{device_id}"
         self._ha: Publication | None = None          # Home Assistant discovery, when opted in
         self._ha_birth = ""

@@ -127,6 +127,51 @@ def test_outbound_throttles_outbox_churn_but_not_what_people_act_on() -> None:
     assert out.plan(same, 106.0) == ([], None)
 
 
+def test_outbound_throttles_ages_but_republishes_a_growing_backlog_every_minute() -> None:
+    """``oldest_pending_s`` changes every second: alone it is published once a minute, not at
+    the churn rate, and at least once a minute while uploads stall and nothing else changes."""
+    out = Outbound("test", DEVICE, "1.2.3", status_min_interval_s=5.0, status_age_interval_s=60.0)
+    stalled = Snapshot(phase="signed_in", outbox=OutboxCounts(pending=3), oldest_pending_mono=40.0)
+    pubs, wake = out.plan(stalled, 100.0, force=True)
+    assert json.loads(pubs[0].payload)["oldest_pending_s"] == 60 and wake == 160.0
+
+    published: list[tuple[float, int]] = []
+    t, wake_at = 100.0, 160.0
+    while t < 400.0:                                  # the publisher asks on every second tick
+        t += 1.0
+        pubs, wake = out.plan(stalled, t)
+        published += [(t, json.loads(p.payload)["oldest_pending_s"]) for p in pubs if p.topic == STATUS]
+        assert wake is not None, "while a backlog ages, plan asks to be called again"
+        wake_at = wake
+    assert published == [(160.0, 120), (220.0, 180), (280.0, 240), (340.0, 300), (400.0, 360)]
+    assert wake_at == 460.0
+
+    # Only asked when plan said so (a publisher that sleeps until then): the same publications.
+    out2 = Outbound("test", DEVICE, "1.2.3", status_age_interval_s=60.0)
+    _, wake = out2.plan(stalled, 100.0, force=True)
+    ages = []
+    for _ in range(3):
+        pubs, wake = out2.plan(stalled, wake)
+        ages.append(json.loads(pubs[0].payload)["oldest_pending_s"])
+    assert ages == [120, 180, 240]
+
+    # A reading (outbox churn) within the window still waits for the 5 s rate, not the minute.
+    more = Snapshot(phase="signed_in", outbox=OutboxCounts(pending=4), oldest_pending_mono=40.0)
+    pubs, wake = out.plan(more, 401.0)
+    assert pubs == [] and wake == 405.0
+    pubs, _ = out.plan(more, 405.0)
+    assert json.loads(pubs[0].payload)["outbox"]["pending"] == 4
+    # What a person acts on goes out at once, with the age as of now.
+    failed = Snapshot(phase="error", error="boom", outbox=OutboxCounts(pending=4), oldest_pending_mono=40.0)
+    pubs, _ = out.plan(failed, 406.0)
+    assert json.loads(pubs[0].payload)["oldest_pending_s"] == 366
+
+    # Nothing pending: no age to show, no timed wake-up.
+    idle = Outbound("test", DEVICE, "1.2.3")
+    idle.plan(Snapshot(phase="signed_in"), 100.0, force=True)
+    assert idle.plan(Snapshot(phase="signed_in"), 500.0) == ([], None)
+
+
 def test_outbound_code_expiry_renewal_and_republish() -> None:
     out = Outbound("test", DEVICE, "1.2.3")
     first = make_code(900, "AAAA", now=1000.0)
@@ -285,6 +330,28 @@ def test_outbox_flood_is_coalesced(mosquitto: Broker, notifiers: Callable[..., M
     t0 = time.monotonic()
     msg = sub.next(1.0)
     assert json.loads(msg.payload)["state"] == "error" and msg.at - t0 < 0.3
+
+
+@pytest.mark.slow
+def test_a_stalled_box_republishes_its_growing_backlog_at_a_bounded_rate(
+        mosquitto: Broker, notifiers: Callable[..., MqttPublisher], subscribers: Callable[..., Subscriber]) -> None:
+    """Uploads stalled, no reading arrives, nothing in the state changes: the retained status
+    still shows ``oldest_pending_s`` growing, once per age interval (1 s here, 60 s by default)."""
+    state = AgentState()
+    state.update(phase="signed_in", outbox=OutboxCounts(pending=7), oldest_pending_mono=time.monotonic() - 100)
+    sub = subscribers(mosquitto, [STATUS])
+    n = notifiers(mosquitto.mqtt_settings(), state, status_min_interval_s=0.2, status_age_interval_s=1.0)
+    wait_until(lambda: n.connected, what="connected")
+    first = json.loads(sub.next().payload)["oldest_pending_s"]
+    assert 100 <= first <= 102
+    seen = sub.drain(3.6)
+    ages = [json.loads(m.payload)["oldest_pending_s"] for m in seen]
+    assert 3 <= len(ages) <= 4, f"one status per age interval, got {ages}"
+    assert ages == sorted(ages) and ages[0] > first and ages[-1] >= first + 3, ages
+    gaps = [b.at - a.at for a, b in zip(seen, seen[1:], strict=False)]
+    assert all(g >= 0.8 for g in gaps), gaps
+    retained_age = json.loads(retained(mosquitto, STATUS).payload)["oldest_pending_s"]
+    assert retained_age >= ages[-1], "a subscriber arriving now sees the grown backlog"
 
 
 def test_last_will_on_sigkill(mosquitto: Broker, subscribers: Callable[..., Subscriber]) -> None:
