@@ -11,12 +11,19 @@ the box. Topics and payloads are docs/INTERFACE.md's "MQTT" table. Threads:
 
 Nothing is published while disconnected: paho would queue stale QoS 1 copies for hours; instead
 the current truth is published on reconnect.
+
+Reconnects: paho's own loop reconnects, but every wait comes from ``agent.net.retry.Backoff``
+(jitter, so a fleet does not reconnect in step after a broker restart): each failure callback,
+which paho runs just before its reconnect wait, sets that one wait (``reconnect_delay_set(d, d)``).
+The journal follows ``agent.net.retry.OutageLog``: a line when an outage starts, at most one
+every 10 min with a count, one when it ends.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -53,11 +60,12 @@ from agent.mqtt.protocol import (
     parse_command,
     result_payload,
 )
+from agent.net.retry import Backoff, OutageLog
 from agent.state import AgentState, Snapshot
 
 log = logging.getLogger(__name__)
 
-RECONNECT_DELAY_S = (1, 60)          # paho doubles the wait from min to max per failed attempt
+RECONNECT_DELAY_S = (1, 60)          # Backoff: first wait, cap (doubling, equal jitter)
 AUTH_RECONNECT_DELAY_S = (15, 300)   # refused credentials: nobody fixes them in a second
 STOP_JOIN_S = 1.0
 
@@ -76,7 +84,8 @@ class MqttPublisher:
                  clock: Callable[[], float] = time.monotonic,
                  status_min_interval_s: float = STATUS_MIN_INTERVAL_S,
                  status_age_interval_s: float = STATUS_AGE_INTERVAL_S,
-                 reconnect_delay_s: tuple[float, float] = RECONNECT_DELAY_S) -> None:
+                 reconnect_delay_s: tuple[float, float] = RECONNECT_DELAY_S,
+                 rng: Callable[[], float] = random.random) -> None:
         """Check URL, TLS files and password now, so a mistake stops the service at start.
 
         Raises:
@@ -122,8 +131,13 @@ class MqttPublisher:
         self._connected = False
         self._force = False               # publish the whole truth at the next chance
         self._rebuild_as: MQTTProtocolVersion | None = None   # rebuild the client for this version
-        self._auth_failed = False
-        self._down_logged = False
+        self._auth_failed = False         # the last CONNACK refused the credentials
+        # Network thread only: paho runs every callback there, one at a time.
+        self._backoff = Backoff(*reconnect_delay_s, rng)
+        self._auth_backoff = Backoff(*AUTH_RECONNECT_DELAY_S, rng)
+        self._down = OutageLog(log, clock=clock)
+        self._refused = OutageLog(log, level=logging.ERROR, clock=clock)
+        self._said_no_v5 = False          # "does not support MQTT 5": once until 5 works again
         self._awaiting_connack = False    # a socket is open, no CONNACK yet
         self._seen: tuple[Any, ...] | None = None
         self._jobs: queue.Queue[tuple[str, bytes | None] | None] = queue.Queue(maxsize=32)
@@ -241,26 +255,27 @@ class MqttPublisher:
                 self._state.set_link("mqtt", "down")
                 if reason.value == _UNSUPPORTED_PROTOCOL and self._protocol == mqtt.MQTTv5:
                     # Only this answer means "no MQTT 5 here"; a hang-up is a busy or broken front.
-                    log.warning("MQTT: %s does not support MQTT 5; using 3.1.1 for this connection",
-                                self.address)
+                    log.log(logging.DEBUG if self._said_no_v5 else logging.WARNING,
+                            "MQTT: %s does not support MQTT 5; using 3.1.1 for this connection",
+                            self.address)
+                    self._said_no_v5 = True
                     self._rebuild_as = mqtt.MQTTv311
                     client.disconnect()
                     self._wake.set()
                 elif reason.value in _BAD_CREDENTIALS:
-                    if not self._auth_failed:
-                        self._auth_failed = True
-                        log.error("%s; retrying every %d-%d s",
-                                  credentials_message(reason, "mqtt.username/password_file"),
-                                  *AUTH_RECONNECT_DELAY_S)
-                        client.reconnect_delay_set(*AUTH_RECONNECT_DELAY_S)
-                elif not self._down_logged:
-                    self._down_logged = True
-                    log.warning("MQTT: %s refused the connection (%s %s); retrying", self.address,
-                                reason.value, reason.getName())
-                return
-            if self._auth_failed:
-                client.reconnect_delay_set(*self._reconnect_delay)  # type: ignore[arg-type]
-            self._auth_failed = self._down_logged = False
+                    self._auth_failed = True
+                    self._refused.failed(credentials_message(reason, "mqtt.username/password_file"),
+                                         f"retrying with back-off up to {self._auth_backoff.max_s:g} s")
+                else:
+                    self._auth_failed = False
+                    self._down.failed(f"MQTT: {self.address} refused the connection "
+                                      f"({reason.value} {reason.getName()})", "retrying")
+                return        # on_disconnect follows and sets the wait before the next attempt
+            self._auth_failed = False
+            self._backoff.reset()
+            self._auth_backoff.reset()
+            if self._protocol == mqtt.MQTTv5:
+                self._said_no_v5 = False
             options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
             if self._protocol == mqtt.MQTTv5:
                 client.subscribe(self.cmd_topic, options=options)
@@ -274,7 +289,9 @@ class MqttPublisher:
                 self._ha_due = self._ha is not None
             self._wake.set()
             self._state.set_link("mqtt", "up")
-            log.info("MQTT: connected to %s (MQTT %s)", self.address, self.protocol)
+            line = f"MQTT: connected to {self.address} (MQTT {self.protocol})"
+            if not (self._down.ended(line) | self._refused.ended(line)):
+                log.info("%s", line)
         except Exception:
             log.exception("MQTT: on_connect failed")
 
@@ -292,12 +309,15 @@ class MqttPublisher:
                 # or a load balancer sent us to an old node): the next connection tries 5 again.
                 self._rebuild_as = mqtt.MQTTv5
                 self._wake.set()
-            self._awaiting_connack = False
+            hung_up, self._awaiting_connack = self._awaiting_connack, False
             self._state.set_link("mqtt", "down")
-            if was and not self._down_logged:
-                self._down_logged = True
-                log.warning("MQTT: lost the connection to %s (%s); reconnecting", self.address,
-                            reason.getName() if isinstance(reason, ReasonCode) else reason)
+            why = reason.getName() if isinstance(reason, ReasonCode) else reason
+            if was:
+                self._down.failed(f"MQTT: lost the connection to {self.address} ({why})", "reconnecting")
+            elif hung_up:          # a load balancer without a backend, a broker at its limit
+                self._down.failed(f"MQTT: {self.address} hung up before answering ({why})", "retrying")
+            if self._rebuild_as is None:
+                self._schedule_reconnect(client)
         except Exception:
             log.exception("MQTT: on_disconnect failed")
 
@@ -311,15 +331,19 @@ class MqttPublisher:
                 self._rebuild_as = mqtt.MQTTv5
                 self._wake.set()
             err = getattr(client, "last_connect_error", None)
-            if not self._down_logged:
-                self._down_logged = True
-                why = (describe_connect_error(err, self.address, ca_hint="mqtt.ca_file")
-                       if err is not None else f"cannot connect to {self.address}")
-                log.warning("MQTT: %s; retrying with back-off up to %s s", why, self._reconnect_delay[1])
-            else:
-                log.debug("MQTT: still cannot connect to %s: %s", self.address, err)
+            why = (describe_connect_error(err, self.address, ca_hint="mqtt.ca_file")
+                   if err is not None else f"cannot connect to {self.address}")
+            self._down.failed(f"MQTT: {why}", f"retrying with back-off up to {self._backoff.max_s:g} s")
+            self._schedule_reconnect(client)
         except Exception:
             log.exception("MQTT: on_connect_fail failed")
+
+    def _schedule_reconnect(self, client: mqtt.Client) -> None:
+        """paho's next reconnect wait, from our Backoff: paho calls on_disconnect and
+        on_connect_fail just before that wait, and ``reconnect_delay_set`` restarts its own
+        doubling, so ``(d, d)`` makes the wait exactly ``d``."""
+        delay = (self._auth_backoff if self._auth_failed else self._backoff).next_delay()
+        client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:
