@@ -139,7 +139,7 @@ class OutageLog:
                 self._started = self._reported_at = now
                 self._reported_failures = 1
                 self._log.log(self._level, "%s%s (repeats are counted and reported every %.0f min)",
-                              message, tail, self.repeat_s / 60, exc_info=exc_info)
+                              message, tail, self.repeat_s / 60, exc_info=exc_info or None)
                 return True
             if now - self._reported_at < self.repeat_s:
                 self._log.debug("%s%s (failed attempt %d)", message, tail, self.failures)

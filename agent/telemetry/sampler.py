@@ -38,6 +38,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from agent.clock import iso_epoch
+from agent.net.retry import OutageLog
 from agent.state import LastReading, iso
 from agent.telemetry.storage import StorageUnavailable
 
@@ -52,7 +53,6 @@ log = logging.getLogger(__name__)
 
 MAX_WAIT_S = 1.0          # longest single wait: keeps heartbeat and stop responsive
 STATE_EVERY_S = 1.0       # last_reading / outbox depth published at most this often
-PUT_LOG_EVERY_S = 60.0    # while outbox.put keeps failing: one summary line this often
 
 
 @dataclass
@@ -88,9 +88,9 @@ class Sampler:
         self.readings_queued = 0
         self.put_failures = 0
         self.readings_lost = 0            # readings whose put failed (counted as dropped too)
-        self._put_failing_since: float | None = None
         self._put_lost_run = 0            # lost since put started failing
-        self._put_logged = -math.inf
+        # outbox.put failing goes on (disk full): the one journal rule, agent.net.retry.OutageLog
+        self._put_outage = OutageLog(log, level=logging.ERROR, clock=clock)
         self._last_state = -math.inf
         self._latest: LastReading | None = None
 
@@ -132,34 +132,27 @@ class Sampler:
                 else:
                     self.outbox.put(readings)
             except Exception as err:  # disk full, I/O error...: never kill the sampler
-                self._put_failed(err, len(readings), now)
+                self._put_failed(err, len(readings))
             else:
                 self.readings_queued += len(readings)
-                if self._put_failing_since is not None:
-                    log.info("sampler: queuing readings again after %.0f s; %d readings were lost",
-                             now - self._put_failing_since, self._put_lost_run)
-                    self._put_failing_since = None
+                self._put_outage.ended(f"sampler: queuing readings again; {self._put_lost_run} "
+                                       "readings were lost")
         self._publish(now)
         return min((s.due() for s in self.slots), default=now + MAX_WAIT_S)
 
-    def _put_failed(self, err: Exception, n: int, now: float) -> None:
+    def _put_failed(self, err: Exception, n: int) -> None:
         """Count the lost readings where status shows them; log without flooding the journal."""
         self.put_failures += 1
         self.readings_lost += n
-        self._put_lost_run += n
+        self._put_lost_run = n if not self._put_outage.ongoing else self._put_lost_run + n
         self.outbox.count_lost(n)
-        if self._put_failing_since is None:
-            self._put_failing_since = now
-            self._put_lost_run = n
-            self._put_logged = now
-            # Storage full / read-only is a state (status "storage"), not a bug: no traceback.
-            expected = isinstance(err, StorageUnavailable)
-            log.error("sampler: could not queue %d readings, they are lost (counted as dropped)%s", n,
-                      f": {err}" if expected else "", exc_info=None if expected else err)
-        elif now - self._put_logged >= PUT_LOG_EVERY_S:
-            self._put_logged = now
-            log.error("outbox put failing: %d readings lost so far: %s", self._put_lost_run,
-                      f"{type(err).__name__}: {err}"[:200])
+        # Storage full / read-only is a state (status "storage"), not a bug: no traceback. A
+        # bug's traceback comes with the outage's first line only.
+        expected = isinstance(err, StorageUnavailable)
+        self._put_outage.failed(
+            f"sampler: could not queue readings, they are lost (counted as dropped): "
+            f"{type(err).__name__}: {err}"[:300],
+            f"{self._put_lost_run} readings lost so far", exc_info=not expected)
         self._last_state = -math.inf          # show the new dropped count at once
 
     def _read(self, slot: _Slot, stamps: list[Stamp | None]) -> list[dict[str, Any]]:

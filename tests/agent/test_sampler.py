@@ -206,17 +206,20 @@ def test_disk_full_losses_are_counted_as_dropped_and_logged_without_flooding(
     pairs = [(settings("a", 1.0), FakeSensor()), (settings("b", 1.0), FakeSensor())]
     sampler = Sampler(pairs, box, state, clock=clock)
     with caplog.at_level(logging.INFO, logger="agent.telemetry.sampler"):
-        sampler.run(SteppingStop(clock, until=1000.0 + 150.0))  # type: ignore[arg-type]
-    lost = 2 * 150
+        sampler.run(SteppingStop(clock, until=1000.0 + 25 * 60.0))  # type: ignore[arg-type]
+    lost = 2 * 25 * 60
     assert sampler.readings_lost == lost
     assert box.counts().dropped == before.dropped + lost
     assert state.snapshot.outbox.dropped == before.dropped + lost, "status/MQTT see the loss"
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(errors) == 3, "first failure, then one summary a minute (not one per tick)"
+    # The one rule (agent.net.retry.OutageLog): the first failure, then one line every 10 min
+    # with a count, not one per tick.
+    assert len(errors) == 3, [r.getMessage() for r in errors]
     assert all(r.exc_info is None for r in errors), "storage full is a state, not a traceback"
     assert "storage full" in errors[0].getMessage() and state.snapshot.storage == "full"
-    assert errors[1].getMessage().startswith("outbox put failing: ")
-    assert "readings lost so far: StorageUnavailable: storage full" in errors[2].getMessage()
+    assert "still failing: 600 failed attempts in the last 10 min" in errors[1].getMessage()
+    assert errors[1].getMessage().endswith("(601 since 10 min ago); 1202 readings lost so far")
+    assert errors[2].getMessage().endswith("(1201 since 20 min ago); 2402 readings lost so far")
     box._conn().execute("PRAGMA max_page_count=1000000")
     storage_clock.now += 10.0
     with caplog.at_level(logging.INFO, logger="agent.telemetry.sampler"):

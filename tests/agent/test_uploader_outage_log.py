@@ -17,6 +17,7 @@ from agent.sim.api import SimApi
 from agent.sim.jwks import SimKeys
 from agent.state import AgentState, OutboxCounts
 from agent.telemetry.outbox import Outbox
+from agent.telemetry.sinks import SplitJournal
 from agent.telemetry.sinks.http import HttpSink
 from agent.telemetry.uploader import CRASH_RETRY_S, NO_TOKEN_POLL_S, Uploader
 from tests.fixtures.api import DEVICE, FakeTokens, reading
@@ -195,3 +196,27 @@ def test_a_step_that_keeps_crashing_logs_its_traceback_once_then_counts(
     assert sim_api.seqs(DEVICE) == {1, 2, 3}
     assert messages(journal(caplog, logging.INFO))[-1].startswith(
         f"uploader steps work again (after {steps} failed attempts in 6")
+
+
+def test_a_receiver_refusing_a_reading_in_every_batch_is_one_split_line_per_10_min(
+        outbox: Outbox, sim_api: SimApi, tokens: FakeTokens, api_settings: UploadSettings,
+        clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="agent.telemetry.sinks")
+    sim_api.poison(seqs=range(10, 601, 10))            # one bad reading in each batch of 10
+    sink = HttpSink(api_settings, DEVICE)
+    sink.splits = SplitJournal(clock=clock)
+    up = Uploader(outbox, sink, tokens, AgentState(), api_settings, clock=clock, rng=lambda: 0.5)
+    try:
+        for minute in range(60):                       # an hour, a batch a minute
+            outbox.put([reading(minute * 10 + i) for i in range(10)])
+            up.guarded_step()
+            clock.now += 60.0
+    finally:
+        sink.close()
+    assert outbox.counts() == OutboxCounts(pending=0, dead=60, dropped=0)
+    splits = [r for r in caplog.records if r.name == "agent.telemetry.sinks"]
+    warnings = messages([r for r in splits if r.levelno == logging.WARNING])
+    assert len(splits) >= 3 * 60, "every batch was halved a few times"
+    assert warnings[0].startswith("HTTP 422 for 10 readings (seq 1..10): sending them in two halves")
+    assert len(warnings) == 6, warnings             # at 0, 10, ... 50 min
+    assert all("still failing: " in w and "failed attempts in the last 10 min" in w for w in warnings[1:])

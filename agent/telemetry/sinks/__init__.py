@@ -15,13 +15,14 @@ import binascii
 import json
 import logging
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from agent.errors import UploadError
-from agent.net.retry import retry_after_s
+from agent.net.retry import OutageLog, retry_after_s
 
 if TYPE_CHECKING:
     import requests
@@ -196,18 +197,34 @@ def headers_of(obj: Mapping[str, object] | None) -> dict[str, str]:
     return {str(k).lower(): str(v) for k, v in (obj or {}).items()}
 
 
-_warned_split: set[str] = set()    # the first split of each kind is a WARNING, the rest DEBUG
+class SplitJournal:
+    """A sink's journal lines for halving batches, per kind ("413", "refused"), by the one rule
+    for trouble that goes on (``agent.net.retry.OutageLog``): the first a WARNING, then at most
+    one every 10 min with a count; the halvings in between go to DEBUG. One per sink."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._logs = {kind: OutageLog(log, clock=clock) for kind in ("413", "refused")}
+
+    def split(self, err: UploadError, part: list[Row]) -> None:
+        kind = "413" if err.status == TOO_LARGE else "refused"
+        advice = ("a smaller upload.batch_max avoids the extra requests" if kind == "413"
+                  else "finding the readings it refuses; only those are dead-lettered")
+        self._logs[kind].failed(f"HTTP {err.status} for {len(part)} readings (seq {part[0].seq}.."
+                                f"{part[-1].seq}): sending them in two halves ({advice})")
 
 
-def send_splitting(batch: list[Row], send_part: Callable[[list[Row]], None]) -> SendResult:
+def send_splitting(batch: list[Row], send_part: Callable[[list[Row]], None],
+                   journal: SplitJournal | None = None) -> SendResult:
     """``send_part(batch)``, halving any part the far side refuses until what it refuses is
     isolated: 413 (payload too large) and the "refused data" answers (400, 422, other 4xx, i.e.
     non-retryable ``UploadError``). Only a single reading still refused is dead-lettered, with
     the status and the start of the answer; every good reading of the batch is delivered.
 
     ``send_part`` raises UploadError. A retryable answer stops here (the rest go to ``retry``).
-    A one-reading batch refused outright raises, as an unsplit send would.
+    A one-reading batch refused outright raises, as an unsplit send would. ``journal``: the
+    sink's ``SplitJournal`` (without one, each call starts its own).
     """
+    journal = journal if journal is not None else SplitJournal()
     result = SendResult()
     todo: list[list[Row]] = [batch]
     while todo:
@@ -216,7 +233,7 @@ def send_splitting(batch: list[Row], send_part: Callable[[list[Row]], None]) -> 
             send_part(part)
         except UploadError as err:
             if (err.status == TOO_LARGE or not err.retryable) and len(part) > 1:
-                _log_split(err, part)
+                journal.split(err, part)
                 half = len(part) // 2
                 todo[:0] = [part[:half], part[half:]]
                 continue
@@ -231,12 +248,3 @@ def send_splitting(batch: list[Row], send_part: Callable[[list[Row]], None]) -> 
         result.acked.extend(r.seq for r in part)
     return result
 
-
-def _log_split(err: UploadError, part: list[Row]) -> None:
-    kind = "413" if err.status == TOO_LARGE else "refused"
-    level = logging.DEBUG if kind in _warned_split else logging.WARNING
-    _warned_split.add(kind)
-    advice = ("a smaller upload.batch_max avoids the extra requests" if kind == "413"
-              else "finding the readings it refuses; only those are dead-lettered")
-    log.log(level, "HTTP %s for %d readings (seq %d..%d): sending them in two halves (%s)",
-            err.status, len(part), part[0].seq, part[-1].seq, advice)

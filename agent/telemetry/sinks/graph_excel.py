@@ -27,7 +27,14 @@ from urllib.parse import quote
 
 from agent.errors import UploadError
 from agent.net.https import https_session
-from agent.telemetry.sinks import SendResult, network_error, redact_url, send_splitting, status_error
+from agent.telemetry.sinks import (
+    SendResult,
+    SplitJournal,
+    network_error,
+    redact_url,
+    send_splitting,
+    status_error,
+)
 
 if TYPE_CHECKING:
     import requests
@@ -62,6 +69,7 @@ class GraphExcelSink:
         # The last rows/add may have been applied without us seeing the answer. True at start:
         # the previous process may have died mid-append (power cut), so check once.
         self.unsure = True
+        self.splits = SplitJournal()
         with _locks_guard:
             self._lock = _workbook_locks.setdefault(base, threading.Lock())
 
@@ -86,7 +94,7 @@ class GraphExcelSink:
                 if not batch:
                     return SendResult(acked=already)
             try:
-                result = send_splitting(batch, lambda part: self._append(part, token))
+                result = send_splitting(batch, lambda part: self._append(part, token), self.splits)
             except UploadError as err:
                 if already:
                     return SendResult(acked=already, retry=[r.seq for r in batch], error=err)

@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING
 
 from agent.errors import UploadError
 from agent.net.https import https_session
-from agent.telemetry.sinks import SendResult, network_error, redact_url, send_splitting, status_error
+from agent.telemetry.sinks import (
+    SendResult,
+    SplitJournal,
+    network_error,
+    redact_url,
+    send_splitting,
+    status_error,
+)
 
 if TYPE_CHECKING:
     from agent.config import UploadSettings
@@ -37,6 +44,7 @@ class HttpSink:
         self.client = https_session(settings.ca_file, settings.timeout_s, follow_redirects=False)
         self.gzip = settings.compress == "gzip"
         self.bytes_sent = 0          # body bytes on the wire (the bench reads it)
+        self.splits = SplitJournal()
 
     def send(self, batch: list[Row], token: str) -> SendResult:
         """Deliver ``batch`` (ascending seq) in one request; on 413 in halves (see
@@ -48,7 +56,7 @@ class HttpSink:
         """
         if not batch:
             return SendResult()
-        return send_splitting(batch, lambda part: self._post(part, token))
+        return send_splitting(batch, lambda part: self._post(part, token), self.splits)
 
     def _post(self, batch: list[Row], token: str) -> None:
         import requests
