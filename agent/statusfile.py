@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
@@ -26,6 +27,7 @@ from agent import __version__
 from agent.config import Settings
 from agent.errors import AgentError
 from agent.fsutil import atomic_write
+from agent.net.retry import OutageLog
 from agent.state import AgentState, Snapshot, iso
 
 log = logging.getLogger(__name__)
@@ -99,12 +101,14 @@ def running_pid(state_dir: Path) -> int | None:
 class StatusWriter:
     """Observes the state and rewrites status.json at most every ``min_interval_s``."""
 
-    def __init__(self, path: Path, state: AgentState, device_id: str, *, min_interval_s: float = 1.0) -> None:
+    def __init__(self, path: Path, state: AgentState, device_id: str, *, min_interval_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.path = path
         self._state = state
         self._device_id = device_id
         self._min_interval_s = min_interval_s
-        self._failing: int | None = None          # errno of the last failed write (logged once)
+        # A full or read-only state dir fails every rewrite: agent.net.retry.OutageLog's one rule.
+        self._failing = OutageLog(log, clock=clock)
         self._dirty = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="status-file", daemon=True)
@@ -137,12 +141,9 @@ class StatusWriter:
         try:
             atomic_write(self.path, (json.dumps(data, indent=1) + "\n").encode(), durable=False)
         except OSError as err:
-            # Once per kind of failure (a full or read-only state dir fails every rewrite).
-            level = logging.DEBUG if err.errno == self._failing else logging.WARNING
-            self._failing = err.errno
-            log.log(level, "cannot write %s: %s", self.path, err)
+            self._failing.failed(f"cannot write {self.path}: {err}")
         else:
-            self._failing = None
+            self._failing.ended(f"writing {self.path} again")
 
 
 def snapshot_document(snap: Snapshot, device_id: str) -> dict[str, Any]:

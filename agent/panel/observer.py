@@ -22,6 +22,7 @@ from typing import Literal
 
 from PIL import Image
 
+from agent.net.retry import OutageLog
 from agent.panel import screens
 from agent.state import AgentState, Snapshot
 from hw.base import Display
@@ -61,7 +62,9 @@ class Panel:
         self._code_key: tuple[str, float] | None = None
         self._code_seen_at = 0.0
         self._code_lifetime_s = screens.DEFAULT_CODE_LIFETIME_S
-        self._failing = False
+        # A display outage is a fault like any other: agent.net.retry.OutageLog's one rule.
+        self._display_outage = OutageLog(log, clock=clock)
+        self._crashed = OutageLog(log, level=logging.ERROR, clock=clock)
         self.frames_shown = 0
         self.warmed_up = threading.Event()     # set once fonts/QR paths are loaded (tests, bench)
 
@@ -127,11 +130,7 @@ class Panel:
             self._wakeup.clear()
             with self._drawn:
                 upto = self._seen
-            try:
-                delay = self.step()
-            except Exception:     # a drawing bug must not kill the panel thread for good
-                log.exception("panel step failed")
-                delay = MAX_WAIT_S
+            delay = self._guarded_step()
             with self._drawn:
                 self._drawn_upto = upto
                 self._drawn.notify_all()
@@ -142,6 +141,23 @@ class Panel:
                 screens.warm_up(self.display.size)
                 self.warmed_up.set()
             self._wakeup.wait(delay)
+
+    def _guarded_step(self) -> float:
+        """``step()`` that never raises: a drawing bug must not kill the panel thread for good.
+        Its traceback is logged once per streak, then counted (not once a second)."""
+        try:
+            delay = self.step()
+        except Exception:
+            self._crashed.failed("panel step failed", f"trying again in {MAX_WAIT_S:g} s",
+                                 exc_info=True)
+            return MAX_WAIT_S
+        self._crashed.ended("panel steps work again")
+        return delay
+
+    @property
+    def _failing(self) -> bool:
+        """The display stopped answering and has not answered since."""
+        return self._display_outage.ongoing
 
     def step(self, now: float | None = None) -> float:
         """Draw what is due now; returns seconds until something on the panel changes next."""
@@ -207,9 +223,7 @@ class Panel:
             self._report(err)
             return False
         self.frames_shown += 1
-        if self._failing:
-            log.info("display answers again")
-            self._failing = False
+        self._display_outage.ended("display answers again")
         return True
 
     def _power(self, on: bool) -> bool:
@@ -222,9 +236,7 @@ class Panel:
         return True
 
     def _report(self, err: HardwareError) -> None:
-        if not self._failing:      # once per outage, not once a second
-            log.warning("display: %s", err)
-            self._failing = True
+        self._display_outage.failed(f"display: {err}")     # tried again every MAX_WAIT_S
 
 
 def _shifted(img: Image.Image, offset: tuple[int, int]) -> Image.Image:
