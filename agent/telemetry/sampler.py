@@ -91,6 +91,7 @@ class Sampler:
         self._put_lost_run = 0            # lost since put started failing
         # outbox.put failing goes on (disk full): the one journal rule, agent.net.retry.OutageLog
         self._put_outage = OutageLog(log, level=logging.ERROR, clock=clock)
+        self._sensor_outages = {s.settings.name: OutageLog(log, clock=clock) for s in self.slots}
         self._last_state = -math.inf
         self._latest: LastReading | None = None
 
@@ -165,15 +166,12 @@ class Sampler:
         except Exception as err:  # HardwareError or a driver bug: never kill the sampler
             self.errors[name] = self.errors.get(name, 0) + 1
             text = f"{type(err).__name__}: {err}"[:200]
-            if slot.failing is None:
-                log.warning("sensor %s: read failed: %s (no reading queued)", name, text)
-            else:
-                log.debug("sensor %s: read failed again: %s", name, text)
+            self._sensor_outages[name].failed(f"sensor {name}: read failed: {text}", "no reading queued")
             slot.failing = text
             self._latest = LastReading(sensor=name, value=None, unit="", error=text)
             return []
         if slot.failing is not None:
-            log.info("sensor %s: reading again after %s", name, slot.failing)
+            self._sensor_outages[name].ended(f"sensor {name}: reading again after {slot.failing}")
             slot.failing = None
         stamp = self.trust.stamp() if self.trust is not None else None
         when = iso(self.wall()) if stamp is None else iso_epoch(stamp.wall)

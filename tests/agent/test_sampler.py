@@ -246,3 +246,24 @@ def test_losses_while_the_database_is_unwritable_are_kept_in_memory_then_saved(t
     assert box.counts().dropped == 10 and box.counts().pending == 6, "storing again, nothing more lost"
     assert Outbox.read_counts(path).dropped == 10, "written with the first put that worked"
     box.close()
+
+
+def test_a_sensor_failing_for_an_hour_is_a_warning_every_10_min_with_a_count(
+        caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    box = RecordingOutbox(clock)
+    broken = FakeSensor()
+    broken.fail = HardwareError("i2c bus 1: remote I/O error")
+    sampler = Sampler([(settings("soil", 5.0), broken)], box, AgentState(), clock=clock)  # type: ignore[arg-type]
+    with caplog.at_level(logging.DEBUG, logger="agent.telemetry.sampler"):
+        sampler.run(SteppingStop(clock, until=1000.0 + 3600.0))  # type: ignore[arg-type]
+        broken.fail = None
+        sampler.run(SteppingStop(clock, until=clock.now + 5.0))  # type: ignore[arg-type]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert broken.reads >= 720 and len(warnings) == 6, warnings     # at 0, 10, ... 50 min
+    assert warnings[0].startswith("sensor soil: read failed: HardwareError: i2c bus 1: remote I/O error; "
+                                  "no reading queued")
+    assert all("still failing: 120 failed attempts in the last 10 min" in w for w in warnings[1:])
+    info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert any(m.startswith("sensor soil: reading again after HardwareError") and "(after 720 failed "
+               "attempts in 60 min)" in m for m in info), info
