@@ -139,9 +139,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         # SIGTERM may come while the heavy imports below still run (systemd stopping a box that
         # is still booting): catch it now so that it still means "exit 0", not death by signal.
         import signal
-        import threading
 
-        stop = threading.Event()
+        from agent.wakeup import Signal
+
+        stop = Signal()        # agent.wakeup: every wait in the service wakes on it at once
         previous = {signum: signal.signal(signum, lambda *_: stop.set())
                     for signum in (signal.SIGTERM, signal.SIGINT)}
         try:

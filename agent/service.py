@@ -8,6 +8,7 @@ restarted with back-off, the process keeps running. SIGTERM/SIGINT stop everythi
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 import time
@@ -33,6 +34,7 @@ from agent.statusfile import (
     previous_last_upload,
     status_path,
 )
+from agent.wakeup import Signal, wait_any
 
 if TYPE_CHECKING:     # imported for real in _start, so `device-agent --help` stays quick
     from agent.config import SensorSettings
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 
 STOP_BUDGET_S = 1.5          # of the 2 s CONTRACT promise, what the joins may use
 STOP_TOTAL_S = 1.9           # ... and everything, MQTT's goodbye included
+HEALTH_EVERY_S = 60.0        # health figures without news (the kernel's clock verdict)
 TELEMETRY_AFTER_S = 0.5      # telemetry starts at the sign-in's first news or this long after start
 RESTART_BACKOFF_S = (1.0, 60.0)
 
@@ -66,6 +69,7 @@ class Supervised:
     done: bool = False
     error: str | None = field(default=None)
     backoff: Backoff | None = None      # made at the first crash, from RESTART_BACKOFF_S
+    on_crash: Callable[[], None] = lambda: None     # wakes the supervisor (Service._main_wake)
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._body, name=self.name, daemon=True)
@@ -83,10 +87,14 @@ class Supervised:
             delay = self.backoff.next_delay()
             self.restart_at = time.monotonic() + delay
             log.exception("%s crashed (%d so far); restarting in %.0f s", self.name, self.crashes, delay)
+            self.on_crash()
+
+    def needs_restart(self) -> bool:
+        return not (self.stop.is_set() or self.done or self.thread is None or self.thread.is_alive())
 
     def check(self, now: float) -> None:
         """Restart the thread if it died and its back-off elapsed."""
-        if self.stop.is_set() or self.done or self.thread is None or self.thread.is_alive():
+        if not self.needs_restart():
             return
         if now >= self.restart_at:
             log.warning("restarting %s", self.name)
@@ -116,7 +124,7 @@ class Service:
         self.health: Health | None = None
         self.state = AgentState()
         self.state.update(device_id=settings.device.id)    # the code screen says whose box it is
-        self.stop_event = stop_event or threading.Event()
+        self.stop_event = stop_event or Signal()
         self._install_signals = install_signals
         self._hardware: Hardware = hardware or {}
         self._sd = Notifier()
@@ -133,6 +141,11 @@ class Service:
         self._was_signed_in = False
         self._running = False
         self._news: threading.Event | None = None     # what the main thread waits on at start
+        self._main_wake = Signal()                     # news for the supervisor loop
+        self._last_status = ""                         # the STATUS= line systemd has
+        self._status_lock = threading.Lock()
+        self._health_due = True
+        self._health_key: object = None
         self._sensors: list[tuple[SensorSettings, Sensor]] = []
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -160,6 +173,7 @@ class Service:
 
     def request_stop(self) -> None:
         self.stop_event.set()
+        self._main_wake.set()
         self._wake()
 
     def _wake(self) -> None:
@@ -291,7 +305,7 @@ class Service:
             uploader.flush()
 
     def _supervise(self, name: str, target: Callable[[threading.Event], None]) -> None:
-        sup = Supervised(name, target, self.stop_event)
+        sup = Supervised(name, target, self.stop_event, on_crash=self._main_wake.set)
         sup.start()
         self._components.append(sup)
 
@@ -337,28 +351,43 @@ class Service:
         return gpio, display, sensors
 
     def _main_loop(self) -> None:
-        """Supervise, feed the watchdog only while the loop and the sampler really advance."""
+        """Supervise, feed the watchdog only while the loop and the sampler really advance.
+
+        Event-driven: asleep until a component dies (or its restart is due), the watchdog is
+        due (every WatchdogSec/4), the health figures are (news of the outbox or the sign-in,
+        else every HEALTH_EVERY_S) or stop; no ticking in between. The status line goes to
+        systemd from the state observer (``_on_state``), without waking this thread.
+        """
         wd = self._sd.watchdog_s
-        beat_every = min(1.0, wd / 4) if wd else 1.0
+        beat_every = wd / 4 if wd else math.inf
         stale_after = max(5.0, wd / 2) if wd else 30.0
-        last_status = ""
-        while not self.stop_event.wait(beat_every):
+        next_beat = next_health = time.monotonic()
+        while not self.stop_event.is_set():
+            self._main_wake.clear()
             now = time.monotonic()
             for comp in self._components:
                 comp.check(now)
-            if self.health is not None:
+            if self.health is not None and (self._health_due or now >= next_health):
+                # Health figures follow the outbox and the sign-in (news from _on_state), and
+                # the kernel's clock verdict at least every HEALTH_EVERY_S.
+                self._health_due = False
+                next_health = now + HEALTH_EVERY_S
                 self.health.step()
-            snap = self.state.snapshot
-            line = self._status_line(snap)
             fields = []
-            if line != last_status:
-                fields.append(f"STATUS={line}")
-                last_status = line
-            sampler_beat = getattr(self.sampler, "heartbeat", now)
-            if wd and now - sampler_beat < stale_after:
-                fields.append("WATCHDOG=1")
+            if wd and now >= next_beat:
+                next_beat = now + beat_every
+                # The sampler may sleep for a whole interval: stale only past the time it
+                # promised to be back (beat_due), not when its last pass is merely old.
+                due = getattr(self.sampler, "beat_due", getattr(self.sampler, "heartbeat", now))
+                if now - max(due, getattr(self.sampler, "heartbeat", now)) < stale_after:
+                    fields.append("WATCHDOG=1")
             if fields:
-                self._sd.notify(*fields)
+                with self._status_lock:          # one socket, shared with _on_state
+                    self._sd.notify(*fields)
+            wake_at = min([next_beat if wd else math.inf,
+                           next_health if self.health is not None else math.inf,
+                           *(c.restart_at for c in self._components if c.needs_restart())])
+            wait_any(wake_at - time.monotonic(), self.stop_event, self._main_wake)
 
     def _shutdown(self) -> None:
         self.stop_event.set()
@@ -389,7 +418,18 @@ class Service:
             log.info("stopped")
 
     def _on_state(self, snap: Snapshot) -> None:
-        """Upload the backlog the moment a token exists, not at the next interval."""
+        """Upload the backlog the moment a token exists, not at the next interval; tell systemd
+        when its status line changes."""
+        line = self._status_line(snap)
+        with self._status_lock:
+            if line != self._last_status:
+                self._last_status = line
+                self._sd.notify(f"STATUS={line}")
+        key = (snap.outbox, snap.phase, snap.last_upload)
+        if key != self._health_key:          # health.step's own updates leave this unchanged
+            self._health_key = key
+            self._health_due = True
+            self._main_wake.set()
         signed_in = snap.phase == "signed_in"
         if signed_in and not self._was_signed_in and self.uploader is not None:
             self.uploader.flush()

@@ -13,6 +13,7 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -128,13 +129,19 @@ class StatusWriter:
         self._dirty.set()
 
     def _loop(self) -> None:
+        written = -math.inf
         while not self._stop.is_set():
             self._dirty.wait()
+            # Rate limit only a burst: a change after a quiet spell is written at once, with
+            # no timed wait after it (one wake-up per change on an idle box).
+            left = written + self._min_interval_s - time.monotonic()
+            if left > 0:
+                self._stop.wait(left)
             if self._stop.is_set():
                 return
             self._dirty.clear()
             self.write(self._state.snapshot)
-            self._stop.wait(self._min_interval_s)
+            written = time.monotonic()
 
     def write(self, snap: Snapshot) -> None:
         data = snapshot_document(snap, self._device_id)

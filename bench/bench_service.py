@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import compileall
-import os
 import statistics
 import subprocess
 import sys
@@ -35,8 +34,13 @@ CLIENT = "sim-device-agent"
 SCOPE = "api://telemetry/Readings.Write"
 
 
-def config(tmp: Path, idp: SimIdp, api: SimApi, tls: Any, *, interval_s: float, state: str) -> Path:
-    return write_config(tmp / f"{state}.toml", {
+def config(tmp: Path, idp: SimIdp, api: SimApi, tls: Any, *, interval_s: float, state: str,
+           mqtt_url: str | None = None) -> Path:
+    extra: dict[str, Any] = {}
+    if mqtt_url:
+        extra = {"mqtt": {"url": mqtt_url, "homeassistant": True},
+                 "gpio": {"backend": "fake", "button": 17, "led": 27}}
+    return write_config(tmp / f"{state}.toml", {**extra,
         "device": {"id": "bench-01", "state_dir": str(tmp / state)},
         "auth": {"client_id": CLIENT, "authority": idp.authority, "instance_discovery": False,
                  "scopes": [SCOPE], "ca_file": str(tls.ca_file)},
@@ -147,21 +151,39 @@ def startup(runs: int) -> None:
 
 def proc_stats(pid: int) -> tuple[float, int, int]:
     """(CPU seconds, RSS KiB, peak RSS KiB) of ``pid`` from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    cpu = (int(fields[11]) + int(fields[12])) / ticks
     status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return cpu, int(status["VmRSS"].split()[0]), int(status["VmHWM"].split()[0])
+    return cpu_s(pid), int(status["VmRSS"].split()[0]), int(status["VmHWM"].split()[0])
+
+
+def wakeups(pid: int) -> dict[tuple[int, str], int]:
+    """Voluntary context switches (a thread went to sleep, so something woke it) per thread,
+    keyed by (tid, the thread's OS name)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    out[(int(task.name), name)] = int(line.split()[1])
+        except OSError:
+            pass           # the thread ended
+    return out
 
 
 def idle(minutes: float) -> None:
+    """A signed-in box at rest: one sensor read a minute, uploads every 10 s, png panel, the
+    button and LED (fake GPIO), MQTT with Home Assistant discovery. Read once a minute: CPU
+    time of the process and the wake-ups of all its threads."""
+    from tests.fixtures.broker import Broker
+
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         tls = make_tls(tmp / "tls")
+        broker = Broker("/usr/sbin/mosquitto", tmp / "broker").start()
         with SimIdp(tls, client_id=CLIENT) as idp:
             idp.auto_approve_after_s = 0.0
             api = SimApi(tls, jwks_url=idp.jwks_url, ca_file=str(tls.ca_file)).start()
-            cfg = config(tmp, idp, api, tls, interval_s=60, state="idle")
+            cfg = config(tmp, idp, api, tls, interval_s=60, state="idle", mqtt_url=broker.url)
             proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)], cwd=ROOT,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
@@ -170,23 +192,32 @@ def idle(minutes: float) -> None:
                     time.sleep(0.2)
                 if not api.seqs("bench-01"):
                     raise RuntimeError("the agent never delivered a reading")
+                time.sleep(5)                    # start-up done: the first upload, MQTT truth
                 cpu0, _, _ = proc_stats(proc.pid)
+                wake0 = wakeups(proc.pid)
                 t0 = time.monotonic()
                 samples = []
-                while time.monotonic() - t0 < minutes * 60:
-                    time.sleep(min(30.0, minutes * 60))
-                    samples.append(proc_stats(proc.pid)[1])
+                for minute in range(max(1, round(minutes))):
+                    time.sleep(max(0.0, t0 + 60 * (minute + 1) * minutes / max(1, round(minutes))
+                                   - time.monotonic()))
+                    samples.append(proc_stats(proc.pid))
                 cpu1, rss, hwm = proc_stats(proc.pid)
+                wake1 = wakeups(proc.pid)
                 elapsed = time.monotonic() - t0
                 delivered = len(api.seqs("bench-01"))
             finally:
                 proc.terminate()
                 proc.wait(10)
                 api.stop()
-    print(f"idle, signed in, 1 reading/min, {elapsed / 60:.1f} min: CPU {cpu1 - cpu0:.2f} s "
-          f"({100 * (cpu1 - cpu0) / elapsed:.3f} % of one core)")
-    print(f"RSS at the end {rss / 1024:.1f} MiB (median over the run {statistics.median(samples) / 1024:.1f} MiB, "
-          f"peak {hwm / 1024:.1f} MiB); readings delivered: {delivered}")
+                broker.stop()
+    per_thread = sorted((((wake1[t] - wake0.get(t, 0)) * 60 / elapsed, t[1]) for t in wake1), reverse=True)
+    print(f"idle, signed in, 1 reading/min, MQTT + png panel + button/LED, {elapsed / 60:.1f} min: "
+          f"CPU {cpu1 - cpu0:.3f} s ({100 * (cpu1 - cpu0) / elapsed:.3f} % of one core)")
+    print(f"wake-ups: {sum(w for w, _ in per_thread):.0f} a minute over {len(per_thread)} threads "
+          f"(per thread: {', '.join(f'{name} {w:.0f}' for w, name in per_thread)})")
+    print(f"RSS at the end {rss / 1024:.1f} MiB (median over the run "
+          f"{statistics.median(x[1] for x in samples) / 1024:.1f} MiB, peak {hwm / 1024:.1f} MiB); "
+          f"readings delivered: {delivered}")
 
 
 def main() -> None:

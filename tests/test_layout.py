@@ -13,7 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PROCESS = {"agent.cli", "agent.service", "agent.demo", "agent.statusfile", "agent.sdnotify", "agent.__main__"}
-GROUND = {"agent", "agent.config", "agent.state", "agent.errors", "agent.fsutil", "agent.logs", "agent.clock"}
+GROUND = {"agent", "agent.config", "agent.state", "agent.errors", "agent.fsutil", "agent.logs", "agent.clock",
+          "agent.wakeup"}
 CAPABILITIES = ("agent.signin", "agent.telemetry", "agent.mqtt", "agent.panel")
 
 

@@ -9,6 +9,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -117,6 +118,9 @@ def reason_name(reason: ReasonCode | int) -> str:
     return str(reason)
 
 
+IDLE_SELECT_S = 3600.0        # paho's network thread with nothing to do (see ReportingClient)
+
+
 class ReportingClient(mqtt.Client):
     """paho's Client that remembers why the last connection attempt failed.
 
@@ -132,6 +136,36 @@ class ReportingClient(mqtt.Client):
         except OSError as err:
             self.last_connect_error = err
             raise
+
+    # paho's loop_start() thread selects with a 1 s timeout: 60 wake-ups a minute on an idle box.
+    # Publishes, subscribes and disconnect() from other threads wake the select through paho's
+    # own socket pair, and incoming packets wake it anyway; the only timer in the loop is the
+    # keepalive check that runs after each select. So the select sleeps until that is due.
+
+    def _thread_main(self) -> None:
+        try:
+            self.loop_forever(timeout=IDLE_SELECT_S, retry_first_connection=True)
+        finally:
+            self._thread = None
+
+    def _loop(self, timeout: float = 1.0) -> MQTTErrorCode:
+        return super()._loop(min(timeout, self._keepalive_due_s()))
+
+    def _keepalive_due_s(self) -> float:
+        """Seconds until paho's keepalive check has work (a PINGREQ to send, or a PINGRESP
+        overdue), from the same clock and fields it uses; a quarter keepalive if they moved."""
+        keepalive = float(self.keepalive or 0)
+        if keepalive <= 0:
+            return IDLE_SELECT_S
+        try:
+            with self._msgtime_mutex:
+                last = min(self._last_msg_out, self._last_bytes_received)
+            due = last + keepalive
+            if self._ping_t:
+                due = min(due, self._ping_t + keepalive)
+            return max(0.05, min(IDLE_SELECT_S, due - time.monotonic() + 0.05))
+        except (AttributeError, TypeError):
+            return keepalive / 4
 
 
 def new_client(protocol: MQTTProtocolVersion, client_id: str, address: BrokerAddress,

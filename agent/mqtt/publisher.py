@@ -385,7 +385,11 @@ class MqttPublisher:
     def _run_publisher(self) -> None:
         wake_at: float | None = None
         while not self._stopping.is_set():
-            timeout = 5.0 if wake_at is None else min(5.0, max(0.0, wake_at - self._clock()))
+            # Asleep until news (state, connection, stop: they set _wake) or what the plan
+            # asked for (a code's expiry, the status rate limit); no ticking on an idle box.
+            timeout = None if wake_at is None else max(0.0, wake_at - self._clock())
+            if self._clock is not time.monotonic:
+                timeout = 5.0 if timeout is None else min(5.0, timeout)   # an injected clock
             self._wake.wait(timeout)
             self._wake.clear()
             if self._stopping.is_set():

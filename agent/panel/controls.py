@@ -23,7 +23,9 @@ from hw.errors import HardwareError
 
 log = logging.getLogger(__name__)
 
-MAX_WAIT_S = 0.5
+MAX_WAIT_S = 0.5     # after an error: try the pins again this often
+IDLE_WAIT_S = 30.0   # nothing due: button edges and state changes wake the thread; this is only
+                     # a net under a lost edge (docs/PERFORMANCE.md: wake-ups of an idle box)
 POLL_S = 0.01
 
 
@@ -41,6 +43,7 @@ class Controls:
         self.progress_after_s = progress_after_s
         self._clock = clock
         self._wakeup = threading.Event()
+        self._observed: object = None       # the LED's inputs at the last wake (see _observe)
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._raw = False                 # pressed, as last sampled
@@ -88,7 +91,11 @@ class Controls:
         self._wakeup.set()
 
     def _observe(self, snap: Snapshot) -> None:
-        self._wakeup.set()
+        # Only what the LED shows: a new reading (every minute) must not wake this thread.
+        key = (snap.code.user_code, snap.code.expires_at_monotonic) if snap.code else snap.phase
+        if key != self._observed:
+            self._observed = key
+            self._wakeup.set()
 
     def _run(self) -> None:
         while not self._stopping.is_set():
@@ -106,7 +113,7 @@ class Controls:
     def step(self, now: float | None = None) -> float:
         """Sample the button, fire callbacks, set the LED. Returns seconds until the next step."""
         now = self._clock() if now is None else now
-        delays = [MAX_WAIT_S]
+        delays = [IDLE_WAIT_S]
         if self.button_pin is not None:
             delays.append(self._button(now))
         if self.led_pin is not None:
@@ -130,7 +137,7 @@ class Controls:
             else:
                 self._released(now)
         if not self._pressed:
-            return MAX_WAIT_S
+            return IDLE_WAIT_S
         held = now - self._pressed_at
         if not self._long_fired:
             if held >= self.hold_s:
@@ -141,7 +148,7 @@ class Controls:
                 self._call(self.on_long_press)
             elif held >= self.progress_after_s:
                 self._set_notice(screens.hold_notice(self.hold_s - held))
-        return POLL_S if not self._long_fired else MAX_WAIT_S
+        return POLL_S if not self._long_fired else IDLE_WAIT_S
 
     def _released(self, now: float) -> None:
         self._clear_notice()
@@ -175,7 +182,7 @@ class Controls:
     def _update_led(self, now: float) -> float:
         assert self.led_pin is not None
         snap = self.state.snapshot
-        wait = MAX_WAIT_S
+        wait = IDLE_WAIT_S
         if snap.code is not None:
             key = (snap.code.user_code, snap.code.expires_at_monotonic)
             if key != self._blink_key:

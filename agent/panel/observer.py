@@ -15,6 +15,7 @@ Burn-in care, for OLEDs that show the same status for months:
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -31,7 +32,8 @@ from hw.errors import HardwareError
 log = logging.getLogger(__name__)
 
 SHIFTS = ((0, 0), (1, 0), (1, 1), (0, 1))
-MAX_WAIT_S = 1.0
+MAX_WAIT_S = 1.0      # a failing display is tried again this often; otherwise the panel sleeps
+                      # until the state changes or something on it is due (countdown, page, shift)
 
 
 class Panel:
@@ -140,7 +142,7 @@ class Panel:
                 warmed = True
                 screens.warm_up(self.display.size)
                 self.warmed_up.set()
-            self._wakeup.wait(delay)
+            self._wakeup.wait(None if delay == math.inf else delay)
 
     def _guarded_step(self) -> float:
         """``step()`` that never raises: a drawing bug must not kill the panel thread for good.
@@ -186,7 +188,7 @@ class Panel:
             self._asleep = should_sleep
             log.debug("panel %s", "asleep" if should_sleep else "awake")
         if self._asleep:
-            return MAX_WAIT_S
+            return MAX_WAIT_S if self._failing else math.inf    # dark until there is news
 
         page = 0
         pages = screens.page_count(snap)
@@ -204,7 +206,9 @@ class Panel:
         return self._next_delay(now, name, snap)
 
     def _next_delay(self, now: float, name: str, snap: Snapshot) -> float:
-        waits = [MAX_WAIT_S]
+        waits = [MAX_WAIT_S if self._failing else math.inf]
+        if name != "code" and self.shift_every_s > 0:
+            waits.append(self.shift_every_s - (now % self.shift_every_s) + 0.005)   # burn-in shift
         if name == "code" and snap.code is not None:
             left = snap.code.seconds_left(now)
             waits.append((left % 1.0) + 0.005 if left > 0 else MAX_WAIT_S)      # next whole second

@@ -64,6 +64,7 @@ from agent.signin.flow import (
     number,
 )
 from agent.state import AgentState, DeviceCode
+from agent.wakeup import Signal, wait_any
 
 log = logging.getLogger(__name__)
 # The journal announcer: the code and URL reach the journal whatever log.level says (logs.setup).
@@ -106,7 +107,7 @@ class Authenticator(SignInFlow):
         self._last_refresh: float | None = None   # monotonic; last token from the IdP itself
         self._renewals_used = 0
         self._exhausted = False
-        self._new_code = threading.Event()      # request_new_code(), honoured by code flows only
+        self._new_code = Signal()               # request_new_code(), honoured by code flows only
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -643,15 +644,16 @@ class Authenticator(SignInFlow):
         self._wait_until(lambda: deadline, *events)
 
     def _wait_until(self, deadline: Callable[[], float], *events: threading.Event) -> None:
-        """Sleep until ``deadline()`` (monotonic, read again each slice: another thread may push
-        a shared back-off further), waking early on stop, ``_wake`` or ``events``."""
+        """Sleep until ``deadline()`` (monotonic, read again after each wake: another thread may
+        push a shared back-off further), waking early on stop, ``_wake`` or ``events``. Event-
+        driven (agent.wakeup): an idle sign-in thread sleeps until its deadline or news."""
         while not self._stop.is_set() and not self._wake.is_set() and not any(e.is_set() for e in events):
             left = deadline() - self._clock()
             if left <= 0:
                 return
             self._pass_waited = True
             self._beat()
-            self._stop.wait(min(left, self._timing.wait_slice_s))
+            wait_any(self._slice(left), self._stop, self._wake, *events)
 
     def _pace(self, started: float) -> None:
         """Stretch a pass that did not wait to MIN_PASS_S: only stop ends this early, so nothing
@@ -662,7 +664,12 @@ class Authenticator(SignInFlow):
             if left <= 0:
                 return
             self._beat()
-            self._stop.wait(min(left, self._timing.wait_slice_s))
+            self._stop.wait(self._slice(left))
+
+    def _slice(self, left: float) -> float:
+        """How long one real wait may last: all of ``left`` on the real monotonic clock; a
+        ``wait_slice_s`` under an injected clock, which a test moves without waking anyone."""
+        return left if self._clock is time.monotonic else min(left, self._timing.wait_slice_s)
 
     def _set_link(self, up: bool) -> None:
         self._state.set_link("idp", "up" if up else "down")

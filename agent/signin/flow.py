@@ -26,6 +26,7 @@ from agent.net.retry import Backoff, OutageLog
 from agent.signin.aadsts import Problem, explain
 from agent.signin.token_cache import TokenCacheFile
 from agent.state import AgentState
+from agent.wakeup import Signal
 
 # Every pass of a sign-in loop that did not wait for anything lasts at least this long, so a
 # state the loop cannot leave costs a log line a second, not a core (monotonic; ends on stop).
@@ -45,7 +46,7 @@ class Timing:
     config_backoff_max_s: float = 1800.0
     refresh_every_s: float = 12 * 3600.0      # proactive refresh: keeps the refresh token alive
     refresh_margin_max_s: float = 300.0       # refresh when half the token's life, at most this, is left
-    wait_slice_s: float = 0.25                # how often waits look at request_new_code/sign_out
+    wait_slice_s: float = 0.25                # longest real wait under an injected (test) clock
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,7 @@ class SignInFlow:
         self._http_cache: dict[str, Any] = {}
         self._signed_in = False
         self._stop = threading.Event()
-        self._wake = threading.Event()          # something for the sign-in thread to look at
+        self._wake = Signal()                   # something for the sign-in thread to look at
         # One back-off per kind of failure for every caller (the sign-in thread and the
         # uploader's refreshes alike), with the journal's one rule for failures that go on.
         self._idp = IdpBackoff(self._timing, logger, clock, rng)

@@ -51,7 +51,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_WAIT_S = 1.0          # longest single wait: keeps heartbeat and stop responsive
+MAX_WAIT_S = 1.0          # longest single wait under an injected clock (tests)
+NO_SENSOR_WAIT_S = 3600.0 # no sensors configured: nothing is ever due
 STATE_EVERY_S = 1.0       # last_reading / outbox depth published at most this often
 
 
@@ -84,6 +85,7 @@ class Sampler:
         self.wall = wall
         self.trust = trust
         self.heartbeat = clock()
+        self.beat_due = self.heartbeat    # monotonic time by which the loop passes again
         self.errors: dict[str, int] = {s.name: 0 for s, _ in pairs}
         self.readings_queued = 0
         self.put_failures = 0
@@ -102,7 +104,13 @@ class Sampler:
         while not stop.is_set():
             next_due = self.tick()
             self.heartbeat = self.clock()
-            stop.wait(max(0.0, min(next_due - self.clock(), MAX_WAIT_S)))
+            # Asleep until the next reading is due (stop wakes the wait): the watchdog reads
+            # ``beat_due``, so a long interval is not mistaken for a stuck sensor.
+            self.beat_due = next_due
+            wait = max(0.0, next_due - self.clock())
+            if self.clock is not time.monotonic:
+                wait = min(wait, MAX_WAIT_S)        # an injected clock moves without waking us
+            stop.wait(wait)
         log.info("sampler stopped")
 
     def tick(self) -> float:
@@ -139,7 +147,7 @@ class Sampler:
                 self._put_outage.ended(f"sampler: queuing readings again; {self._put_lost_run} "
                                        "readings were lost")
         self._publish(now)
-        return min((s.due() for s in self.slots), default=now + MAX_WAIT_S)
+        return min((s.due() for s in self.slots), default=now + NO_SENSOR_WAIT_S)
 
     def _put_failed(self, err: Exception, n: int) -> None:
         """Count the lost readings where status shows them; log without flooding the journal."""

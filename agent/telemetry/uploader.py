@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Protocol
 from agent.errors import UploadError
 from agent.net.retry import Backoff, OutageLog
 from agent.telemetry.sinks import WRONG_ENDPOINT, SendResult
+from agent.wakeup import Signal, wait_any
 
 if TYPE_CHECKING:
     from agent.config import UploadSettings
@@ -62,7 +63,7 @@ FORBIDDEN_FIRST_S = 30.0
 FORBIDDEN_CAP_S = 600.0
 CRASH_RETRY_S = 5.0            # a step that raised (a bug) is tried again after this
 NO_TOKEN_POLL_S = 2.0          # how often to look for a token while signed out (cheap, local)
-TICK_S = 0.25                  # run(): longest single wait, so stop/flush/heartbeat stay responsive
+TICK_S = 0.25                  # run(): longest single wait under an injected clock (tests)
 
 
 class TokenSource(Protocol):
@@ -87,7 +88,7 @@ class Uploader:
         self.clock = clock
         self.wall = wall
         self.heartbeat = clock()
-        self._wake = threading.Event()
+        self._wake = Signal()
         self._not_before = 0.0          # monotonic; server-imposed (Retry-After, 403) minimum
         self._backoff_until = 0.0       # monotonic; our own back-off (flush() may cut it short)
         self._retry = Backoff(BACKOFF_FIRST_S, BACKOFF_CAP_S, rng)           # equal jitter
@@ -108,7 +109,7 @@ class Uploader:
     # ---------------------------------------------------------------- thread API
 
     def run(self, stop: threading.Event) -> None:
-        """Upload until ``stop`` is set (returns within ``TICK_S``)."""
+        """Upload until ``stop`` is set (returns at once when it is an agent.wakeup.Signal)."""
         log.info("uploader started (sink %s, batch_max %d)", self.sink.name, self.settings.batch_max)
         while not stop.is_set():
             self.heartbeat = self.clock()
@@ -116,15 +117,20 @@ class Uploader:
             deadline = self.clock() + delay
             checked = self.clock()
             while not stop.is_set():
-                left = deadline - self.clock()
+                now = self.clock()
+                left = deadline - now
                 if left <= 0:
                     break
-                if self._wake.wait(min(left, TICK_S)):
+                # Event-driven: asleep until the deadline, flush() or stop, but back at least
+                # once an interval: a long back-off must not hide a deleted outbox file.
+                wait = min(left, max(0.0, checked + self.settings.interval_s - now))
+                if self.clock is not time.monotonic:
+                    wait = min(wait, TICK_S)     # an injected clock moves without waking us
+                if wait_any(wait, stop, self._wake):
                     self._wake.clear()
                     break
                 self.heartbeat = self.clock()
                 if self.heartbeat - checked >= self.settings.interval_s:
-                    # A long back-off must not hide a deleted outbox file for longer than this.
                     checked = self.heartbeat
                     self._check_outbox_file()
         log.info("uploader stopped")
