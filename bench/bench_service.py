@@ -1,18 +1,22 @@
 """Whole-agent figures: process start to code on the panel, and idle cost of a signed-in agent.
 
     .venv/bin/python bench/bench_service.py startup [--runs 10]
-    .venv/bin/python bench/bench_service.py idle [--minutes 10]
+    .venv/bin/python bench/bench_service.py idle [--minutes 10] [--baseline-tree DIR]
 
 startup: `device-agent run` (png display) from exec to a panel image whose QR decodes to the
 sign-in URL, against a bare msal script (import msal, initiate_device_flow, print the code)
-against the same simulated IdP in the same run; medians and the ratio.
-idle: a signed-in agent sampling one sensor a minute; CPU seconds used and RSS after N minutes.
+against the same simulated IdP in the same run; medians and the ratio, for wall time and for
+CPU time (user+sys of all threads, read the moment the image appears).
+idle: a signed-in agent sampling one sensor a minute, with MQTT, png panel, button and LED;
+CPU time, wake-ups a minute (voluntary context switches summed over /proc/PID/task/*) and RSS
+over N minutes, beside an older checkout of the agent when --baseline-tree is given.
 """
 
 from __future__ import annotations
 
 import argparse
 import compileall
+import os
 import statistics
 import subprocess
 import sys
@@ -35,13 +39,13 @@ SCOPE = "api://telemetry/Readings.Write"
 
 
 def config(tmp: Path, idp: SimIdp, api: SimApi, tls: Any, *, interval_s: float, state: str,
-           mqtt_url: str | None = None) -> Path:
+           mqtt_url: str | None = None, device: str = "bench-01") -> Path:
     extra: dict[str, Any] = {}
     if mqtt_url:
-        extra = {"mqtt": {"url": mqtt_url, "homeassistant": True},
+        extra = {"mqtt": {"url": mqtt_url},
                  "gpio": {"backend": "fake", "button": 17, "led": 27}}
     return write_config(tmp / f"{state}.toml", {**extra,
-        "device": {"id": "bench-01", "state_dir": str(tmp / state)},
+        "device": {"id": device, "state_dir": str(tmp / state)},
         "auth": {"client_id": CLIENT, "authority": idp.authority, "instance_discovery": False,
                  "scopes": [SCOPE], "ca_file": str(tls.ca_file)},
         "display": {"driver": "png", "path": str(tmp / f"{state}.png"), "sleep_after_s": 0},
@@ -170,12 +174,14 @@ def wakeups(pid: int) -> dict[tuple[int, str], int]:
     return out
 
 
-def idle(minutes: float) -> None:
+def idle(minutes: float, baseline_tree: Path | None) -> None:
     """A signed-in box at rest: one sensor read a minute, uploads every 10 s, png panel, the
-    button and LED (fake GPIO), MQTT with Home Assistant discovery. Read once a minute: CPU
-    time of the process and the wake-ups of all its threads."""
+    button and LED (fake GPIO), MQTT. Read once a minute: CPU time of the process and the
+    wake-ups of all its threads. ``baseline_tree``: an older checkout of the agent, run beside
+    this one over the same minutes, against the same IdP, API and broker."""
     from tests.fixtures.broker import Broker
 
+    trees = [("this agent", ROOT)] + ([("baseline", baseline_tree)] if baseline_tree else [])
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         tls = make_tls(tmp / "tls")
@@ -183,41 +189,53 @@ def idle(minutes: float) -> None:
         with SimIdp(tls, client_id=CLIENT) as idp:
             idp.auto_approve_after_s = 0.0
             api = SimApi(tls, jwks_url=idp.jwks_url, ca_file=str(tls.ca_file)).start()
-            cfg = config(tmp, idp, api, tls, interval_s=60, state="idle", mqtt_url=broker.url)
-            proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)], cwd=ROOT,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            procs = []
             try:
+                for n, (_, tree) in enumerate(trees):
+                    cfg = config(tmp, idp, api, tls, interval_s=60, state=f"idle{n}", mqtt_url=broker.url,
+                                 device=f"bench-{n:02d}")
+                    env = dict(os.environ, PYTHONPATH=str(tree))
+                    procs.append(subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)],
+                                                  cwd=tree, env=env, stdout=subprocess.DEVNULL,
+                                                  stderr=subprocess.DEVNULL))
                 deadline = time.monotonic() + 60
-                while not api.seqs("bench-01") and time.monotonic() < deadline:
+                while not all(api.seqs(f"bench-{n:02d}") for n in range(len(trees))):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("an agent never delivered a reading")
                     time.sleep(0.2)
-                if not api.seqs("bench-01"):
-                    raise RuntimeError("the agent never delivered a reading")
                 time.sleep(5)                    # start-up done: the first upload, MQTT truth
-                cpu0, _, _ = proc_stats(proc.pid)
-                wake0 = wakeups(proc.pid)
+                before = [(proc_stats(p.pid)[0], wakeups(p.pid)) for p in procs]
                 t0 = time.monotonic()
-                samples = []
-                for minute in range(max(1, round(minutes))):
-                    time.sleep(max(0.0, t0 + 60 * (minute + 1) * minutes / max(1, round(minutes))
-                                   - time.monotonic()))
-                    samples.append(proc_stats(proc.pid))
-                cpu1, rss, hwm = proc_stats(proc.pid)
-                wake1 = wakeups(proc.pid)
+                rounds = max(1, round(minutes))
+                samples: list[list[int]] = [[] for _ in procs]
+                for k in range(rounds):         # one reading a minute, like the box it models
+                    time.sleep(max(0.0, t0 + 60 * minutes * (k + 1) / rounds - time.monotonic()))
+                    for i, p in enumerate(procs):
+                        samples[i].append(proc_stats(p.pid)[1])
+                after = [(proc_stats(p.pid), wakeups(p.pid)) for p in procs]
                 elapsed = time.monotonic() - t0
-                delivered = len(api.seqs("bench-01"))
+                delivered = [len(api.seqs(f"bench-{n:02d}")) for n in range(len(trees))]
             finally:
-                proc.terminate()
-                proc.wait(10)
+                for p in procs:
+                    p.terminate()
+                    p.wait(10)
                 api.stop()
                 broker.stop()
-    per_thread = sorted((((wake1[t] - wake0.get(t, 0)) * 60 / elapsed, t[1]) for t in wake1), reverse=True)
-    print(f"idle, signed in, 1 reading/min, MQTT + png panel + button/LED, {elapsed / 60:.1f} min: "
-          f"CPU {cpu1 - cpu0:.3f} s ({100 * (cpu1 - cpu0) / elapsed:.3f} % of one core)")
-    print(f"wake-ups: {sum(w for w, _ in per_thread):.0f} a minute over {len(per_thread)} threads "
-          f"(per thread: {', '.join(f'{name} {w:.0f}' for w, name in per_thread)})")
-    print(f"RSS at the end {rss / 1024:.1f} MiB (median over the run "
-          f"{statistics.median(x[1] for x in samples) / 1024:.1f} MiB, peak {hwm / 1024:.1f} MiB); "
-          f"readings delivered: {delivered}")
+    print(f"idle, signed in, 1 reading/min, MQTT + png panel + button/LED, {elapsed / 60:.1f} min:")
+    figures = []
+    for i, (label, _) in enumerate(trees):
+        (cpu1, rss, hwm), wake1 = after[i]
+        cpu0, wake0 = before[i]
+        per_thread = sorted((((wake1[t] - wake0.get(t, 0)) * 60 / elapsed, t[1]) for t in wake1), reverse=True)
+        pct, wakes = 100 * (cpu1 - cpu0) / elapsed, sum(w for w, _ in per_thread)
+        figures.append((pct, wakes))
+        print(f"  {label}: CPU {cpu1 - cpu0:.3f} s ({pct:.3f} % of one core); wake-ups {wakes:.0f} a minute "
+              f"over {len(per_thread)} threads ({', '.join(f'{w:.0f}' for w, _ in per_thread)}); RSS end "
+              f"{rss / 1024:.1f} MiB (median {statistics.median(samples[i]) / 1024:.1f}, peak "
+              f"{hwm / 1024:.1f}); readings delivered {delivered[i]}")
+    if len(figures) == 2:
+        (pa, wa), (pb, wb) = figures
+        print(f"  ratio this agent / baseline: CPU {pa / pb:.3f}, wake-ups {wa / wb:.3f}")
 
 
 def main() -> None:
@@ -227,11 +245,13 @@ def main() -> None:
     s.add_argument("--runs", type=int, default=10)
     i = sub.add_parser("idle")
     i.add_argument("--minutes", type=float, default=10.0)
+    i.add_argument("--baseline-tree", type=Path, default=None,
+                   help="an older checkout (git archive REV | tar -x -C DIR) run beside this one")
     args = p.parse_args()
     if args.what == "startup":
         startup(args.runs)
     else:
-        idle(args.minutes)
+        idle(args.minutes, args.baseline_tree)
 
 
 if __name__ == "__main__":
