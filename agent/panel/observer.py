@@ -215,6 +215,14 @@ class Panel:
             waits.append(self.page_s - ((now - self._code_seen_at) % self.page_s) + 0.005)
         elif screens.page_count(snap) > 1:
             waits.append(self.page_s - ((now - self._activity_at) % self.page_s) + 0.005)
+        if name == "status":
+            # Ages the status screen prints: the oldest queued reading (whole minutes and up),
+            # the days a sign-in survives offline (one decimal). Drawn again when they change.
+            if snap.oldest_pending_mono is not None and snap.outbox.pending:
+                waits.append(60.0 - ((now - snap.oldest_pending_mono) % 60.0) + 0.005)
+            if snap.signin_lapse_mono is not None:
+                # round(days, 1) flips when what is left crosses x.x5 days
+                waits.append(((snap.signin_lapse_mono - now - 4320.0) % 8640.0) + 0.005)
         if self.sleep_after_s > 0 and name not in ("code", "hold"):
             waits.append(max(0.0, self._activity_at + self.sleep_after_s - now))
         return max(0.005, min(waits))

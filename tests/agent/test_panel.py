@@ -186,3 +186,22 @@ def test_code_reaches_the_glass_within_100ms() -> None:
     finally:
         panel.stop()
         display.close()
+
+
+def test_an_idle_status_screen_sleeps_until_what_it_shows_changes(
+        rig: tuple[Panel, FakeI2CBus, AgentState], fake_clock: FakeClock) -> None:
+    """No ticking: the panel's next wake is the next change on the glass (the age of the oldest
+    queued reading turning a minute, here before the burn-in shift), and at that wake the
+    frame does change."""
+    from agent.state import OutboxCounts
+
+    panel, bus, state = rig
+    panel.shift_every_s = 3600.0
+    state.update(phase="signed_in", account="pi@example.org", outbox=OutboxCounts(pending=3),
+                 oldest_pending_mono=fake_clock() - 61.0)
+    delay = panel.step()
+    assert 58.9 < delay < 59.1                 # "queued 3 (1 min)" becomes "(2 min)" then
+    before = bus.image
+    fake_clock.advance(delay)
+    panel.step()
+    assert pixel_diff(bus.image, before) is not None
