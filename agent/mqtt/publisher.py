@@ -131,6 +131,7 @@ class MqttPublisher:
         self._connected = False
         self._force = False               # publish the whole truth at the next chance
         self._rebuild_as: MQTTProtocolVersion | None = None   # rebuild the client for this version
+        self._rebuild_delay_s = 0.0       # ... after this back-off (a 3.1.1 connection was lost)
         self._auth_failed = False         # the last CONNACK refused the credentials
         # Network thread only: paho runs every callback there, one at a time.
         self._backoff = Backoff(*reconnect_delay_s, rng)
@@ -304,11 +305,6 @@ class MqttPublisher:
             self._connected = False
             if self._stopping.is_set():
                 return
-            if self._protocol != mqtt.MQTTv5 and self._rebuild_as is None:
-                # 3.1.1 was this connection's answer, not the broker's forever (it may be upgraded,
-                # or a load balancer sent us to an old node): the next connection tries 5 again.
-                self._rebuild_as = mqtt.MQTTv5
-                self._wake.set()
             hung_up, self._awaiting_connack = self._awaiting_connack, False
             self._state.set_link("mqtt", "down")
             why = reason.getName() if isinstance(reason, ReasonCode) else reason
@@ -316,7 +312,11 @@ class MqttPublisher:
                 self._down.failed(f"MQTT: lost the connection to {self.address} ({why})", "reconnecting")
             elif hung_up:          # a load balancer without a backend, a broker at its limit
                 self._down.failed(f"MQTT: {self.address} hung up before answering ({why})", "retrying")
-            if self._rebuild_as is None:
+            if self._protocol != mqtt.MQTTv5 and self._rebuild_as is None:
+                # 3.1.1 was this connection's answer, not the broker's forever (it may be upgraded,
+                # or a load balancer sent us to an old node): the next connection tries 5 again.
+                self._retry_v5(client)
+            elif self._rebuild_as is None:
                 self._schedule_reconnect(client)
         except Exception:
             log.exception("MQTT: on_disconnect failed")
@@ -327,23 +327,35 @@ class MqttPublisher:
                 return
             self._connected = False
             self._state.set_link("mqtt", "down")
-            if self._protocol != mqtt.MQTTv5 and self._rebuild_as is None:
-                self._rebuild_as = mqtt.MQTTv5
-                self._wake.set()
             err = getattr(client, "last_connect_error", None)
             why = (describe_connect_error(err, self.address, ca_hint="mqtt.ca_file")
                    if err is not None else f"cannot connect to {self.address}")
             self._down.failed(f"MQTT: {why}", f"retrying with back-off up to {self._backoff.max_s:g} s")
-            self._schedule_reconnect(client)
+            if self._protocol != mqtt.MQTTv5 and self._rebuild_as is None:
+                self._retry_v5(client)
+            else:
+                self._schedule_reconnect(client)
         except Exception:
             log.exception("MQTT: on_connect_fail failed")
+
+    def _next_delay(self) -> float:
+        return (self._auth_backoff if self._auth_failed else self._backoff).next_delay()
 
     def _schedule_reconnect(self, client: mqtt.Client) -> None:
         """paho's next reconnect wait, from our Backoff: paho calls on_disconnect and
         on_connect_fail just before that wait, and ``reconnect_delay_set`` restarts its own
         doubling, so ``(d, d)`` makes the wait exactly ``d``."""
-        delay = (self._auth_backoff if self._auth_failed else self._backoff).next_delay()
+        delay = self._next_delay()
         client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]
+
+    def _retry_v5(self, client: mqtt.Client) -> None:
+        """A 3.1.1 client failed: the publisher thread builds an MQTT 5 one after the same
+        back-off (a 3.1.1 broker that drops us at once, e.g. a cloned box with our client id,
+        must not get a reconnect loop). This client stops reconnecting by itself."""
+        self._rebuild_delay_s = self._next_delay()
+        client.disconnect()
+        self._rebuild_as = mqtt.MQTTv5
+        self._wake.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:
@@ -396,6 +408,9 @@ class MqttPublisher:
                 return
             try:
                 if self._rebuild_as is not None:
+                    delay, self._rebuild_delay_s = self._rebuild_delay_s, 0.0
+                    if delay > 0 and self._stopping.wait(delay):   # the back-off; stop ends it
+                        return
                     protocol, self._rebuild_as = self._rebuild_as, None
                     self._rebuild(protocol)
                     continue

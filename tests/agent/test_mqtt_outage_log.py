@@ -134,3 +134,28 @@ def test_a_311_only_broker_is_said_once_not_on_every_connection(
     assert [r.levelno for r in said] == [logging.WARNING] + [logging.DEBUG] * (len(said) - 1)
     assert any(r.levelno == logging.INFO and r.getMessage().startswith(
         f"MQTT: connected to 127.0.0.1:{old_broker.port} (MQTT 3.1.1) (after ") for r in records(caplog))
+
+
+
+@pytest.mark.slow
+def test_after_a_lost_311_connection_trying_mqtt_5_again_waits_the_back_off(
+        mosquitto: Broker, old_broker: OldBrokerProxy) -> None:
+    """A lost 3.1.1 connection makes the next one try MQTT 5: that attempt waits the back-off
+    like any reconnect (a 3.1.1 broker that drops us at once, e.g. a cloned box with our client
+    id, must not get a reconnect loop)."""
+    n = MqttPublisher(mosquitto.mqtt_settings(url=f"mqtt://127.0.0.1:{old_broker.port}"), DEVICE,
+                      AgentState(), {}, "x", reconnect_delay_s=(1.5, 1.5), rng=lambda: 1.0)
+    n.start()
+    try:
+        wait_until(lambda: n.connected and n.protocol == "3.1.1", what="connected via 3.1.1")
+        tries = old_broker.refused_v5
+        mosquitto.kill()                          # the connection drops
+        wait_until(lambda: not n.connected, 5.0, what="disconnected")
+        dropped = time.monotonic()
+        wait_until(lambda: old_broker.refused_v5 > tries, 10.0, what="MQTT 5 tried")
+        waited = time.monotonic() - dropped
+        mosquitto.start()
+        wait_until(lambda: n.connected, 10.0, what="reconnected")
+    finally:
+        n.stop()
+    assert 1.4 <= waited <= 2.5, waited           # Backoff(1.5, 1.5) with jitter factor 1.0
