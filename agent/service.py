@@ -23,7 +23,7 @@ from agent.config import Settings
 from agent.errors import AgentError, ConfigError
 from agent.fsutil import ensure_private_dir
 from agent.health import Health
-from agent.net.retry import Backoff
+from agent.net.retry import Backoff, OutageLog
 from agent.sdnotify import Notifier
 from agent.state import AgentState, Snapshot
 from agent.statusfile import (
@@ -54,6 +54,7 @@ STOP_TOTAL_S = 1.9           # ... and everything, MQTT's goodbye included
 HEALTH_EVERY_S = 60.0        # health figures without news (the kernel's clock verdict)
 TELEMETRY_AFTER_S = 0.5      # telemetry starts at the sign-in's first news or this long after start
 RESTART_BACKOFF_S = (1.0, 60.0)
+HEALTHY_RUN_S = 300.0        # a component that ran this long before crashing starts a new streak
 
 
 @dataclass
@@ -70,8 +71,14 @@ class Supervised:
     error: str | None = field(default=None)
     backoff: Backoff | None = None      # made at the first crash, from RESTART_BACKOFF_S
     on_crash: Callable[[], None] = lambda: None     # wakes the supervisor (Service._main_wake)
+    clock: Callable[[], float] = time.monotonic
+    started_at: float = 0.0
+    # Crashes in a row are one fault for the journal (agent.net.retry.OutageLog): the traceback
+    # once, then a line every 10 min with a count, not a traceback per restart.
+    outage: OutageLog | None = None
 
     def start(self) -> None:
+        self.started_at = self.clock()
         self.thread = threading.Thread(target=self._body, name=self.name, daemon=True)
         self.thread.start()
 
@@ -82,11 +89,18 @@ class Supervised:
         except Exception as err:  # the supervisor restarts us; the process must not die
             self.crashes += 1
             self.error = f"{type(err).__name__}: {err}"
-            if self.backoff is None:
+            now = self.clock()
+            if self.backoff is None or self.outage is None:
                 self.backoff = Backoff(*RESTART_BACKOFF_S, jitter=(0.8, 1.2))
+                self.outage = OutageLog(log, level=logging.ERROR, clock=self.clock)
+            if self.outage.ongoing and now - self.started_at >= HEALTHY_RUN_S:
+                # It ran fine for a while: a new fault, with its own traceback and back-off.
+                self.outage.ended(f"{self.name} ran {now - self.started_at:.0f} s before crashing again")
+                self.backoff.reset()
             delay = self.backoff.next_delay()
-            self.restart_at = time.monotonic() + delay
-            log.exception("%s crashed (%d so far); restarting in %.0f s", self.name, self.crashes, delay)
+            self.restart_at = now + delay
+            self.outage.failed(f"{self.name} crashed: {self.error}"[:300],
+                               f"restarting in {delay:.0f} s", exc_info=True)
             self.on_crash()
 
     def needs_restart(self) -> bool:
@@ -97,7 +111,7 @@ class Supervised:
         if not self.needs_restart():
             return
         if now >= self.restart_at:
-            log.warning("restarting %s", self.name)
+            log.debug("restarting %s", self.name)     # the crash's line said when
             self.start()
 
     def join(self, deadline: float) -> None:

@@ -1,12 +1,14 @@
 """The local faults follow the same journal rule as the network paths (agent.net.retry.OutageLog):
 a display that stops answering, a panel step that keeps crashing, a status file that cannot be
-written. One line when it starts, at most one every 10 min with a count, one when it ends.
+written, a component thread that keeps crashing. One line when it starts, at most one every
+10 min with a count, one when it ends.
 Fake I2C bus and a real filesystem; a fake monotonic clock makes an hour pass in a second."""
 
 from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 from agent.net.retry import REPEAT_WARNING_S
 from agent.panel import screens
 from agent.panel.observer import Panel
+from agent.service import Supervised
 from agent.state import AgentState
 from agent.statusfile import StatusWriter
 from hw.fakebus import FakeI2CBus
@@ -116,3 +119,41 @@ def test_a_status_file_that_cannot_be_written_for_an_hour_is_six_warnings(
     assert (blocker / "status.json").exists()
     info = [r.getMessage() for r in lines(caplog, "agent.statusfile", logging.INFO)]
     assert info[-1] == f"writing {blocker / 'status.json'} again (after {int(HOUR_S)} failed attempts in 60 min)"
+
+
+def test_a_component_crashing_for_an_hour_logs_its_traceback_once_then_counts(
+        caplog: pytest.LogCaptureFixture, clock: FakeClock) -> None:
+    caplog.set_level(logging.DEBUG, logger="agent.service")
+    stop = threading.Event()
+    healthy_for = {"s": 0.0}
+
+    def component(ev: threading.Event) -> None:
+        clock.advance(healthy_for["s"])
+        raise RuntimeError("driver bug")
+
+    sup = Supervised("sampler", component, stop, clock=clock)
+    sup.start()
+    end = clock.now + HOUR_S
+    while clock.now < end:                        # the supervisor's loop, in fake time
+        assert sup.thread is not None
+        sup.thread.join(2)
+        clock.now = max(clock.now, sup.restart_at)
+        sup.check(clock.now)
+    sup.thread.join(2)
+    errors = lines(caplog, "agent.service", logging.ERROR)
+    assert sup.crashes >= 60, "restarted about once a minute (the back-off's cap)"
+    messages = [r.getMessage() for r in errors]
+    assert 5 <= len(messages) <= HOUR_S // REPEAT_WARNING_S, messages   # restarts ~1 min apart
+    assert messages[0] == ("sampler crashed: RuntimeError: driver bug; restarting in 1 s (repeats are "
+                           "counted and reported every 10 min)")
+    assert all(re.search(r"still failing: \d+ failed attempts in the last 1\d min", m) for m in messages[1:])
+    assert errors[0].exc_info is not None and all(r.exc_info is None for r in errors[1:])
+    healthy_for["s"] = 900.0                      # restarted, ran 15 min, then a new crash
+    clock.now = max(clock.now, sup.restart_at)
+    sup.check(clock.now)
+    sup.thread.join(2)
+    info = [r.getMessage() for r in lines(caplog, "agent.service", logging.INFO)]
+    assert info[-1].startswith("sampler ran 900 s before crashing again (after ")
+    last = lines(caplog, "agent.service", logging.ERROR)[-1]
+    assert last.exc_info is not None and "repeats are counted" in last.getMessage(), "a new streak"
+    assert sup.restart_at - clock.now <= 1.2, "and a fresh back-off"
