@@ -138,6 +138,7 @@ class MqttPublisher:
         self._auth_backoff = Backoff(*AUTH_RECONNECT_DELAY_S, rng)
         self._down = OutageLog(log, clock=clock)
         self._refused = OutageLog(log, level=logging.ERROR, clock=clock)
+        self._crashed = OutageLog(log, level=logging.ERROR, clock=clock)   # the publisher thread
         self._said_no_v5 = False          # "does not support MQTT 5": once until 5 works again
         self._awaiting_connack = False    # a socket is open, no CONNACK yet
         self._seen: tuple[Any, ...] | None = None
@@ -425,8 +426,9 @@ class MqttPublisher:
                     pubs.insert(0, self._ha)
                 for pub in pubs:
                     self._publish(client, pub)
+                self._crashed.ended("MQTT: publishing works again")
             except Exception:
-                log.exception("MQTT: publishing failed")
+                self._crashed.failed("MQTT: publishing failed", exc_info=True)
 
     def _run_commands(self) -> None:
         while True:

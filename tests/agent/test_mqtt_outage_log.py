@@ -159,3 +159,36 @@ def test_after_a_lost_311_connection_trying_mqtt_5_again_waits_the_back_off(
     finally:
         n.stop()
     assert 1.4 <= waited <= 2.5, waited           # Backoff(1.5, 1.5) with jitter factor 1.0
+
+
+def test_a_publishing_bug_logs_its_traceback_once_then_counts(
+        mosquitto: Broker, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    clock = TickingClock(15.0)
+    state = AgentState()
+    n = MqttPublisher(mosquitto.mqtt_settings(), DEVICE, state, {}, "x", clock=clock)
+    n.start()
+    try:
+        wait_until(lambda: n.connected, what="connected")
+        real = n._out.plan
+
+        def broken(*args: object, **kwargs: object) -> object:
+            raise KeyError("plan bug")
+
+        n._out.plan = broken  # type: ignore[method-assign]
+        for i in range(300):                      # 300 state changes, each wakes the publisher
+            state.update(error=f"e{i}")
+            time.sleep(0.002)
+        wait_until(lambda: len([r for r in records(caplog) if "publishing failed" in r.getMessage()]) >= 50,
+                   what="many failed passes")
+        n._out.plan = real  # type: ignore[method-assign]
+        state.update(error=None)
+        wait_until(lambda: any("publishing works again" in r.getMessage() for r in records(caplog, logging.INFO)),
+                   what="works again")
+    finally:
+        n.stop()
+    failed = [r for r in records(caplog) if "publishing failed" in r.getMessage()]
+    errors = [r for r in failed if r.levelno == logging.ERROR]
+    assert len(failed) >= 50 and 1 <= len(errors) <= 1 + (clock.now - 1000.0) // REPEAT_WARNING_S
+    assert len(errors) < len(failed) / 5, "no traceback per pass"
+    assert errors[0].exc_info is not None and all(r.exc_info is None for r in errors[1:])
