@@ -1,7 +1,7 @@
 """TOML configuration -> frozen dataclasses. The only reader of the config file and environment.
 
 Every key is checked here so that the rest of the agent can trust its settings; a mistake
-becomes one ``ConfigError`` line naming the file and the dotted key (CONTRACT.md).
+becomes one ``ConfigError`` line naming the file and the dotted key (docs/INTERFACE.md#configuration).
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ if TYPE_CHECKING:     # imported for real in _start, so `device-agent --help` st
 
 log = logging.getLogger(__name__)
 
-STOP_BUDGET_S = 1.5          # of the 2 s CONTRACT promise, what the joins may use
+STOP_BUDGET_S = 1.5          # of the 2 s stop (docs/INTERFACE.md#exit-codes-and-error-lines), the joins' share
 STOP_TOTAL_S = 1.9           # ... and everything, MQTT's goodbye included
 HEALTH_EVERY_S = 60.0        # health figures without news (the kernel's clock verdict)
 TELEMETRY_AFTER_S = 0.5      # telemetry starts at the sign-in's first news or this long after start

@@ -154,7 +154,7 @@ class StatusWriter:
 
 
 def snapshot_document(snap: Snapshot, device_id: str) -> dict[str, Any]:
-    """What status.json and `status --json` hold: CONTRACT's status payload plus details."""
+    """What status.json and `status --json` hold: the MQTT status payload (docs/INTERFACE.md#mqtt) plus details."""
     doc = snap.status_payload(__version__)
     doc.update({
         "device_id": device_id,

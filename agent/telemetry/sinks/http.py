@@ -1,4 +1,4 @@
-"""``sink = "http"``: JSON batches to the user's API, as docs/INTERFACE.md "Custom API" says.
+"""``sink = "http"``: JSON batches to the user's API, as docs/INTERFACE.md "HTTP: your API" says.
 
 ``upload.compress = "gzip"`` (the default) sends the body gzip-compressed with
 ``Content-Encoding: gzip``: readings are repetitive JSON, so a metered link carries a fraction of
