@@ -1,4 +1,5 @@
-"""The IdP error table: every Entra code of FIELD-NOTES has a kind and a short operator line.
+"""The IdP error table: every Entra code docs/DESIGN.md#what-the-libraries-and-peers-do lists has
+a kind and a short operator line.
 
 The error bodies come from the simulated IdP's own table of Entra replies (the same
 ``error``/``error_description``/``error_codes`` msal hands back), so a drift between what the

@@ -1,4 +1,5 @@
-"""The http sink against the simulated API: CONTRACT.md body and headers, status mapping, TLS."""
+"""The http sink against the simulated API: status mapping, TLS, and the body and headers of
+docs/INTERFACE.md#http-your-api-sink--http."""
 
 from __future__ import annotations
 

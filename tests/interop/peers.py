@@ -35,7 +35,8 @@ class CaSession(requests.Session):
     """A requests session that verifies with one CA file and always has a timeout.
 
     Why not ``session.verify = ca``: requests merges REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE from
-    the environment per request and they win over the session attribute (FIELD-NOTES, msal).
+    the environment per request and they win over the session attribute
+    (docs/DESIGN.md#what-the-libraries-and-peers-do).
     Passing ``verify=`` on every request is what actually pins the CA.
     """
 

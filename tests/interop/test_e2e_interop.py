@@ -32,8 +32,9 @@ def read_qr(png: Path) -> str | None:
     """The text of the QR code on the panel image, as a phone camera would read it.
 
     ``try_invert=False``: a phone does not retry with inverted colours, so neither do we
-    (FIELD-NOTES: the default hides a polarity bug). The 128x64 image is scaled up 4x with
-    nearest-neighbour, as a camera sees a physical panel much larger than its pixels.
+    (the default hides a polarity bug: docs/DESIGN.md#what-the-libraries-and-peers-do). The
+    128x64 image is scaled up 4x with nearest-neighbour, as a camera sees a physical panel much
+    larger than its pixels.
     """
     import zxingcpp
     from PIL import Image
