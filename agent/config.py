@@ -7,6 +7,7 @@ becomes one ``ConfigError`` line naming the file and the dotted key (docs/INTERF
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import socket
@@ -18,6 +19,7 @@ from typing import Any, Literal, cast, get_args
 from urllib.parse import urlsplit
 
 from agent.errors import ConfigError
+from agent.net.hosts import is_loopback_host
 from hw import registry
 from hw.base import DisplayOptions, Option
 
@@ -200,6 +202,9 @@ def parse(raw: Mapping[str, Any], path: Path, environ: Mapping[str, str] | None 
                          default=env.get("STATE_DIRECTORY", "").split(":")[0] or str(DEFAULT_STATE_DIR))
     if not state_dir:
         c.fail("device.state_dir", "must not be empty")
+    problem = _state_dir_problem(Path(state_dir))
+    if problem:
+        c.fail("device.state_dir", problem)
     device = DeviceSettings(id=device_id, state_dir=Path(state_dir))
 
     auth = _auth(c, c.table(raw, "auth", required=True))
@@ -296,6 +301,20 @@ def _certificate_flow(c: _Checker, scopes: tuple[str, ...], cert_file: str, key_
         c.fail("auth.private_key_file", problem)
 
 
+def _state_dir_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be the state directory, or None (it need not exist yet: the agent
+    creates it). Checked here so that a file in the way is a config error, not a crash in ``run``."""
+    if not path.is_absolute():
+        return f"{str(path)!r} must be an absolute path, e.g. {str(DEFAULT_STATE_DIR)!r}"
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is" if p == path else f"is under {str(p)!r}, which is"
+                return f"{str(path)!r} {what} a file, not a directory; name a directory"
+            return None
+    return None
+
+
 def private_file_problem(path: Path, uid: int | None = None) -> str | None:
     """Why ``path`` is not a private key file nobody else can read, or None when it is.
 
@@ -360,7 +379,7 @@ def _mqtt(c: _Checker, t: Mapping[str, Any]) -> MqttSettings:
     except ValueError:
         c.fail("mqtt.url", f"{url!r} has an invalid port")
     allow_insecure = c.boolean(t, "allow_insecure", "mqtt", default=d["allow_insecure"])
-    if parts.scheme == "mqtt" and not _is_loopback(parts.hostname or "") and not allow_insecure:
+    if parts.scheme == "mqtt" and not is_loopback_host(parts.hostname or "") and not allow_insecure:
         c.fail("mqtt.url", "mqtt:// (no TLS) is refused for a non-loopback host because the sign-in "
                            "code would travel in clear; use mqtts:// or set mqtt.allow_insecure = true")
     cert = c.file(t, "client_cert", "mqtt")
@@ -491,10 +510,6 @@ def _default_device_id() -> str:
     return name or "device"
 
 
-def _is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
-
-
 def _toml_position(err: tomllib.TOMLDecodeError, text: str = "") -> str:
     m = re.search(r"line (\d+)", str(err))
     if m:
@@ -573,10 +588,12 @@ class _Checker:
         if name not in t:
             return default
         v = t[name]
-        fits = isinstance(v, int) if integer else isinstance(v, int | float) and v == v   # NaN is not
+        fits = isinstance(v, int) if integer else isinstance(v, int | float)
         if isinstance(v, bool) or not fits:
             self.fail(self._key(section, name),
                       f"must be {'an integer' if integer else 'a number'}, not {_typename(v)}")
+        if isinstance(v, float) and not math.isfinite(v):      # TOML allows inf and nan
+            self.fail(self._key(section, name), f"must be a finite number, not {v}")
         self._range(v, section, name, lo, hi)
         return v
 

@@ -132,6 +132,23 @@ BAD: list[tuple[str, dict[str, str | None], str, str]] = [
     ("graph-url-http", {"upload": 'sink = "graph_list"\ngraph_url = "http://graph.example.com"\n'
                                   'site_id = "s"\nlist_id = "l"'}, "", "upload.graph_url"),
     ("log-level", {}, '[log]\nlevel = "verbose"\n', "log.level"),
+    # Plain mqtt:// only to a loopback IP literal or exactly localhost: names that merely start
+    # with 127. resolve wherever their owner likes.
+    ("mqtt-insecure-127-name", {}, '[mqtt]\nurl = "mqtt://127.evil.com:1883"\n', "mqtt.url"),
+    ("mqtt-insecure-nip-io", {}, '[mqtt]\nurl = "mqtt://127.0.0.1.nip.io"\n', "mqtt.url"),
+    ("mqtt-insecure-localhost-suffix", {}, '[mqtt]\nurl = "mqtt://localhost.evil.com"\n', "mqtt.url"),
+    # Non-finite numbers: TOML has inf and nan; no timer may be infinite.
+    ("upload-interval-inf", {"upload": 'url = "https://api.example.com/r"\ninterval_s = inf'}, "",
+     "upload.interval_s"),
+    ("sensor-interval-inf", {}, SENSOR + "interval_s = inf\n", "sensors[0].interval_s"),
+    ("display-sleep-inf", {}, "[display]\nsleep_after_s = inf\n", "display.sleep_after_s"),
+    ("auth-timeout-nan", {"auth": auth(timeout_s="nan")}, "", "auth.timeout_s"),
+    ("sim-period-inf", {}, '[[sensors]]\nname = "w"\ntype = "simulated"\nperiod_s = inf\n',
+     "sensors[0].period_s"),
+    # device.state_dir: absolute, and not a file (nor under one).
+    ("state-dir-relative", {"device": 'state_dir = "var/lib/device-agent"'}, "", "device.state_dir"),
+    ("state-dir-is-file", {"device": 'state_dir = "{tmp}/c.pem"'}, "", "device.state_dir"),
+    ("state-dir-under-file", {"device": 'state_dir = "{tmp}/c.pem/state"'}, "", "device.state_dir"),
 ]
 
 
@@ -307,3 +324,32 @@ def test_oidc_authority_alone_is_accepted(tmp_path: Path, capsys: pytest.Capture
     code, out, err = run_check(path, capsys)
     assert code == 0, err
     assert json.loads(out)["auth"]["oidc_authority"] == "https://idp.example.com/realms/iot"
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_non_finite_number_says_finite(tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str) -> None:
+    path = make_config(tmp_path, upload=f'url = "https://api.example.com/r"\ninterval_s = {value}')
+    code, _, err = run_check(path, capsys)
+    assert code == 78
+    assert "upload.interval_s: must be a finite number" in err, err
+    assert "not a number, not" not in err
+
+
+def test_state_dir_that_is_a_file_is_a_config_error_for_run_too(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    path = make_config(tmp_path, device='state_dir = "{tmp}/c.pem"')
+    code = cli.main(["run", "--config", str(path)])
+    _, err = capsys.readouterr()
+    assert code == 78
+    assert err.splitlines() == [err.strip()] and err.startswith(f"config error: {path}: device.state_dir: "), err
+    assert "not a directory" in err
+
+
+@pytest.mark.parametrize(("host", "loopback"), [
+    ("127.0.0.1", True), ("127.255.0.9", True), ("::1", True), ("[::1]", True), ("localhost", True),
+    ("127.evil.com", False), ("127.0.0.1.nip.io", False), ("localhost.evil.com", False),
+    ("128.0.0.1", False), ("::2", False), ("0.0.0.0", False), ("", False), ("127.1", False),
+])
+def test_is_loopback_host_is_exact(host: str, loopback: bool) -> None:
+    from agent.net.hosts import is_loopback_host
+    assert is_loopback_host(host) is loopback
