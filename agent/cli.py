@@ -140,19 +140,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         # is still booting): catch it now so that it still means "exit 0", not death by signal.
         import signal
 
+        from agent.signal_relay import relay_signals
         from agent.wakeup import Signal
 
         stop = Signal()        # agent.wakeup: every wait in the service wakes on it at once
-        previous = {signum: signal.signal(signum, lambda *_: stop.set())
-                    for signum in (signal.SIGTERM, signal.SIGINT)}
+        restore = relay_signals((signal.SIGTERM, signal.SIGINT), lambda _signum: stop.set())
         try:
             settings = config.load(config.config_path(args.config))
             from agent import service
 
             return service.run_service(settings, stop_event=stop)
         finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+            restore()
     if cmd == "demo":
         from agent import demo
 

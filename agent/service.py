@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import FrameType
 from typing import TYPE_CHECKING, TypedDict
 
 from agent import __version__, logs
@@ -25,6 +24,7 @@ from agent.fsutil import ensure_private_dir
 from agent.health import Health
 from agent.net.retry import Backoff, OutageLog
 from agent.sdnotify import Notifier
+from agent.signal_relay import relay_signals
 from agent.state import AgentState, Snapshot
 from agent.statusfile import (
     SIGN_OUT_SIGNAL,
@@ -168,9 +168,10 @@ class Service:
         s = self.settings
         ensure_private_dir(s.device.state_dir)
         self._lock.acquire()
+        restore_signals: Callable[[], None] = _nothing
         try:
             if self._install_signals:
-                self._signals()
+                restore_signals = self._signals()
             started = time.monotonic()
             self._start()
             self._await_sign_in_news(started)
@@ -182,6 +183,7 @@ class Service:
             self._main_loop()
         finally:
             self._shutdown()
+            restore_signals()
             self._lock.release()
         return 0
 
@@ -196,18 +198,18 @@ class Service:
         if news is not None:
             news.set()
 
-    def _signals(self) -> None:
-        def on_stop(signum: int, frame: FrameType | None) -> None:
-            log.info("received %s; stopping", signal.Signals(signum).name)
+    def _signals(self) -> Callable[[], None]:
+        """Stop on SIGTERM/SIGINT, sign out on SIGN_OUT_SIGNAL; returns the restore."""
+        def on_signal(signum: int) -> None:
+            # On agent.signal_relay's thread, never in the handler: it takes locks.
+            if signum == SIGN_OUT_SIGNAL:
+                threading.Thread(target=self._sign_out_requested, name="sign-out", daemon=True).start()
+                return
+            if not self.stop_event.is_set():
+                log.info("received %s; stopping", signal.Signals(signum).name)
             self.request_stop()
 
-        def on_sign_out(signum: int, frame: FrameType | None) -> None:
-            # Never do the work in the handler (it interrupts arbitrary code): hand it to a thread.
-            threading.Thread(target=self._sign_out_requested, name="sign-out", daemon=True).start()
-
-        signal.signal(signal.SIGTERM, on_stop)
-        signal.signal(signal.SIGINT, on_stop)
-        signal.signal(SIGN_OUT_SIGNAL, on_sign_out)
+        return relay_signals((signal.SIGTERM, signal.SIGINT, SIGN_OUT_SIGNAL), on_signal)
 
     def _start(self) -> None:
         """Sign-in first, then hardware and the announcers; telemetry follows in
@@ -502,6 +504,10 @@ class Service:
         if snap.error:
             return f"error: {snap.error}"
         return snap.phase
+
+
+def _nothing() -> None:
+    """A restore with nothing to restore."""
 
 
 def run_service(settings: Settings, *, stop_event: threading.Event | None = None) -> int:

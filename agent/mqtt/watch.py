@@ -37,6 +37,7 @@ from agent.mqtt.connection import (
     tls_context,
 )
 from agent.mqtt.fleet import BACKLOG_ATTENTION_S, STATES, Fleet
+from agent.signal_relay import relay_signals
 
 RESYNC_QUIET_S = 2.0     # after a reconnect, the retained burst is over once quiet this long
 RESYNC_MAX_S = 30.0
@@ -501,12 +502,5 @@ class SummaryScreen:
 
 
 def _on_sigterm(stop: threading.Event) -> Callable[[], None]:
-    """SIGTERM ends the watch cleanly (exit 0), like SIGINT; only possible in the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
-
-    def restore() -> None:
-        signal.signal(signal.SIGTERM, previous)
-
-    return restore
+    """SIGTERM and SIGINT end the watch cleanly (exit 0); only possible in the main thread."""
+    return relay_signals((signal.SIGTERM, signal.SIGINT), lambda _signum: stop.set(), name="watch-signals")

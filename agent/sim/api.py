@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.signal_relay import relay_signals
 from agent.sim.jwks import TokenVerifier
 from agent.sim.server import JsonHandler, LoopbackHTTPSServer
 from agent.sim.tls import TlsFiles, make_tls
@@ -421,8 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     api.start()
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    relay_signals((signal.SIGINT, signal.SIGTERM), lambda _signum: stop.set())
     print(f"simulated telemetry API (loopback only): {api.url}\n"  # noqa: T201
           f"  trust this CA: {tls.ca_file}\n  stop with Ctrl-C", flush=True)
     stop.wait()

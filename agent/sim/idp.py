@@ -40,6 +40,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
+from agent.signal_relay import relay_signals
 from agent.sim.appcreds import ASSERTION_ERRORS, AppCredentials, AssertionRefused, issue_app_token
 from agent.sim.server import LOOPBACK, JsonHandler, LoopbackHTTPSServer
 from agent.sim.tls import TlsFiles, make_tls
@@ -1018,18 +1019,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     stop = threading.Event()
 
-    def _on_signal(signum: int, _frame: object) -> None:
-        stop.set()
-
-    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    restore = relay_signals((signal.SIGINT, signal.SIGTERM), lambda _signum: stop.set())
     try:
         sys.stdout.write(_banner(idp, tls, args.client_id))
         sys.stdout.flush()
         while not stop.wait(0.5):
             pass
     finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
+        restore()
         idp.stop()
     return 0
 
