@@ -102,10 +102,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _check_certificate(settings: Any) -> None:
-    """check-config for auth.flow = "client_certificate": the key must belong to the certificate
-    (else exit 78); an expired or expiring certificate is said on stderr."""
+    """check-config for auth.flow = "client_certificate": the key must belong to the certificate,
+    and the certificate must be valid now (else exit 78); one expiring soon is a warning.
+
+    "Now" is the local clock. A box without an RTC may boot with a wrong one: while the kernel
+    says the clock is not synchronized, an expired / not-yet-valid verdict is only a warning
+    (``run`` judges with the sign-in service's time then, agent/clock.py).
+    """
     from datetime import UTC, datetime
 
+    from agent import clock
     from agent.signin.certificate import CredentialError, load_credential, validity_problem
 
     a = settings.auth
@@ -113,11 +119,24 @@ def _check_certificate(settings: Any) -> None:
         cred = load_credential(a.certificate_file, a.private_key_file)
     except CredentialError as err:
         raise ConfigError(f"{settings.path}: {err}") from err
-    problem = validity_problem(cred, datetime.now(UTC))
+    now = datetime.now(UTC)
+    problem = validity_problem(cred, now)
+    if problem is not None and problem.kind != "pending":
+        if now >= cred.not_after:
+            what = (f"the certificate expired on {cred.not_after:%Y-%m-%d %H:%M} UTC (local clock); "
+                    "create a new one and upload it to the app registration (README)")
+        else:
+            what = (f"the certificate is not valid before {cred.not_before:%Y-%m-%d %H:%M} UTC (local "
+                    "clock); check the device clock, or use a certificate valid now")
+        if clock.kernel_synchronized():
+            raise ConfigError(f"{settings.path}: auth.certificate_file: {what}")
+        print(f"warning: {settings.path}: auth.certificate_file: {what}; the clock is not "
+              "synchronized, so run will judge by the sign-in service's time", file=sys.stderr)
+        problem = None
     print(f"certificate {cred.thumbprint} (SHA-1, as the Entra portal lists it), valid until "
           f"{cred.not_after:%Y-%m-%d %H:%M} UTC", file=sys.stderr)
     if problem is not None:
-        print(f"{'warning' if problem.kind == 'pending' else 'error'}: {problem.message}", file=sys.stderr)
+        print(f"warning: {problem.message}", file=sys.stderr)
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -492,6 +492,54 @@ def test_check_config_exits_78_with_one_line_for_a_readable_key(cert: Certificat
     assert "warning: The certificate in auth.certificate_file expires on" in proc.stderr
 
 
+def _check_config(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    from agent import cli
+
+    code = cli.main(["check-config", "--config", str(path)])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("not_before_days", "valid_days", "says"), [
+    (-40, 30, "the certificate expired on {end} UTC (local clock)"),
+    (3, 30, "the certificate is not valid before {start} UTC (local clock)"),
+])
+def test_check_config_refuses_a_certificate_not_valid_now(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch, not_before_days: int,
+                                                         valid_days: int, says: str) -> None:
+    """With a synchronized clock, expired / not yet valid is a config error (exit 78, one line)."""
+    from agent import clock
+    from tests.agentproc import write_config
+
+    monkeypatch.setattr(clock, "kernel_synchronized", lambda: True)
+    files = make_certificate(tmp_path / "c", "greenhouse-01", valid_days=valid_days,
+                             not_before=datetime.now(UTC) + timedelta(days=not_before_days))
+    cred = load_credential(str(files.certificate_file), str(files.private_key_file))
+    path = write_config(tmp_path / "config.toml", raw_config(files))
+    code, err = _check_config(path, capsys)
+    assert code == 78
+    expected = says.format(end=f"{cred.not_after:%Y-%m-%d %H:%M}", start=f"{cred.not_before:%Y-%m-%d %H:%M}")
+    assert err.splitlines() == [err.strip()], err
+    assert err.startswith(f"config error: {path}: auth.certificate_file: {expected}"), err
+
+
+def test_check_config_only_warns_about_validity_while_the_clock_is_unsynchronized(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Pi without an RTC may boot years behind: the local verdict may be wrong, so it warns."""
+    from agent import clock
+    from tests.agentproc import write_config
+
+    monkeypatch.setattr(clock, "kernel_synchronized", lambda: False)
+    files = make_certificate(tmp_path / "c", "greenhouse-01", valid_days=30,
+                             not_before=datetime.now(UTC) - timedelta(days=40))
+    path = write_config(tmp_path / "config.toml", raw_config(files))
+    code, err = _check_config(path, capsys)
+    assert code == 0, err
+    assert f"warning: {path}: auth.certificate_file: the certificate expired on" in err
+    assert "the clock is not synchronized" in err
+    assert err.rstrip().endswith(f"{path}: OK")
+    assert "error:" not in err
+
+
 def test_sim_idp_command_refuses_an_unreadable_certificate(tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     from agent.sim.idp import main
