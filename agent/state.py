@@ -121,8 +121,9 @@ class Snapshot:
         return max(0, int(now - self.oldest_pending_mono))
 
     def signin_lapses_in_days(self, now_monotonic: float | None = None) -> float | None:
-        """Days the sign-in survives offline (refresh-token inactivity lifetime), one decimal."""
-        if self.signin_lapse_mono is None:
+        """Days the sign-in survives offline (refresh-token inactivity lifetime), one decimal;
+        None while not signed in (a code on show, just signed out): there is nothing to lapse."""
+        if self.signin_lapse_mono is None or self.phase == "signing_in":
             return None
         now = time.monotonic() if now_monotonic is None else now_monotonic
         return max(0.0, round((self.signin_lapse_mono - now) / 86400.0, 1))
@@ -208,13 +209,14 @@ class AgentState:
                     renewals_exhausted=False, notice=None)
 
     def signed_out(self) -> None:
-        self.update(phase="signing_in", account=None, code=None)
+        self.update(phase="signing_in", account=None, code=None, signin_lapse_mono=None)
 
     def sign_in_lost(self, message: str) -> None:
         """The saved sign-in cannot be used any more (the IdP refused the refresh token, or the
         cache is damaged): one change to "signing in, account gone", with ``message`` as both
         the error and the notice the next code screen shows; never a transient "error" phase."""
-        self.update(phase="signing_in", account=None, code=None, error=message, notice=message)
+        self.update(phase="signing_in", account=None, code=None, error=message, notice=message,
+                    signin_lapse_mono=None)
 
     def codes_exhausted(self, message: str) -> None:
         """Automatic code renewals ran out: a person must ask (button, renew_code, restart)."""

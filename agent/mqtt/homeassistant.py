@@ -35,6 +35,9 @@ _SENSORS: dict[str, tuple[str, str, dict[str, Any]]] = {
               {"icon": "mdi:clock-check", "entity_category": "diagnostic"}),
     "storage": ("Storage", "{{ value_json.get('storage') }}",
                 {"icon": "mdi:sd", "entity_category": "diagnostic"}),
+    "signin_lapses": ("Sign-in lapses in", "{{ value_json.get('signin_lapses_in_days') }}",
+                      {"device_class": "duration", "unit_of_measurement": "d",
+                       "state_class": "measurement", "icon": "mdi:timer-sand"}),
 }
 
 

@@ -65,6 +65,8 @@ from agent.state import AgentState, Snapshot
 
 log = logging.getLogger(__name__)
 
+RETAINED_NOT_RUN = "retained commands are not run: publish without retain"
+
 RECONNECT_DELAY_S = (1, 60)          # Backoff: first wait, cap (doubling, equal jitter)
 AUTH_RECONNECT_DELAY_S = (15, 300)   # refused credentials: nobody fixes them in a second
 STOP_JOIN_S = 1.0
@@ -161,14 +163,15 @@ class MqttPublisher:
         self._stopping.clear()
         with self._lock:
             self._client = client = self._make_client()
+        # Said before _connect: a broker on loopback may answer (and "connected" be logged) at once.
+        log.info("MQTT: connecting to %s as %s (topics %s/...)", self.address, self._client_id,
+                 self._out.status_topic.rsplit("/", 1)[0])
         self._connect(client)
         self._state.subscribe(self._on_state)
         for name, target in (("mqtt-publisher", self._run_publisher), ("mqtt-commands", self._run_commands)):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
-        log.info("MQTT: connecting to %s as %s (topics %s/...)", self.address, self._client_id,
-                 self._out.status_topic.rsplit("/", 1)[0])
 
     def stop(self) -> None:
         """Publish the offline status, clear a published code, disconnect; returns within ~1 s."""
@@ -278,7 +281,9 @@ class MqttPublisher:
             self._auth_backoff.reset()
             if self._protocol == mqtt.MQTTv5:
                 self._said_no_v5 = False
-            options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+            # Retained commands are delivered (and answered, never run): every command gets a
+            # result (docs/INTERFACE.md), and a stale one left on the broker must be explained.
+            options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE)
             if self._protocol == mqtt.MQTTv5:
                 client.subscribe(self.cmd_topic, options=options)
             else:
@@ -369,9 +374,11 @@ class MqttPublisher:
                 return
             correlation = getattr(message.properties, "CorrelationData", None) if message.properties else None
             if message.retain:
-                # A retained command would run again on every reconnect (sign_out in a loop).
-                self._reply(client, None, "retained commands are ignored; publish without retain",
-                            correlation)
+                # A retained command would run again on every reconnect (sign_out in a loop):
+                # answered, not run. An empty payload is a retained message being cleared.
+                if message.payload:
+                    self._reply(client, parse_command(bytes(message.payload)).action,
+                                RETAINED_NOT_RUN, correlation)
                 return
             cmd = parse_command(bytes(message.payload))
             if cmd.error is not None:

@@ -89,3 +89,28 @@ def test_health_follows_the_oldest_reading_and_the_last_refresh(tmp_path: Path) 
         health.step()
         assert state.snapshot.status_payload("v")["oldest_pending_s"] is None
         assert state.snapshot.status_payload("v")["clock"] == "unsynced"
+
+
+def test_signing_out_ends_the_lapse_figure_at_once(tmp_path: Path) -> None:
+    """Right after sign_out there is no sign-in to lapse: null, not the 90 days of the one gone,
+    even before the sign-in thread has forgotten its last refresh (the next health step)."""
+    mono = [1000.0]
+    trust = ClockTrust(wall=lambda: 1_796_000_000.0 + mono[0], monotonic=lambda: mono[0],
+                       kernel=lambda: True, boot_id="boot-a")
+    state = AgentState()
+    auth = FakeAuth()
+    auth.last_refresh_monotonic = mono[0]
+    s = settings(tmp_path)
+    with Outbox(s.outbox_path, DEVICE, max_rows=100, max_bytes=10**6, clock=trust) as box:
+        health = Health(state, trust, box, auth, cache_path=s.token_cache_path, refresh_lifetime_days=90,
+                        monotonic=lambda: mono[0])
+        state.signed_in("ada@contoso.example")
+        health.step()
+        assert state.snapshot.status_payload("v", mono[0])["signin_lapses_in_days"] == 90.0
+        state.signed_out()
+        assert state.snapshot.status_payload("v", mono[0])["signin_lapses_in_days"] is None
+        health.step()                                  # auth not yet reset: still not signed in
+        assert state.snapshot.status_payload("v", mono[0])["signin_lapses_in_days"] is None
+        state.signed_in("ada@contoso.example")
+        health.step()
+        assert state.snapshot.status_payload("v", mono[0])["signin_lapses_in_days"] == 90.0

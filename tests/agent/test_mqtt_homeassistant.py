@@ -47,7 +47,7 @@ def test_device_discovery_message(mosquitto: Broker) -> None:
         assert avail["topic"] == STATUS and avail["payload_not_available"] == "offline"
         cmps = doc["cmps"]
         assert set(cmps) == {"state", "account", "error", "outbox_pending", "outbox_dead", "outbox_dropped",
-                             "oldest_pending", "last_upload", "clock", "storage"}
+                             "oldest_pending", "last_upload", "clock", "storage", "signin_lapses"}
         assert all(c["p"] == "sensor" and c["unique_id"].startswith("device_agent_greenhouse_01_")
                    for c in cmps.values())
         assert len({c["unique_id"] for c in cmps.values()}) == len(cmps)
@@ -60,6 +60,11 @@ def test_device_discovery_message(mosquitto: Broker) -> None:
         assert cmps["outbox_dead"]["value_template"] == "{{ value_json.outbox.dead }}" and status["outbox"]["dead"] == 1
         assert cmps["last_upload"]["device_class"] == "timestamp"
         assert cmps["oldest_pending"]["device_class"] == "duration"
+        # every status field has a component (the version is the device's "sw")
+        read = set().union(*(fields_used(c["value_template"]) for c in cmps.values()))
+        assert set(status) - {"version"} <= read, set(status) - {"version"} - read
+        assert cmps["signin_lapses"]["unit_of_measurement"] == "d"
+        assert cmps["signin_lapses"]["value_template"] == "{{ value_json.get('signin_lapses_in_days') }}"
     finally:
         n.stop()
     # availability: the clean stop left the status "offline", which the template maps to offline

@@ -602,12 +602,12 @@ def test_retained_command_is_not_rerun_on_connect(via_311: bool, mosquitto: Brok
     url = f"mqtt://127.0.0.1:{proxy.port}" if proxy else mosquitto.url
     n = notifiers(mosquitto.mqtt_settings(url=url), AgentState(), {"sign_out": lambda: calls.append("x")})
     wait_until(lambda: n.connected, what="connected")
-    results = [m for m in sub.drain(0.3) if m.topic == RESULT]
+    results = [json.loads(m.payload) for m in sub.drain(0.5) if m.topic == RESULT]
     assert calls == []                          # a reboot must not sign the device out again
-    if via_311:                                 # 3.1.1 delivers it: refused, with one result
-        assert [json.loads(m.payload)["ok"] for m in results] == [False]
-    else:                                       # MQTT 5: not even delivered (retain handling 2)
-        assert results == []
+    # ...but the admin who left it learns why nothing happened: one result, over 5 and 3.1.1.
+    assert results == [{"action": "sign_out", "ok": False,
+                        "error": "retained commands are not run: publish without retain"}]
+    assert calls == []
 
 
 def test_slow_command_does_not_stall_mqtt(mosquitto: Broker, notifiers: Callable[..., MqttPublisher],
@@ -680,3 +680,14 @@ def test_fuzzed_commands_each_get_exactly_one_result(mosquitto_module: Broker) -
     finally:
         sub.close()
         n.stop()
+
+
+def test_connecting_is_logged_before_connected(mosquitto: Broker, notifiers: Callable[..., MqttPublisher],
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="agent.mqtt.publisher")
+    n = notifiers(mosquitto.mqtt_settings(), AgentState())
+    wait_until(lambda: n.connected and any("MQTT: connected" in r.message for r in caplog.records),
+               what="connected")
+    lines = [r.message for r in caplog.records if r.message.startswith("MQTT: connect")]
+    assert lines[0].startswith("MQTT: connecting to "), lines
+    assert lines[1].startswith("MQTT: connected to "), lines

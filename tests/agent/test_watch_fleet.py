@@ -173,7 +173,7 @@ def test_live_updates_after_the_burst_nothing_missed(mosquitto: Broker) -> None:
 
 def test_device_cmd_subscription_survives_a_command_burst(mosquitto: Broker) -> None:
     # The device's own subscription has no retained burst (one exact topic, retained commands
-    # not sent), but an admin script commanding it faster than it answers must not lose
+    # answered, never run), but an admin script commanding it faster than it answers must not lose
     # commands in the broker's 20-in-flight window: every one of them gets its result.
     state = AgentState()
     n = MqttPublisher(mosquitto.mqtt_settings(), "dev-a", state, {}, "1.2.3")
