@@ -259,7 +259,7 @@ def _auth(c: _Checker, t: Mapping[str, Any]) -> AuthSettings:
     renew = c.integer(t, "auto_renew_codes", "auth", default=d["auto_renew_codes"], minimum=0, maximum=1000)
     lifetime = c.number(t, "refresh_lifetime_days", "auth", default=d["refresh_lifetime_days"],
                         minimum=1, maximum=3650)
-    ca_file = c.file(t, "ca_file", "auth")
+    ca_file = c.ca_file(t, "ca_file", "auth")
     flow = c.choice(t, "flow", "auth", AUTH_FLOWS, default=d["flow"])
     cert_file = c.file(t, "certificate_file", "auth")
     key_file = c.file(t, "private_key_file", "auth")
@@ -395,7 +395,7 @@ def _mqtt(c: _Checker, t: Mapping[str, Any]) -> MqttSettings:
                f"{ha_prefix!r} must be a topic without + or # and no leading/trailing /")
     return MqttSettings(url=url, username=c.string(t, "username", "mqtt", default=d["username"]),
                         password_file=c.file(t, "password_file", "mqtt"),
-                        ca_file=c.file(t, "ca_file", "mqtt"), client_cert=cert, client_key=key,
+                        ca_file=c.ca_file(t, "ca_file", "mqtt"), client_cert=cert, client_key=key,
                         topic_prefix=prefix, allow_insecure=allow_insecure,
                         keepalive_s=c.integer(t, "keepalive_s", "mqtt", default=d["keepalive_s"],
                                               minimum=5, maximum=3600),
@@ -460,7 +460,7 @@ def _upload(c: _Checker, t: Mapping[str, Any]) -> UploadSettings:
         if sink == "graph_excel" and not item_path.startswith("/"):
             c.fail("upload.item_path", "must start with / (e.g. \"/me/drive/root:/sensors.xlsx:\")")
     return UploadSettings(
-        sink=sink, url=url, ca_file=c.file(t, "ca_file", "upload"),
+        sink=sink, url=url, ca_file=c.ca_file(t, "ca_file", "upload"),
         batch_max=c.integer(t, "batch_max", "upload", default=d["batch_max"], minimum=1, maximum=10000),
         interval_s=c.number(t, "interval_s", "upload", default=d["interval_s"], minimum=0.001),
         timeout_s=c.number(t, "timeout_s", "upload", default=d["timeout_s"], minimum=0.1, maximum=600),
@@ -567,6 +567,30 @@ class _Checker:
         v = self.string(t, name, section, default="")
         if v and not os.path.isfile(v):
             self.fail(self._key(section, name), f"{v!r} is not a readable file")
+        return v
+
+    def ca_file(self, t: Mapping[str, Any], name: str, section: str) -> str:
+        """A CA bundle that, when set, must hold at least one PEM certificate ssl can load: a wrong
+        file (/etc/hostname) would otherwise pass here and make every TLS handshake fail later."""
+        v = self.file(t, name, section)
+        if not v:
+            return v
+        key = self._key(section, name)
+        try:
+            text = Path(v).read_bytes()
+        except OSError as err:
+            self.fail(key, f"cannot read {v!r}: {err.strerror or err}")
+        if b"-----BEGIN CERTIFICATE-----" not in text:
+            self.fail(key, f"{v!r} holds no PEM certificate (-----BEGIN CERTIFICATE-----); name the CA "
+                           "bundle in PEM form")
+        import ssl  # only when a CA file is set: config loading stays cheap otherwise
+
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=v)
+        except (ssl.SSLError, ValueError) as err:
+            why = getattr(err, "reason", None) or "not a valid certificate"
+            self.fail(key, f"{v!r}: its PEM certificate cannot be loaded ({why}); name a CA bundle "
+                           "in PEM form")
         return v
 
     def boolean(self, t: Mapping[str, Any], name: str, section: str, *, default: bool) -> bool:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent import cli
+from agent.sim.tls import TlsFiles
 
 AUTHORITY = "https://login.microsoftonline.com/contoso.onmicrosoft.com"
 
@@ -36,6 +37,8 @@ def make_config(tmp_path: Path, extra: str = "", **sections: str | None) -> Path
         top, extra = extra, ""
     text = top + "\n".join(parts) + ("\n" + extra if extra else "")
     (tmp_path / "c.pem").write_text("client certificate")
+    (tmp_path / "bad-ca.pem").write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n"
+                                         "-----END CERTIFICATE-----\n")
     path = tmp_path / "config.toml"
     path.write_text(text.replace("{state}", str(tmp_path / "state")).replace("{tmp}", str(tmp_path)))
     return path
@@ -85,6 +88,14 @@ BAD: list[tuple[str, dict[str, str | None], str, str]] = [
     ("renew-float", {"auth": auth(auto_renew_codes="2.5")}, "", "auth.auto_renew_codes"),
     ("instance-discovery-string", {"auth": auth(instance_discovery='"no"')}, "", "auth.instance_discovery"),
     ("ca-file-missing", {"auth": auth(ca_file='"/nonexistent/ca.pem"')}, "", "auth.ca_file"),
+    # A CA file must hold a PEM certificate ssl can load (else every handshake fails in run).
+    ("ca-file-not-pem", {"auth": auth(ca_file='"{tmp}/c.pem"')}, "", "auth.ca_file"),
+    ("ca-file-bad-pem", {"auth": auth(ca_file='"{tmp}/bad-ca.pem"')}, "", "auth.ca_file"),
+    ("upload-ca-file-not-pem", {"upload": 'url = "https://api.example.com/r"\nca_file = "{tmp}/c.pem"'}, "",
+     "upload.ca_file"),
+    ("mqtt-ca-file-not-pem", {}, '[mqtt]\nurl = "mqtts://b.example.com"\nca_file = "{tmp}/c.pem"\n',
+     "mqtt.ca_file"),
+    ("mqtt-ca-file-dir", {}, '[mqtt]\nurl = "mqtts://b.example.com"\nca_file = "{tmp}"\n', "mqtt.ca_file"),
     ("device-id-bad", {"device": 'id = "green house!"'}, "", "device.id"),
     ("device-id-too-long", {"device": f'id = "{"x" * 65}"'}, "", "device.id"),
     ("state-dir-empty", {"device": 'state_dir = ""'}, "", "device.state_dir"),
@@ -278,8 +289,9 @@ def test_config_state_dir_wins_over_state_directory(tmp_path: Path, capsys: pyte
     assert json.loads(out)["device"]["state_dir"] == str(tmp_path / "state")
 
 
-def test_full_contract_example_is_accepted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+def test_full_contract_example_is_accepted(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          tls: TlsFiles) -> None:
+    (tmp_path / "ca.pem").write_bytes(tls.ca_file.read_bytes())
     (tmp_path / "mqtt.pass").write_text("hunter2-secret\n")
     (tmp_path / "c.pem").write_text("cert")
     (tmp_path / "c.key").write_text("-----BEGIN PRIVATE KEY-----\nkey-material-secret\n")
@@ -353,3 +365,22 @@ def test_state_dir_that_is_a_file_is_a_config_error_for_run_too(tmp_path: Path,
 def test_is_loopback_host_is_exact(host: str, loopback: bool) -> None:
     from agent.net.hosts import is_loopback_host
     assert is_loopback_host(host) is loopback
+
+
+def test_ca_file_with_a_certificate_is_accepted_everywhere(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          tls: TlsFiles) -> None:
+    ca = f'"{tls.ca_file}"'
+    path = make_config(tmp_path, f'[mqtt]\nurl = "mqtts://b.example.com"\nca_file = {ca}\n',
+                       auth=auth(ca_file=ca), upload=f'url = "https://api.example.com/r"\nca_file = {ca}')
+    code, out, err = run_check(path, capsys)
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["auth"]["ca_file"] == data["upload"]["ca_file"] == data["mqtt"]["ca_file"] == str(tls.ca_file)
+
+
+def test_ca_file_without_certificate_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = make_config(tmp_path, auth=auth(ca_file='"/etc/hostname"'))
+    code, _, err = run_check(path, capsys)
+    assert code == 78
+    assert err == (f"config error: {path}: auth.ca_file: '/etc/hostname' holds no PEM certificate "
+                   "(-----BEGIN CERTIFICATE-----); name the CA bundle in PEM form\n")

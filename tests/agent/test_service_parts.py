@@ -16,6 +16,7 @@ from agent.config import parse
 from agent.errors import AgentError
 from agent.sdnotify import Notifier
 from agent.service import Supervised
+from agent.sim.tls import TlsFiles
 from agent.state import AgentState
 from agent.statusfile import InstanceLock, StatusWriter, running_pid
 
@@ -95,11 +96,11 @@ def test_status_file_follows_state_without_secrets(state_dir: Path) -> None:
     assert json.loads(path.read_text())["state"] == "signed_in"
 
 
-def test_demo_config_is_valid(tmp_path: Path) -> None:
+def test_demo_config_is_valid(tmp_path: Path, tls: TlsFiles) -> None:
     from agent.demo import demo_config
 
     raw = demo_config(tmp_path, authority="https://127.0.0.1:1/simtenant", api_url="https://127.0.0.1:2/v1/readings",
-                      ca_file=Path(__file__), display="console")
+                      ca_file=tls.ca_file, display="console")
     s = parse(raw, Path("<demo>"))
     assert s.gpio.backend == "fake" and s.display.driver == "console"
     assert str(s.device.state_dir).startswith(str(tmp_path))
@@ -114,9 +115,11 @@ def test_unusable_state_dir_is_one_line_not_a_traceback(tmp_path: Path, capsys: 
     config.write_text(f'[device]\nstate_dir = "{blocker}/state"\n[auth]\nclient_id = "x"\n'
                       'authority = "https://login.example.com/t"\nscopes = ["s"]\n'
                       '[upload]\nurl = "https://api.example.com/r"\n')
-    assert main(["run", "--config", str(config)]) == 1
+    # A file in the way is the config's mistake: named as device.state_dir, exit 78.
+    assert main(["run", "--config", str(config)]) == 78
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith(f"error: {blocker}/state") and "Traceback" not in err
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert err.startswith(f"config error: {config}: device.state_dir: '{blocker}/state' is under")
 
 
 def test_last_upload_is_read_back_after_a_restart(state_dir: Path) -> None:
