@@ -217,9 +217,21 @@ def read_status(settings: Settings) -> dict[str, Any]:
         "last_upload": (doc or {}).get("last_upload"),
         # Without the service there are no server answers to compare with: the kernel's word.
         "clock": "synced" if kernel_synchronized() else "unsynced",
+        "storage": storage_state(state_dir),
         "signin_lapses_in_days": lapse,
         "version": __version__,
     }
+
+
+def storage_state(state_dir: Path) -> str:
+    """The state dir's storage as the outbox would judge it (agent/telemetry/storage.py), read
+    without writing: "read_only", "full" (less room than the outbox needs to store), else "ok"."""
+    from agent.telemetry.storage import LOW_WATER, free_bytes, read_only
+
+    if read_only(state_dir):
+        return "read_only"
+    free = free_bytes(state_dir)
+    return "full" if free is not None and free < LOW_WATER else "ok"
 
 
 def _age(doc: dict[str, Any]) -> None:

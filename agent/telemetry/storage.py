@@ -25,7 +25,7 @@ Storage = Literal["ok", "full", "read_only"]
 
 RESERVE_BYTES = 512 * 1024
 _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_FULL, _SQLITE_CANTOPEN = 8, 10, 13, 14
-_LOW_WATER = 64 * 1024          # an I/O error with less free space than this is a full disk
+LOW_WATER = 64 * 1024           # an I/O error with less free space than this is a full disk
 
 
 class StorageUnavailable(Exception):  # noqa: N818 - a state, not a bug
@@ -49,7 +49,7 @@ def classify(err: BaseException, directory: Path) -> Storage | None:
     if primary in (_SQLITE_IOERR, _SQLITE_CANTOPEN) or (isinstance(err, sqlite3.OperationalError)
                                                         and "disk is full" in str(err)):
         free = free_bytes(directory)
-        if free is not None and free < _LOW_WATER:
+        if free is not None and free < LOW_WATER:
             return "full"
     return None
 

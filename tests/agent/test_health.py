@@ -44,8 +44,10 @@ def test_status_without_the_service_reads_the_figures_from_the_files(tmp_path: P
     assert 598 <= doc["oldest_pending_s"] <= 605
     assert doc["signin_lapses_in_days"] == 20.0
     assert doc["clock"] in ("synced", "unsynced")
+    assert doc["storage"] == "ok"
     text = io.StringIO()
     show_status(s, as_json=False, out=text)
+    assert "storage:     ok" in text.getvalue()
     assert "sign-in:     lapses in 20 days if the box stays offline" in text.getvalue()
     assert "oldest:      ~10 min (age of the oldest unsent reading)" in text.getvalue()
     assert "s3cr3t" not in out.getvalue() + text.getvalue()

@@ -65,11 +65,13 @@ def test_status_reads_a_stopped_services_outbox_on_a_read_only_state_dir(
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     doc = json.loads(done.stdout)
     assert doc["running"] is False
+    assert doc["storage"] == "read_only"
     assert doc["outbox"] == {"pending": 3, "dead": 1, "dropped": 1}
     assert 115 <= doc["oldest_pending_s"] <= 180, doc["oldest_pending_s"]   # seq 3, sampled at now-118
     text = status_read_only(config, state)
     assert text.returncode == 0, text.stderr
     assert "outbox:      3 pending, 1 dead-lettered, 1 dropped" in text.stdout, text.stdout
+    assert "storage:     read_only" in text.stdout, text.stdout
     assert not (state / "probe").exists() and not (state / "outbox.sqlite3-shm").exists()
 
 
@@ -83,3 +85,25 @@ def test_a_read_only_open_still_sees_a_live_writers_uncheckpointed_commits(tmp_p
         assert Outbox.read_counts(path).pending == 3
         live.put([reading(9)])
         assert Outbox.read_counts(path).pending == 4
+
+
+def test_status_without_the_service_says_a_full_state_dir_is_full(tmp_path: Path) -> None:
+    """The state dir on a small private tmpfs, filled up: `status` judges it as the outbox would."""
+    if shutil.which("unshare") is None:
+        missing("needs unshare (util-linux) for a private tmpfs")
+    state = tmp_path / "state"
+    state.mkdir()
+    config = write_config(tmp_path / "config.toml", {
+        "device": {"id": DEVICE, "state_dir": str(state)},
+        "auth": {"client_id": "sim", "authority": "https://127.0.0.1:1/simtenant", "instance_discovery": False,
+                 "scopes": ["api://telemetry/Readings.Write"]},
+        "upload": {"sink": "http", "url": "https://127.0.0.1:1/v1/readings"},
+    })
+    script = ('mount -t tmpfs -o size=256k tmpfs "$0" && { dd if=/dev/zero of="$0/fill" bs=4k 2>/dev/null; '
+              'exec "$@"; }')
+    done = subprocess.run(["unshare", "-r", "-m", "sh", "-c", script, str(state),
+                           sys.executable, "-m", "agent", "status", "--json", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["running"] is False and doc["storage"] == "full", doc
