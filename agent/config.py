@@ -412,6 +412,7 @@ def _sensors(c: _Checker, raw: Any, gpio: GpioSettings) -> tuple[SensorSettings,
         c.fail("sensors", "must be an array of tables: [[sensors]]")
     out: list[SensorSettings] = []
     seen: dict[str, int] = {}
+    readings: dict[str, tuple[int, str]] = {}      # reading name -> (sensor index, sensor name)
     interval_default = _defaults(SensorSettings)["interval_s"]
     for i, t in enumerate(raw):
         where = f"sensors[{i}]"
@@ -426,6 +427,15 @@ def _sensors(c: _Checker, raw: Any, gpio: GpioSettings) -> tuple[SensorSettings,
         if name in seen:
             c.fail(f"sensors[{seen[name]}].name, {where}.name", f"duplicate sensor name {name!r}")
         seen[name] = i
+        # Readings carry "<name>" or, for a multi-value type (bme280), "<name>.<quantity>":
+        # two sensors must never report under one reading name.
+        for reading in [f"{name}.{q}" for q in registry.sensor_quantities(kind)] or [name]:
+            if reading in readings:
+                j, other = readings[reading]
+                c.fail(f"sensors[{j}].name, {where}.name",
+                       f"both sensors report readings named {reading!r} ({other} and {name!r}); "
+                       "rename one")
+            readings[reading] = (i, repr(name))
         interval = c.number(t, "interval_s", where, default=interval_default, minimum=0.01)
         options = {key: c.option(t, key, where, opt, kind) for key, opt in declared.items()}
         pin = options.get("pin")

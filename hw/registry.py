@@ -111,6 +111,12 @@ def sensor_options(kind: str) -> Mapping[str, Option]:
     return options
 
 
+def sensor_quantities(kind: str) -> tuple[str, ...]:
+    """The quantities a multi-value sensor type reports (its readings are ``<name>.<quantity>``);
+    empty for a single-value type, whose one reading is ``<name>``."""
+    return tuple(getattr(_sensor_module(kind), "QUANTITIES", ()))
+
+
 def sensor_uses_gpio(kind: str) -> bool:
     """Whether sensor type ``kind`` needs a GPIO backend opened for it."""
     return bool(getattr(_sensor_module(kind), "USES_GPIO", False))

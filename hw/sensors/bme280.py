@@ -23,6 +23,9 @@ REG_ID, REG_CTRL_HUM, REG_STATUS, REG_CTRL_MEAS, REG_DATA = 0xD0, 0xF2, 0xF3, 0x
 SKIPPED_TP = 0x80000          # what T/P read when their measurement is switched off
 SKIPPED_H = 0x8000
 DEFAULT_ADDRESS, DEFAULT_PORT = 0x76, 1     # SDO to GND; /dev/i2c-1 on the 40-pin header
+# The readings' names: the sampler reports each as "<sensor name>.<quantity>" (config checks
+# that no other sensor's name is one of them).
+QUANTITIES = ("temperature", "pressure", "humidity")
 OPTIONS = {"address": Option("integer", DEFAULT_ADDRESS, minimum=0x03, maximum=0x77),
            "port": Option("integer", DEFAULT_PORT, minimum=0, maximum=255)}
 
@@ -147,9 +150,10 @@ class Bme280:
         if adc_t == SKIPPED_TP or adc_p == SKIPPED_TP or adc_h == SKIPPED_H:
             raise HardwareError("BME280 returned a skipped measurement (reset during conversion?)")
         temp_c, hpa, rh = compensate(self.trim, adc_t, adc_p, adc_h)
-        return [Measurement(round(temp_c, 2), "°C", "temperature"),
-                Measurement(round(hpa, 2), "hPa", "pressure"),
-                Measurement(round(rh, 2), "%", "humidity")]
+        temperature, pressure, humidity = QUANTITIES
+        return [Measurement(round(temp_c, 2), "°C", temperature),
+                Measurement(round(hpa, 2), "hPa", pressure),
+                Measurement(round(rh, 2), "%", humidity)]
 
     def close(self) -> None:
         if self._own_bus and self._bus is not None:

@@ -114,6 +114,14 @@ BAD: list[tuple[str, dict[str, str | None], str, str]] = [
      "mqtt.topic_prefix"),
     ("mqtt-bad-port", {}, '[mqtt]\nurl = "mqtts://b.example.com:99999"\n', "mqtt.url"),
     ("sensors-duplicate", {}, SENSOR + SENSOR, "sensors[0].name, sensors[1].name"),
+    # Reading names collide: a bme280 named env reports env.temperature/.pressure/.humidity.
+    ("sensor-reading-collides", {},
+     '[[sensors]]\nname = "env"\ntype = "bme280"\n[[sensors]]\nname = "env.temperature"\ntype = "cpu_temperature"\n',
+     "sensors[0].name, sensors[1].name"),
+    ("sensor-reading-collides-before", {},
+     '[[sensors]]\nname = "env.humidity"\ntype = "simulated"\n[[sensors]]\nname = "x"\ntype = "cpu_temperature"\n'
+     '[[sensors]]\nname = "env"\ntype = "bme280"\n',
+     "sensors[0].name, sensors[2].name"),
     ("sensor-type", {}, '[[sensors]]\nname = "t"\ntype = "thermo"\n', "sensors[0].type"),
     ("sensor-interval-zero", {}, SENSOR + "interval_s = 0\n", "sensors[0].interval_s"),
     ("sensor-name-upper", {}, '[[sensors]]\nname = "CPU"\ntype = "cpu_temperature"\n', "sensors[0].name"),
@@ -384,3 +392,23 @@ def test_ca_file_without_certificate_says_so(tmp_path: Path, capsys: pytest.Capt
     assert code == 78
     assert err == (f"config error: {path}: auth.ca_file: '/etc/hostname' holds no PEM certificate "
                    "(-----BEGIN CERTIFICATE-----); name the CA bundle in PEM form\n")
+
+
+def test_sensor_reading_collision_names_the_reading(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = make_config(tmp_path, '[[sensors]]\nname = "env"\ntype = "bme280"\n'
+                                 '[[sensors]]\nname = "env.temperature"\ntype = "cpu_temperature"\n')
+    code, _, err = run_check(path, capsys)
+    assert code == 78
+    assert err == (f"config error: {path}: sensors[0].name, sensors[1].name: both sensors report readings "
+                   "named 'env.temperature' ('env' and 'env.temperature'); rename one\n")
+
+
+def test_bme280_readings_are_the_declared_quantities() -> None:
+    """What config checks against is what the driver reports."""
+    from hw import registry
+    from hw.fake import FakeBme280Bus
+
+    read = registry.open_sensor("bme280", {"bus": FakeBme280Bus()}, None).read()
+    assert sorted(m.quantity for m in read) == sorted(registry.sensor_quantities("bme280"))
+    assert set(registry.sensor_quantities("bme280")) == {"temperature", "pressure", "humidity"}
+    assert registry.sensor_quantities("cpu_temperature") == ()
