@@ -115,7 +115,7 @@ def _banner(idp: Any, api: Any, tmp: Path, auto_approve_s: float | None, user_co
     if auto_approve_s is not None and thumbprint is None:
         lines.append(f"  auto-approve       the code will be approved after {auto_approve_s:g} s")
     lines.append("  stop               Ctrl-C")
-    print("\n".join(lines), file=sys.stderr, flush=True)
+    _say("\n".join(lines))
 
 
 def _summaries(service: Service, idp: Any, api: Any, tmp: Path, auto_approve_s: float | None,
@@ -145,7 +145,7 @@ def _summaries(service: Service, idp: Any, api: Any, tmp: Path, auto_approve_s: 
             log.info("demo: --duration %g s reached; stopping", duration_s)
             service.request_stop()
             return
-        print(_summary_line(service, api, device_id), file=sys.stderr, flush=True)
+        _say(_summary_line(service, api, device_id))
 
 
 def _summary_line(service: Service, api: Any, device_id: str) -> str:
@@ -160,4 +160,13 @@ def _summary_line(service: Service, api: Any, device_id: str) -> str:
 
 
 def _final(service: Service, api: Any, device_id: str) -> None:
-    print(_summary_line(service, api, device_id), file=sys.stderr, flush=True)
+    _say(_summary_line(service, api, device_id))
+
+
+def _say(text: str) -> None:
+    """One line for the person at the terminal. A closed pipe (``demo 2>&1 | head``) must not
+    end the summary thread: it is also the one that stops the demo at --duration."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except (OSError, ValueError):      # BrokenPipeError, or stderr already closed
+        pass
