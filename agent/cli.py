@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from agent import __version__
+from agent.cmdline import Parser
 from agent.errors import AgentError, ConfigError
 
 EXIT_OK = 0
@@ -21,8 +22,8 @@ EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h; systemd's RestartPreventExitStatu
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="device-agent",
-                                description="Device-code sign-in and durable telemetry for headless devices.")
+    p = Parser(prog="device-agent",  # usage mistakes: exit 78 (agent.cmdline), not argparse's 2
+               description="Device-code sign-in and durable telemetry for headless devices.")
     p.add_argument("--version", action="version", version=f"device-agent {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -218,7 +219,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             return dead_letters.run(settings.outbox_path, settings.device.id, args.dl_action,
                                     getattr(args, "seqs", ()), all_=getattr(args, "all", False))
         except dead_letters.DeadLetterError as err:
-            print(f"error: dead-letter {args.dl_action}: {err}", file=sys.stderr)
+            kind = "config error: command line" if err.exit_code == EXIT_CONFIG else "error"
+            print(f"{kind}: dead-letter {args.dl_action}: {err}", file=sys.stderr)
             return err.exit_code
         except sqlite3.Error as err:
             print(f"error: {settings.outbox_path}: {err}", file=sys.stderr)

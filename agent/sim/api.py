@@ -13,7 +13,6 @@ ones, as an API without gzip support does); any other encoding gets 415.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import email.utils
 import gzip
@@ -25,6 +24,7 @@ import socket
 import sqlite3
 import struct
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -33,6 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jwt.exceptions import PyJWTError
+
+from agent.cmdline import EXIT_CONFIG, Parser, port
 from agent.signal_relay import relay_signals
 from agent.sim.jwks import TokenVerifier
 from agent.sim.server import JsonHandler, LoopbackHTTPSServer
@@ -396,11 +399,11 @@ def _reset(h: JsonHandler) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``device-agent sim api``: run the simulated API standalone on loopback."""
-    p = argparse.ArgumentParser(prog="device-agent sim api",
-                                description="Simulated telemetry API (loopback HTTPS only).")
+    p = Parser(prog="device-agent sim api", description="Simulated telemetry API (loopback HTTPS only).")
     p.add_argument("--host", default="127.0.0.1", help="loopback address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8443, help="port (0 = any free port; default 8443)")
-    p.add_argument("--tls-dir", default="./sim-tls", help="where the test CA and server cert live/are made")
+    p.add_argument("--port", type=port, default=8443, help="port (0 = any free port; default 8443)")
+    p.add_argument("--tls-dir", default=None,
+                   help="directory for the CA and server cert (created or reused; default: temp dir)")
     p.add_argument("--jwks-url", default=None, help="JWKS of the issuer (e.g. the simulated IdP's)")
     p.add_argument("--jwks-file", default=None, help="a static JWKS JSON file instead of --jwks-url")
     p.add_argument("--issuer", default=None, help="required iss claim")
@@ -411,16 +414,27 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.jwks_url and not args.jwks_file:
         p.error("give --jwks-url (e.g. from `device-agent sim idp`) or --jwks-file")
-    tls = make_tls(Path(args.tls_dir))
-    jwks = json.loads(Path(args.jwks_file).read_text()) if args.jwks_file else None
+    tls_dir = Path(args.tls_dir) if args.tls_dir else Path(tempfile.mkdtemp(prefix="device-agent-api-"))
+    tls = make_tls(tls_dir)
+    try:
+        jwks = json.loads(Path(args.jwks_file).read_text()) if args.jwks_file else None
+    except (OSError, ValueError) as err:
+        print(f"config error: command line: --jwks-file {args.jwks_file}: "  # noqa: T201
+              f"{getattr(err, 'strerror', None) or err}", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         api = SimApi(tls, jwks_url=args.jwks_url, jwks=jwks, issuer=args.issuer, audience=args.audience,
                      ca_file=args.ca_file, required_scope=args.scope,
                      db_path=Path(args.db) if args.db else None, host=args.host, port=args.port)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)  # noqa: T201
+    except (ValueError, PyJWTError) as err:    # a host that is not loopback, a JWKS with no key
+        print(f"config error: command line: {err}", file=sys.stderr)  # noqa: T201
+        return EXIT_CONFIG
+    try:
+        api.start()
+    except OSError as err:
+        print(f"error: sim api: cannot listen on {args.host}:{args.port}: "  # noqa: T201
+              f"{err.strerror or err}", file=sys.stderr)
         return 1
-    api.start()
     stop = threading.Event()
     relay_signals((signal.SIGINT, signal.SIGTERM), lambda _signum: stop.set())
     print(f"simulated telemetry API (loopback only): {api.url}\n"  # noqa: T201

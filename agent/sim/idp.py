@@ -16,7 +16,6 @@ Nothing here ever logs a token: codes and approvals are logged, tokens never.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import html
@@ -40,6 +39,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
+from agent.cmdline import EXIT_CONFIG, Parser, port
 from agent.signal_relay import relay_signals
 from agent.sim.appcreds import ASSERTION_ERRORS, AppCredentials, AssertionRefused, issue_app_token
 from agent.sim.server import LOOPBACK, JsonHandler, LoopbackHTTPSServer
@@ -977,10 +977,10 @@ def _is_loopback(host: str) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``device-agent sim idp``: run the simulated IdP until SIGINT/SIGTERM."""
-    parser = argparse.ArgumentParser(prog="device-agent sim idp",
-                                     description="Simulated Entra ID (device code flow) on loopback HTTPS.")
+    parser = Parser(prog="device-agent sim idp",
+                    description="Simulated Entra ID (device code flow) on loopback HTTPS.")
     parser.add_argument("--host", default="127.0.0.1", help="loopback address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=0, help="port (default: any free port)")
+    parser.add_argument("--port", type=port, default=0, help="port (default: any free port)")
     parser.add_argument("--tls-dir", default=None,
                         help="directory for the CA and server cert (created or reused; default: temp dir)")
     parser.add_argument("--auto-approve", type=float, default=None, metavar="S",
@@ -996,7 +996,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not _is_loopback(args.host):
         sys.stderr.write(f"sim idp: refusing to listen on {args.host!r}: the simulated IdP issues "
                          "tokens without passwords and binds to loopback only (127.0.0.1, ::1, localhost)\n")
-        return 2
+        return EXIT_CONFIG
     if not logging.getLogger().handlers:
         from agent import logs
 
@@ -1011,7 +1011,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             idp.register_certificate(Path(pem).read_bytes(), args.client_id)
         except (OSError, ValueError) as err:
             sys.stderr.write(f"sim idp: --certificate {pem}: {getattr(err, 'strerror', None) or err}\n")
-            return 2
+            return EXIT_CONFIG
     try:
         idp.start()
     except OSError as err:

@@ -25,7 +25,7 @@ from typing import TextIO
 from agent.telemetry.outbox import STAMP_COLUMNS, add_stamp_columns
 
 BUSY_TIMEOUT_S = 10.0
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 78   # a wrong command line is a config error (78)
 _SQL_VARS = 500
 
 
@@ -41,7 +41,7 @@ def parse_seqs(args: Sequence[str]) -> list[int]:
     """SEQ arguments as numbers.
 
     Raises:
-        DeadLetterError: one is not a whole number >= 1 (exit 2, like any usage error).
+        DeadLetterError: one is not a whole number >= 1 (exit 78, like any command-line mistake).
     """
     seqs = []
     for arg in args:
@@ -58,7 +58,7 @@ def run(path: Path, device_id: str, action: str, seqs: Sequence[str] = (), *, al
     """One ``dead-letter`` command against the outbox at ``path``. Returns the exit code.
 
     Raises:
-        DeadLetterError: bad arguments (exit 2) or seqs that are not dead-lettered (exit 1).
+        DeadLetterError: bad arguments (exit 78) or seqs that are not dead-lettered (exit 1).
         sqlite3.Error: the outbox cannot be read or written (busy for longer than the timeout).
     """
     if action == "retry":

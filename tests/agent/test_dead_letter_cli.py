@@ -100,14 +100,15 @@ def test_list_retry_and_purge_while_the_service_writes(config: Path, live: Outbo
 
 
 @pytest.mark.parametrize(("args", "code", "says"), [
-    (["retry"], 2, "--all, or SEQ"),
-    (["retry", "--all", "3"], 2, "not both"),
-    (["retry", "abc"], 2, "'abc' is not a seq"),
-    (["retry", "0"], 2, "'0' is not a seq"),
-    (["retry", "-3"], 2, None),                     # argparse: unknown option
-    (["retry", "²"], 2, "is not a seq"),
+    (["retry"], 78, "--all, or SEQ"),               # a wrong command line is a config error (78)
+    (["retry", "--all", "3"], 78, "not both"),
+    (["retry", "abc"], 78, "'abc' is not a seq"),
+    (["retry", "0"], 78, "'0' is not a seq"),
+    (["retry", "-3"], 78, "command line"),          # argparse: unknown option
+    (["retry", "²"], 78, "is not a seq"),
     (["retry", "2", "99", "100"], 1, "not dead-lettered: seq 99-100"),
-    (["frobnicate"], 2, None),
+    (["purge", "5"], 78, "unrecognized arguments: 5"),
+    (["frobnicate"], 78, "command line"),
 ])
 def test_bad_arguments_give_one_line_and_a_usage_exit_code(config: Path, live: Outbox, args: list[str],
                                                            code: int, says: str | None) -> None:

@@ -444,7 +444,7 @@ def test_page_prefills_code_from_complete_uri(idp: SimIdp, tls: TlsFiles) -> Non
 
 # ---- `device-agent sim idp` --------------------------------------------------------------------
 def test_main_refuses_non_loopback_host(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--host", "0.0.0.0"]) == 2
+    assert main(["--host", "0.0.0.0"]) == 78
     assert "loopback only" in capsys.readouterr().err
 
 
