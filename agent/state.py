@@ -90,6 +90,7 @@ class Snapshot:
     account: str | None = None
     code: DeviceCode | None = None
     error: str | None = None                  # one short operator line: what to do
+    error_panel: str | None = None            # the same, shorter, for the 128x64 panel (if it has one)
     renewals_exhausted: bool = False          # codes ran out: button / renew_code / restart
     notice: str | None = None                 # transient message (e.g. "code declined", "hold to sign out")
     outbox: OutboxCounts = field(default_factory=OutboxCounts)
@@ -187,6 +188,8 @@ class AgentState:
         with self._lock:
             old = self._snapshot
             changes = compute(old)
+            if "error" in changes and "error_panel" not in changes:
+                changes = {**changes, "error_panel": None}     # a short form belongs to its error
             if all(getattr(old, k) == v for k, v in changes.items()):
                 return old
             snap = dataclasses.replace(old, version=old.version + 1, **changes)
@@ -222,8 +225,10 @@ class AgentState:
         """Automatic code renewals ran out: a person must ask (button, renew_code, restart)."""
         self.update(phase="error", code=None, renewals_exhausted=True, error=message)
 
-    def failed(self, message: str) -> None:
-        self.update(phase="error", error=message, code=None)
+    def failed(self, message: str, panel: str | None = None) -> None:
+        """An error a person must act on; ``panel``: its short form for the 128x64 panel
+        (status, MQTT and the journal carry ``message``)."""
+        self.update(phase="error", error=message, error_panel=panel, code=None)
 
     def set_storage(self, storage: StorageState) -> None:
         """The outbox found the state directory full or read-only, or writable again."""

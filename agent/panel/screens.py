@@ -27,6 +27,7 @@ from agent.state import DeviceCode, LastReading, OutboxCounts, Snapshot
 # must not import signin (tests/test_layout.py); keep the two in step.
 DEVICE_CODE_BLOCKED = ('device code sign-in is blocked by your tenant\'s policy: use '
                        'auth.flow = "client_certificate" (README)')
+DEVICE_CODE_BLOCKED_PANEL = "Device code blocked by tenant policy: use client_certificate"
 
 SIZE = (128, 64)
 PAGE_S = 4.0                       # each page of an alternating screen stays this long (>= 3 s)
@@ -112,7 +113,7 @@ def render(snap: Snapshot, now_monotonic: float, page: int = 0, *,
     if name == "exhausted":
         return render_exhausted(size, snap.notice)
     if name == "error":
-        return render_error(snap.error or "", size)
+        return render_error(snap.error_panel or snap.error or "", size)
     if name == "notice":
         return render_notice(snap.notice or "", size)
     if name == "status":
@@ -621,7 +622,8 @@ def examples(now: float = 1000.0) -> dict[str, Image.Image]:
             signed, account="app device-agent-demo",
             warning="The certificate in auth.certificate_file expires on 2026-12-20 (in 19 days): "
                     "renew it (README)"), now, 2),
-        "error_device_code_blocked": render(Snapshot(phase="error", error=DEVICE_CODE_BLOCKED), now),
+        "error_device_code_blocked": render(Snapshot(phase="error", error=DEVICE_CODE_BLOCKED,
+                                                              error_panel=DEVICE_CODE_BLOCKED_PANEL), now),
         "error": render(Snapshot(phase="error",
                                  error="Device sign-in is disabled for this app: ask your admin to allow "
                                        "public client flows"), now),

@@ -35,12 +35,20 @@ class Problem:
     message: str
     aadsts: int | None = None
 
+    @property
+    def panel(self) -> str | None:
+        """The short form for the 128x64 panel, for messages too long to read there."""
+        return PANEL_LINES.get(self.message)
+
 
 # Conditional Access blocks device code flow (Microsoft's advice to tenants since the 2025
 # device-code phishing campaigns): the way out is the certificate flow, README "When your tenant
 # blocks device code flow".
 DEVICE_CODE_BLOCKED = ('device code sign-in is blocked by your tenant\'s policy: use '
                        'auth.flow = "client_certificate" (README)')
+DEVICE_CODE_BLOCKED_PANEL = "Device code blocked by tenant policy: use client_certificate"
+# Operator message -> its short form on the panel (one short line saying what to do).
+PANEL_LINES: dict[str, str] = {DEVICE_CODE_BLOCKED: DEVICE_CODE_BLOCKED_PANEL}
 
 # AADSTS code -> (kind, operator message). Messages: what happened, then what to do.
 AADSTS: dict[int, tuple[Kind, str]] = {

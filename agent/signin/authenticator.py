@@ -245,7 +245,7 @@ class Authenticator(SignInFlow):
             self._clear_http_cache()
         except IdpRefused as err:
             self._refused.failed(f"token refresh refused: {err.problem.message}")
-            self._state.failed(err.problem.message)
+            self._state.failed(err.problem.message, err.problem.panel)
             self._clear_http_cache()
 
     # ---- the sign-in loop -------------------------------------------------------------------
@@ -632,8 +632,8 @@ class Authenticator(SignInFlow):
         self._new_code.clear()      # a request that cut the wait short is used up: no 1 s loop
 
     def _on_config_problem(self, problem: Problem) -> None:
-        self._refused.failed(f"{problem.message} (or on request_new_code)")
-        self._state.failed(problem.message)
+        self._refused.failed(problem.message)
+        self._state.failed(problem.message, problem.panel)
         self._clear_http_cache()
         self._wait_until(lambda: self._refused.not_before, *self._code_events())
         self._new_code.clear()

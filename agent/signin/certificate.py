@@ -234,7 +234,7 @@ class CertificateAuthenticator(SignInFlow):
                     self._state.failed(f"{err}: retrying")
             except IdpRefused as err:
                 wait_s = self._refused.failed(err.problem.message)
-                self._state.failed(err.problem.message)
+                self._state.failed(err.problem.message, err.problem.panel)
             except Exception as err:   # never let the sign-in thread die
                 log.exception("unexpected sign-in error (%s); retrying", type(err).__name__)
                 wait_s = self._down.failed(f"Sign-in error ({type(err).__name__})")
@@ -415,7 +415,7 @@ class CertificateAuthenticator(SignInFlow):
         else:
             self._refused.failed(f"{what}: {err.problem.message}")
             if show:
-                self._state.failed(err.problem.message)
+                self._state.failed(err.problem.message, err.problem.panel)
         self._clear_http_cache()
 
     def _ensure_app(self) -> msal.ConfidentialClientApplication:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -745,8 +746,15 @@ def test_device_code_blocked_by_conditional_access_names_the_way_out(idp: SimIdp
         stop.set()
         thread.join(5)
     assert snap.error == DEVICE_CODE_BLOCKED and snap.code is None
+    # The panel gets one short line; status, MQTT and the journal the whole sentence.
+    assert snap.error_panel == "Device code blocked by tenant policy: use client_certificate"
     assert snap.status_payload("1")["error"] == DEVICE_CODE_BLOCKED          # what MQTT carries
     assert any(DEVICE_CODE_BLOCKED in r.getMessage() and r.levelno >= logging.ERROR for r in caplog.records)
+    # The journal line: the sentence, then the retry as its own clause; no internals.
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert lines and all(re.match(re.escape(DEVICE_CODE_BLOCKED) + r"; retrying in \d+\.\d s( |$)", m)
+                         for m in lines), lines
+    assert not any("request_new_code" in r.getMessage() for r in caplog.records)
     assert DEVICE_CODE_BLOCKED == ('device code sign-in is blocked by your tenant\'s policy: use '
                                    'auth.flow = "client_certificate" (README)')
 
@@ -756,6 +764,7 @@ def test_the_example_screen_shows_the_words_the_agent_says() -> None:
     from agent.signin import aadsts
 
     assert screens.DEVICE_CODE_BLOCKED == aadsts.DEVICE_CODE_BLOCKED
+    assert screens.DEVICE_CODE_BLOCKED_PANEL == aadsts.DEVICE_CODE_BLOCKED_PANEL
 
 
 def test_a_generic_oidc_provider_names_its_own_app_scopes(cert: CertificateFiles) -> None:

@@ -173,3 +173,23 @@ def test_status_screen_says_when_storage_is_full_or_read_only() -> None:
     # Only the queue line changes: the account, the reading and the links stay as they were.
     top, bottom = changed[1], changed[3]
     assert top > 30 and bottom < 56, changed
+
+
+def test_error_screen_shows_the_short_panel_line_and_drops_it_with_its_error() -> None:
+    """AADSTS53003's sentence filled 5 lines of tiny text; the panel shows its short line, in
+    larger type than the sentence got, and a later error without one shows that error's words."""
+    from agent.state import AgentState
+
+    state = AgentState()
+    state.failed(screens.DEVICE_CODE_BLOCKED, screens.DEVICE_CODE_BLOCKED_PANEL)
+    snap = state.snapshot
+    assert snap.error == screens.DEVICE_CODE_BLOCKED                       # status / MQTT
+    short = screens.render(snap, 0.0)
+    assert pixel_diff(short, screens.render_error(screens.DEVICE_CODE_BLOCKED_PANEL)) is None
+    assert pixel_diff(short, screens.render_error(screens.DEVICE_CODE_BLOCKED)) is not None
+    state.failed("Something else went wrong: see the journal")
+    assert state.snapshot.error_panel is None
+    assert pixel_diff(screens.render(state.snapshot, 0.0),
+                      screens.render_error("Something else went wrong: see the journal")) is None
+    state.update(phase="signed_in", error=None)
+    assert state.snapshot.error_panel is None
