@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HTTP basic-auth password for --serve (required off loopback)")
     w.add_argument("--backlog-threshold", metavar="S", type=float, default=3600.0,
                    help="a device whose oldest unsent reading is older needs attention (default 3600)")
+    w.add_argument("--allow-insecure", action="store_true",
+                   help="allow mqtt:// (no TLS) to a host that is not loopback: codes travel in clear")
     w.add_argument("--legacy-qos1", action="store_true", help=argparse.SUPPRESS)  # bench baseline
 
     with_config(sub.add_parser("mqtt-forget", help="clear this device's retained topics from the broker "
@@ -233,7 +235,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                                as_json=args.json, count=args.count, timeout_s=args.timeout,
                                summary=args.summary, serve=args.serve,
                                serve_password_file=args.serve_password_file,
-                               backlog_s=args.backlog_threshold, legacy=args.legacy_qos1)
+                               backlog_s=args.backlog_threshold, legacy=args.legacy_qos1,
+                               allow_insecure=args.allow_insecure)
     if cmd == "mqtt-forget":
         from agent import statusfile
         from agent.mqtt import forget

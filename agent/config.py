@@ -31,6 +31,11 @@ _DEVICE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _SENSOR_NAME = re.compile(r"^[a-z0-9_.-]{1,64}$")
 _TOPIC_PREFIX = re.compile(r"^[^#+\x00]{1,128}$")
 
+
+def is_topic_prefix(prefix: str) -> bool:
+    """A prefix topics can be built on: no MQTT wildcard (+ #), no NUL, no leading/trailing /."""
+    return bool(_TOPIC_PREFIX.match(prefix)) and not prefix.startswith("/") and not prefix.endswith("/")
+
 # Backend names (display drivers, GPIO backends, sensor types and their options) come from
 # hw/registry.py; sinks are the agent's own.
 SINKS = ("http", "graph_list", "graph_excel")

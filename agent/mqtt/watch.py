@@ -24,6 +24,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from agent.config import is_topic_prefix
 from agent.errors import AgentError, ConfigError, NotifyError
 from agent.mqtt.connection import (
     BrokerAddress,
@@ -37,6 +38,7 @@ from agent.mqtt.connection import (
     tls_context,
 )
 from agent.mqtt.fleet import BACKLOG_ATTENTION_S, STATES, Fleet
+from agent.net.hosts import is_loopback_host
 from agent.signal_relay import relay_signals
 
 RESYNC_QUIET_S = 2.0     # after a reconnect, the retained burst is over once quiet this long
@@ -346,7 +348,7 @@ def run_watch(*, url: str, prefix: str, ca_file: str, username: str, password_fi
               out: TextIO | None = None, err: TextIO | None = None, summary: bool = False,
               serve: str | None = None, serve_password_file: str = "",
               backlog_s: float = BACKLOG_ATTENTION_S, legacy: bool = False,
-              stop_event: threading.Event | None = None) -> int:
+              stop_event: threading.Event | None = None, allow_insecure: bool = False) -> int:
     """Print every device's code and status until SIGINT/SIGTERM, ``count`` events or ``timeout_s``.
 
     ``summary``: counts by state and the devices needing a person, redrawn in place on a
@@ -356,6 +358,11 @@ def run_watch(*, url: str, prefix: str, ca_file: str, username: str, password_fi
     """
     out = out or sys.stdout
     err = err or sys.stderr
+    problem = _option_problem(url, prefix, as_json=as_json, summary=summary, timeout_s=timeout_s,
+                              allow_insecure=allow_insecure)
+    if problem:
+        print(f"config error: {problem}", file=err)
+        return EXIT_CONFIG
     events: queue.Queue[WatchEvent | str] = queue.Queue()
     fleet = Fleet(backlog_s=backlog_s) if summary or serve else None
     server = None
@@ -499,6 +506,28 @@ class SummaryScreen:
         else:
             self.out.write("\n".join(summary_lines(fleet)) + "\n\n")
         self.out.flush()
+
+
+def _option_problem(url: str, prefix: str, *, as_json: bool, summary: bool, timeout_s: float | None,
+                    allow_insecure: bool) -> str | None:
+    """What is wrong with the options as a whole (exit 78), or None. A malformed --url is
+    WatchClient's to say."""
+    if as_json and summary:
+        return "command line: --json and --summary do not go together; choose one"
+    if timeout_s is not None and not (timeout_s >= 0 and math.isfinite(timeout_s)):
+        return f"command line: --timeout {timeout_s:g}: give seconds >= 0"
+    if not is_topic_prefix(prefix):
+        return (f"--prefix {prefix!r}: must be a topic without the MQTT wildcards + and # "
+                "and no leading/trailing /, as mqtt.topic_prefix on the devices")
+    try:
+        address = parse_broker_url(url)
+    except ConfigError:
+        return None
+    if not address.tls and not is_loopback_host(address.host) and not allow_insecure:
+        # The same rule as the device's mqtt.allow_insecure: codes are sensitive.
+        return ("--url: mqtt:// (no TLS) is refused for a non-loopback host because sign-in codes "
+                "would travel in clear; use mqtts:// or pass --allow-insecure")
+    return None
 
 
 def _on_sigterm(stop: threading.Event) -> Callable[[], None]:
