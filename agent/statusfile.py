@@ -11,12 +11,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import math
 import os
 import signal
+import stat
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -38,10 +41,57 @@ LOCK_NAME = "agent.lock"
 SIGN_OUT_REQUEST = "sign-out.request"   # the CLI's nonce; the service answers in SIGN_OUT_DONE
 SIGN_OUT_DONE = "sign-out.done"
 SIGN_OUT_SIGNAL = signal.SIGUSR1
+RUNTIME_DIR = Path("/run/device-agent")   # systemd's RuntimeDirectory= (systemd/device-agent.service)
 
 
 def status_path(settings: Settings) -> Path:
     return settings.device.state_dir / STATUS_NAME
+
+
+def fallback_status_paths(state_dir: Path) -> list[Path]:
+    """Where the service puts status.json when the state dir cannot take it (read-only or full),
+    in order of preference, and where `status` looks for it: ``$RUNTIME_DIRECTORY`` (systemd
+    sets it), ``/run/device-agent``, else a directory of our own under the system temp dir. The
+    name is derived from the state dir, so services on different state dirs never mix."""
+    key = hashlib.sha256(str(Path(os.path.abspath(state_dir))).encode()).hexdigest()[:16]
+    dirs = [Path(d) for d in os.environ.get("RUNTIME_DIRECTORY", "").split(":") if d]
+    dirs.append(RUNTIME_DIR)
+    paths = list(dict.fromkeys(d / f"status-{key}.json" for d in dirs))
+    paths.append(Path(tempfile.gettempdir()) / f"device-agent-{key}" / STATUS_NAME)
+    return paths
+
+
+def _trusted_dir(directory: Path, owner: int, *, create: bool = False) -> bool:
+    """Whether ``directory`` may hold our status: a real directory of ``owner`` that nobody else
+    can write (the temp dir is shared: a file planted there must not pass for the service's)."""
+    if create:
+        with contextlib.suppress(OSError):
+            directory.mkdir(mode=0o700)
+    try:
+        st = directory.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == owner and not st.st_mode & 0o022
+
+
+def newest_status(state_dir: Path) -> dict[str, Any] | None:
+    """The newest status document among state_dir/status.json and its fallback copies."""
+    try:
+        owner = state_dir.stat().st_uid
+    except OSError:
+        owner = os.geteuid()
+    best: tuple[float, dict[str, Any]] | None = None
+    for i, path in enumerate([state_dir / STATUS_NAME, *fallback_status_paths(state_dir)]):
+        if i and not _trusted_dir(path.parent, owner):
+            continue
+        try:
+            mtime = path.stat().st_mtime
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and (best is None or mtime > best[0]):
+            best = (mtime, doc)
+    return None if best is None else best[1]
 
 
 class InstanceLock:
@@ -103,8 +153,10 @@ class StatusWriter:
     """Observes the state and rewrites status.json at most every ``min_interval_s``."""
 
     def __init__(self, path: Path, state: AgentState, device_id: str, *, min_interval_s: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, fallbacks: list[Path] | None = None) -> None:
         self.path = path
+        self._fallbacks = fallback_status_paths(path.parent) if fallbacks is None else fallbacks
+        self._written_elsewhere: Path | None = None
         self._state = state
         self._device_id = device_id
         self._min_interval_s = min_interval_s
@@ -144,13 +196,36 @@ class StatusWriter:
             written = time.monotonic()
 
     def write(self, snap: Snapshot) -> None:
-        data = snapshot_document(snap, self._device_id)
+        data = (json.dumps(snapshot_document(snap, self._device_id), indent=1) + "\n").encode()
         try:
-            atomic_write(self.path, (json.dumps(data, indent=1) + "\n").encode(), durable=False)
+            atomic_write(self.path, data, durable=False)
         except OSError as err:
-            self._failing.failed(f"cannot write {self.path}: {err}")
+            # `status` must not show a stale file while MQTT and the panel tell the truth:
+            # the same document goes to a fallback that `status` reads too (newest wins).
+            where = self._write_fallback(data)
+            self._failing.failed(f"cannot write {self.path}: {err}"
+                                 + (f"; status goes to {where}" if where else ""))
         else:
             self._failing.ended(f"writing {self.path} again")
+            if self._written_elsewhere is not None:
+                with contextlib.suppress(OSError):
+                    self._written_elsewhere.unlink()
+                self._written_elsewhere = None
+
+    def _write_fallback(self, data: bytes) -> Path | None:
+        owner = os.geteuid()
+        ordered = ([self._written_elsewhere] if self._written_elsewhere else []) + \
+            [p for p in self._fallbacks if p != self._written_elsewhere]
+        for path in ordered:
+            if not _trusted_dir(path.parent, owner, create=path.parent.parent == Path(tempfile.gettempdir())):
+                continue
+            try:
+                atomic_write(path, data, durable=False)
+            except OSError:
+                continue
+            self._written_elsewhere = path
+            return path
+        return None
 
 
 def snapshot_document(snap: Snapshot, device_id: str) -> dict[str, Any]:
@@ -172,9 +247,10 @@ def snapshot_document(snap: Snapshot, device_id: str) -> dict[str, Any]:
 
 
 def previous_last_upload(path: Path) -> datetime | None:
-    """``last_upload`` from the status file a previous run left, if any and readable."""
+    """``last_upload`` from the status file a previous run left (``path`` or, if newer, its
+    fallback copy), if any and readable."""
     try:
-        value = json.loads(path.read_text()).get("last_upload")
+        value = (newest_status(path.parent) or {}).get("last_upload")
         return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
     except (OSError, ValueError, AttributeError, TypeError):
         return None
@@ -184,9 +260,7 @@ def read_status(settings: Settings) -> dict[str, Any]:
     """The service's view if it runs, else what can be read from the state dir without it."""
     state_dir = settings.device.state_dir
     pid = running_pid(state_dir)
-    doc: dict[str, Any] | None = None
-    with contextlib.suppress(OSError, ValueError):
-        doc = json.loads(status_path(settings).read_text())
+    doc = newest_status(state_dir)
     if pid is not None and doc is not None:
         doc["running"] = True
         _age(doc)

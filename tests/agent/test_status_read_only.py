@@ -9,6 +9,7 @@ privileges needed), so nothing outside the test sees it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -107,3 +108,87 @@ def test_status_without_the_service_says_a_full_state_dir_is_full(tmp_path: Path
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     doc = json.loads(done.stdout)
     assert doc["running"] is False and doc["storage"] == "full", doc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime_dir", [False, True])
+def test_status_of_a_running_service_on_a_read_only_state_dir_is_fresh(
+        stopped_state: tuple[Path, Path], tmp_path: Path, runtime_dir: bool) -> None:
+    """The service runs but cannot rewrite state_dir/status.json (an SD card gone read-only):
+    `status` must not show the stale file of the last run ("offline", storage "ok") while MQTT
+    and the panel say read_only. The service writes the status to its runtime directory
+    (systemd's RuntimeDirectory=, ``$RUNTIME_DIRECTORY``) or, without one, under the temp dir;
+    `status`, run outside the service's mount namespace, finds the fresh copy."""
+    if shutil.which("unshare") is None:
+        missing("needs unshare (util-linux) for a private read-only mount")
+    from tests.agentproc import AgentProcess
+
+    config, state = stopped_state
+    stale = {"state": "offline", "account": None, "error": None,
+             "outbox": {"pending": 3, "dead": 1, "dropped": 1}, "storage": "ok",
+             "updated_at": "2026-01-01T00:00:00Z", "version": "0"}
+    (state / "status.json").write_text(json.dumps(stale))
+    os.utime(state / "status.json", (time.time() - 3600, time.time() - 3600))
+    (tmp_path / "tmp").mkdir()
+    env = {"TMPDIR": str(tmp_path / "tmp")}
+    if runtime_dir:
+        (tmp_path / "run").mkdir(mode=0o755)
+        env["RUNTIME_DIRECTORY"] = str(tmp_path / "run")
+    script = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"'
+    proc = AgentProcess(config, env=env,
+                        wrap=lambda argv: ["unshare", "-r", "-m", "sh", "-c", script, str(state), *argv])
+
+    def status(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "agent", "status", *args, "--config", str(config)],
+                              capture_output=True, text=True, timeout=60, cwd=ROOT,
+                              env={**os.environ, **env})
+    try:
+        proc.wait_for_line(lambda line: "storage read-only" in line, timeout_s=20)
+        deadline = time.monotonic() + 10
+        doc: dict[str, object] = {}
+        while time.monotonic() < deadline:
+            done = status("--json")
+            assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+            doc = json.loads(done.stdout)
+            if doc.get("storage") == "read_only":
+                break
+            time.sleep(0.2)
+        assert doc.get("storage") == "read_only", doc
+        assert doc["running"] is True and doc["state"] != "offline", doc
+        assert doc["updated_at"] != stale["updated_at"] and doc["pid"] == proc.proc.pid, doc
+        assert json.loads((state / "status.json").read_text()) == stale, "the state dir stayed read-only"
+        text = status()
+        assert "storage:     read_only" in text.stdout and "running (pid" in text.stdout, text.stdout
+        where = tmp_path / ("run" if runtime_dir else "tmp")
+        assert [p.name for p in where.rglob("*.json")], list(where.rglob("*"))
+        rc, _ = proc.terminate()
+    finally:
+        if proc.proc.poll() is None:
+            proc.kill()
+        proc.close()
+    assert rc == 0, proc.output[-3000:]
+    assert "Traceback" not in proc.output, proc.output[-3000:]
+
+
+def test_a_fallback_copy_others_could_write_is_not_believed(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The temp dir is shared: a status planted in a directory others can write never passes
+    for the service's, however new it is; one in a private directory does."""
+    import tempfile
+
+    from agent.statusfile import fallback_status_paths, newest_status
+
+    monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "status.json").write_text('{"state": "offline"}')
+    os.utime(state / "status.json", (time.time() - 60, time.time() - 60))
+    fallback = fallback_status_paths(state)[-1]
+    assert fallback.is_relative_to(tmp_path / "tmp")
+    fallback.parent.mkdir(mode=0o700)
+    fallback.write_text('{"state": "signed_in"}')
+    assert newest_status(state) == {"state": "signed_in"}
+    fallback.parent.chmod(0o777)
+    assert newest_status(state) == {"state": "offline"}
