@@ -233,8 +233,9 @@ class CertificateAuthenticator(SignInFlow):
                 if not self._signed_in:
                     self._state.failed(f"{err}: retrying")
             except IdpRefused as err:
-                wait_s = self._refused.failed(err.problem.message)
-                self._state.failed(err.problem.message, err.problem.panel)
+                problem = self._told_by_validity(err.problem)
+                wait_s = self._refused.failed(problem.message)
+                self._state.failed(problem.message, problem.panel)
             except Exception as err:   # never let the sign-in thread die
                 log.exception("unexpected sign-in error (%s); retrying", type(err).__name__)
                 wait_s = self._down.failed(f"Sign-in error ({type(err).__name__})")
@@ -406,6 +407,18 @@ class CertificateAuthenticator(SignInFlow):
             self._backed_off(err, "replacing the refused app token failed")
             return None
         return self._token.value if self._token else None
+
+    def _told_by_validity(self, problem: Problem) -> Problem:
+        """The IdP refused the certificate (AADSTS700027) while this box's clock was not trusted
+        enough to judge it: its answer's Date now tells the time, so say the certificate's own
+        fault when it has one ("expired on DATE", "not valid before ...") rather than the IdP's
+        words alone."""
+        if problem.aadsts != 700027 or self._trust.quality() == "unsynced":
+            return problem
+        local = validity_problem(self._credential, datetime.fromtimestamp(self._trust.now(), UTC))
+        if local is None or local.kind == "pending":
+            return problem
+        return Problem(local.kind, local.message, problem.aadsts)
 
     def _backed_off(self, err: IdpDown | IdpRefused, what: str, *, show: bool = False) -> None:
         """A request for the uploader failed: it feeds the shared back-off and its journal rule

@@ -250,6 +250,24 @@ def test_certificate_expired_here_is_not_even_sent(idp: SimIdp, tls: TlsFiles, t
     assert idp.app_credentials.assertions == [], "an expired certificate is not offered to the IdP"
 
 
+def test_certificate_expired_with_an_unsynchronized_clock_says_expired_on_its_date(
+        idp: SimIdp, tls: TlsFiles, tmp_path: Path, running: Any) -> None:
+    """A Pi without RTC: this box cannot judge the certificate, so it asks the IdP, which
+    refuses it (AADSTS700027, key expired); its answer's Date tells the time, and the error the
+    panel, status and MQTT show says the certificate expired, and on which day."""
+    old = make_certificate(tmp_path / "old", "greenhouse-01", valid_days=30,
+                           not_before=datetime.now(UTC) - timedelta(days=40))
+    idp.register_certificate(old.pem, CLIENT)
+    unsynced = ClockTrust(kernel=lambda: False, boot_id="b")
+    r = running(app_settings(idp, tls, old), tmp_path / "c.json", trust=unsynced)
+    snap = wait_until(lambda: r.state.snapshot.error and r.state.snapshot, 10, "an error")
+    day = (datetime.now(UTC) - timedelta(days=10)).strftime("%Y-%m-%d")
+    assert snap.error == (f"The certificate in auth.certificate_file expired on {day}: create a new one "
+                          "and upload it to the app registration (README)")
+    assert snap.status_payload("1")["error"] == snap.error and snap.phase == "error"
+    assert [a.aadsts for a in idp.app_credentials.assertions] == [700027], "asked the IdP once, refused"
+
+
 def test_assertion_outside_its_time_means_the_clock(tls: TlsFiles, tmp_path: Path, running: Any) -> None:
     """An IdP whose checks run an hour ahead of the time its Date headers tell: nothing the box
     can correct, so the refusal stays, and says where to look."""
@@ -545,7 +563,8 @@ def test_sim_idp_command_refuses_an_unreadable_certificate(tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     from agent.sim.idp import main
 
-    assert main(["--tls-dir", str(tmp_path / "tls"), "--certificate", str(tmp_path / "missing.pem")]) == 2
+    # A command-line mistake: exit 78, one line (agent.cmdline).
+    assert main(["--tls-dir", str(tmp_path / "tls"), "--certificate", str(tmp_path / "missing.pem")]) == 78
     assert "--certificate" in capsys.readouterr().err
 
 
