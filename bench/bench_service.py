@@ -39,7 +39,7 @@ SCOPE = "api://telemetry/Readings.Write"
 
 
 def config(tmp: Path, idp: SimIdp, api: SimApi, tls: Any, *, interval_s: float, state: str,
-           mqtt_url: str | None = None, device: str = "bench-01") -> Path:
+           mqtt_url: str | None = None, device: str = "bench-01", png_dir: Path | None = None) -> Path:
     extra: dict[str, Any] = {}
     if mqtt_url:
         extra = {"mqtt": {"url": mqtt_url},
@@ -48,7 +48,7 @@ def config(tmp: Path, idp: SimIdp, api: SimApi, tls: Any, *, interval_s: float, 
         "device": {"id": device, "state_dir": str(tmp / state)},
         "auth": {"client_id": CLIENT, "authority": idp.authority, "instance_discovery": False,
                  "scopes": [SCOPE], "ca_file": str(tls.ca_file)},
-        "display": {"driver": "png", "path": str(tmp / f"{state}.png"), "sleep_after_s": 0},
+        "display": {"driver": "png", "path": str((png_dir or tmp) / f"{state}.png"), "sleep_after_s": 0},
         "sensors": [{"name": "temp", "type": "simulated", "interval_s": interval_s}],
         "upload": {"sink": "http", "url": api.url, "ca_file": str(tls.ca_file)},
         "log": {"level": "warning"},
@@ -159,6 +159,14 @@ def proc_stats(pid: int) -> tuple[float, int, int]:
     return cpu_s(pid), int(status["VmRSS"].split()[0]), int(status["VmHWM"].split()[0])
 
 
+def write_bytes(pid: int) -> int:
+    """Bytes the process sent (or dirtied, for the block device) on its own behalf."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("write_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
 def wakeups(pid: int) -> dict[tuple[int, str], int]:
     """Voluntary context switches (a thread went to sleep, so something woke it) per thread,
     keyed by (tid, the thread's OS name)."""
@@ -182,8 +190,9 @@ def idle(minutes: float, baseline_tree: Path | None) -> None:
     from tests.fixtures.broker import Broker
 
     trees = [("this agent", ROOT)] + ([("baseline", baseline_tree)] if baseline_tree else [])
-    with tempfile.TemporaryDirectory() as d:
-        tmp = Path(d)
+    with tempfile.TemporaryDirectory() as d, tempfile.TemporaryDirectory(dir="/dev/shm") as shm_dir:  # noqa: S108
+        tmp, shm = Path(d), Path(shm_dir)
+        tmp_fs = subprocess.run(["stat", "-f", "-c", "%T", d], capture_output=True, text=True).stdout.strip()
         tls = make_tls(tmp / "tls")
         broker = Broker("/usr/sbin/mosquitto", tmp / "broker").start()
         with SimIdp(tls, client_id=CLIENT) as idp:
@@ -193,7 +202,7 @@ def idle(minutes: float, baseline_tree: Path | None) -> None:
             try:
                 for n, (_, tree) in enumerate(trees):
                     cfg = config(tmp, idp, api, tls, interval_s=60, state=f"idle{n}", mqtt_url=broker.url,
-                                 device=f"bench-{n:02d}")
+                                 device=f"bench-{n:02d}", png_dir=shm)
                     env = dict(os.environ, PYTHONPATH=str(tree))
                     procs.append(subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)],
                                                   cwd=tree, env=env, stdout=subprocess.DEVNULL,
@@ -204,7 +213,7 @@ def idle(minutes: float, baseline_tree: Path | None) -> None:
                         raise RuntimeError("an agent never delivered a reading")
                     time.sleep(0.2)
                 time.sleep(5)                    # start-up done: the first upload, MQTT truth
-                before = [(proc_stats(p.pid)[0], wakeups(p.pid)) for p in procs]
+                before = [(proc_stats(p.pid)[0], wakeups(p.pid), write_bytes(p.pid)) for p in procs]
                 t0 = time.monotonic()
                 rounds = max(1, round(minutes))
                 samples: list[list[int]] = [[] for _ in procs]
@@ -212,7 +221,7 @@ def idle(minutes: float, baseline_tree: Path | None) -> None:
                     time.sleep(max(0.0, t0 + 60 * minutes * (k + 1) / rounds - time.monotonic()))
                     for i, p in enumerate(procs):
                         samples[i].append(proc_stats(p.pid)[1])
-                after = [(proc_stats(p.pid), wakeups(p.pid)) for p in procs]
+                after = [(proc_stats(p.pid), wakeups(p.pid), write_bytes(p.pid)) for p in procs]
                 elapsed = time.monotonic() - t0
                 delivered = [len(api.seqs(f"bench-{n:02d}")) for n in range(len(trees))]
             finally:
@@ -221,18 +230,20 @@ def idle(minutes: float, baseline_tree: Path | None) -> None:
                     p.wait(10)
                 api.stop()
                 broker.stop()
-    print(f"idle, signed in, 1 reading/min, MQTT + png panel + button/LED, {elapsed / 60:.1f} min:")
+    print(f"idle, signed in, 1 reading/min, MQTT + png panel (in /dev/shm, as /run) + button/LED, "
+          f"{elapsed / 60:.1f} min:")
     figures = []
     for i, (label, _) in enumerate(trees):
-        (cpu1, rss, hwm), wake1 = after[i]
-        cpu0, wake0 = before[i]
+        (cpu1, rss, hwm), wake1, wb1 = after[i]
+        cpu0, wake0, wb0 = before[i]
         per_thread = sorted((((wake1[t] - wake0.get(t, 0)) * 60 / elapsed, t[1]) for t in wake1), reverse=True)
         pct, wakes = 100 * (cpu1 - cpu0) / elapsed, sum(w for w, _ in per_thread)
         figures.append((pct, wakes))
         print(f"  {label}: CPU {cpu1 - cpu0:.3f} s ({pct:.3f} % of one core); wake-ups {wakes:.0f} a minute "
               f"over {len(per_thread)} threads ({', '.join(f'{w:.0f}' for w, _ in per_thread)}); RSS end "
               f"{rss / 1024:.1f} MiB (median {statistics.median(samples[i]) / 1024:.1f}, peak "
-              f"{hwm / 1024:.1f}); readings delivered {delivered[i]}")
+              f"{hwm / 1024:.1f}); readings delivered {delivered[i]}; written to disk "
+              f"{(wb1 - wb0) * 86400 / elapsed / 1e6:.1f} MB/day (state dir on {tmp_fs})")
     if len(figures) == 2:
         (pa, wa), (pb, wb) = figures
         print(f"  ratio this agent / baseline: CPU {pa / pb:.3f}, wake-ups {wa / wb:.3f}")
