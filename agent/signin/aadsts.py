@@ -34,11 +34,12 @@ class Problem:
     kind: Kind
     message: str
     aadsts: int | None = None
+    short: str | None = None       # the panel's line, when the message is too long to read there
 
     @property
     def panel(self) -> str | None:
         """The short form for the 128x64 panel, for messages too long to read there."""
-        return PANEL_LINES.get(self.message)
+        return self.short or PANEL_LINES.get(self.message)
 
 
 # Conditional Access blocks device code flow (Microsoft's advice to tenants since the 2025
@@ -48,7 +49,12 @@ DEVICE_CODE_BLOCKED = ('device code sign-in is blocked by your tenant\'s policy:
                        'auth.flow = "client_certificate" (README)')
 DEVICE_CODE_BLOCKED_PANEL = "Device code blocked by tenant policy: use client_certificate"
 # Operator message -> its short form on the panel (one short line saying what to do).
-PANEL_LINES: dict[str, str] = {DEVICE_CODE_BLOCKED: DEVICE_CODE_BLOCKED_PANEL}
+CERT_EXPIRED_AT_IDP = ("The IdP says the registered certificate expired (AADSTS700027): create a new "
+                       "one and upload it (README)")
+PANEL_LINES: dict[str, str] = {
+    DEVICE_CODE_BLOCKED: DEVICE_CODE_BLOCKED_PANEL,
+    CERT_EXPIRED_AT_IDP: "Certificate expired (IdP): renew it (README)",
+}
 
 # AADSTS code -> (kind, operator message). Messages: what happened, then what to do.
 AADSTS: dict[int, tuple[Kind, str]] = {
@@ -109,8 +115,7 @@ CERTIFICATE_AADSTS: dict[int, tuple[Kind, str]] = {
 _CERT_REASONS = (
     ("key was not found", "The app registration does not know this certificate (AADSTS700027): "
                           "upload auth.certificate_file to it (README)"),
-    ("key used is expired", "The IdP says the registered certificate expired (AADSTS700027): create "
-                            "a new one and upload it (README)"),
+    ("key used is expired", CERT_EXPIRED_AT_IDP),
     ("signature value did not match", "The IdP could not verify the assertion's signature "
                                       "(AADSTS700027): auth.private_key_file does not belong to the "
                                       "registered certificate"),

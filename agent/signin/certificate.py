@@ -151,10 +151,12 @@ def validity_problem(cred: Credential, now: datetime) -> Problem | None:
     day = cred.not_after.strftime("%Y-%m-%d")
     if now >= cred.not_after:
         return Problem("config", f"The certificate in auth.certificate_file expired on {day}: create a "
-                                 "new one and upload it to the app registration (README)")
+                                 "new one and upload it to the app registration (README)",
+                       short=f"Certificate expired on {day}: renew it (README)")
     if now < cred.not_before:
         return Problem("config", "The certificate in auth.certificate_file is not valid before "
-                                 f"{cred.not_before:%Y-%m-%d %H:%M} UTC: check the device clock")
+                                 f"{cred.not_before:%Y-%m-%d %H:%M} UTC: check the device clock",
+                       short=f"Certificate not valid before {cred.not_before:%Y-%m-%d}: check the clock")
     left = cred.not_after - now
     if left <= WARN_WITHIN:
         days = max(0, left.days)
@@ -418,7 +420,7 @@ class CertificateAuthenticator(SignInFlow):
         local = validity_problem(self._credential, datetime.fromtimestamp(self._trust.now(), UTC))
         if local is None or local.kind == "pending":
             return problem
-        return Problem(local.kind, local.message, problem.aadsts)
+        return Problem(local.kind, local.message, problem.aadsts, local.short)
 
     def _backed_off(self, err: IdpDown | IdpRefused, what: str, *, show: bool = False) -> None:
         """A request for the uploader failed: it feeds the shared back-off and its journal rule

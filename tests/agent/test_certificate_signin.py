@@ -236,6 +236,10 @@ def test_certificate_expired_at_the_idp(tls: TlsFiles, cert: CertificateFiles, t
     finally:
         later.stop()
     assert error.startswith("The IdP says the registered certificate expired (AADSTS700027)")
+    from agent.signin.aadsts import explain
+
+    assert explain("invalid_client", "AADSTS700027: [Reason - The key used is expired.]", [700027],
+                   flow="client_certificate").panel == "Certificate expired (IdP): renew it (README)"
 
 
 def test_certificate_expired_here_is_not_even_sent(idp: SimIdp, tls: TlsFiles, tmp_path: Path,
@@ -265,6 +269,7 @@ def test_certificate_expired_with_an_unsynchronized_clock_says_expired_on_its_da
     assert snap.error == (f"The certificate in auth.certificate_file expired on {day}: create a new one "
                           "and upload it to the app registration (README)")
     assert snap.status_payload("1")["error"] == snap.error and snap.phase == "error"
+    assert snap.error_panel == f"Certificate expired on {day}: renew it (README)"     # fits 128x64
     assert [a.aadsts for a in idp.app_credentials.assertions] == [700027], "asked the IdP once, refused"
 
 
