@@ -386,7 +386,8 @@ def _mqtt(c: _Checker, t: Mapping[str, Any]) -> MqttSettings:
     allow_insecure = c.boolean(t, "allow_insecure", "mqtt", default=d["allow_insecure"])
     if parts.scheme == "mqtt" and not is_loopback_host(parts.hostname or "") and not allow_insecure:
         c.fail("mqtt.url", "mqtt:// (no TLS) is refused for a non-loopback host because the sign-in "
-                           "code would travel in clear; use mqtts:// or set mqtt.allow_insecure = true")
+                           "code would travel in clear (loopback is an IP in 127.0.0.0/8, ::1 or localhost); "
+                           "use mqtts:// or set mqtt.allow_insecure = true")
     cert = c.file(t, "client_cert", "mqtt")
     key = c.file(t, "client_key", "mqtt")
     if bool(cert) != bool(key):
@@ -632,7 +633,8 @@ class _Checker:
             self.fail(self._key(section, name),
                       f"must be {'an integer' if integer else 'a number'}, not {_typename(v)}")
         if isinstance(v, float) and not math.isfinite(v):      # TOML allows inf and nan
-            self.fail(self._key(section, name), f"must be a finite number, not {v}")
+            allowed = f" ({_bounds(lo, hi)})" if lo is not None or hi is not None else ""
+            self.fail(self._key(section, name), f"must be a finite number{allowed}, not {v}")
         self._range(v, section, name, lo, hi)
         return v
 
@@ -667,9 +669,11 @@ class _Checker:
 
     def _range(self, v: float, section: str, name: str, lo: float | None, hi: float | None) -> None:
         if lo is not None and v < lo or hi is not None and v > hi:
-            bounds = (f"{lo}..{hi}" if lo is not None and hi is not None
-                      else f">= {lo}" if lo is not None else f"<= {hi}")
-            self.fail(self._key(section, name), f"{v} is out of range; allowed {bounds}")
+            self.fail(self._key(section, name), f"{v} is out of range; allowed {_bounds(lo, hi)}")
+
+
+def _bounds(lo: float | None, hi: float | None) -> str:
+    return f"{lo}..{hi}" if lo is not None and hi is not None else f">= {lo}" if lo is not None else f"<= {hi}"
 
 
 def _typename(v: Any) -> str:

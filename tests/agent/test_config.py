@@ -351,7 +351,7 @@ def test_non_finite_number_says_finite(tmp_path: Path, capsys: pytest.CaptureFix
     path = make_config(tmp_path, upload=f'url = "https://api.example.com/r"\ninterval_s = {value}')
     code, _, err = run_check(path, capsys)
     assert code == 78
-    assert "upload.interval_s: must be a finite number" in err, err
+    assert "upload.interval_s: must be a finite number (>= 0.001), not " in err, err
     assert "not a number, not" not in err
 
 
