@@ -1,14 +1,18 @@
-"""Signal handlers that take no lock: the handler writes one byte, a thread does the work.
+"""Signal handling that takes no lock and needs no help from the main thread.
 
 Python runs a signal handler in the main thread between two bytecodes, so it may interrupt
 code that holds a lock (``Event.set`` holds its Condition, ``logging`` its handler lock,
 ``Thread.start`` the interpreter's thread table). A handler that takes the same lock again
 deadlocks the process: a second SIGTERM arriving while the first handler is inside
-``Event.set`` froze ``device-agent run`` for good. So every handler in the agent goes through
-``relay_signals``: the handler only ``os.write``s the signal number to a non-blocking pipe
-(no Python lock), and a daemon thread reads it and calls the callback, where locks, logging
-and threads are safe. A burst that fills the pipe drops bytes, which is harmless: one is
-enough to stop.
+``Event.set`` froze ``device-agent run`` for good. And the kernel may deliver a signal to any
+thread: the Python handler then waits until the main thread next runs bytecode, which an idle
+agent, asleep in one long wait, may never do.
+
+So every handler in the agent goes through ``relay_signals``: the Python handler does nothing;
+``signal.set_wakeup_fd`` makes the interpreter's C-level handler write the signal number to a
+non-blocking pipe at once, from whichever thread the signal landed on; a daemon thread reads it
+and calls the callback, where locks, logging and threads are safe. A burst that fills the pipe
+drops bytes, which is harmless: one is enough to stop.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ from typing import Any
 _STOP_RELAY = 0      # no real signal has number 0: it tells the relay thread to end
 
 
+def _noted(signum: int, frame: FrameType | None) -> None:
+    """The Python-level handler: nothing (the wake-up fd already carried the signal)."""
+
+
 def relay_signals(signums: Iterable[int], callback: Callable[[int], None],
                   *, name: str = "signals") -> Callable[[], None]:
     """Install lock-free handlers for ``signums`` that call ``callback(signum)`` on a thread.
@@ -34,12 +42,9 @@ def relay_signals(signums: Iterable[int], callback: Callable[[int], None],
     """
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
+    wanted = frozenset(signums)
     read_fd, write_fd = os.pipe()
-    os.set_blocking(write_fd, False)
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        with contextlib.suppress(OSError):    # full pipe (a burst) or closed: one byte is enough
-            os.write(write_fd, bytes((signum,)))
+    os.set_blocking(write_fd, False)       # set_wakeup_fd's rule, and a full pipe never blocks
 
     def relay() -> None:
         try:
@@ -53,20 +58,21 @@ def relay_signals(signums: Iterable[int], callback: Callable[[int], None],
                 for signum in data:
                     if signum == _STOP_RELAY:
                         return
-                    callback(signum)
+                    if signum in wanted:
+                        callback(signum)
         finally:
             os.close(read_fd)
 
     thread = threading.Thread(target=relay, name=name, daemon=True)
     thread.start()
-    previous: dict[int, Any] = {}
-    for signum in signums:
-        previous[signum] = signal.signal(signum, handler)
+    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    previous: dict[int, Any] = {signum: signal.signal(signum, _noted) for signum in wanted}
 
     def restore() -> None:
         for signum, old in previous.items():
             signal.signal(signum, old)
         previous.clear()
+        signal.set_wakeup_fd(previous_fd)
         with contextlib.suppress(OSError):
             os.set_blocking(write_fd, True)
             os.write(write_fd, bytes((_STOP_RELAY,)))

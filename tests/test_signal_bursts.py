@@ -116,3 +116,30 @@ def test_bursts_reach_a_sim_too(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_sign_out_signals_mixed_into_a_stop_burst(tmp_path: Path, idp: Any, idp_api: Any, tls: Any) -> None:
+    """SIGUSR1 (sign out, `device-agent sign-out`) goes through the same relay: a burst of it with
+    SIGTERMs still ends in exit 0 within 2 s."""
+    config = write_config(tmp_path / "config.toml", _config(tmp_path, idp, idp_api, tls))
+    agent = AgentProcess(config, env={"PYTHONFAULTHANDLER": "1"})
+    try:
+        agent.wait_for_line(lambda line: "running as" in line or idp.devicelogin_url in line, timeout_s=20)
+        for _ in range(BURST):
+            agent.proc.send_signal(signal.SIGUSR1)
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        for i in range(BURST):
+            agent.proc.send_signal(signal.SIGTERM if i % 2 else signal.SIGUSR1)
+        try:
+            rc = agent.proc.wait(timeout=STOP_S + 0.5)
+        except subprocess.TimeoutExpired:
+            agent.proc.send_signal(signal.SIGABRT)     # PYTHONFAULTHANDLER: every thread's stack
+            agent.proc.wait(timeout=5)
+            time.sleep(0.5)
+            raise AssertionError(f"still running after the burst; output:\n{agent.output[-6000:]}") from None
+        assert rc == 0, agent.output[-3000:]
+        assert time.monotonic() - t0 <= STOP_S
+        assert "Traceback" not in agent.output, agent.output[-3000:]
+    finally:
+        agent.close()
