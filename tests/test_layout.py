@@ -63,7 +63,7 @@ ALLOWED = {
     "hw": {"hw"},
     "net": {"net", "ground"},
     "ground": {"ground", "net", "hw"},
-    "sim": {"sim", "ground"},
+    "sim": {"sim", "ground", "net"},
     **{cap: {cap, "ground", "net", "hw"} for cap in CAPABILITIES},
     "process": {"process", "ground", "net", "hw", "sim", *CAPABILITIES},
 }

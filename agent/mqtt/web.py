@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import ipaddress
 import json
 import logging
 import threading
@@ -33,6 +32,7 @@ from urllib.parse import parse_qs, urlsplit
 from agent.errors import ConfigError
 from agent.mqtt.connection import read_password
 from agent.mqtt.fleet import Fleet
+from agent.net.hosts import is_loopback_host
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +60,6 @@ def parse_listen(spec: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def prepare(spec: str, password_file: str, fleet: Fleet) -> WatchServer:
     """Check ``--serve`` and the password file; the socket is bound by ``WatchServer.start``.
 
@@ -80,7 +71,7 @@ def prepare(spec: str, password_file: str, fleet: Fleet) -> WatchServer:
     password = read_password(password_file, what="--serve-password-file") if password_file else None
     if password is not None and not password:
         raise ConfigError(f"--serve-password-file {password_file!r} is empty")
-    if password is None and not is_loopback(host):
+    if password is None and not is_loopback_host(host):
         raise ConfigError(f"--serve {spec}: sign-in codes would be open to the network; serve on "
                           f"127.0.0.1 (reach it over an SSH tunnel) or give --serve-password-file "
                           f"(and put a TLS front before it)")

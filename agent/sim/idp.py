@@ -40,9 +40,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
 from agent.cmdline import EXIT_CONFIG, Parser, port
+from agent.net.hosts import is_loopback_host
 from agent.signal_relay import relay_signals
 from agent.sim.appcreds import ASSERTION_ERRORS, AppCredentials, AssertionRefused, issue_app_token
-from agent.sim.server import LOOPBACK, JsonHandler, LoopbackHTTPSServer
+from agent.sim.server import JsonHandler, LoopbackHTTPSServer
 from agent.sim.tls import TlsFiles, make_tls
 
 log = logging.getLogger(__name__)
@@ -971,10 +972,6 @@ def _confirm_page(user_code: str, client_name: str) -> str:
 
 
 # ---- `device-agent sim idp` ------------------------------------------------------------------
-def _is_loopback(host: str) -> bool:
-    return host in LOOPBACK or host.startswith("127.")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``device-agent sim idp``: run the simulated IdP until SIGINT/SIGTERM."""
     parser = Parser(prog="device-agent sim idp",
@@ -993,7 +990,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--block-device-code", action="store_true",
                         help="answer every device code request with AADSTS53003 (Conditional Access)")
     args = parser.parse_args(list(argv) if argv is not None else None)
-    if not _is_loopback(args.host):
+    if not is_loopback_host(args.host):
         sys.stderr.write(f"sim idp: refusing to listen on {args.host!r}: the simulated IdP issues "
                          "tokens without passwords and binds to loopback only (127.0.0.1, ::1, localhost)\n")
         return EXIT_CONFIG

@@ -232,7 +232,8 @@ def test_password_file_means_basic_auth(mosquitto: Broker, tmp_path: Path) -> No
 
 
 def test_serve_address_and_password_file_mistakes_are_one_line_exit_78(mosquitto: Broker, tmp_path: Path) -> None:
-    from agent.mqtt.web import is_loopback, parse_listen
+    from agent.mqtt.web import parse_listen
+    from agent.net.hosts import is_loopback_host as is_loopback
 
     assert parse_listen("[::1]:8080") == ("::1", 8080) and is_loopback("::1") and is_loopback("127.0.0.2")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.0.2.1")
