@@ -20,7 +20,7 @@ from PIL import Image, ImageChops
 
 from agent.panel import screens
 from agent.panel.observer import SHIFTS, _shifted
-from agent.signin.aadsts import DEVICE_CODE_BLOCKED
+from agent.signin.aadsts import DEVICE_CODE_BLOCKED, DEVICE_CODE_BLOCKED_PANEL
 from agent.sim.api import SimApi
 from agent.sim.appcreds import make_certificate
 from agent.state import Snapshot
@@ -62,7 +62,9 @@ def test_device_code_blocked_by_policy_says_use_the_certificate_flow(tmp_path: P
         assert "ERROR" in line or "error" in line.lower()
         status = status_where(sub, lambda s: s.get("error"))
         assert status["state"] == "error" and status["error"] == DEVICE_CODE_BLOCKED
-        expected = screens.render(Snapshot(phase="error", error=DEVICE_CODE_BLOCKED), 0.0)
+        # The panel carries the short form of the same remedy (one short line on 128x64).
+        expected = screens.render(Snapshot(phase="error", error=DEVICE_CODE_BLOCKED,
+                                           error_panel=DEVICE_CODE_BLOCKED_PANEL), 0.0)
         wait_until(lambda: shows(tmp_path / "screen.png", expected), 5, "the remedy on the panel")
         assert not [m for m in sub.drain() if m.topic.endswith("/auth/code") and m.payload]
         assert agent.terminate()[0] == 0
