@@ -34,7 +34,7 @@ from agent.statusfile import (
     previous_last_upload,
     status_path,
 )
-from agent.wakeup import Signal, wait_any
+from agent.wakeup import Signal, name_os_thread, wait_any
 
 if TYPE_CHECKING:     # imported for real in _start, so `device-agent --help` stays quick
     from agent.config import SensorSettings
@@ -83,6 +83,7 @@ class Supervised:
         self.thread.start()
 
     def _body(self) -> None:
+        name_os_thread()
         try:
             self.target(self.stop)
             self.done = True
@@ -309,9 +310,10 @@ class Service:
         self._closers.append(("outbox", outbox.close))
         self.state.update(outbox=outbox.counts())
         assert self.auth is not None
-        sampler = self.sampler = Sampler(self._sensors, outbox, self.state, trust=self.clock)
         uploader = self.uploader = Uploader(outbox, make_sink(s.upload, s.device.id), self.auth, self.state,
                                             s.upload, wall=self.clock.now_utc)
+        sampler = self.sampler = Sampler(self._sensors, outbox, self.state, trust=self.clock,
+                                         on_queued=uploader.readings_queued)
         self.health = Health(self.state, self.clock, outbox, self.auth, cache_path=s.token_cache_path,
                              refresh_lifetime_days=s.auth.refresh_lifetime_days)
         self.health.step()

@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any
 
+from agent.wakeup import name_os_thread
+
 _STOP_RELAY = 0      # no real signal has number 0: it tells the relay thread to end
 
 
@@ -47,6 +49,7 @@ def relay_signals(signums: Iterable[int], callback: Callable[[int], None],
     os.set_blocking(write_fd, False)       # set_wakeup_fd's rule, and a full pipe never blocks
 
     def relay() -> None:
+        name_os_thread()
         try:
             while True:
                 try:

@@ -33,6 +33,7 @@ from agent.errors import AgentError
 from agent.fsutil import atomic_write
 from agent.net.retry import OutageLog
 from agent.state import AgentState, Snapshot, iso
+from agent.wakeup import name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +182,7 @@ class StatusWriter:
         self._dirty.set()
 
     def _loop(self) -> None:
+        name_os_thread()
         written = -math.inf
         while not self._stop.is_set():
             self._dirty.wait()

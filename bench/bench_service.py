@@ -173,13 +173,18 @@ def wakeups(pid: int) -> dict[tuple[int, str], int]:
     out = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            name = (task / "comm").read_text().strip()
+            name = "main" if task.name == str(pid) else (task / "comm").read_text().strip()
             for line in (task / "status").read_text().splitlines():
                 if line.startswith("voluntary_ctxt_switches:"):
                     out[(int(task.name), name)] = int(line.split()[1])
         except OSError:
             pass           # the thread ended
     return out
+
+
+def _thread_figure(per_minute: float, name: str) -> str:
+    """"12" for an unnamed thread (an agent that does not name them), "uploader 12" otherwise."""
+    return f"{per_minute:.0f}" if name.startswith("python") else f"{name} {per_minute:.0f}"
 
 
 def idle(minutes: float, baseline_tree: Path | None) -> None:
@@ -240,7 +245,7 @@ def idle(minutes: float, baseline_tree: Path | None) -> None:
         pct, wakes = 100 * (cpu1 - cpu0) / elapsed, sum(w for w, _ in per_thread)
         figures.append((pct, wakes))
         print(f"  {label}: CPU {cpu1 - cpu0:.3f} s ({pct:.3f} % of one core); wake-ups {wakes:.0f} a minute "
-              f"over {len(per_thread)} threads ({', '.join(f'{w:.0f}' for w, _ in per_thread)}); RSS end "
+              f"over {len(per_thread)} threads ({', '.join(_thread_figure(w, n) for w, n in per_thread)}); RSS end "
               f"{rss / 1024:.1f} MiB (median {statistics.median(samples[i]) / 1024:.1f}, peak "
               f"{hwm / 1024:.1f}); readings delivered {delivered[i]}; written to disk "
               f"{(wb1 - wb0) * 86400 / elapsed / 1e6:.1f} MB/day (state dir on {tmp_fs})")

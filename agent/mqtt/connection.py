@@ -22,6 +22,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.errors import ConfigError, NotifyError
 from agent.net.tls import client_context
+from agent.wakeup import name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,7 @@ class ReportingClient(mqtt.Client):
     # keepalive check that runs after each select. So the select sleeps until that is due.
 
     def _thread_main(self) -> None:
+        name_os_thread("mqtt-network")
         try:
             self.loop_forever(timeout=IDLE_SELECT_S, retry_first_connection=True)
         finally:

@@ -62,6 +62,7 @@ from agent.mqtt.protocol import (
 )
 from agent.net.retry import Backoff, OutageLog
 from agent.state import AgentState, Snapshot
+from agent.wakeup import name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -403,6 +404,7 @@ class MqttPublisher:
             self._wake.set()
 
     def _run_publisher(self) -> None:
+        name_os_thread()
         wake_at: float | None = None
         while not self._stopping.is_set():
             # Asleep until news (state, connection, stop: they set _wake) or what the plan
@@ -438,6 +440,7 @@ class MqttPublisher:
                 self._crashed.failed("MQTT: publishing failed", exc_info=True)
 
     def _run_commands(self) -> None:
+        name_os_thread()
         while True:
             job = self._jobs.get()
             if job is None or self._stopping.is_set():

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from agent.panel import screens
 from agent.state import AgentState, Snapshot
+from agent.wakeup import name_os_thread
 from hw.base import Gpio
 from hw.errors import HardwareError
 
@@ -98,6 +99,7 @@ class Controls:
             self._wakeup.set()
 
     def _run(self) -> None:
+        name_os_thread()
         while not self._stopping.is_set():
             self._wakeup.clear()
             try:

@@ -26,6 +26,7 @@ from PIL import Image
 from agent.net.retry import OutageLog
 from agent.panel import screens
 from agent.state import AgentState, Snapshot
+from agent.wakeup import name_os_thread
 from hw.base import Display
 from hw.errors import HardwareError
 
@@ -127,6 +128,7 @@ class Panel:
                                         timeout_s) and not self._stopping.is_set()
 
     def _run(self) -> None:
+        name_os_thread()
         warmed = False
         while not self._stopping.is_set():
             self._wakeup.clear()

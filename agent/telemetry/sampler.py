@@ -77,13 +77,14 @@ class Sampler:
     def __init__(self, pairs: Sequence[tuple[SensorSettings, Sensor]], outbox: Outbox, state: AgentState,
                  *, clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 trust: ClockTrust | None = None) -> None:
+                 trust: ClockTrust | None = None, on_queued: Callable[[], None] | None = None) -> None:
         self.slots = [_Slot(s, sensor) for s, sensor in pairs]
         self.outbox = outbox
         self.state = state
         self.clock = clock
         self.wall = wall
         self.trust = trust
+        self.on_queued = on_queued        # the uploader's readings_queued: it sleeps until then
         self.heartbeat = clock()
         self.beat_due = self.heartbeat    # monotonic time by which the loop passes again
         self.errors: dict[str, int] = {s.name: 0 for s, _ in pairs}
@@ -144,6 +145,8 @@ class Sampler:
                 self._put_failed(err, len(readings))
             else:
                 self.readings_queued += len(readings)
+                if self.on_queued is not None:
+                    self.on_queued()
                 self._put_outage.ended(f"sampler: queuing readings again; {self._put_lost_run} "
                                        "readings were lost")
         self._publish(now)

@@ -1,7 +1,10 @@
 """Outbox -> sink, one batch at a time, with the status handling of docs/INTERFACE.md "HTTP: your API".
 
-- 2xx: ack; while a backlog remains the next batch goes at once, else wait ``interval_s``
-  (or until ``flush()``).
+- 2xx: ack; while a backlog remains the next batch goes at once. With nothing pending the
+  uploader sleeps until there is news (``readings_queued()`` from the sampler, ``flush()``,
+  stop); a new reading goes out at once, or ``interval_s`` after the previous batch if that was
+  sooner, so readings are still batched by the interval but an idle box does not wake every
+  ``interval_s`` to find the outbox empty.
 - 401: ``tokens.token_rejected(claims)`` once (one refresh from the IdP; ``claims`` is the JSON
   of a CAE challenge, ``WWW-Authenticate: Bearer error="insufficient_claims", claims=…``) and
   retry with the new token. If it returns None (the refresh failed, e.g. the IdP is unreachable),
@@ -20,8 +23,10 @@
 - other 4xx (400, 422, ...): the sink splits the batch until the refused readings are isolated;
   only those are dead-lettered, the rest delivered.
 - storage full / read-only (the outbox's state): uploads go on; an ack the disk cannot take is
-  held by the outbox and the batch is not handed out again. Every step (and every ``interval_s``
-  during a long wait) asks the outbox whether its file is still the one at its path.
+  held by the outbox and the batch is not handed out again. Every step asks the outbox whether
+  its file is still the one at its path, and so does a change inotify reports on that file
+  (agent/telemetry/filewatch.py: deleted or replaced, noticed at once, without polling); where
+  inotify is missing, every ``interval_s`` during a long wait.
 
 The journal follows ``agent.net.retry.OutageLog`` on every path here: a line when a failure
 starts, then at most one every 10 min with a count, and one when it ends; never one per retry.
@@ -35,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+import math
 import random
 import threading
 import time
@@ -44,6 +50,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from agent.errors import UploadError
 from agent.net.retry import Backoff, OutageLog
+from agent.telemetry.filewatch import FileWatch
 from agent.telemetry.sinks import WRONG_ENDPOINT, SendResult
 from agent.wakeup import Signal, wait_any
 
@@ -88,7 +95,11 @@ class Uploader:
         self.clock = clock
         self.wall = wall
         self.heartbeat = clock()
-        self._wake = Signal()
+        self._wake = Signal()           # flush(), the outbox file changed: step now
+        self._news = Signal()           # readings_queued(): step when the interval allows
+        self._idle = False              # the last step found nothing to send
+        self._last_batch = -math.inf    # monotonic time the last batch was claimed
+        self._file_changed = False      # the watch saw the outbox file change
         self._not_before = 0.0          # monotonic; server-imposed (Retry-After, 403) minimum
         self._backoff_until = 0.0       # monotonic; our own back-off (flush() may cut it short)
         self._retry = Backoff(BACKOFF_FIRST_S, BACKOFF_CAP_S, rng)           # equal jitter
@@ -111,29 +122,63 @@ class Uploader:
     def run(self, stop: threading.Event) -> None:
         """Upload until ``stop`` is set (returns at once when it is an agent.wakeup.Signal)."""
         log.info("uploader started (sink %s, batch_max %d)", self.sink.name, self.settings.batch_max)
-        while not stop.is_set():
-            self.heartbeat = self.clock()
-            delay = self.guarded_step()
-            deadline = self.clock() + delay
-            checked = self.clock()
+        path = getattr(self.outbox, "path", None)
+        watch = FileWatch(path, self._outbox_file_changed) if path is not None else None
+        watching = watch is not None and watch.start()
+        try:
             while not stop.is_set():
-                now = self.clock()
-                left = deadline - now
-                if left <= 0:
-                    break
-                # Event-driven: asleep until the deadline, flush() or stop, but back at least
-                # once an interval: a long back-off must not hide a deleted outbox file.
-                wait = min(left, max(0.0, checked + self.settings.interval_s - now))
-                if self.clock is not time.monotonic:
-                    wait = min(wait, TICK_S)     # an injected clock moves without waking us
-                if wait_any(wait, stop, self._wake):
-                    self._wake.clear()
-                    break
                 self.heartbeat = self.clock()
-                if self.heartbeat - checked >= self.settings.interval_s:
-                    checked = self.heartbeat
-                    self._check_outbox_file()
+                delay = self.guarded_step()
+                if watching and self._file_changed:
+                    self._file_changed = False
+                    assert watch is not None
+                    watch.rearm()             # the file the path names now (reopened by the step)
+                self._sleep(stop, delay, poll_file=not watching)
+        finally:
+            if watch is not None:
+                watch.stop()
         log.info("uploader stopped")
+
+    def _sleep(self, stop: threading.Event, delay: float, *, poll_file: bool) -> None:
+        """Event-driven: asleep until ``delay`` passed, ``flush()``, the outbox file changed, or
+        stop; when idle (nothing was pending), until a reading is queued, then until the
+        interval since the last batch allows. ``poll_file``: no inotify here, so look at the
+        outbox file at least once an interval (docs/INTERFACE.md: noticed within one interval)."""
+        idle = self._idle
+        deadline = math.inf if idle else self.clock() + delay
+        checked = self.clock()
+        while not stop.is_set():
+            now = self.clock()
+            if idle and self._news.is_set():
+                self._news.clear()
+                idle = False          # a reading: send when the interval since the last batch allows
+                deadline = min(deadline, max(now, self._last_batch + self.settings.interval_s))
+            left = deadline - now
+            if left <= 0:
+                return
+            wait = left
+            if poll_file:
+                wait = min(wait, max(0.0, checked + self.settings.interval_s - now))
+            if self.clock is not time.monotonic:
+                wait = min(wait, TICK_S)     # an injected clock moves without waking us
+            if wait_any(wait, stop, self._wake, *((self._news,) if idle else ())):
+                if self._wake.is_set():
+                    self._wake.clear()
+                    return
+                continue
+            self.heartbeat = self.clock()
+            if poll_file and self.heartbeat - checked >= self.settings.interval_s:
+                checked = self.heartbeat
+                self._check_outbox_file()
+
+    def readings_queued(self) -> None:
+        """The sampler stored readings (any thread): an idle uploader sends them."""
+        self._news.set()
+
+    def _outbox_file_changed(self) -> None:
+        """The watch's thread: the outbox file was deleted, renamed or replaced."""
+        self._file_changed = True
+        self._wake.set()
 
     def flush(self) -> None:
         """Upload now (the MQTT ``flush`` command): ends the idle wait, our own back-off and a
@@ -160,6 +205,7 @@ class Uploader:
     def step(self) -> float:
         """Send at most one batch. Returns seconds to wait before the next step (0 = at once)."""
         now = self.clock()
+        self._idle = False
         self._check_outbox_file()
         hold = max(self._not_before, self._backoff_until) - now
         if hold > 0:
@@ -175,8 +221,10 @@ class Uploader:
             log.info("uploader: have a token, uploading")
             self._waiting_for_token = False
         batch = self.outbox.claim(self.settings.batch_max)
+        self._idle = not batch
         if not batch:
-            return self.settings.interval_s
+            return self.settings.interval_s     # run() sleeps until news instead (_idle)
+        self._last_batch = now
         result = self._send(batch, token)
         if result is None:
             return NO_TOKEN_POLL_S
@@ -286,7 +334,10 @@ class Uploader:
                 self._publish_counts()
             return wait
         self._delivered(bool(result.acked))
-        return 0.0 if self.outbox.counts().pending > 0 else self.settings.interval_s
+        if self.outbox.counts().pending > 0:
+            return 0.0
+        self._idle = True                   # all sent: asleep until the next reading
+        return self.settings.interval_s
 
     def _delivered(self, any_acked: bool, *, throttled: bool = False) -> None:
         if not throttled:          # part of a batch throttled: the outage's count goes on

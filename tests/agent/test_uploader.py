@@ -478,9 +478,9 @@ def test_sampler_and_uploader_threads_deliver_every_reading_once(make, outbox: O
     from agent.config import SensorSettings
     from agent.telemetry.sampler import Sampler
 
-    sampler = Sampler([(SensorSettings(name="t", type="simulated", interval_s=0.02), _Thermometer())],
-                      outbox, state)
     up = make(interval_s=0.05)
+    sampler = Sampler([(SensorSettings(name="t", type="simulated", interval_s=0.02), _Thermometer())],
+                      outbox, state, on_queued=up.readings_queued)
     up.clock = time.monotonic
     sim_api.fail(503, count=1, retry_after=0)
     stop = threading.Event()
