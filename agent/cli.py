@@ -166,10 +166,46 @@ def _check_certificate(settings: Any) -> None:
         print(f"warning: {problem.message}", file=sys.stderr)
 
 
+def _run(args: argparse.Namespace) -> int:
+    """`device-agent run`: the service, as fast as possible to a code on the panel."""
+    import gc
+
+    # Start-up makes ~100k objects that all live on (modules, classes, functions) and hardly
+    # any garbage: the cyclic collector would walk them again and again, about a sixth of the
+    # CPU to the code on the panel. Paused from here; the service resumes it once the code is
+    # drawn (agent.service.Service.run; docs/PERFORMANCE.md "Sign-in").
+    gc_was_on = gc.isenabled()
+    gc.disable()
+    try:
+        # SIGTERM may come while the heavy imports below still run (systemd stopping a box that
+        # is still booting): catch it now so that it still means "exit 0", not death by signal.
+        import signal
+
+        from agent.signal_relay import relay_signals
+        from agent.wakeup import Signal
+
+        stop = Signal()        # agent.wakeup: every wait in the service wakes on it at once
+        restore = relay_signals((signal.SIGTERM, signal.SIGINT), lambda _signum: stop.set())
+        try:
+            from agent import config
+
+            settings = config.load(config.config_path(args.config))
+            from agent import service
+
+            return service.run_service(settings, stop_event=stop, gc_paused=gc_was_on)
+        finally:
+            restore()
+    finally:
+        if gc_was_on and not gc.isenabled():
+            gc.enable()
+
+
 def _dispatch(args: argparse.Namespace) -> int:
+    cmd = args.command
+    if cmd == "run":
+        return _run(args)
     from agent import config
 
-    cmd = args.command
     if cmd == "check-config":
         settings = config.load(config.config_path(args.config))
         if settings.auth.flow == "client_certificate":
@@ -181,23 +217,6 @@ def _dispatch(args: argparse.Namespace) -> int:
                   f"{' '.join(settings.auth.scopes)}", file=sys.stderr)
         print(f"{settings.path}: OK", file=sys.stderr)
         return EXIT_OK
-    if cmd == "run":
-        # SIGTERM may come while the heavy imports below still run (systemd stopping a box that
-        # is still booting): catch it now so that it still means "exit 0", not death by signal.
-        import signal
-
-        from agent.signal_relay import relay_signals
-        from agent.wakeup import Signal
-
-        stop = Signal()        # agent.wakeup: every wait in the service wakes on it at once
-        restore = relay_signals((signal.SIGTERM, signal.SIGINT), lambda _signum: stop.set())
-        try:
-            settings = config.load(config.config_path(args.config))
-            from agent import service
-
-            return service.run_service(settings, stop_event=stop)
-        finally:
-            restore()
     if cmd == "demo":
         from agent import demo
 

@@ -20,11 +20,8 @@ The wall clock stays a label: every timer, deadline and back-off in the agent is
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import email.utils
 import logging
-import statistics
 import threading
 import time
 from collections import OrderedDict, deque
@@ -67,28 +64,43 @@ class Anchor:
     source: str
 
 
-class _Timex(ctypes.Structure):
-    # struct timex of <sys/timex.h> (Linux); "long" matches the plain adjtimex symbol's ABI.
-    _fields_ = [("modes", ctypes.c_uint), ("offset", ctypes.c_long), ("freq", ctypes.c_long),
-                ("maxerror", ctypes.c_long), ("esterror", ctypes.c_long), ("status", ctypes.c_int),
-                ("constant", ctypes.c_long), ("precision", ctypes.c_long),
-                ("tolerance", ctypes.c_long), ("time_sec", ctypes.c_long),
-                ("time_usec", ctypes.c_long), ("tick", ctypes.c_long), ("ppsfreq", ctypes.c_long),
-                ("jitter", ctypes.c_long), ("shift", ctypes.c_int), ("stabil", ctypes.c_long),
-                ("jitcnt", ctypes.c_long), ("calcnt", ctypes.c_long), ("errcnt", ctypes.c_long),
-                ("stbcnt", ctypes.c_long), ("tai", ctypes.c_int), ("_pad", ctypes.c_int * 11)]
-
-
 _libc: Any = None
+_Timex: Any = None
+
+
+def _load_libc(ctypes: Any) -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        import ctypes.util  # runs ldconfig: only where glibc's soname is not libc.so.6
+
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _timex_type(ctypes: Any) -> Any:
+    class _Timex(ctypes.Structure):
+        # struct timex of <sys/timex.h> (Linux); "long" matches the plain adjtimex symbol's ABI.
+        _fields_ = [("modes", ctypes.c_uint), ("offset", ctypes.c_long), ("freq", ctypes.c_long),
+                    ("maxerror", ctypes.c_long), ("esterror", ctypes.c_long), ("status", ctypes.c_int),
+                    ("constant", ctypes.c_long), ("precision", ctypes.c_long),
+                    ("tolerance", ctypes.c_long), ("time_sec", ctypes.c_long),
+                    ("time_usec", ctypes.c_long), ("tick", ctypes.c_long), ("ppsfreq", ctypes.c_long),
+                    ("jitter", ctypes.c_long), ("shift", ctypes.c_int), ("stabil", ctypes.c_long),
+                    ("jitcnt", ctypes.c_long), ("calcnt", ctypes.c_long), ("errcnt", ctypes.c_long),
+                    ("stbcnt", ctypes.c_long), ("tai", ctypes.c_int), ("_pad", ctypes.c_int * 11)]
+
+    return _Timex
 
 
 def adjtimex_state() -> int | None:
     """``adjtimex(2)`` with ``modes = 0`` (read-only, needs no privilege): the clock state
     (0 TIME_OK .. 5 TIME_ERROR), or None where there is no such call."""
-    global _libc
+    global _libc, _Timex
+    import ctypes  # here, not at import: ~4 ms of the start (docs/PERFORMANCE.md "Sign-in")
+
     try:
         if _libc is None:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            _libc, _Timex = _load_libc(ctypes), _timex_type(ctypes)
         tx = _Timex()
         tx.modes = 0
         ret = int(_libc.adjtimex(ctypes.byref(tx)))
@@ -310,7 +322,7 @@ class ClockTrust:
         anchors = list(self._anchors)
         if not anchors:
             return None
-        return statistics.median(a.base for a in anchors[-5:])
+        return _median([a.base for a in anchors[-5:]])
 
     def _outweighed(self) -> bool:
         anchors = list(self._anchors)
@@ -340,3 +352,10 @@ def iso_epoch(t: float) -> str:
     """Epoch seconds as UTC ISO-8601 with milliseconds and Z (the readings' ``time``)."""
     when = datetime.fromtimestamp(t, UTC)
     return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+
+
+def _median(values: list[float]) -> float:
+    """statistics.median without importing statistics (fractions, decimal: ~5 ms at start)."""
+    v = sorted(values)
+    mid = len(v) // 2
+    return v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2

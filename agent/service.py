@@ -7,6 +7,7 @@ restarted with back-off, the process keeps running. SIGTERM/SIGINT stop everythi
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import signal
@@ -132,8 +133,10 @@ class Service:
 
     def __init__(self, settings: Settings, *, install_signals: bool = True,
                  hardware: Hardware | None = None, stop_event: threading.Event | None = None,
-                 clock: ClockTrust | None = None) -> None:
+                 clock: ClockTrust | None = None, gc_paused: bool = False) -> None:
         self.settings = settings
+        # The caller paused the cyclic GC for the start (agent.cli): resumed in run().
+        self._gc_paused = gc_paused
         # One opinion about the time for the whole process (agent/clock.py); tests inject theirs.
         self.clock = clock or ClockTrust()
         self.health: Health | None = None
@@ -176,6 +179,7 @@ class Service:
             started = time.monotonic()
             self._start()
             self._await_sign_in_news(started)
+            self._resume_gc()
             if not self.stop_event.is_set():
                 self._start_telemetry()
             self._running = True
@@ -183,10 +187,21 @@ class Service:
             log.info("device-agent %s running as %s (state in %s)", __version__, s.device.id, s.device.state_dir)
             self._main_loop()
         finally:
+            self._resume_gc()
             self._shutdown()
             restore_signals()
             self._lock.release()
         return 0
+
+    def _resume_gc(self) -> None:
+        """The code is on the glass (or TELEMETRY_AFTER_S passed): the start's garbage is
+        collected once, and what survives (modules, classes: the process's lifetime) is set
+        aside from later collections (gc.freeze), so the idle box never walks it again."""
+        if self._gc_paused:
+            self._gc_paused = False
+            gc.collect()
+            gc.freeze()
+            gc.enable()
 
     def request_stop(self) -> None:
         self.stop_event.set()
@@ -512,7 +527,9 @@ def _nothing() -> None:
     """A restore with nothing to restore."""
 
 
-def run_service(settings: Settings, *, stop_event: threading.Event | None = None) -> int:
-    """`device-agent run`: configure logging, run until SIGTERM/SIGINT, return the exit code."""
+def run_service(settings: Settings, *, stop_event: threading.Event | None = None,
+                gc_paused: bool = False) -> int:
+    """`device-agent run`: configure logging, run until SIGTERM/SIGINT, return the exit code.
+    ``gc_paused``: the caller disabled the cyclic GC for the start; the service enables it."""
     logs.setup(settings.log.level)
-    return Service(settings, stop_event=stop_event).run()
+    return Service(settings, stop_event=stop_event, gc_paused=gc_paused).run()
