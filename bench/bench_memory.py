@@ -1,25 +1,34 @@
 """Memory of a running agent with every feature on, over a million readings.
 
-    .venv/bin/python bench/bench_memory.py [--readings 1000000] [--dir DIR]
+    .venv/bin/python bench/bench_memory.py [--readings 1000000] [--dir DIR] [--baseline-tree OLD]
 
 `device-agent run` as a subprocess: png panel, fake GPIO (button + LED), MQTT to a real
 Mosquitto with Home Assistant discovery, 20 simulated sensors sampled every 10 ms, gzip uploads
 to the simulated API, signed in by the simulated IdP. RSS (``VmRSS``) is read from /proc once a
 second; printed: RSS once the first readings are delivered (start), the kernel's high-water mark
-(``VmHWM``, peak) and RSS at the end, with the readings delivered. Flat means no growth: the
-outbox, the batches and the MQTT status must not keep anything per reading.
-DIR (default: a temp dir) holds the outbox: a real disk, as on a box.
+(``VmHWM``, peak) and RSS at the end, with the readings delivered, RSS at each quarter of the run
+(flat means no growth: the outbox, the batches and the MQTT status must not keep anything per
+reading), and where the end RSS is, from /proc/PID/smaps: anonymous memory (the heap of malloc's
+main arena, the other threads' arenas, thread stacks, the rest: Python's object arenas, big
+buffers, SQLite's page cache) and the touched pages of each file mapped (the interpreter and the
+shared libraries; shared with other processes on a box only where they use the same files).
+DIR (default: a temp dir) holds the outbox: a real disk, as on a box. OLD: an older checkout
+(``git archive REV | tar -x -C OLD``) measured the same way after this one, for the baseline.
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
+import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,23 +43,98 @@ from tests.fixtures.broker import Broker  # noqa: E402
 DEVICE = "bench-mem-01"
 SENSORS = 20
 INTERVAL_S = 0.01
+ARENA_HEAP = 64 << 20       # glibc's HEAP_MAX_SIZE on 64-bit: a thread arena's aligned reservation
+MIB = 1024.0                # /proc figures are KiB
 
 
 def status(pid: int) -> dict[str, int]:
     out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM", "Threads"):
+        if key in ("VmRSS", "VmHWM", "Threads", "RssAnon", "RssFile"):
             out[key] = int(value.split()[0])
     return out
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--readings", type=int, default=1_000_000)
-    p.add_argument("--dir", default=None, help="where the state directory goes (a real disk)")
-    args = p.parse_args()
-    tmp = Path(tempfile.mkdtemp(dir=args.dir, prefix="bench-memory-"))
+@dataclass
+class Mapping:
+    start: int
+    end: int
+    perms: str
+    path: str
+    rss_kib: int
+    anon_kib: int
+
+
+def read_smaps(pid: int) -> list[Mapping]:
+    maps: list[Mapping] = []
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split(None, 5)
+        if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            lo, hi = head[0].split("-")
+            maps.append(Mapping(int(lo, 16), int(hi, 16), head[1], head[5].strip() if len(head) > 5 else "", 0, 0))
+        elif head[0] == "Rss:":
+            maps[-1].rss_kib = int(head[1])
+        elif head[0] == "Anonymous:":
+            maps[-1].anon_kib = int(head[1])
+    return maps
+
+
+def file_group(path: str) -> str:
+    """A file mapping's owner: the site-packages distribution directory, else the file's name."""
+    parts = Path(path).parts
+    if "site-packages" in parts:
+        i = parts.index("site-packages")
+        top = parts[i + 1] if i + 1 < len(parts) else path
+        return top.split(".")[0] if top.endswith(".so") else top.removesuffix(".libs")
+    return Path(path).name
+
+
+def breakdown(pid: int) -> tuple[dict[str, int], dict[str, int]]:
+    """(anonymous KiB by kind, file-backed RSS KiB by owner) of ``pid`` now."""
+    maps = read_smaps(pid)
+    anon: dict[str, int] = defaultdict(int)
+    files: dict[str, int] = defaultdict(int)
+    for i, m in enumerate(maps):
+        prev = maps[i - 1] if i else None
+        if m.path.startswith("/") and not m.path.startswith("/dev/") and not m.path.startswith("/memfd"):
+            files[file_group(m.path)] += m.rss_kib - m.anon_kib
+            anon["private copies of file pages (relocations, .data)"] += m.anon_kib
+        elif m.path == "[heap]":
+            anon["malloc main arena (brk heap)"] += m.rss_kib
+        elif m.path == "[stack]":
+            anon["main thread stack"] += m.rss_kib
+        elif m.path.startswith("["):
+            anon[m.path] += m.rss_kib
+        elif m.start % ARENA_HEAP == 0 and "rw" in m.perms:
+            anon["malloc thread arenas"] += m.rss_kib
+        elif (prev is not None and prev.end == m.start and prev.perms.startswith("---")
+              and prev.end - prev.start == 4096 and "rw" in m.perms):
+            anon["thread stacks"] += m.rss_kib
+        else:
+            anon["other anonymous (Python object arenas, big buffers, SQLite cache)"] += m.rss_kib
+    return dict(anon), dict(files)
+
+
+def print_breakdown(title: str, pid_figures: tuple[dict[str, int], dict[str, int]], top: int = 12) -> None:
+    anon, files = pid_figures
+    print(f"{title}: anonymous {sum(anon.values()) / MIB:.1f} MiB, file-backed {sum(files.values()) / MIB:.1f} MiB")
+    for name, kib in sorted(anon.items(), key=lambda kv: -kv[1]):
+        if kib >= 64:
+            print(f"    anon {kib / MIB:6.1f} MiB  {name}")
+    ranked = sorted(files.items(), key=lambda kv: -kv[1])
+    for name, kib in ranked[:top]:
+        print(f"    file {kib / MIB:6.1f} MiB  {name}")
+    rest = sum(kib for _, kib in ranked[top:])
+    print(f"    file {rest / MIB:6.1f} MiB  {len(ranked) - top} other files")
+
+
+def measure(tree: Path, readings: int, base_dir: str | None, label: str) -> None:
+    # An installed agent runs from bytecode (pip compiles it); a checkout under
+    # PYTHONDONTWRITEBYTECODE would compile every module at start, and keep the compiler's heap.
+    for pkg in ("agent", "hw"):
+        compileall.compile_dir(str(tree / pkg), quiet=1)
+    tmp = Path(tempfile.mkdtemp(dir=base_dir, prefix="bench-memory-"))
     tls = make_tls(tmp / "tls")
     broker = Broker("/usr/sbin/mosquitto", tmp / "broker").start()
     idp = SimIdp(tls, client_id="sim-device-agent").start()
@@ -68,9 +152,10 @@ def main() -> int:
                    "batch_max": 500},
         "log": {"level": "warning"},
     })
-    proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)], cwd=ROOT,
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)], cwd=tree, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    samples: list[int] = []
+    samples: list[tuple[int, int]] = []       # (delivered, VmRSS KiB)
     try:
         deadline = time.monotonic() + 60
         while len(api.seqs(DEVICE)) < 1000:
@@ -80,13 +165,14 @@ def main() -> int:
         start = status(proc.pid)
         t0 = time.monotonic()
         delivered = 0
-        while delivered < args.readings:
+        while delivered < readings:
             if proc.poll() is not None:
                 raise SystemExit(f"the agent exited with {proc.returncode}")
             time.sleep(1.0)
-            samples.append(status(proc.pid)["VmRSS"])
             delivered = len(api.seqs(DEVICE))
+            samples.append((delivered, status(proc.pid)["VmRSS"]))
         end = status(proc.pid)
+        where = breakdown(proc.pid)
         elapsed = time.monotonic() - t0
     finally:
         proc.terminate()
@@ -95,12 +181,28 @@ def main() -> int:
         idp.stop()
         broker.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    mib = 1024.0
-    print(f"all features on ({SENSORS} sensors every {INTERVAL_S * 1000:.0f} ms, MQTT + HA discovery, png panel, "
-          f"fake GPIO, gzip uploads), {delivered:,} readings delivered in {elapsed:.0f} s, "
-          f"{end['Threads']} threads")
-    print(f"RSS: start {start['VmRSS'] / mib:.1f} MiB, peak {end['VmHWM'] / mib:.1f} MiB, "
-          f"end {end['VmRSS'] / mib:.1f} MiB (median over the run {statistics.median(samples) / mib:.1f} MiB)")
+    quarters = [next(rss for n, rss in samples if n >= readings * q / 4) for q in (1, 2, 3)] + [end["VmRSS"]]
+    print(f"{label} ({tree}): all features on ({SENSORS} sensors every {INTERVAL_S * 1000:.0f} ms, "
+          f"MQTT + HA discovery, png panel, fake GPIO, gzip uploads), {delivered:,} readings delivered in "
+          f"{elapsed:.0f} s, {end['Threads']} threads")
+    print(f"  RSS: start {start['VmRSS'] / MIB:.1f} MiB, peak {end['VmHWM'] / MIB:.1f} MiB, "
+          f"end {end['VmRSS'] / MIB:.1f} MiB (median over the run "
+          f"{statistics.median(r for _, r in samples) / MIB:.1f} MiB)")
+    print(f"  RSS at 1/4, 1/2, 3/4, end of the run: {', '.join(f'{q / MIB:.1f}' for q in quarters)} MiB; "
+          f"end anonymous {end['RssAnon'] / MIB:.1f} MiB, file-backed {end['RssFile'] / MIB:.1f} MiB")
+    print_breakdown("  end, from smaps", where)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--readings", type=int, default=1_000_000)
+    p.add_argument("--dir", default=None, help="where the state directory goes (a real disk)")
+    p.add_argument("--baseline-tree", type=Path, default=None,
+                   help="an older checkout (git archive REV | tar -x -C DIR), measured after this one")
+    args = p.parse_args()
+    measure(ROOT, args.readings, args.dir, "this agent")
+    if args.baseline_tree is not None:
+        measure(args.baseline_tree.resolve(), args.readings, args.dir, "baseline")
     return 0
 
 
