@@ -24,7 +24,9 @@ import email.utils
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from array import array
+from bisect import bisect_left
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -41,6 +43,7 @@ OVERRIDE_S = 60.0         # |offset| above this, twice alike, beats the kernel's
 AGREE_S = 5.0             # two anchors "agree" when their bases differ by less than this
 KEEP_ANCHORS = 16         # recent anchors kept (their median is the base applied)
 KEEP_LABELS = 20_000      # labels remembered by seq, so a retried batch gets the same times
+QUALITIES: tuple[Quality, ...] = ("synced", "corrected", "unsynced")
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 
 
@@ -164,7 +167,7 @@ class ClockTrust:
         self._lock = threading.Lock()
         self._anchors: deque[Anchor] = deque(maxlen=KEEP_ANCHORS)
         self._floors: dict[tuple[str, str], tuple[int, float]] = {}   # (boot, sensor) -> (seq, time)
-        self._given: OrderedDict[int, tuple[float, Quality]] = OrderedDict()   # seq -> label
+        self._given = Labels(KEEP_LABELS)      # seq -> the label given
         self._logged: str | None = None
         # Called with status() when a server answer changes the verdict or the correction (by a
         # second or more), so a code published right after the IdP's answer already has true
@@ -299,9 +302,7 @@ class ClockTrust:
                         t = floor[1]
                     if floor is None or seq > floor[0]:
                         self._floors[key] = (seq, t)
-                    self._given[seq] = (t, quality)
-                    while len(self._given) > KEEP_LABELS:
-                        self._given.popitem(last=False)
+                    self._given.put(seq, t, quality)
                 reading["time"] = iso_epoch(t)
                 reading["time_quality"] = quality
 
@@ -346,6 +347,63 @@ class ClockTrust:
                 how = ("reading times are corrected from the servers' Date headers"
                        if off is not None else "no server time seen yet")
                 log.warning("%s; %s", note, how)
+
+
+def _median(values: list[float]) -> float:
+    """``statistics.median``, without importing it (it brings decimal and fractions, ~0.6 MiB)."""
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+class Labels:
+    """The labels given, by seq: the newest ``keep`` at least, at most a quarter more.
+
+    At 2,000 readings a second the clock meets 20,000 seqs in ten seconds; a dict of tuples of
+    floats costs ~230 bytes a label (~4.5 MiB), these three flat arrays sorted by seq 17 (~0.4
+    MiB). Seqs mostly come in ascending (the outbox hands out the oldest first), so a new label
+    is an append; a lower seq (a row held back, then claimed) is inserted in its place. The
+    lowest seqs go first when the arrays are full: they are the oldest labels, long delivered.
+    Not thread-safe (``ClockTrust`` holds its lock).
+    """
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self._seqs = array("q")
+        self._times = array("d")
+        self._qualities = bytearray()     # index into QUALITIES
+
+    def __len__(self) -> int:
+        return len(self._seqs)
+
+    def get(self, seq: int) -> tuple[float, Quality] | None:
+        seqs = self._seqs
+        if not seqs or seq > seqs[-1] or seq < seqs[0]:
+            return None
+        i = bisect_left(seqs, seq)
+        if seqs[i] != seq:
+            return None
+        return self._times[i], QUALITIES[self._qualities[i]]
+
+    def put(self, seq: int, t: float, quality: Quality) -> None:
+        seqs, code = self._seqs, QUALITIES.index(quality)
+        if not seqs or seq > seqs[-1]:
+            seqs.append(seq)
+            self._times.append(t)
+            self._qualities.append(code)
+        else:
+            i = bisect_left(seqs, seq)
+            if seqs[i] == seq:
+                self._times[i] = t
+                self._qualities[i] = code
+            else:
+                seqs.insert(i, seq)
+                self._times.insert(i, t)
+                self._qualities.insert(i, code)
+        if len(seqs) > self.keep + self.keep // 4:
+            # In one cut, not one per label: each cut moves the whole array down.
+            cut = len(seqs) - self.keep
+            del seqs[:cut], self._times[:cut], self._qualities[:cut]
 
 
 def iso_epoch(t: float) -> str:

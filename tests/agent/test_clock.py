@@ -232,3 +232,66 @@ def test_mqtt_code_and_status_carry_true_time_while_the_box_is_days_behind() -> 
     assert status["clock"] == "corrected" and status["clock_note"] == "clock not synchronized (off by ~3 d)"
     synced = json.loads(Outbound("p", "d", "1").plan(Snapshot(clock="synced"), now)[0][0].payload)
     assert synced["clock"] == "synced" and "clock_note" not in synced
+
+
+def shift_servers(trust: ClockTrust, c: Clocks, by_s: float) -> None:
+    """The servers' Date headers move by ``by_s`` (every anchor the median sees)."""
+    for _ in range(clockmod.KEEP_ANCHORS):
+        trust.observe_date(email.utils.formatdate(c.true + by_s, usegmt=True))
+
+
+def test_a_retried_batch_keeps_its_times_after_the_label_store_wrapped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(clockmod, "KEEP_LABELS", 100)
+    c = Clocks(DAYS3)
+    trust = c.trust()
+    trust.observe_date(c.date_header())
+    stamp = trust.stamp()
+    first = [(seq, {"sensor": "t"}, stamp) for seq in range(1, 301)]     # three stores' worth
+    trust.label(first)
+    shift_servers(trust, c, 30.0)        # a relabel from scratch would say 30 s later now
+    retried = [(seq, {"sensor": "t"}, stamp) for seq in range(201, 301)]
+    trust.label(retried)
+    assert [r["time"] for _, r, _ in retried] == [r["time"] for _, r, _ in first[200:]], \
+        "the newest KEEP_LABELS keep their times"
+    forgotten = [(1, {"sensor": "t"}, stamp)]
+    trust.label(forgotten)
+    assert seconds(forgotten[0][1]) - seconds(first[0][1]) == pytest.approx(30.0, abs=1.0), \
+        "a label older than the bound is given afresh"
+
+
+def test_a_row_claimed_after_newer_ones_keeps_its_time_too() -> None:
+    c = Clocks(DAYS3)
+    trust = c.trust()
+    trust.observe_date(c.date_header())
+    stamp = trust.stamp()
+    trust.label([(seq, {"sensor": "t"}, stamp) for seq in (10, 11, 12)])
+    late = [(5, {"sensor": "u"}, stamp)]     # held back while the disk was full, claimed later
+    trust.label(late)
+    shift_servers(trust, c, 30.0)
+    again = [(5, {"sensor": "u"}, stamp)]
+    trust.label(again)
+    assert again[0][1]["time"] == late[0][1]["time"]
+
+
+def test_the_label_store_answers_like_a_dict_of_the_newest_seqs() -> None:
+    import random
+
+    rng = random.Random(14)
+    store = clockmod.Labels(keep=50)
+    model: dict[int, tuple[float, str]] = {}
+    top = 0
+    for _ in range(5000):
+        if rng.random() < 0.8:
+            top += rng.randint(1, 3)
+            seq = top
+        else:
+            seq = rng.randint(max(1, top - 80), top + 1)       # a retry, a held row, a gap
+            top = max(top, seq)
+        t, quality = rng.uniform(0, 1e9), rng.choice(clockmod.QUALITIES)
+        store.put(seq, t, quality)
+        model[seq] = (t, quality)
+        assert len(store) <= 50 + 50 // 4
+        newest = sorted(model)[-50:]
+        for s in newest[-5:] + rng.sample(newest, min(5, len(newest))):
+            assert store.get(s) == model[s]
+    assert store.get(top + 1) is None and store.get(0) is None
