@@ -349,13 +349,6 @@ class ClockTrust:
                 log.warning("%s; %s", note, how)
 
 
-def _median(values: list[float]) -> float:
-    """``statistics.median``, without importing it (it brings decimal and fractions, ~0.6 MiB)."""
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
 class Labels:
     """The labels given, by seq: the newest ``keep`` at least, at most a quarter more.
 
