@@ -233,12 +233,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     if cmd == "dead-letter":
         import sqlite3
 
+        from agent import statusfile
         from agent.telemetry import dead_letters
 
         settings = config.load(config.config_path(args.config))
         try:
-            return dead_letters.run(settings.outbox_path, settings.device.id, args.dl_action,
-                                    getattr(args, "seqs", ()), all_=getattr(args, "all", False))
+            # Through the running service (it holds the outbox exclusively), else on the file.
+            return statusfile.dead_letter(settings, args.dl_action, getattr(args, "seqs", ()),
+                                          all_=getattr(args, "all", False))
         except dead_letters.DeadLetterError as err:
             kind = "config error: command line" if err.exit_code == EXIT_CONFIG else "error"
             print(f"{kind}: dead-letter {args.dl_action}: {err}", file=sys.stderr)

@@ -28,10 +28,12 @@ from agent.sdnotify import Notifier
 from agent.signal_relay import relay_signals
 from agent.state import AgentState, Snapshot
 from agent.statusfile import (
+    DEAD_LETTER_SIGNAL,
     SIGN_OUT_SIGNAL,
     InstanceLock,
     StatusWriter,
     acknowledge_sign_out,
+    answer_dead_letter,
     previous_last_upload,
     status_path,
 )
@@ -221,11 +223,15 @@ class Service:
             if signum == SIGN_OUT_SIGNAL:
                 threading.Thread(target=self._sign_out_requested, name="sign-out", daemon=True).start()
                 return
+            if signum == DEAD_LETTER_SIGNAL:      # `device-agent dead-letter`: on our outbox
+                threading.Thread(target=answer_dead_letter, name="dead-letter", daemon=True,
+                                 args=(self.settings.device.state_dir, self.outbox, self.settings.device.id)).start()
+                return
             if not self.stop_event.is_set():
                 log.info("received %s; stopping", signal.Signals(signum).name)
             self.request_stop()
 
-        return relay_signals((signal.SIGTERM, signal.SIGINT, SIGN_OUT_SIGNAL), on_signal)
+        return relay_signals((signal.SIGTERM, signal.SIGINT, SIGN_OUT_SIGNAL, DEAD_LETTER_SIGNAL), on_signal)
 
     def _start(self) -> None:
         """Sign-in first, then hardware and the announcers; telemetry follows in

@@ -1,9 +1,11 @@
-"""`status.json` in the state dir, the single-instance lock, and the `status` / `sign-out` commands.
+"""`status.json`, the single-instance lock, and the `status` / `sign-out` / `dead-letter` commands.
 
 The running service rewrites ``status.json`` atomically (0600, no secrets) whenever its state
-changes, so ``device-agent status`` never has to open the live token cache or take the outbox's
-write lock. ``sign-out`` asks a running service to do it (SIGUSR1), because only the process that
-owns the token cache may write it; with no service running it removes the cache itself.
+changes, so ``device-agent status`` never has to open the live token cache or the outbox (which
+the service holds exclusively). ``sign-out`` and ``dead-letter`` ask a running service to do it
+(``ask_service``: a request file with a nonce, a signal, the answer echoing the nonce), because
+only the process that owns the token cache and the outbox may write them; with no service
+running the command does it itself.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.config import Settings
@@ -35,13 +37,21 @@ from agent.net.retry import OutageLog
 from agent.state import AgentState, Snapshot, iso
 from agent.wakeup import name_os_thread
 
+if TYPE_CHECKING:
+    from agent.telemetry.outbox import Outbox
+
 log = logging.getLogger(__name__)
 
 STATUS_NAME = "status.json"
 LOCK_NAME = "agent.lock"
-SIGN_OUT_REQUEST = "sign-out.request"   # the CLI's nonce; the service answers in SIGN_OUT_DONE
-SIGN_OUT_DONE = "sign-out.done"
+SIGN_OUT = "sign-out"                   # requests: state_dir/<name>.request, answered in <name>.done
+SIGN_OUT_REQUEST = f"{SIGN_OUT}.request"
+SIGN_OUT_DONE = f"{SIGN_OUT}.done"
 SIGN_OUT_SIGNAL = signal.SIGUSR1
+DEAD_LETTER = "dead-letter"
+DEAD_LETTER_SIGNAL = signal.SIGUSR2
+DEAD_LETTER_WAIT_S = 20.0               # the service's outbox lock is held for milliseconds; a long
+                                        # retry of thousands of rows is a few seconds on a Pi
 RUNTIME_DIR = Path("/run/device-agent")   # systemd's RuntimeDirectory= (systemd/device-agent.service)
 
 
@@ -363,16 +373,69 @@ def _has_app_token(cache_path: Path) -> bool:
 
 def acknowledge_sign_out(state_dir: Path) -> None:
     """The service's half of `sign-out`: echo the CLI's nonce once the sign-out is done."""
-    nonce = _read_text(state_dir / SIGN_OUT_REQUEST)
-    if nonce:
-        atomic_write(state_dir / SIGN_OUT_DONE, nonce.encode())
+    answer_request(state_dir, SIGN_OUT, lambda body: {})
 
 
-def _read_text(path: Path) -> str:
+def ask_service(state_dir: Path, name: str, body: dict[str, Any], *, signum: int,
+                wait_s: float) -> dict[str, Any] | None:
+    """Ask the service running on ``state_dir`` to do ``name``: write ``<name>.request`` (a fresh
+    nonce and ``body``), signal it, wait for ``<name>.done`` to echo the nonce. Returns that
+    answer, or None when no service runs (the caller does it itself).
+
+    A nonce, not the effect, says it happened: a device with someone at the sign-in page may be
+    signed in again before we look, and a dead-letter list looks the same twice.
+
+    Raises:
+        AgentError: the service cannot be signalled (another user) or does not answer in time.
+    """
+    pid = running_pid(state_dir)
+    if not pid or pid < 0:
+        return None
+    nonce = os.urandom(8).hex()
+    request = state_dir / f"{name}.request"
+    atomic_write(request, json.dumps({**body, "nonce": nonce}).encode())
+    _give_to_owner(request, state_dir)
     try:
-        return path.read_text().strip()
-    except OSError:
-        return ""
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        return None
+    except PermissionError as err:
+        raise AgentError(f"cannot signal the running service (pid {pid}): {err.strerror}; "
+                         "run as root or as the service user") from err
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        answer = _read_json(state_dir / f"{name}.done")
+        if answer.get("nonce") == nonce:
+            return answer
+        time.sleep(0.05)
+    raise AgentError(f"the running service (pid {pid}) did not answer `{name}` within {wait_s:.0f} s")
+
+
+def answer_request(state_dir: Path, name: str, handler: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """The service's half of ``ask_service``: run ``handler`` on the request's body and write its
+    answer with the request's nonce. No request (or one already answered): nothing."""
+    body = _read_json(state_dir / f"{name}.request")
+    nonce = body.pop("nonce", None)
+    if not isinstance(nonce, str) or _read_json(state_dir / f"{name}.done").get("nonce") == nonce:
+        return
+    answer = handler(body)
+    atomic_write(state_dir / f"{name}.done", json.dumps({**answer, "nonce": nonce}).encode())
+
+
+def _give_to_owner(path: Path, state_dir: Path) -> None:
+    """root asking the service: the request file must be readable by the service's user."""
+    if os.geteuid() == 0:
+        with contextlib.suppress(OSError):
+            st = state_dir.stat()
+            os.chown(path, st.st_uid, st.st_gid)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 def show_status(settings: Settings, *, as_json: bool, out: IO[str] | None = None) -> int:
@@ -420,28 +483,9 @@ def _age_text(seconds: object) -> str:
 
 def sign_out(settings: Settings, *, wait_s: float = 5.0, out: IO[str] | None = None) -> int:
     out = out or sys.stdout
-    state_dir = settings.device.state_dir
-    pid = running_pid(state_dir)
-    if pid and pid > 0:
-        # A nonce, not the cache's content, says it happened: a device with someone at the
-        # sign-in page may be signed in again before we look.
-        nonce = os.urandom(8).hex()
-        atomic_write(state_dir / SIGN_OUT_REQUEST, nonce.encode())
-        try:
-            os.kill(pid, SIGN_OUT_SIGNAL)
-        except ProcessLookupError:
-            pid = None
-        except PermissionError as err:
-            raise AgentError(f"cannot signal the running service (pid {pid}): {err.strerror}; "
-                             "run as root or as the service user") from err
-        else:
-            deadline = time.monotonic() + wait_s
-            while time.monotonic() < deadline:
-                if _read_text(state_dir / SIGN_OUT_DONE) == nonce:
-                    print("signed out; the running service will show a new sign-in code", file=out)
-                    return 0
-                time.sleep(0.1)
-            raise AgentError(f"the running service (pid {pid}) did not sign out within {wait_s:.0f} s")
+    if ask_service(settings.device.state_dir, SIGN_OUT, {}, signum=SIGN_OUT_SIGNAL, wait_s=wait_s) is not None:
+        print("signed out; the running service will show a new sign-in code", file=out)
+        return 0
     path = settings.token_cache_path
     if path.exists():
         path.unlink()
@@ -449,3 +493,42 @@ def sign_out(settings: Settings, *, wait_s: float = 5.0, out: IO[str] | None = N
     else:
         print("not signed in", file=out)
     return 0
+
+
+def dead_letter(settings: Settings, action: str, seqs: Sequence[str], *, all_: bool,
+                out: IO[str] | None = None, err: IO[str] | None = None) -> int:
+    """``device-agent dead-letter``: through the running service, which holds the outbox
+    exclusively (agent/telemetry/outbox.py), else on the file itself. Returns the exit code.
+
+    Raises:
+        DeadLetterError: bad arguments (checked here, before asking anyone).
+        AgentError: the service cannot be asked, or does not answer in time.
+        sqlite3.Error: without a service, the outbox cannot be read or written.
+    """
+    from agent.telemetry import dead_letters
+
+    out, err = out or sys.stdout, err or sys.stderr
+    wanted = dead_letters.check_args(action, seqs, all_=all_)
+    answer = ask_service(settings.device.state_dir, DEAD_LETTER,
+                         {"action": action, "seqs": wanted, "all": all_},
+                         signum=DEAD_LETTER_SIGNAL, wait_s=DEAD_LETTER_WAIT_S)
+    if answer is None:
+        return dead_letters.run(settings.outbox_path, settings.device.id, action, seqs, all_=all_, out=out)
+    if answer.get("output"):
+        out.write(str(answer["output"]))
+    if answer.get("error"):
+        raise dead_letters.DeadLetterError(str(answer["error"]), int(answer.get("exit", 1)))
+    return int(answer.get("exit", 0))
+
+
+def answer_dead_letter(state_dir: Path, outbox: Outbox | None, device_id: str) -> None:
+    """The service's half of ``dead_letter`` (on DEAD_LETTER_SIGNAL), on its own outbox."""
+    from agent.telemetry import dead_letters
+
+    def handle(body: dict[str, Any]) -> dict[str, Any]:
+        if outbox is None:
+            return {"exit": 1, "error": "the service is starting: its outbox is not open yet; try again"}
+        return dead_letters.serve(outbox, device_id, str(body.get("action")),
+                                  [int(s) for s in body.get("seqs") or []], all_=bool(body.get("all")))
+
+    answer_request(state_dir, DEAD_LETTER, handle)

@@ -8,7 +8,6 @@ SIGKILLed at random moments 50 times and restarted each time. At the end the API
 from __future__ import annotations
 
 import random
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.agentproc import AgentProcess, write_config
+from tests.outbox_files import on_disk
 
 KILLS = 50
 DEVICE = "durable-01"
@@ -37,14 +37,12 @@ def agent_config(tmp_path: Path, idp: Any, api: Any, tls: Any, **upload: Any) ->
 
 def highest_assigned_seq(state_dir: Path) -> int:
     """The highest seq the outbox ever handed out, read from its own database."""
-    db = sqlite3.connect(f"file:{state_dir / 'outbox.sqlite3'}?mode=ro", uri=True)
-    try:
+    # The running agent holds the outbox exclusively: read what is on disk (a copy of its files).
+    with on_disk(state_dir / "outbox.sqlite3") as db:
         hw = db.execute("SELECT coalesce(max(value), 0) FROM meta WHERE key = ?", (f"seq_hw:{DEVICE}",))
         pending = db.execute("SELECT coalesce(max(seq), 0) FROM outbox")
         dead = db.execute("SELECT coalesce(max(seq), 0) FROM dead")
         return max(int(hw.fetchone()[0]), int(pending.fetchone()[0]), int(dead.fetchone()[0]))
-    finally:
-        db.close()
 
 
 @pytest.mark.slow

@@ -1,10 +1,11 @@
 """``device-agent dead-letter list | retry [--all | SEQ…] | purge``: what an operator does with
 readings the far side refused.
 
-It works while the service runs: its own connection to the outbox (SQLite WAL, so readers never
-block the service and the service never blocks them; writes wait up to ``BUSY_TIMEOUT_S`` for
-the service's short transactions). The running service notices the change by itself
-(``PRAGMA data_version`` in ``Outbox``) and uploads retried readings at its next step.
+While the service runs it holds the outbox exclusively (agent/telemetry/outbox.py: no -shm
+index to wear the SD card), so the command asks it (agent/statusfile.py, ``dead_letter``) and
+the service runs ``serve`` on its own connection, between two of its transactions; retried
+readings go out at the uploader's next step. With no service running, ``run`` opens the file
+itself; should a service start meanwhile, each side waits for the other (busy timeout).
 
 ``retry`` moves rows back into the queue with their original seq, so they are sent with their
 original id ``<device>:<seq>`` (the receiver de-duplicates by it), and with the clock stamp they
@@ -16,13 +17,14 @@ earlier device id cannot be sent under their id any more: they are reported, not
 
 from __future__ import annotations
 
+import io
 import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
-from agent.telemetry.outbox import STAMP_COLUMNS, add_stamp_columns
+from agent.telemetry.outbox import STAMP_COLUMNS, Outbox, add_stamp_columns
 
 BUSY_TIMEOUT_S = 10.0
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 78   # a wrong command line is a config error (78)
@@ -53,20 +55,32 @@ def parse_seqs(args: Sequence[str]) -> list[int]:
     return sorted(set(seqs))
 
 
-def run(path: Path, device_id: str, action: str, seqs: Sequence[str] = (), *, all_: bool = False,
-        out: TextIO = sys.stdout) -> int:
-    """One ``dead-letter`` command against the outbox at ``path``. Returns the exit code.
+def check_args(action: str, seqs: Sequence[str], *, all_: bool) -> list[int]:
+    """The SEQ arguments as numbers, once the command line makes sense.
 
     Raises:
-        DeadLetterError: bad arguments (exit 78) or seqs that are not dead-lettered (exit 1).
-        sqlite3.Error: the outbox cannot be read or written (busy for longer than the timeout).
+        DeadLetterError: it does not (exit 78).
     """
+    if action not in ("list", "retry", "purge"):
+        raise DeadLetterError(f"unknown action {action!r}", EXIT_USAGE)
     if action == "retry":
         if all_ and seqs:
             raise DeadLetterError("give either --all or SEQ numbers, not both", EXIT_USAGE)
         if not all_ and not seqs:
             raise DeadLetterError("say which: --all, or SEQ numbers from `dead-letter list`", EXIT_USAGE)
-    wanted = parse_seqs(seqs)
+    return parse_seqs(seqs)
+
+
+def run(path: Path, device_id: str, action: str, seqs: Sequence[str] = (), *, all_: bool = False,
+        out: TextIO = sys.stdout) -> int:
+    """One ``dead-letter`` command against the outbox file at ``path`` (no service running).
+    Returns the exit code.
+
+    Raises:
+        DeadLetterError: bad arguments (exit 78) or seqs that are not dead-lettered (exit 1).
+        sqlite3.Error: the outbox cannot be read or written (busy for longer than the timeout).
+    """
+    wanted = check_args(action, seqs, all_=all_)
     if not Path(path).exists():
         if wanted:
             raise DeadLetterError(f"no outbox at {path}: nothing is dead-lettered")
@@ -74,17 +88,42 @@ def run(path: Path, device_id: str, action: str, seqs: Sequence[str] = (), *, al
         return EXIT_OK
     db = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None)
     try:
-        if action == "retry":
-            add_stamp_columns(db)      # a file the service has not opened since an upgrade
-        if action == "list":
-            return _list(db, device_id, out)
-        if action == "retry":
-            return _retry(db, device_id, wanted, out)
-        if action == "purge":
-            return _purge(db, out)
-        raise DeadLetterError(f"unknown action {action!r}", EXIT_USAGE)
+        return run_on(db, device_id, action, wanted, out)
+    except sqlite3.OperationalError as err:
+        if "locked" in str(err):
+            raise DeadLetterError(f"{path} is in use (a service started meanwhile?): run the command "
+                                  "again") from err
+        raise
     finally:
         db.close()
+
+
+def run_on(db: sqlite3.Connection, device_id: str, action: str, wanted: list[int], out: TextIO) -> int:
+    """One checked command on an open outbox connection (the file's, or the running service's)."""
+    if action == "retry":
+        add_stamp_columns(db)      # a file the service has not opened since an upgrade
+    if action == "list":
+        return _list(db, device_id, out)
+    if action == "retry":
+        return _retry(db, device_id, wanted, out)
+    if action == "purge":
+        return _purge(db, out)
+    raise DeadLetterError(f"unknown action {action!r}", EXIT_USAGE)
+
+
+def serve(outbox: Outbox, device_id: str, action: str, wanted: list[int], *, all_: bool) -> dict[str, Any]:
+    """The running service's side: the command on its own outbox connection. Returns the answer
+    for the command line: ``exit``, ``output`` and, for a refusal, ``error``."""
+    out = io.StringIO()
+    try:
+        if action == "retry" and not all_ and not wanted:
+            raise DeadLetterError("say which: --all, or SEQ numbers from `dead-letter list`", EXIT_USAGE)
+        code = outbox.using_connection(lambda db: run_on(db, device_id, action, wanted, out))
+    except DeadLetterError as err:
+        return {"exit": err.exit_code, "output": out.getvalue(), "error": str(err)}
+    except (sqlite3.Error, RuntimeError) as err:
+        return {"exit": EXIT_FAILURE, "output": out.getvalue(), "error": f"{outbox.path}: {err}"}
+    return {"exit": code, "output": out.getvalue()}
 
 
 def _list(db: sqlite3.Connection, device_id: str, out: TextIO) -> int:

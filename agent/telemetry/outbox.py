@@ -4,7 +4,15 @@ Why it looks like this:
 
 - WAL + ``synchronous=FULL``: ``put`` returns only after its transaction is on disk, so a
   reading that ``put`` accepted survives a power cut or SIGKILL.
-- One transaction per ``put`` call (the sampler's group commit: every reading due at a tick).
+- ``locking_mode=EXCLUSIVE``: the service is the only process that opens the file while it
+  runs (``device-agent dead-letter`` asks it through agent/statusfile.py's request files). The WAL
+  index then lives in this process's memory instead of a mapped ``-shm`` file whose pages the
+  kernel would write back to the SD card after every commit.
+- One transaction per ``put`` call (the sampler's group commit: every reading due at a tick),
+  and it carries the acks that came since the previous one: an ack is held in memory until the
+  next ``put`` (at most ``ACK_HOLD_S``, ``ACK_HOLD_MAX`` rows), so a box sampling once a minute
+  commits once a minute, touching one leaf page. A power cut loses at most those held acks,
+  which only re-sends readings the receiver de-duplicates by id.
 - ``seq`` is assigned here, from 1 per device, and never reused. The database holds the
   high-water mark (``meta.seq_hw:<device>`` plus the pending rows). Because a corrupt database is
   replaced by an empty one, a small side file (``<db>.meta.json``, written atomically) reserves
@@ -74,7 +82,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-PAGE_SIZE = 1024            # SQLite page size of a new outbox file (SD-card wear, see _open)
+PAGE_SIZE = 512             # SQLite page size of a new outbox file (SD-card wear, see _open)
+ACK_HOLD_S = 300.0          # an ack waits this long at most for the next put to carry it
+ACK_HOLD_MAX = 64           # more acks than this at once (a backlog draining): written at once
+WAL_AUTOCHECKPOINT = 1000   # WAL frames between checkpoints (~0.5 MiB of WAL at 512 B pages)
 SEQ_BLOCK = 10_000          # seqs reserved in the side file at a time
 DEAD_MAX_ROWS = 10_000      # dead-letter table bounds: beyond them the oldest dead rows are
 DEAD_MAX_BYTES = 8 * 1024 * 1024   # dropped (counted into ``dropped``)
@@ -152,6 +163,7 @@ class Outbox:
         self._storage_logged = -math.inf
         self._degraded_conn = False     # opened read-only / as a stand-in: reopen when storage returns
         self._held: dict[int, str | None] = {}   # delivered (None) or dead (reason), not yet on disk
+        self._held_since = 0.0                   # monotonic: when the first held ack came
         self._lost_reasons: dict[str, int] = {}  # of _lost_unsaved, per reason
         self._file_id: tuple[int, int] | None = None
         self._replacing = False
@@ -184,15 +196,36 @@ class Outbox:
             self._notice_outside_changes()
             if self.storage != "ok":
                 self._recover()
+            else:
+                self._flush_stale_acks()
             return self._retry_corrupt(lambda: self._claim(limit))
 
     def ack(self, seqs: Iterable[int]) -> None:
-        """The sink confirmed these: remove them for good."""
+        """The sink confirmed these: remove them for good. A few are held in memory and written
+        by the next ``put``'s transaction (one commit, one leaf page for both: SD-card wear);
+        ``claim`` and ``counts`` treat them as gone at once."""
         seqs = sorted(set(seqs))
         if not seqs:
             return
         with self._lock:
+            if (self.storage == "ok" and len(self._held) + len(seqs) <= ACK_HOLD_MAX
+                    and all(r is None for r in self._held.values())):
+                if not self._held:
+                    self._held_since = self._monotonic()
+                for seq in seqs:
+                    self._held[seq] = None
+                return
             self._remove_or_hold(seqs, None)
+
+    def flush_acks(self) -> None:
+        """Write the acks held for the next ``put`` now (close, dead-letter commands)."""
+        with self._lock:
+            if self._held and self.storage == "ok" and self._db is not None and not self._degraded_conn:
+                self._flush_held()
+
+    def _flush_stale_acks(self) -> None:
+        if self._held and self._monotonic() - self._held_since >= ACK_HOLD_S:
+            self.flush_acks()
 
     def dead_letter(self, seqs: Iterable[int], reason: str) -> None:
         """The sink will never accept these: move them to the dead-letter table (kept, counted)."""
@@ -316,8 +349,27 @@ class Outbox:
                 (self.device_id, limit))
             return [(s, r, self._reading(s, p)) for s, r, p in cur]
 
+    def using_connection(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``op`` on the outbox's own connection between two of its transactions (the
+        running service's side of ``device-agent dead-letter``: nobody else may open the file),
+        then re-read the counters it may have changed.
+
+        Raises:
+            RuntimeError: the outbox is closed; whatever ``op`` raises.
+        """
+        with self._lock:
+            self.flush_acks()
+            try:
+                return op(self._conn())
+            finally:
+                self._reload_counts()
+
     def close(self) -> None:
         with self._lock:
+            try:
+                self.flush_acks()
+            except (sqlite3.Error, StorageUnavailable) as err:
+                log.debug("outbox: held acks not written at close (sent again next run): %s", err)
             if self._db is not None:
                 try:
                     self._db.close()
@@ -540,19 +592,22 @@ class Outbox:
         try:
             version = self._db.execute("PRAGMA data_version").fetchone()[0]
             if self._data_version is not None and version != self._data_version:
-                db = self._db
-                self._pending, self._pending_bytes, top = db.execute(
-                    "SELECT count(*), coalesce(sum(length(payload)), 0), coalesce(max(seq), 0) "
-                    "FROM outbox").fetchone()
-                self._dead = db.execute("SELECT count(*) FROM dead").fetchone()[0]
-                row = db.execute("SELECT value FROM meta WHERE key = 'dropped'").fetchone()
-                self._dropped = int(row[0]) if row else 0
-                self._next_seq = max(self._next_seq, top + 1)
-                log.info("outbox changed by another process (e.g. `device-agent dead-letter`): "
-                         "%d pending, %d dead", self._pending, self._dead)
+                self._reload_counts()
+                log.info("outbox changed by another process: %d pending, %d dead", self._pending, self._dead)
             self._data_version = version
         except sqlite3.Error as err:
             log.debug("outbox: data_version check failed: %s", err)
+
+    def _reload_counts(self) -> None:
+        """Counters from the file, after a change not made by put/ack/dead_letter."""
+        db = self._conn()
+        self._pending, self._pending_bytes, top = db.execute(
+            "SELECT count(*), coalesce(sum(length(payload)), 0), coalesce(max(seq), 0) "
+            "FROM outbox").fetchone()
+        self._dead = db.execute("SELECT count(*) FROM dead").fetchone()[0]
+        row = db.execute("SELECT value FROM meta WHERE key = 'dropped'").fetchone()
+        self._dropped = int(row[0]) if row else 0
+        self._next_seq = max(self._next_seq, top + 1)
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
@@ -582,14 +637,26 @@ class Outbox:
             os.chmod(self.path, 0o600)
             # Before WAL and the first table, or it is too late: a new file gets small pages, an
             # existing one keeps its size. A commit appends one WAL frame per page it changes (24
-            # bytes + the page), so the page size is the floor of what each durable put writes to
-            # the card: 1 KiB pages cut it by a sixth per reading and a third for a day of
-            # ingest + acks (bench/bench_outbox.py, docs/PERFORMANCE.md).
+            # bytes + the page) and the kernel writes the 4 KiB pages of the WAL file it lands in:
+            # one, or two when the frame straddles a boundary (frame size / 4096 of the time).
+            # 512 B pages (536 B frames) make that 1.13 pages per commit, the floor of SQLite's
+            # WAL (bench/bench_outbox.py, docs/PERFORMANCE.md).
             db.execute(f"PRAGMA page_size={PAGE_SIZE}")
+            # Exclusive before the first access to the WAL, so SQLite never creates the mapped
+            # -shm index (it is rebuilt in heap memory from the WAL at open): otherwise the
+            # kernel writes two index pages back to the card after every commit. The lock is
+            # taken at once and held until close; a `dead-letter` command that has the file
+            # open makes this wait up to the connect timeout (busy handler).
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")
             db.execute("PRAGMA journal_mode=WAL").fetchone()
+            # Power-cut safety does not depend on the lock or the index: with synchronous=FULL
+            # every COMMIT fsyncs the WAL, which holds the committed frames and their checksums,
+            # before put() returns; after a power cut the next open replays every complete
+            # commit from the WAL (the index is only a cache of where the frames are).
             db.execute("PRAGMA synchronous=FULL")
-            # Checkpoint in small steps so the WAL stays small on an SD card.
-            db.execute("PRAGMA wal_autocheckpoint=256")
+            # Checkpoints copy WAL frames into the database file (and fsync it): rarer is less
+            # wear, while the WAL stays small (~0.5 MiB) on an SD card.
+            db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT}")
             db.executescript(_SCHEMA)
             add_stamp_columns(db)
             self._load(db)
@@ -650,12 +717,16 @@ class Outbox:
         if seqs[-1] > self._reserved():
             self._reserve(seqs[-1] + SEQ_BLOCK)
         added = sum(len(p) for p in payloads)
+        acked = sorted(s for s, r in self._held.items() if r is None)
         with _tx(db):
+            # The acks held since the last put first: the rows they free make room in the leaf
+            # page the new rows go to (at a minute's cadence, one page and one WAL frame).
+            gone, gone_bytes = self._delete(db, acked, None, hw_implied=True) if acked else (0, 0)
             db.executemany("INSERT INTO outbox (seq, payload, wall, mono, boot, synced) "
                            "VALUES (?, ?, ?, ?, ?, ?)",
                            [(q, p, *_stamp_columns(st)) for q, p, st in zip(seqs, payloads, stamps, strict=True)])
-            pending = self._pending + len(seqs)
-            pending_bytes = self._pending_bytes + added
+            pending = self._pending - gone + len(seqs)
+            pending_bytes = self._pending_bytes - gone_bytes + added
             dropped = 0
             unsaved = self._lost_unsaved     # lost while the database was unwritable: write now
             if unsaved:
@@ -672,6 +743,8 @@ class Outbox:
                            "WHERE key = ?), 0), ?))", (f"seq_hw:{self.device_id}",
                                                        f"seq_hw:{self.device_id}", last))
         # Only after the commit: a failed transaction leaves the counters untouched.
+        for seq in acked:
+            self._held.pop(seq, None)
         self._next_seq = seqs[-1] + 1
         self._pending, self._pending_bytes = pending, pending_bytes
         self._dropped += unsaved
@@ -729,8 +802,9 @@ class Outbox:
     def oldest(self) -> Row | None:
         """The oldest pending row (its age is status ``oldest_pending_s``), unlabelled."""
         with self._lock:
-            row = self._conn().execute("SELECT seq, payload, wall, mono, boot, synced FROM outbox "
-                                       "ORDER BY seq LIMIT 1").fetchone()
+            rows = self._conn().execute("SELECT seq, payload, wall, mono, boot, synced FROM outbox "
+                                        "ORDER BY seq LIMIT ?", (len(self._held) + 1,)).fetchall()
+            row = next((r for r in rows if r[0] not in self._held), None)
         if row is None:
             return None
         seq, payload, wall, mono, boot, synced = row
@@ -740,25 +814,38 @@ class Outbox:
         body = json.loads(payload)
         return {"id": f"{self.device_id}:{seq}", "seq": seq, **body}
 
+    def _delete(self, db: sqlite3.Connection, seqs: list[int], dead_reason: str | None, *,
+                hw_implied: bool = False) -> tuple[int, int]:
+        """Inside a transaction: delete (or move to ``dead``) these rows. Returns (rows, bytes).
+
+        The seq high-water mark goes to ``meta`` only when the rows left no longer imply it
+        (the newest row went): an ack carried by a ``put`` (``hw_implied``: the new rows are
+        newer) or of older rows changes one leaf page and no meta page."""
+        removed = removed_bytes = 0
+        for i in range(0, len(seqs), _SQL_VARS):
+            chunk = seqs[i:i + _SQL_VARS]
+            marks = ",".join("?" * len(chunk))
+            removed_bytes += db.execute(
+                f"SELECT coalesce(sum(length(payload)), 0) FROM outbox WHERE seq IN ({marks})",  # noqa: S608
+                chunk).fetchone()[0]
+            if dead_reason is not None:
+                db.execute(
+                    f"INSERT INTO dead (device, seq, payload, reason, at, {STAMP_COLUMNS}) "  # noqa: S608
+                    f"SELECT ?, seq, payload, ?, ?, {STAMP_COLUMNS} FROM outbox WHERE seq IN ({marks})",
+                    (self.device_id, dead_reason[:500], _now_iso(), *chunk))
+            removed += db.execute(f"DELETE FROM outbox WHERE seq IN ({marks})", chunk).rowcount  # noqa: S608
+        if not hw_implied:
+            top = db.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0]
+            if top < seqs[-1]:
+                key = f"seq_hw:{self.device_id}"
+                db.execute("INSERT OR REPLACE INTO meta VALUES (?, max(coalesce((SELECT value FROM meta "
+                           "WHERE key = ?), 0), ?))", (key, key, seqs[-1]))
+        return removed, removed_bytes
+
     def _remove(self, seqs: list[int], *, dead_reason: str | None) -> None:
         db = self._conn()
-        removed = removed_bytes = 0
         with _tx(db):
-            for i in range(0, len(seqs), _SQL_VARS):
-                chunk = seqs[i:i + _SQL_VARS]
-                marks = ",".join("?" * len(chunk))
-                removed_bytes += db.execute(
-                    f"SELECT coalesce(sum(length(payload)), 0) FROM outbox WHERE seq IN ({marks})",  # noqa: S608
-                    chunk).fetchone()[0]
-                if dead_reason is not None:
-                    db.execute(
-                        f"INSERT INTO dead (device, seq, payload, reason, at, {STAMP_COLUMNS}) "  # noqa: S608
-                        f"SELECT ?, seq, payload, ?, ?, {STAMP_COLUMNS} FROM outbox WHERE seq IN ({marks})",
-                        (self.device_id, dead_reason[:500], _now_iso(), *chunk))
-                removed += db.execute(f"DELETE FROM outbox WHERE seq IN ({marks})", chunk).rowcount  # noqa: S608
-            key = f"seq_hw:{self.device_id}"
-            db.execute("INSERT OR REPLACE INTO meta VALUES (?, max(coalesce((SELECT value FROM meta "
-                       "WHERE key = ?), 0), ?))", (key, key, seqs[-1]))
+            removed, removed_bytes = self._delete(db, seqs, dead_reason)
             dead_dropped = self._bound_dead(db) if dead_reason is not None else 0
         self._pending -= removed
         self._pending_bytes -= removed_bytes

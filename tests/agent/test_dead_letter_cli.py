@@ -1,6 +1,10 @@
 """`device-agent dead-letter list | retry | purge` as a subprocess against an outbox that a live
 Outbox (the running service's) holds open and keeps writing to, then delivered by the uploader
-to the simulated API with the original seq and id."""
+to the simulated API with the original seq and id.
+
+The live Outbox holds the file exclusively, so the command asks "the service": this test process,
+holding the service's instance lock and answering the request signal exactly as `device-agent
+run` does (agent.statusfile.answer_dead_letter on its own outbox)."""
 
 from __future__ import annotations
 
@@ -9,14 +13,18 @@ import sqlite3
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from agent.clock import Stamp, iso_epoch
 from agent.config import UploadSettings
+from agent.signal_relay import relay_signals
 from agent.sim.api import SimApi
 from agent.state import AgentState, OutboxCounts
+from agent.statusfile import DEAD_LETTER_SIGNAL, InstanceLock, answer_dead_letter
 from agent.telemetry.outbox import Outbox
 from agent.telemetry.sinks.http import HttpSink
 from agent.telemetry.uploader import Uploader
@@ -35,10 +43,26 @@ def config(tmp_path: Path, api_settings: UploadSettings) -> Path:
     })
 
 
+@contextmanager
+def serving(box: Outbox) -> Iterator[Outbox]:
+    """This process acts as the running service for ``box``: the instance lock and the answer."""
+    state_dir = box.path.parent
+    lock = InstanceLock(state_dir)
+    lock.acquire()
+    restore = relay_signals((DEAD_LETTER_SIGNAL,), lambda _s: threading.Thread(
+        target=answer_dead_letter, args=(state_dir, box, DEVICE)).start())
+    try:
+        yield box
+    finally:
+        restore()
+        lock.release()
+
+
 @pytest.fixture
-def live(tmp_path: Path) -> Outbox:
+def live(tmp_path: Path) -> Iterator[Outbox]:
     box = Outbox(tmp_path / "state" / "outbox.sqlite3", DEVICE, max_rows=10**6, max_bytes=10**9)
-    yield box
+    with serving(box):
+        yield box
     box.close()
 
 
@@ -82,7 +106,7 @@ def test_list_retry_and_purge_while_the_service_writes(config: Path, live: Outbo
         assert retried.returncode == 0, retried.stderr
         assert "2 readings queued again" in retried.stdout
 
-        assert live.counts().dead == 1, "the running outbox noticed the change by itself"
+        assert live.counts().dead == 1, "done by the running service, on its own outbox"
         sim_api.poisoned_seqs.clear()
         while live.counts().pending:
             up.step()
@@ -161,7 +185,8 @@ def test_a_retried_reading_arrives_with_the_time_and_quality_it_had_before(
             up.step()
             assert box.counts() == OutboxCounts(pending=0, dead=1, dropped=0)
             sim_api.poisoned_seqs.clear()
-            retried = cli(config, "retry", "2")
+            with serving(box):
+                retried = cli(config, "retry", "2")
             assert retried.returncode == 0 and "1 readings queued again" in retried.stdout, retried
             while box.counts().pending:
                 up.step()

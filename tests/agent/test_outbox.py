@@ -16,6 +16,7 @@ import pytest
 from agent.state import AgentState, OutboxCounts
 from agent.telemetry.outbox import SEQ_BLOCK, Outbox
 from tests.fixtures.api import DEVICE, reading
+from tests.outbox_files import counts_on_disk
 
 BIG = 10**9
 
@@ -177,13 +178,57 @@ def test_deleted_database_does_not_restart_seq_at_one(tmp_path: Path) -> None:
     box.close()
 
 
-def test_read_counts_while_writer_is_open(outbox: Outbox, tmp_path: Path) -> None:
+def test_the_open_outbox_is_its_own_and_every_accepted_reading_is_on_disk(outbox: Outbox,
+                                                                         tmp_path: Path) -> None:
+    """locking_mode=EXCLUSIVE: no other connection gets in while the service has it (`status`
+    reads status.json, `dead-letter` asks the service), no -shm index is written next to it, and
+    a copy of its files at any instant (what a power cut leaves) holds every reading ``put``
+    accepted."""
+    import sqlite3
+
+    path = tmp_path / "outbox.sqlite3"
     outbox.put([reading(i) for i in range(4)])
     outbox.dead_letter([1], "bad")
-    assert Outbox.read_counts(tmp_path / "outbox.sqlite3") == outbox.counts() == OutboxCounts(3, 1, 0)
-    # The writer is undisturbed by the reader.
-    assert outbox.put([reading()]) == [5]
+    other = sqlite3.connect(path, timeout=0)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        other.execute("SELECT count(*) FROM outbox").fetchone()
+    other.close()
+    assert not (tmp_path / "outbox.sqlite3-shm").exists()
+    assert counts_on_disk(path) == outbox.counts() == OutboxCounts(3, 1, 0)
+    assert outbox.put([reading()]) == [5], "the writer is undisturbed"
+    assert counts_on_disk(path) == OutboxCounts(4, 1, 0)
     assert Outbox.read_counts(tmp_path / "missing.sqlite3") == OutboxCounts()
+
+
+def test_acks_ride_on_the_next_put_and_are_never_handed_out_again(tmp_path: Path) -> None:
+    """SD wear: an ack is held in memory and written by the next put's transaction (one commit a
+    minute on a box sampling once a minute); claim/counts/oldest treat it as gone at once. A power
+    cut before that put only sends the reading again (the receiver de-duplicates by id)."""
+    from agent.telemetry.outbox import ACK_HOLD_MAX, ACK_HOLD_S
+
+    t = [0.0]
+    path = tmp_path / "outbox.sqlite3"
+    box = Outbox(path, DEVICE, max_rows=1000, max_bytes=10**7, monotonic=lambda: t[0])
+    box.put([reading(i) for i in range(3)])
+    box.ack([1, 2])
+    assert [r.seq for r in box.claim(10)] == [3]
+    assert box.counts() == OutboxCounts(pending=1, dead=0, dropped=0)
+    assert box.oldest() is not None and box.oldest().seq == 3
+    assert counts_on_disk(path).pending == 3, "held: not written on their own"
+    assert box.put([reading(9)]) == [4]
+    assert counts_on_disk(path).pending == 2, "written with the put"
+    box.ack([3])
+    t[0] += ACK_HOLD_S                                  # no put for a while: the next claim writes it
+    assert [r.seq for r in box.claim(10)] == [4]
+    assert counts_on_disk(path).pending == 1
+    box.ack([4])
+    box.close()                                         # a clean stop writes what is held
+    assert counts_on_disk(path).pending == 0
+    with Outbox(path, DEVICE, max_rows=1000, max_bytes=10**7) as again:
+        assert again.put([reading()]) == [5], "seq continues after an outbox emptied by acks"
+        many = again.put([reading(i) for i in range(ACK_HOLD_MAX + 1)])
+        again.ack(many)                                 # a backlog draining: written at once
+        assert counts_on_disk(path).pending == 1
 
 
 def test_read_counts_when_the_service_is_stopped_or_the_file_corrupt(tmp_path: Path) -> None:
@@ -348,7 +393,7 @@ def test_new_outbox_has_small_pages_and_an_old_file_keeps_working(tmp_path: Path
     with open_box(tmp_path / "new.sqlite3") as box:
         box.put([reading(1)])
     db = sqlite3.connect(tmp_path / "new.sqlite3")
-    assert db.execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE == 1024
+    assert db.execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE == 512
     db.close()
 
     old = tmp_path / "old.sqlite3"
@@ -420,13 +465,13 @@ def test_acks_that_cannot_be_written_are_kept_in_memory_and_written_when_storage
     box.dead_letter([5], "HTTP 422 x")
     assert [r.seq for r in box.claim(10)] == [6, 7, 8, 9, 10], "never handed out again"
     assert box.counts() == OutboxCounts(pending=5, dead=1, dropped=1)
-    assert Outbox.read_counts(path) == OutboxCounts(pending=10, dead=0, dropped=0), "not on disk yet"
+    assert counts_on_disk(path) == OutboxCounts(pending=10, dead=0, dropped=0), "not on disk yet"
     with pytest.raises(StorageUnavailable):
         box.put([reading()])                            # refused at once, no write attempted
     box._conn().execute("PRAGMA query_only=OFF")
     t[0] += 10.0                                        # the next look for room
     assert box.put([reading()]) == [11]
     assert box.storage == "ok" and state.snapshot.storage == "ok"
-    assert Outbox.read_counts(path) == OutboxCounts(pending=6, dead=1, dropped=1)
+    assert counts_on_disk(path) == OutboxCounts(pending=6, dead=1, dropped=1)
     assert [r.seq for r in box.claim(10)] == [6, 7, 8, 9, 10, 11]
     box.close()

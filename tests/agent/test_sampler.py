@@ -19,6 +19,7 @@ from hw.base import Measurement
 from hw.errors import HardwareError
 from tests.fixtures.api import DEVICE
 from tests.fixtures.clock import FakeClock
+from tests.outbox_files import counts_on_disk
 
 
 class SteppingStop:
@@ -240,11 +241,11 @@ def test_losses_while_the_database_is_unwritable_are_kept_in_memory_then_saved(t
     sampler = Sampler([(settings("a", 1.0), FakeSensor())], box, state, clock=clock)
     sampler.run(SteppingStop(clock, until=1010.0))  # type: ignore[arg-type]
     assert box.counts().dropped == 10 and state.snapshot.outbox.dropped == 10
-    assert Outbox.read_counts(path).dropped == 0, "not on disk yet"
+    assert counts_on_disk(path).dropped == 0, "not on disk yet"
     box._conn().execute("PRAGMA query_only=OFF")
     sampler.run(SteppingStop(clock, until=1016.0))  # type: ignore[arg-type]
     assert box.counts().dropped == 10 and box.counts().pending == 6, "storing again, nothing more lost"
-    assert Outbox.read_counts(path).dropped == 10, "written with the first put that worked"
+    assert counts_on_disk(path).dropped == 10, "written with the first put that worked"
     box.close()
 
 

@@ -76,16 +76,23 @@ def test_status_reads_a_stopped_services_outbox_on_a_read_only_state_dir(
     assert not (state / "probe").exists() and not (state / "outbox.sqlite3-shm").exists()
 
 
-def test_a_read_only_open_still_sees_a_live_writers_uncheckpointed_commits(tmp_path: Path) -> None:
-    """Where -shm can be used (the service runs), the read-only open is ``mode=ro``, not the
-    immutable fallback that would miss what sits in the WAL."""
+def test_a_read_only_open_still_sees_uncheckpointed_commits_a_killed_service_left(tmp_path: Path) -> None:
+    """A service killed (or a power cut) leaves its commits in the WAL and no -shm (the outbox's
+    exclusive lock keeps the index in memory). Where -shm can be created, `status` reads with
+    ``mode=ro``, not the immutable fallback that would miss what sits in the WAL."""
+    import shutil
+
     path = tmp_path / "outbox.sqlite3"
+    left = tmp_path / "after-the-kill"
+    left.mkdir()
     with Outbox(path, DEVICE, max_rows=100, max_bytes=10**6) as live:
         live.put([reading(i) for i in range(3)])
-        assert (tmp_path / "outbox.sqlite3-wal").stat().st_size > 0
-        assert Outbox.read_counts(path).pending == 3
         live.put([reading(9)])
-        assert Outbox.read_counts(path).pending == 4
+        assert (tmp_path / "outbox.sqlite3-wal").stat().st_size > 0
+        for name in ("outbox.sqlite3", "outbox.sqlite3-wal"):     # the files as the kill leaves them
+            shutil.copyfile(tmp_path / name, left / name)
+    assert not (left / "outbox.sqlite3-shm").exists()
+    assert Outbox.read_counts(left / "outbox.sqlite3").pending == 4
 
 
 def test_status_without_the_service_says_a_full_state_dir_is_full(tmp_path: Path) -> None:
