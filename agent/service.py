@@ -225,7 +225,8 @@ class Service:
                 return
             if signum == DEAD_LETTER_SIGNAL:      # `device-agent dead-letter`: on our outbox
                 threading.Thread(target=answer_dead_letter, name="dead-letter", daemon=True,
-                                 args=(self.settings.device.state_dir, self.outbox, self.settings.device.id)).start()
+                                 args=(self.settings.device.state_dir, self.outbox, self.settings.device.id,
+                                       self._flush_cmd)).start()
                 return
             if not self.stop_event.is_set():
                 log.info("received %s; stopping", signal.Signals(signum).name)

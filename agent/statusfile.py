@@ -521,14 +521,20 @@ def dead_letter(settings: Settings, action: str, seqs: Sequence[str], *, all_: b
     return int(answer.get("exit", 0))
 
 
-def answer_dead_letter(state_dir: Path, outbox: Outbox | None, device_id: str) -> None:
-    """The service's half of ``dead_letter`` (on DEAD_LETTER_SIGNAL), on its own outbox."""
+def answer_dead_letter(state_dir: Path, outbox: Outbox | None, device_id: str,
+                       requeued: Callable[[], None] | None = None) -> None:
+    """The service's half of ``dead_letter`` (on DEAD_LETTER_SIGNAL), on its own outbox;
+    ``requeued`` (the uploader's flush) once a retry has put readings back in the queue."""
     from agent.telemetry import dead_letters
 
     def handle(body: dict[str, Any]) -> dict[str, Any]:
         if outbox is None:
             return {"exit": 1, "error": "the service is starting: its outbox is not open yet; try again"}
-        return dead_letters.serve(outbox, device_id, str(body.get("action")),
-                                  [int(s) for s in body.get("seqs") or []], all_=bool(body.get("all")))
+        action = str(body.get("action"))
+        answer = dead_letters.serve(outbox, device_id, action, [int(s) for s in body.get("seqs") or []],
+                                    all_=bool(body.get("all")))
+        if action == "retry" and answer.get("exit") == 0 and requeued is not None:
+            requeued()
+        return answer
 
     answer_request(state_dir, DEAD_LETTER, handle)
