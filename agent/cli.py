@@ -6,15 +6,17 @@ start fast on a Pi and `watch` does not pay for msal or luma.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
-from agent.cmdline import Parser
 from agent.errors import AgentError, ConfigError
+
+if TYPE_CHECKING:      # imported in build_parser: `run` starts without argparse (_service_args)
+    import argparse
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -22,6 +24,10 @@ EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h; systemd's RestartPreventExitStatu
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
+    from agent.cmdline import Parser
+
     p = Parser(prog="device-agent",  # usage mistakes: exit 78 (agent.cmdline), not argparse's 2
                description="Device-code sign-in and durable telemetry for headless devices.")
     p.add_argument("--version", action="version", version=f"device-agent {__version__}")
@@ -107,8 +113,28 @@ def _forget_closed_output() -> None:
                 pass
 
 
+def _service_args(argv: Sequence[str]) -> SimpleNamespace | None:
+    """``run``, ``run --config PATH`` or ``run --config=PATH``, as the parser would read them.
+
+    The command a box runs at every boot: building the parser of every command (argparse, its
+    translations, twelve subparsers) costs ~15 ms of CPU (x86) before the code can reach the
+    panel. Anything else (options, abbreviations, mistakes, --help) goes to the parser, so its
+    answers and error lines stay exactly the parser's.
+    """
+    if not argv or argv[0] != "run":
+        return None
+    rest = list(argv[1:])
+    if not rest:
+        return SimpleNamespace(command="run", config=None)
+    if len(rest) == 2 and rest[0] == "--config" and not rest[1].startswith("-"):
+        return SimpleNamespace(command="run", config=rest[1])
+    if len(rest) == 1 and rest[0].startswith("--config="):
+        return SimpleNamespace(command="run", config=rest[0][len("--config="):])
+    return None
+
+
 def _main(argv: Sequence[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _service_args(sys.argv[1:] if argv is None else argv) or build_parser().parse_args(argv)
     try:
         return _dispatch(args)
     except ConfigError as err:
@@ -166,7 +192,7 @@ def _check_certificate(settings: Any) -> None:
         print(f"warning: {problem.message}", file=sys.stderr)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace | SimpleNamespace) -> int:
     """`device-agent run`: the service, as fast as possible to a code on the panel."""
     import gc
 
@@ -200,7 +226,7 @@ def _run(args: argparse.Namespace) -> int:
             gc.enable()
 
 
-def _dispatch(args: argparse.Namespace) -> int:
+def _dispatch(args: argparse.Namespace | SimpleNamespace) -> int:
     cmd = args.command
     if cmd == "run":
         return _run(args)

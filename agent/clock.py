@@ -28,10 +28,11 @@ from array import array
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
+
+from agent.records import record
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ QUALITIES: tuple[Quality, ...] = ("synced", "corrected", "unsynced")
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 
 
-@dataclass(frozen=True)
+@record
 class Stamp:
     """When a reading was sampled: wall and monotonic time, boot, and the clock's trust then."""
 
@@ -57,7 +58,7 @@ class Stamp:
     synced: bool         # the clock was trusted (kernel synchronized, not outweighed)
 
 
-@dataclass(frozen=True)
+@record
 class Anchor:
     """One server ``Date`` header: true time at monotonic ``m`` is ``base + m`` (same boot)."""
 

@@ -13,13 +13,14 @@ import re
 import socket
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import field, fields
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
 from urllib.parse import urlsplit
 
 from agent.errors import ConfigError
 from agent.net.hosts import is_loopback_host
+from agent.records import record
 from hw import registry
 from hw.base import DisplayOptions, Option
 
@@ -44,13 +45,13 @@ OnStop = Literal["stopped", "blank"]
 RESERVED_SCOPES = ("openid", "profile", "offline_access")
 
 
-@dataclass(frozen=True)
+@record
 class DeviceSettings:
     id: str
     state_dir: Path
 
 
-@dataclass(frozen=True)
+@record
 class AuthSettings:
     client_id: str
     scopes: tuple[str, ...]
@@ -73,7 +74,7 @@ class AuthSettings:
         return self.authority or self.oidc_authority or ""
 
 
-@dataclass(frozen=True)
+@record
 class DisplaySettings(DisplayOptions):
     """[display]: the wiring keys (interface, port, address, rotate, contrast, path) are hw's."""
 
@@ -82,14 +83,14 @@ class DisplaySettings(DisplayOptions):
     on_stop: OnStop = "stopped"   # what the panel shows after the service stops
 
 
-@dataclass(frozen=True)
+@record
 class GpioSettings:
     backend: str = "rpi"
     button: int | None = None
     led: int | None = None
 
 
-@dataclass(frozen=True)
+@record
 class MqttSettings:
     url: str
     username: str = ""
@@ -104,7 +105,7 @@ class MqttSettings:
     homeassistant_prefix: str = "homeassistant"
 
 
-@dataclass(frozen=True)
+@record
 class SensorSettings:
     name: str
     type: str
@@ -113,7 +114,7 @@ class SensorSettings:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@record
 class UploadSettings:
     sink: str = "http"
     url: str = ""
@@ -131,12 +132,12 @@ class UploadSettings:
     compress: str = "gzip"       # http sink: "gzip" | "none"
 
 
-@dataclass(frozen=True)
+@record
 class LogSettings:
     level: str = "info"
 
 
-@dataclass(frozen=True)
+@record
 class Settings:
     path: Path
     device: DeviceSettings
@@ -544,6 +545,7 @@ class _Checker:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._loadable_ca: set[str] = set()      # CA files already loaded (auth's is often upload's)
 
     def fail(self, key: str, message: str) -> Any:
         raise ConfigError(f"{self.path}: {key}: {message}")
@@ -589,7 +591,7 @@ class _Checker:
         """A CA bundle that, when set, must hold at least one PEM certificate ssl can load: a wrong
         file (/etc/hostname) would otherwise pass here and make every TLS handshake fail later."""
         v = self.file(t, name, section)
-        if not v:
+        if not v or v in self._loadable_ca:
             return v
         key = self._key(section, name)
         try:
@@ -607,6 +609,7 @@ class _Checker:
             why = getattr(err, "reason", None) or "not a valid certificate"
             self.fail(key, f"{v!r}: its PEM certificate cannot be loaded ({why}); name a CA bundle "
                            "in PEM form")
+        self._loadable_ca.add(v)
         return v
 
     def boolean(self, t: Mapping[str, Any], name: str, section: str, *, default: bool) -> bool:

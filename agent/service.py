@@ -14,7 +14,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypedDict
 
 from agent import __version__, logs
@@ -22,7 +21,6 @@ from agent.clock import ClockTrust
 from agent.config import Settings
 from agent.errors import AgentError, ConfigError
 from agent.fsutil import ensure_private_dir
-from agent.health import Health
 from agent.net.retry import Backoff, OutageLog
 from agent.sdnotify import Notifier
 from agent.signal_relay import relay_signals
@@ -41,6 +39,7 @@ from agent.wakeup import Signal, name_os_thread, wait_any
 
 if TYPE_CHECKING:     # imported for real in _start, so `device-agent --help` stays quick
     from agent.config import SensorSettings
+    from agent.health import Health
     from agent.mqtt.publisher import MqttPublisher
     from agent.panel.observer import Panel
     from agent.signin.authenticator import Authenticator
@@ -60,25 +59,32 @@ RESTART_BACKOFF_S = (1.0, 60.0)
 HEALTHY_RUN_S = 300.0        # a component that ran this long before crashing starts a new streak
 
 
-@dataclass
-class Supervised:
-    """A component thread that is restarted when it dies with an exception."""
+def _nothing() -> None:
+    """Nothing to do (a restore with nothing to restore, a crash nobody waits on)."""
 
-    name: str
-    target: Callable[[threading.Event], None]
-    stop: threading.Event
-    thread: threading.Thread | None = None
-    crashes: int = 0
-    restart_at: float = 0.0
-    done: bool = False
-    error: str | None = field(default=None)
-    backoff: Backoff | None = None      # made at the first crash, from RESTART_BACKOFF_S
-    on_crash: Callable[[], None] = lambda: None     # wakes the supervisor (Service._main_wake)
-    clock: Callable[[], float] = time.monotonic
-    started_at: float = 0.0
-    # Crashes in a row are one fault for the journal (agent.net.retry.OutageLog): the traceback
-    # once, then a line every 10 min with a count, not a traceback per restart.
-    outage: OutageLog | None = None
+
+class Supervised:
+    """A component thread that is restarted when it dies with an exception. (A plain class: a
+    dataclass costs ~1.5 ms to make at import, docs/PERFORMANCE.md "Sign-in".)"""
+
+    def __init__(self, name: str, target: Callable[[threading.Event], None], stop: threading.Event, *,
+                 on_crash: Callable[[], None] = _nothing,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
+        self.target = target
+        self.stop = stop
+        self.on_crash = on_crash        # wakes the supervisor (Service._main_wake)
+        self.clock = clock
+        self.thread: threading.Thread | None = None
+        self.crashes = 0
+        self.restart_at = 0.0
+        self.done = False
+        self.error: str | None = None
+        self.backoff: Backoff | None = None     # made at the first crash, from RESTART_BACKOFF_S
+        self.started_at = 0.0
+        # Crashes in a row are one fault for the journal (agent.net.retry.OutageLog): the
+        # traceback once, then a line every 10 min with a count, not a traceback per restart.
+        self.outage: OutageLog | None = None
 
     def start(self) -> None:
         self.started_at = self.clock()
@@ -316,6 +322,7 @@ class Service:
         """Outbox, sampler and uploader: readings flow in every sign-in state from here on."""
         import sqlite3
 
+        from agent.health import Health
         from agent.telemetry.outbox import Outbox
         from agent.telemetry.sampler import Sampler
         from agent.telemetry.sinks import make_sink
@@ -528,10 +535,6 @@ class Service:
         if snap.error:
             return f"error: {snap.error}"
         return snap.phase
-
-
-def _nothing() -> None:
-    """A restore with nothing to restore."""
 
 
 def run_service(settings: Settings, *, stop_event: threading.Event | None = None,

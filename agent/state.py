@@ -12,9 +12,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
+
+from agent.records import record
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +25,7 @@ LinkState = Literal["up", "down", "unknown", "off"]
 StorageState = Literal["ok", "full", "read_only"]
 
 
-@dataclass(frozen=True)
+@record
 class DeviceCode:
     """A user code as the IdP issued it. Times: monotonic for countdowns, wall for display/MQTT."""
 
@@ -67,14 +69,14 @@ class DeviceCode:
         return data
 
 
-@dataclass(frozen=True)
+@record
 class OutboxCounts:
     pending: int = 0
     dead: int = 0
     dropped: int = 0
 
 
-@dataclass(frozen=True)
+@record
 class LastReading:
     sensor: str
     value: float | None
@@ -82,7 +84,7 @@ class LastReading:
     error: str | None = None
 
 
-@dataclass(frozen=True)
+@record
 class Snapshot:
     """One consistent view of the agent; observers get a new one on every change."""
 

@@ -10,7 +10,6 @@ stacked layout. Burn-in care (blanking, pixel shift) is the panel's job, not the
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import math
@@ -638,6 +637,8 @@ def examples(now: float = 1000.0) -> dict[str, Image.Image]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import argparse  # here: the panel imports this module at every start
+
     parser = argparse.ArgumentParser(prog="python -m agent.panel.screens",
                                      description="write every panel screen as a PNG")
     parser.add_argument("--out", required=True, type=Path, help="directory for the PNGs")

@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Literal
+
+from agent.records import record
 
 Kind = Literal["pending", "expired", "declined", "bad_code", "reauth", "config", "transient"]
 
 _CODE = re.compile(r"AADSTS(\d+)")
 
 
-@dataclass(frozen=True)
+@record
 class Problem:
     """One classified IdP error: what to do (``kind``) and what to tell people (``message``)."""
 

@@ -13,7 +13,6 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,6 +22,7 @@ import requests
 from agent.config import AuthSettings
 from agent.net.https import HttpsSession
 from agent.net.retry import Backoff, OutageLog
+from agent.records import record
 from agent.signin.aadsts import Problem, explain
 from agent.signin.token_cache import TokenCacheFile
 from agent.state import AgentState
@@ -36,7 +36,7 @@ RECOVERED = "the sign-in service answers again"
 _App = TypeVar("_App", bound=msal.ClientApplication)
 
 
-@dataclass(frozen=True)
+@record
 class Timing:
     """Back-off and refresh periods. Production defaults; tests shorten them."""
 
@@ -49,7 +49,7 @@ class Timing:
     wait_slice_s: float = 0.25                # longest real wait under an injected (test) clock
 
 
-@dataclass(frozen=True)
+@record
 class Token:
     """An access token with its life on the monotonic clock, from ``expires_in`` when it came."""
 

@@ -1,0 +1,73 @@
+"""`device-agent run`, watched from inside, for tests/test_startup_imports.py.
+
+Runs the real command line (``agent.cli.main``) after wrapping two functions: the code screen's
+renderer and the png display's ``show``. The first time a frame holding a code reaches the
+display, the modules imported by then are written as JSON to ``$STARTUP_PROBE_OUT``; a second
+line follows once the outbox holds a reading, saying whether the cyclic garbage collector runs.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import threading
+from typing import Any
+
+import hw.png
+from agent import cli
+from agent.panel import screens
+
+OUT = os.environ["STARTUP_PROBE_OUT"]
+_code_rendered = threading.Event()
+_reported = threading.Event()
+_render_code = screens.render_code
+_show = hw.png.PngDisplay.show
+
+
+def _write(record: dict[str, Any]) -> None:
+    with open(OUT, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def render_code(*args: Any, **kwargs: Any) -> Any:
+    _code_rendered.set()
+    return _render_code(*args, **kwargs)
+
+
+def show(self: Any, image: Any) -> None:
+    _show(self, image)
+    if _code_rendered.is_set() and not _reported.is_set():
+        _reported.set()
+        _write({"when": "code shown", "modules": sorted(sys.modules)})
+        threading.Thread(target=_after_first_reading, daemon=True).start()
+
+
+def _after_first_reading() -> None:
+    """Once telemetry has stored a reading: is the garbage collector on again?"""
+    import sqlite3
+    import time
+
+    path = os.environ["STARTUP_PROBE_OUTBOX"]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.05)
+            try:
+                if db.execute("SELECT count(*) FROM outbox").fetchone()[0]:
+                    _write({"when": "reading stored", "gc_enabled": gc.isenabled()})
+                    return
+            finally:
+                db.close()
+        except sqlite3.Error:
+            pass
+        time.sleep(0.02)
+    _write({"when": "no reading within 10 s"})
+
+
+screens.render_code = render_code
+hw.png.PngDisplay.show = show  # type: ignore[method-assign]
+
+if __name__ == "__main__":
+    raise SystemExit(cli.main(sys.argv[1:]))
