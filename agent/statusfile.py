@@ -56,7 +56,21 @@ RUNTIME_DIR = Path("/run/device-agent")   # systemd's RuntimeDirectory= (systemd
 
 
 def status_path(settings: Settings) -> Path:
+    """state_dir/status.json: where a stopped service leaves its last word (``StatusWriter``
+    writes to ``runtime_status_path`` while it runs, when there is one)."""
     return settings.device.state_dir / STATUS_NAME
+
+
+def runtime_status_path(state_dir: Path) -> Path | None:
+    """Where the running service keeps status.json when a runtime directory is there: the first
+    of ``$RUNTIME_DIRECTORY`` (systemd's RuntimeDirectory=) and ``/run/device-agent`` that is a
+    directory of ours nobody else can write. It is tmpfs: rewriting the status a few times per
+    reading (a new file and inode each time, as atomic writes go) costs the SD card nothing."""
+    owner = os.geteuid()
+    for path in fallback_status_paths(state_dir)[:-1]:       # the runtime candidates, not /tmp
+        if _trusted_dir(path.parent, owner):
+            return path
+    return None
 
 
 def fallback_status_paths(state_dir: Path) -> list[Path]:
@@ -165,8 +179,14 @@ class StatusWriter:
 
     def __init__(self, path: Path, state: AgentState, device_id: str, *, min_interval_s: float = 1.0,
                  clock: Callable[[], float] = time.monotonic, fallbacks: list[Path] | None = None) -> None:
-        self.path = path
-        self._fallbacks = fallback_status_paths(path.parent) if fallbacks is None else fallbacks
+        # ``path`` is state_dir/status.json; while running, the runtime dir's copy is the one
+        # rewritten (SD-card wear), and the state dir gets the final word at stop, so `status`
+        # after a stop or a reboot still shows the last upload.
+        self.home = path
+        runtime = runtime_status_path(path.parent) if fallbacks is None else None
+        self.path = runtime or path
+        others = fallback_status_paths(path.parent) if fallbacks is None else fallbacks
+        self._fallbacks = [p for p in ([path] if runtime else []) + others if p != self.path]
         self._written_elsewhere: Path | None = None
         self._state = state
         self._device_id = device_id
@@ -187,6 +207,12 @@ class StatusWriter:
         self._dirty.set()
         self._thread.join(timeout=2)
         self.write(self._state.snapshot)  # the final word: "stopped"
+        if self.path != self.home:        # ... also where it outlives the runtime dir (a reboot)
+            data = self._document(self._state.snapshot)
+            try:
+                atomic_write(self.home, data, durable=False)
+            except OSError as err:
+                log.debug("status: cannot leave %s: %s", self.home, err)
 
     def _on_change(self, snap: Snapshot) -> None:
         self._dirty.set()
@@ -207,8 +233,11 @@ class StatusWriter:
             self.write(self._state.snapshot)
             written = time.monotonic()
 
+    def _document(self, snap: Snapshot) -> bytes:
+        return (json.dumps(snapshot_document(snap, self._device_id), indent=1) + "\n").encode()
+
     def write(self, snap: Snapshot) -> None:
-        data = (json.dumps(snapshot_document(snap, self._device_id), indent=1) + "\n").encode()
+        data = self._document(snap)
         try:
             atomic_write(self.path, data, durable=False)
         except OSError as err:
