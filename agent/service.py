@@ -22,6 +22,7 @@ from agent.config import Settings
 from agent.errors import AgentError, ConfigError
 from agent.fsutil import ensure_private_dir
 from agent.net.retry import Backoff, OutageLog
+from agent.observerloop import ObserverLoop
 from agent.sdnotify import Notifier
 from agent.signal_relay import relay_signals
 from agent.state import AgentState, Snapshot
@@ -167,7 +168,11 @@ class Service:
         self._was_signed_in = False
         self._running = False
         self._news: threading.Event | None = None     # what the main thread waits on at start
-        self._main_wake = Signal()                     # news for the supervisor loop
+        # The observers' one thread (agent/observerloop.py): supervisor, health, button/LED,
+        # panel, status file, MQTT publishing; its Signal is the supervisor's news too.
+        self._observers = ObserverLoop(self.state)
+        self._main_wake = self._observers.news
+        self._next_beat = self._next_health = 0.0
         self._last_status = ""                         # the STATUS= line systemd has
         self._status_lock = threading.Lock()
         self._health_due = True
@@ -255,6 +260,8 @@ class Service:
         # Every HTTPS answer (IdP, API, Graph) tells the clock what time the server thinks it is;
         # from the first one on, the code's expires_at and the status times are true.
         self.clock.on_change = lambda fields: self.state.update(**fields)
+        loop = self._observers.start()
+        self._closers.append(("observers", loop.stop))
         self._closers.append(("clock observer", observe_responses(self.clock.observe_response)))
         self.state.subscribe(self._on_state)
         auth = self.auth = self._make_auth() or Authenticator(s.auth, s.token_cache_path, self.state,
@@ -265,7 +272,8 @@ class Service:
         if previous is not None:
             self.state.update(last_upload=previous)     # "last upload" survives a restart
         status = StatusWriter(status_path(s), self.state, s.device.id)
-        status.start()
+        status.start(thread=False)
+        loop.add("status file", status.serve)
         self._closers.append(("status file", status.stop))
 
         gpio, display, self._sensors = self._open_hardware()
@@ -273,21 +281,27 @@ class Service:
         if display is not None:
             from agent.panel.observer import Panel
 
-            panel = self.panel = Panel(display, self.state, sleep_after_s=s.display.sleep_after_s)
-            panel.start()
+            panel = self.panel = Panel(display, self.state, sleep_after_s=s.display.sleep_after_s,
+                                       wakeup=loop.news)
+            panel.start(thread=False)
+            loop.add("panel", panel.serve)
             self._closers.append(("panel", lambda: panel.stop(final=s.display.on_stop)))
         if gpio is not None and (s.gpio.button is not None or s.gpio.led is not None):
             from agent.panel.controls import Controls
 
             controls = Controls(gpio, self.state, button_pin=s.gpio.button, led_pin=s.gpio.led,
-                                on_short_press=self._button_short, on_long_press=self._button_long)
-            controls.start()
+                                on_short_press=self._button_short, on_long_press=self._button_long,
+                                wakeup=loop.news)
+            controls.start(thread=False)
+            loop.add("controls", controls.serve)
             self._closers.append(("controls", controls.stop))
         if s.mqtt is not None:
             from agent.mqtt.publisher import MqttPublisher
 
-            self.notifier = MqttPublisher(s.mqtt, s.device.id, self.state, self._commands(), __version__)
-            self.notifier.start()
+            self.notifier = MqttPublisher(s.mqtt, s.device.id, self.state, self._commands(), __version__,
+                                          wakeup=loop.news)
+            self.notifier.start(thread=False)
+            loop.add("mqtt", self.notifier.serve)
             self._closers.append(("mqtt", self.notifier.stop))
         else:
             self.state.set_link("mqtt", "off")
@@ -398,43 +412,46 @@ class Service:
         return gpio, display, sensors
 
     def _main_loop(self) -> None:
+        """The main thread sleeps until stop; supervision is a step of the observer loop."""
+        self._next_beat = self._next_health = time.monotonic()
+        self._observers.add("supervisor", self._supervise_step)
+        wait_any(math.inf, self.stop_event)
+
+    def _supervise_step(self) -> float:
         """Supervise, feed the watchdog only while the loop and the sampler really advance.
 
-        Event-driven: asleep until a component dies (or its restart is due), the watchdog is
-        due (every WatchdogSec/4), the health figures are (news of the outbox or the sign-in,
-        else every HEALTH_EVERY_S) or stop; no ticking in between. The status line goes to
-        systemd from the state observer (``_on_state``), without waking this thread.
+        Event-driven: run when a component dies (or its restart is due), the watchdog is due
+        (every WatchdogSec/4), the health figures are (news of the outbox or the sign-in, else
+        every HEALTH_EVERY_S) or on any other pass of the loop; returns seconds until the next
+        of those. The status line goes to systemd from the state observer (``_on_state``).
         """
         wd = self._sd.watchdog_s
         beat_every = wd / 4 if wd else math.inf
         stale_after = max(5.0, wd / 2) if wd else 30.0
-        next_beat = next_health = time.monotonic()
-        while not self.stop_event.is_set():
-            self._main_wake.clear()
-            now = time.monotonic()
-            for comp in self._components:
-                comp.check(now)
-            if self.health is not None and (self._health_due or now >= next_health):
-                # Health figures follow the outbox and the sign-in (news from _on_state), and
-                # the kernel's clock verdict at least every HEALTH_EVERY_S.
-                self._health_due = False
-                next_health = now + HEALTH_EVERY_S
-                self.health.step()
-            fields = []
-            if wd and now >= next_beat:
-                next_beat = now + beat_every
-                # The sampler may sleep for a whole interval: stale only past the time it
-                # promised to be back (beat_due), not when its last pass is merely old.
-                due = getattr(self.sampler, "beat_due", getattr(self.sampler, "heartbeat", now))
-                if now - max(due, getattr(self.sampler, "heartbeat", now)) < stale_after:
-                    fields.append("WATCHDOG=1")
-            if fields:
-                with self._status_lock:          # one socket, shared with _on_state
-                    self._sd.notify(*fields)
-            wake_at = min([next_beat if wd else math.inf,
-                           next_health if self.health is not None else math.inf,
-                           *(c.restart_at for c in self._components if c.needs_restart())])
-            wait_any(wake_at - time.monotonic(), self.stop_event, self._main_wake)
+        now = time.monotonic()
+        for comp in self._components:
+            comp.check(now)
+        if self.health is not None and (self._health_due or now >= self._next_health):
+            # Health figures follow the outbox and the sign-in (news from _on_state), and
+            # the kernel's clock verdict at least every HEALTH_EVERY_S.
+            self._health_due = False
+            self._next_health = now + HEALTH_EVERY_S
+            self.health.step()
+        fields = []
+        if wd and now >= self._next_beat:
+            self._next_beat = now + beat_every
+            # The sampler may sleep for a whole interval: stale only past the time it
+            # promised to be back (beat_due), not when its last pass is merely old.
+            due = getattr(self.sampler, "beat_due", getattr(self.sampler, "heartbeat", now))
+            if now - max(due, getattr(self.sampler, "heartbeat", now)) < stale_after:
+                fields.append("WATCHDOG=1")
+        if fields:
+            with self._status_lock:          # one socket, shared with _on_state
+                self._sd.notify(*fields)
+        wake_at = min([self._next_beat if wd else math.inf,
+                       self._next_health if self.health is not None else math.inf,
+                       *(c.restart_at for c in self._components if c.needs_restart())])
+        return wake_at - time.monotonic()
 
     def _shutdown(self) -> None:
         self.stop_event.set()
@@ -454,6 +471,8 @@ class Service:
         for comp in self._components:
             if comp.thread is not None and comp.thread.is_alive():
                 log.warning("%s did not stop in time; exiting anyway (outbox commits are atomic)", comp.name)
+        # The closers below leave the final screen and status; no observer step may follow them.
+        self._observers.stop(max(0.1, deadline - time.monotonic()))
         self.state.update(phase="stopped", code=None)
         for name, close in reversed(self._closers):
             self._close(name, close)
@@ -475,8 +494,7 @@ class Service:
         key = (snap.outbox, snap.phase, snap.last_upload)
         if key != self._health_key:          # health.step's own updates leave this unchanged
             self._health_key = key
-            self._health_due = True
-            self._main_wake.set()
+            self._health_due = True           # the observer loop's next pass (it settles figures)
         signed_in = snap.phase == "signed_in"
         if signed_in and not self._was_signed_in and self.uploader is not None:
             self.uploader.flush()

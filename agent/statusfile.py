@@ -194,18 +194,24 @@ class StatusWriter:
         # A full or read-only state dir fails every rewrite: agent.net.retry.OutageLog's one rule.
         self._failing = OutageLog(log, clock=clock)
         self._dirty = threading.Event()
+        self._changed = False             # a change not written yet
+        self._written = -math.inf         # monotonic time of the last write
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="status-file", daemon=True)
+        self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
+    def start(self, *, thread: bool = True) -> None:
+        if thread:
+            self._thread = threading.Thread(target=self._loop, name="status-file", daemon=True)
         self._state.subscribe(self._on_change)
-        self._thread.start()
+        if self._thread is not None:
+            self._thread.start()
 
     def stop(self) -> None:
         self._state.unsubscribe(self._on_change)
         self._stop.set()
         self._dirty.set()
-        self._thread.join(timeout=2)
+        if self._thread is not None:
+            self._thread.join(timeout=2)
         self.write(self._state.snapshot)  # the final word: "stopped"
         if self.path != self.home:        # ... also where it outlives the runtime dir (a reboot)
             data = self._document(self._state.snapshot)
@@ -215,23 +221,32 @@ class StatusWriter:
                 log.debug("status: cannot leave %s: %s", self.home, err)
 
     def _on_change(self, snap: Snapshot) -> None:
-        self._dirty.set()
+        self._changed = True
+        self._dirty.set()                 # only our own thread waits on it
+
+    def serve(self) -> float:
+        """Write the newest snapshot if it changed and the rate limit allows; returns seconds
+        until a write is due (``math.inf``: on the next change). Rate limit only a burst: a
+        change after a quiet spell is written at once."""
+        if self._stop.is_set() or not self._changed:
+            return math.inf
+        left = self._written + self._min_interval_s - time.monotonic()
+        if left > 0:
+            return left
+        self._changed = False
+        self.write(self._state.snapshot)
+        self._written = time.monotonic()
+        return math.inf
 
     def _loop(self) -> None:
         name_os_thread()
-        written = -math.inf
         while not self._stop.is_set():
-            self._dirty.wait()
-            # Rate limit only a burst: a change after a quiet spell is written at once, with
-            # no timed wait after it (one wake-up per change on an idle box).
-            left = written + self._min_interval_s - time.monotonic()
-            if left > 0:
-                self._stop.wait(left)
-            if self._stop.is_set():
-                return
-            self._dirty.clear()
-            self.write(self._state.snapshot)
-            written = time.monotonic()
+            delay = self.serve()
+            if delay == math.inf:
+                self._dirty.wait()
+                self._dirty.clear()
+            else:
+                self._stop.wait(delay)    # the burst's rate limit: its other changes wake no one
 
     def _document(self, snap: Snapshot) -> bytes:
         return (json.dumps(snapshot_document(snap, self._device_id), indent=1) + "\n").encode()

@@ -7,6 +7,8 @@ the box. Topics and payloads are docs/INTERFACE.md's "MQTT" table. Threads:
   exception escaping a paho callback would kill that thread, so every callback is guarded);
 * the publisher thread decides what the broker should hold (``Outbound``) and publishes it: on
   every relevant state change, at a code's expiry, and the whole truth after every (re)connect;
+  in the service that is the observer loop's thread (``start(thread=False)``, the loop calls
+  ``serve`` and its Signal is ``wakeup``; agent/observerloop.py);
 * the command thread runs the ``commands`` callables, so a slow ``sign_out`` never stalls MQTT.
 
 Nothing is published while disconnected: paho would queue stale QoS 1 copies for hours; instead
@@ -22,6 +24,7 @@ every 10 min with a count, one when it ends.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import random
 import threading
@@ -88,7 +91,8 @@ class MqttPublisher:
                  status_min_interval_s: float = STATUS_MIN_INTERVAL_S,
                  status_age_interval_s: float = STATUS_AGE_INTERVAL_S,
                  reconnect_delay_s: tuple[float, float] = RECONNECT_DELAY_S,
-                 rng: Callable[[], float] = random.random) -> None:
+                 rng: Callable[[], float] = random.random,
+                 wakeup: threading.Event | None = None) -> None:
         """Check URL, TLS files and password now, so a mistake stops the service at start.
 
         Raises:
@@ -127,7 +131,8 @@ class MqttPublisher:
         self._ha_due = False
 
         self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self._wake = wakeup or threading.Event()   # news for the publishing step
+        self._own_thread = True           # start(thread=False): the observer loop calls serve()
         self._stopping = threading.Event()
         self._client: ReportingClient | None = None
         self._protocol = mqtt.MQTTv5
@@ -159,9 +164,11 @@ class MqttPublisher:
     def connected(self) -> bool:
         return self._connected
 
-    def start(self) -> None:
-        """Connect in the background; never blocks (a broker down at boot is fine)."""
+    def start(self, *, thread: bool = True) -> None:
+        """Connect in the background; never blocks (a broker down at boot is fine).
+        ``thread=False``: publishing is ``serve()``, called by the observer loop."""
         self._stopping.clear()
+        self._own_thread = thread
         with self._lock:
             self._client = client = self._make_client()
         # Said before _connect: a broker on loopback may answer (and "connected" be logged) at once.
@@ -169,7 +176,8 @@ class MqttPublisher:
                  self._out.status_topic.rsplit("/", 1)[0])
         self._connect(client)
         self._state.subscribe(self._on_state)
-        for name, target in (("mqtt-publisher", self._run_publisher), ("mqtt-commands", self._run_commands)):
+        threads = (("mqtt-publisher", self._run_publisher),) if thread else ()
+        for name, target in (*threads, ("mqtt-commands", self._run_commands)):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -401,43 +409,59 @@ class MqttPublisher:
                getattr(snap, "storage", None), getattr(snap, "clock", None))
         if key != self._seen:
             self._seen = key
-            self._wake.set()
+            if self._own_thread:
+                self._wake.set()      # else the observer loop serves state changes itself
 
     def _run_publisher(self) -> None:
         name_os_thread()
-        wake_at: float | None = None
         while not self._stopping.is_set():
             # Asleep until news (state, connection, stop: they set _wake) or what the plan
             # asked for (a code's expiry, the status rate limit); no ticking on an idle box.
-            timeout = None if wake_at is None else max(0.0, wake_at - self._clock())
+            delay = self.serve()
+            timeout = None if delay == math.inf else delay
             if self._clock is not time.monotonic:
                 timeout = 5.0 if timeout is None else min(5.0, timeout)   # an injected clock
             self._wake.wait(timeout)
             self._wake.clear()
-            if self._stopping.is_set():
-                return
-            try:
-                if self._rebuild_as is not None:
-                    delay, self._rebuild_delay_s = self._rebuild_delay_s, 0.0
-                    if delay > 0 and self._stopping.wait(delay):   # the back-off; stop ends it
-                        return
-                    protocol, self._rebuild_as = self._rebuild_as, None
-                    self._rebuild(protocol)
-                    continue
-                with self._lock:
-                    client = self._client
-                    if not self._connected or client is None:
-                        continue
-                    force, self._force = self._force, False
-                    ha, self._ha_due = self._ha_due, False
-                pubs, wake_at = self._out.plan(self._state.snapshot, self._clock(), force=force)
-                if ha and self._ha is not None:
-                    pubs.insert(0, self._ha)
-                for pub in pubs:
-                    self._publish(client, pub)
-                self._crashed.ended("MQTT: publishing works again")
-            except Exception:
-                self._crashed.failed("MQTT: publishing failed", exc_info=True)
+
+    def serve(self) -> float:
+        """Publish what the broker should hold now; seconds until the plan wants to be asked
+        again (``math.inf``: on news only)."""
+        if self._stopping.is_set():
+            return math.inf
+        try:
+            if self._rebuild_as is not None:
+                delay, self._rebuild_delay_s = self._rebuild_delay_s, 0.0
+                protocol, self._rebuild_as = self._rebuild_as, None
+                if self._own_thread:
+                    self._rebuild_after(delay, protocol)
+                else:                 # its back-off and paho's join must not hold up the loop
+                    threading.Thread(target=self._rebuild_after, args=(delay, protocol),
+                                     name="mqtt-rebuild", daemon=True).start()
+                return math.inf
+            with self._lock:
+                client = self._client
+                if not self._connected or client is None:
+                    return math.inf
+                force, self._force = self._force, False
+                ha, self._ha_due = self._ha_due, False
+            now = self._clock()
+            pubs, wake_at = self._out.plan(self._state.snapshot, now, force=force)
+            if ha and self._ha is not None:
+                pubs.insert(0, self._ha)
+            for pub in pubs:
+                self._publish(client, pub)
+            self._crashed.ended("MQTT: publishing works again")
+            return math.inf if wake_at is None else max(0.0, wake_at - now)
+        except Exception:
+            self._crashed.failed("MQTT: publishing failed", exc_info=True)
+            return math.inf
+
+    def _rebuild_after(self, delay: float, protocol: MQTTProtocolVersion) -> None:
+        if delay > 0 and self._stopping.wait(delay):   # the back-off; stop ends it
+            return
+        self._rebuild(protocol)
+        self._wake.set()
 
     def _run_commands(self) -> None:
         name_os_thread()

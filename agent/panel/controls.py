@@ -35,7 +35,10 @@ class Controls:
                  led_pin: int | None, on_short_press: Callable[[], None],
                  on_long_press: Callable[[], None], hold_s: float = 5.0,
                  clock: Callable[[], float] = time.monotonic, debounce_s: float = 0.03,
-                 blink_s: float = 0.5, progress_after_s: float = 1.0) -> None:
+                 blink_s: float = 0.5, progress_after_s: float = 1.0,
+                 wakeup: threading.Event | None = None) -> None:
+        """``wakeup``: the observer loop's Signal when the loop calls ``serve`` (agent/observerloop.py);
+        button edges set it. Without it, ``start()`` runs a thread of our own."""
         self.gpio = gpio
         self.state = state
         self.button_pin, self.led_pin = button_pin, led_pin
@@ -43,7 +46,7 @@ class Controls:
         self.hold_s, self.debounce_s, self.blink_s = hold_s, debounce_s, blink_s
         self.progress_after_s = progress_after_s
         self._clock = clock
-        self._wakeup = threading.Event()
+        self._wakeup = wakeup or threading.Event()
         self._observed: object = None       # the LED's inputs at the last wake (see _observe)
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -96,21 +99,27 @@ class Controls:
         key = (snap.code.user_code, snap.code.expires_at_monotonic) if snap.code else snap.phase
         if key != self._observed:
             self._observed = key
-            self._wakeup.set()
+            if self._thread is not None:
+                self._wakeup.set()      # else the observer loop serves state changes itself
 
     def _run(self) -> None:
         name_os_thread()
         while not self._stopping.is_set():
             self._wakeup.clear()
-            try:
-                delay = self.step()
-            except HardwareError as err:
-                log.warning("controls: %s", err)
-                delay = MAX_WAIT_S
-            except Exception:
-                log.exception("controls step failed")
-                delay = MAX_WAIT_S
-            self._wakeup.wait(delay)
+            delay = self.serve()
+            self._wakeup.wait(None if delay == float("inf") else delay)
+
+    def serve(self) -> float:
+        """``step()`` that never raises (the own thread's or the observer loop's pass)."""
+        if self._stopping.is_set():
+            return float("inf")
+        try:
+            return self.step()
+        except HardwareError as err:
+            log.warning("controls: %s", err)
+        except Exception:
+            log.exception("controls step failed")
+        return MAX_WAIT_S
 
     def step(self, now: float | None = None) -> float:
         """Sample the button, fire callbacks, set the LED. Returns seconds until the next step."""

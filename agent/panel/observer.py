@@ -1,7 +1,9 @@
 """The panel: observes AgentState and keeps the display showing the right screen.
 
 One thread draws; state observers only hand it the newest Snapshot and wake it, so a new code
-reaches the glass within one render (a few ms) of ``state.code_issued``.
+reaches the glass within one render (a few ms) of ``state.code_issued``. That thread is the
+panel's own (``start()``) or the service's observer loop (``start(thread=False)`` with the loop's
+``wakeup`` Signal, which then calls ``serve()``; agent/observerloop.py).
 
 Burn-in care, for OLEDs that show the same status for months:
 - blank (``display.power(False)``) after ``sleep_after_s`` without a *meaningful* change — a new
@@ -42,7 +44,7 @@ class Panel:
 
     def __init__(self, display: Display, state: AgentState, *, sleep_after_s: float = 300.0,
                  clock: Callable[[], float] = time.monotonic, page_s: float = screens.PAGE_S,
-                 shift_every_s: float = 60.0) -> None:
+                 shift_every_s: float = 60.0, wakeup: threading.Event | None = None) -> None:
         self.display = display
         self.state = state
         self.sleep_after_s = sleep_after_s
@@ -50,7 +52,7 @@ class Panel:
         self.shift_every_s = shift_every_s
         self._clock = clock
         self._snap: Snapshot = state.snapshot
-        self._wakeup = threading.Event()
+        self._wakeup = wakeup or threading.Event()     # wake(); state changes too in own-thread mode
         self._drawn = threading.Condition()     # guards _seen / _drawn_upto (wait_drawn)
         self._seen = 0                          # snapshots observed so far
         self._drawn_upto = 0                    # ... of which the panel has drawn this many
@@ -117,7 +119,8 @@ class Panel:
         with self._drawn:
             self._snap = snap
             self._seen += 1
-        self._wakeup.set()
+        if self._thread is not None:
+            self._wakeup.set()       # else the observer loop decides when to serve (it settles figures)
 
     def wait_drawn(self, timeout_s: float) -> bool:
         """Wait until the panel has drawn the newest state it was given (the service lets
@@ -129,22 +132,28 @@ class Panel:
 
     def _run(self) -> None:
         name_os_thread()
-        warmed = False
         while not self._stopping.is_set():
             self._wakeup.clear()
-            with self._drawn:
-                upto = self._seen
-            delay = self._guarded_step()
-            with self._drawn:
-                self._drawn_upto = upto
-                self._drawn.notify_all()
-            if not warmed:
-                # After the first frame: what every code screen needs, so the first code is
-                # quick; nothing is drawn (a trial render would cost the start its CPU).
-                warmed = True
-                screens.warm_up(self.display.size)
-                self.warmed_up.set()
+            delay = self.serve()
             self._wakeup.wait(None if delay == math.inf else delay)
+
+    def serve(self) -> float:
+        """One pass of the drawing thread (the panel's own or the observer loop): draw what is
+        due, tell ``wait_drawn``; returns seconds until something on the panel changes next."""
+        if self._stopping.is_set():
+            return math.inf
+        with self._drawn:
+            upto = self._seen
+        delay = self._guarded_step()
+        with self._drawn:
+            self._drawn_upto = upto
+            self._drawn.notify_all()
+        if not self.warmed_up.is_set():
+            # After the first frame: what every code screen needs, so the first code is
+            # quick; nothing is drawn (a trial render would cost the start its CPU).
+            screens.warm_up(self.display.size)
+            self.warmed_up.set()
+        return delay
 
     def _guarded_step(self) -> float:
         """``step()`` that never raises: a drawing bug must not kill the panel thread for good.
@@ -232,6 +241,8 @@ class Panel:
     def _show(self, img: Image.Image) -> bool:
         try:
             with self._display_lock:
+                if self._stopping.is_set():
+                    return False         # stop() leaves its final screen; a late step must not cover it
                 self.display.show(img)
         except HardwareError as err:
             self._report(err)
@@ -243,6 +254,8 @@ class Panel:
     def _power(self, on: bool) -> bool:
         try:
             with self._display_lock:
+                if self._stopping.is_set():
+                    return False
                 self.display.power(on)
         except HardwareError as err:
             self._report(err)

@@ -1,0 +1,133 @@
+"""One thread serves every observer of the state: supervisor and health figures, the button and
+LED, the panel, status.json and the MQTT publisher each get a step in one loop.
+
+Before, each had a thread that a state change woke; a reading, its upload and the health
+figures after each were four changes a minute, each waking four threads that then handed the
+GIL to each other (docs/PERFORMANCE.md, "Idle"). Here a change wakes one thread, and changes
+that only move figures (a reading, the outbox counts, the last upload, the health ages) are
+gathered for ``SETTLE_S`` so a reading and its upload are drawn, written and published once.
+What a person acts on (a code, an error, sign-in, a notice, the button) is served at once.
+
+Each step is a capability's own code (``Panel.serve``, ``StatusWriter.serve``, ...): it does
+what is due and returns the seconds until it wants to run again (``math.inf``: only on news).
+Components wake the loop for news that is not a state change (a button edge, MQTT connected,
+``Panel.wake``) by setting ``news``, the ``agent.wakeup.Signal`` they were given. A step that
+raises is logged once per streak (agent.net.retry.OutageLog) and tried again after ``RETRY_S``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agent.net.retry import OutageLog
+from agent.state import AgentState, Snapshot
+from agent.wakeup import Signal, name_os_thread, wait_any
+
+log = logging.getLogger(__name__)
+
+SETTLE_S = 1.0        # figures-only changes are gathered this long (a reading and its upload)
+RETRY_S = 1.0         # a step that raised runs again after this
+# Snapshot fields that move with every reading and upload: gathered, not served at once.
+FIGURES = frozenset({"last_reading", "outbox", "last_upload", "oldest_pending_mono", "signin_lapse_mono",
+                     "clock_offset_s", "version"})
+
+
+@dataclass
+class _Step:
+    name: str
+    run: Callable[[], float]
+    outage: OutageLog
+    due: float = -math.inf
+
+
+class ObserverLoop:
+    """The observers' thread; ``add`` steps, ``start``, ``stop``."""
+
+    def __init__(self, state: AgentState, *, settle_s: float = SETTLE_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.state = state
+        self.settle_s = settle_s
+        self.news = Signal()              # serve every step now
+        self._rearm = Signal()            # figures moved: wake to set the settle timer
+        self._clock = clock
+        self._steps: list[_Step] = []
+        self._steps_lock = threading.Lock()
+        self._last: Snapshot | None = None
+        self._settle_at = math.inf
+        self._stopping = Signal()
+        self._thread: threading.Thread | None = None
+        self._ident: int | None = None
+        self.passes = 0                   # tests: how often every step was served
+
+    def add(self, name: str, step: Callable[[], float]) -> None:
+        with self._steps_lock:
+            self._steps.append(_Step(name, step, OutageLog(log, level=logging.ERROR, clock=self._clock)))
+        self.news.set()
+
+    def start(self) -> ObserverLoop:
+        self.state.subscribe(self._on_state)
+        self._thread = threading.Thread(target=self._run, name="observers", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 1.0) -> None:
+        """Idempotent; returns within ``timeout_s`` (a step in progress finishes)."""
+        self.state.unsubscribe(self._on_state)
+        self._stopping.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.warning("observer loop did not stop within %.1f s (in step)", timeout_s)
+
+    def _on_state(self, snap: Snapshot) -> None:
+        old, self._last = self._last, snap
+        if threading.get_ident() == self._ident:
+            self.news.set()          # one of our steps changed it: serve the others once more
+        elif old is None or _serves_at_once(old, snap):
+            self.news.set()
+        elif self._settle_at == math.inf:
+            self._settle_at = self._clock() + self.settle_s
+            self._rearm.set()
+
+    def _run(self) -> None:
+        name_os_thread()
+        self._ident = threading.get_ident()
+        while not self._stopping.is_set():
+            now = self._clock()
+            every = self.news.is_set() or now >= self._settle_at
+            self.news.clear()
+            self._rearm.clear()
+            if now >= self._settle_at:
+                self._settle_at = math.inf
+            if every:
+                self.passes += 1
+            with self._steps_lock:
+                steps = list(self._steps)
+            for step in steps:
+                if self._stopping.is_set():
+                    return
+                if every or step.due <= now:
+                    step.due = self._clock() + self._call(step)
+            wake_at = min([self._settle_at, *(s.due for s in steps)])
+            wait_any(wake_at - self._clock(), self._stopping, self.news, self._rearm)
+
+    def _call(self, step: _Step) -> float:
+        try:
+            delay = step.run()
+        except Exception:
+            step.outage.failed(f"{step.name} step failed", f"trying again in {RETRY_S:g} s", exc_info=True)
+            return RETRY_S
+        step.outage.ended(f"{step.name} steps work again")
+        return max(0.0, delay)
+
+
+def _serves_at_once(old: Snapshot, new: Snapshot) -> bool:
+    """Anything but the figures changed: a person may be waiting for it."""
+    return any(getattr(old, f.name) != getattr(new, f.name)
+               for f in dataclasses.fields(Snapshot) if f.name not in FIGURES)

@@ -1,0 +1,154 @@
+"""The observers' one thread (agent/observerloop.py): what a person acts on is served at once, a
+burst of figures (a reading, its upload, the health ages) is served once, a failing step does not
+stop the others, and stop returns. Real threads and the real components where they matter (the
+status file, the panel on the png display)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from agent.observerloop import ObserverLoop
+from agent.panel.observer import Panel
+from agent.state import AgentState, DeviceCode, LastReading, OutboxCounts
+from agent.statusfile import StatusWriter
+from hw.png import PngDisplay
+
+SOON_S = 2.0
+
+
+def wait_for(cond: Callable[[], object], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what}")
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def state() -> AgentState:
+    return AgentState()
+
+
+@pytest.fixture
+def loop(state: AgentState) -> Iterator[ObserverLoop]:
+    lp = ObserverLoop(state, settle_s=0.3)
+    yield lp
+    lp.stop()
+
+
+def counting(calls: list[float]) -> Callable[[], float]:
+    def step() -> float:
+        calls.append(time.monotonic())
+        return float("inf")
+    return step
+
+
+def test_a_burst_of_figures_is_served_once_and_a_code_at_once(loop: ObserverLoop, state: AgentState) -> None:
+    calls: list[float] = []
+    loop.add("count", counting(calls))
+    loop.start()
+    wait_for(lambda: calls, SOON_S, "the first pass")
+    calls.clear()
+    # A reading, its upload, the health figures after each: four changes within a few ms.
+    state.update(last_reading=LastReading("t", 21.5, "°C"), outbox=OutboxCounts(pending=1))
+    state.update(oldest_pending_mono=time.monotonic())
+    state.update(outbox=OutboxCounts(pending=0), last_upload=datetime.now(UTC))
+    state.update(oldest_pending_mono=None)
+    wait_for(lambda: calls, SOON_S, "the burst served")
+    time.sleep(0.5)
+    assert len(calls) == 1, f"{len(calls)} passes for one burst of figures"
+
+    calls.clear()
+    t0 = time.monotonic()
+    state.code_issued(DeviceCode("ABCD-EFGH", "https://login.example/device", time.monotonic() + 900,
+                                 datetime.now(UTC), 5.0))
+    wait_for(lambda: calls, SOON_S, "a code served")
+    assert calls[0] - t0 < 0.3, "a code is not held back like the figures"
+
+
+def test_a_step_that_raises_is_retried_and_the_others_still_run(loop: ObserverLoop, state: AgentState) -> None:
+    good: list[float] = []
+    bad: list[int] = []
+
+    def broken() -> float:
+        bad.append(1)
+        raise RuntimeError("a drawing bug")
+
+    loop.add("broken", broken)
+    loop.add("good", counting(good))
+    loop.start()
+    wait_for(lambda: len(bad) >= 2, 3 * SOON_S, "the broken step tried again")
+    state.update(notice="hello")
+    wait_for(lambda: len(good) >= 2, SOON_S, "the other step served the change")
+
+
+def test_stop_ends_the_thread_at_once(loop: ObserverLoop) -> None:
+    loop.add("count", counting([]))
+    loop.start()
+    time.sleep(0.05)
+    t0 = time.monotonic()
+    loop.stop()
+    assert loop._thread is not None and not loop._thread.is_alive()
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_status_file_and_panel_follow_a_reading_through_the_loop(tmp_path: Path, state: AgentState,
+                                                                 loop: ObserverLoop) -> None:
+    """What the service wires: the status file and the panel as steps of the loop."""
+    status = StatusWriter(tmp_path / "status.json", state, "dev-1", fallbacks=[])
+    status.start(thread=False)
+    display = PngDisplay(tmp_path / "screen.png")
+    panel = Panel(display, state, sleep_after_s=0, wakeup=loop.news)
+    panel.start(thread=False)
+    loop.add("status file", status.serve)
+    loop.add("panel", panel.serve)
+    loop.start()
+    try:
+        state.signed_in("someone@example.com")
+        wait_for(lambda: (tmp_path / "status.json").exists(), SOON_S, "status.json written")
+        frames = panel.frames_shown
+        state.update(last_reading=LastReading("t", 21.5, "°C"), outbox=OutboxCounts(pending=3))
+        wait_for(lambda: json.loads((tmp_path / "status.json").read_text())["outbox"]["pending"] == 3,
+                 SOON_S, "status.json shows the reading's outbox count")
+        wait_for(lambda: panel.frames_shown > frames, SOON_S, "the panel drew the reading")
+    finally:
+        loop.stop()
+        panel.stop()
+        status.stop()
+        display.close()
+
+
+def test_the_panel_countdown_still_ticks_in_the_loop(tmp_path: Path, state: AgentState,
+                                                     loop: ObserverLoop) -> None:
+    display = PngDisplay(tmp_path / "screen.png")
+    panel = Panel(display, state, sleep_after_s=0, wakeup=loop.news)
+    panel.start(thread=False)
+    loop.add("panel", panel.serve)
+    loop.start()
+    try:
+        state.code_issued(DeviceCode("ABCD-EFGH", "https://login.example/device", time.monotonic() + 900,
+                                     datetime.now(UTC), 5.0))
+        wait_for(lambda: panel.frames_shown >= 1, SOON_S, "the code drawn")
+        frames = panel.frames_shown
+        wait_for(lambda: panel.frames_shown >= frames + 2, 3.5, "the countdown redrawn each second")
+    finally:
+        loop.stop()
+        panel.stop()
+        display.close()
+
+
+def test_button_wake_reaches_the_loop_at_once(tmp_path: Path, state: AgentState, loop: ObserverLoop) -> None:
+    calls: list[float] = []
+    loop.add("count", counting(calls))
+    loop.start()
+    wait_for(lambda: calls, SOON_S, "first pass")
+    calls.clear()
+    threading.Timer(0.05, loop.news.set).start()       # what Panel.wake / a GPIO edge does
+    wait_for(lambda: calls, SOON_S, "served")
