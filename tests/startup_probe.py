@@ -48,19 +48,20 @@ def _after_first_reading() -> None:
     """Once telemetry has stored a reading: is the garbage collector on again?"""
     import sqlite3
     import time
+    from pathlib import Path
 
-    path = os.environ["STARTUP_PROBE_OUTBOX"]
+    from tests.outbox_files import on_disk  # the service holds the outbox exclusively
+
+    path = Path(os.environ["STARTUP_PROBE_OUTBOX"])
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
-            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.05)
-            try:
-                if db.execute("SELECT count(*) FROM outbox").fetchone()[0]:
-                    _write({"when": "reading stored", "gc_enabled": gc.isenabled()})
-                    return
-            finally:
-                db.close()
-        except sqlite3.Error:
+            if path.exists():
+                with on_disk(path) as db:
+                    if db.execute("SELECT count(*) FROM outbox").fetchone()[0]:
+                        _write({"when": "reading stored", "gc_enabled": gc.isenabled()})
+                        return
+        except (sqlite3.Error, OSError):
             pass
         time.sleep(0.02)
     _write({"when": "no reading within 10 s"})
