@@ -1,7 +1,8 @@
 """`device-agent run`, watched from inside, for tests/test_startup_imports.py.
 
 Runs the real command line (``agent.cli.main``) after wrapping two functions: the code screen's
-renderer and the png display's ``show``. The first time a frame holding a code reaches the
+renderer and the png display's ``show`` (and telemetry waits for the code only, not at most
+``TELEMETRY_AFTER_S``). The first time a frame holding a code reaches the
 display, the modules imported by then are written as JSON to ``$STARTUP_PROBE_OUT``; a second
 line follows once the outbox holds a reading, saying whether the cyclic garbage collector runs.
 """
@@ -16,7 +17,7 @@ import threading
 from typing import Any
 
 import hw.png
-from agent import cli
+from agent import cli, service
 from agent.panel import screens
 
 OUT = os.environ["STARTUP_PROBE_OUT"]
@@ -69,6 +70,9 @@ def _after_first_reading() -> None:
 
 screens.render_code = render_code
 hw.png.PngDisplay.show = show  # type: ignore[method-assign]
+# Telemetry waits for the code, or TELEMETRY_AFTER_S (tests/test_startup.py holds that bound):
+# here only the code may end the wait, so what was imported before it does not hang on the load.
+service.TELEMETRY_AFTER_S = 30.0
 
 if __name__ == "__main__":
     raise SystemExit(cli.main(sys.argv[1:]))
