@@ -10,6 +10,10 @@ What a person acts on (a code, an error, sign-in, a notice, the button) is serve
 
 Each step is a capability's own code (``Panel.serve``, ``StatusWriter.serve``, ...): it does
 what is due and returns the seconds until it wants to run again (``math.inf``: only on news).
+A step added with ``slack`` says its long waits are "about" (the panel's burn-in shift, the
+button's net under a lost edge, the supervisor's health figures): a wait of ``SLACK_FROM_S`` or
+more may end up to ``slack`` times itself late, so it is served by the next pass that runs for
+another reason (a reading) instead of waking the box on its own.
 Components wake the loop for news that is not a state change (a button edge, MQTT connected,
 ``Panel.wake``) by setting ``news``, the ``agent.wakeup.Signal`` they were given. A step that
 raises is logged once per streak (agent.net.retry.OutageLog) and tried again after ``RETRY_S``.
@@ -33,6 +37,7 @@ log = logging.getLogger(__name__)
 
 SETTLE_S = 1.0        # figures-only changes are gathered this long (a reading and its upload)
 RETRY_S = 1.0         # a step that raised runs again after this
+SLACK_FROM_S = 20.0   # shorter waits (countdowns, rate limits, a held button) are kept exactly
 # Snapshot fields that move with every reading and upload: gathered, not served at once.
 FIGURES = frozenset({"last_reading", "outbox", "last_upload", "oldest_pending_mono", "signin_lapse_mono",
                      "clock_offset_s", "version"})
@@ -43,7 +48,9 @@ class _Step:
     name: str
     run: Callable[[], float]
     outage: OutageLog
+    slack: float = 0.0
     due: float = -math.inf
+    latest: float = -math.inf     # due plus its slack: the loop wakes for it by then
 
 
 class ObserverLoop:
@@ -64,10 +71,12 @@ class ObserverLoop:
         self._thread: threading.Thread | None = None
         self._ident: int | None = None
         self.passes = 0                   # tests: how often every step was served
+        self.wakes = 0                    # ... and how often the thread ran at all
 
-    def add(self, name: str, step: Callable[[], float]) -> None:
+    def add(self, name: str, step: Callable[[], float], *, slack: float = 0.0) -> None:
         with self._steps_lock:
-            self._steps.append(_Step(name, step, OutageLog(log, level=logging.ERROR, clock=self._clock)))
+            self._steps.append(_Step(name, step, OutageLog(log, level=logging.ERROR, clock=self._clock),
+                                     slack=slack))
         self.news.set()
 
     def start(self) -> ObserverLoop:
@@ -99,6 +108,7 @@ class ObserverLoop:
         name_os_thread()
         self._ident = threading.get_ident()
         while not self._stopping.is_set():
+            self.wakes += 1
             now = self._clock()
             every = self.news.is_set() or now >= self._settle_at
             self.news.clear()
@@ -113,8 +123,10 @@ class ObserverLoop:
                 if self._stopping.is_set():
                     return
                 if every or step.due <= now:
-                    step.due = self._clock() + self._call(step)
-            wake_at = min([self._settle_at, *(s.due for s in steps)])
+                    delay = self._call(step)
+                    step.due = self._clock() + delay
+                    step.latest = step.due + (step.slack * delay if delay >= SLACK_FROM_S else 0.0)
+            wake_at = min([self._settle_at, *(s.latest for s in steps)])
             wait_any(wake_at - self._clock(), self._stopping, self.news, self._rearm)
 
     def _call(self, step: _Step) -> float:

@@ -285,7 +285,7 @@ class Service:
             panel = self.panel = Panel(display, self.state, sleep_after_s=s.display.sleep_after_s,
                                        wakeup=loop.news)
             panel.start(thread=False)
-            loop.add("panel", panel.serve)
+            loop.add("panel", panel.serve, slack=0.5)
             self._closers.append(("panel", lambda: panel.stop(final=s.display.on_stop)))
         if gpio is not None and (s.gpio.button is not None or s.gpio.led is not None):
             from agent.panel.controls import Controls
@@ -294,7 +294,7 @@ class Service:
                                 on_short_press=self._button_short, on_long_press=self._button_long,
                                 wakeup=loop.news)
             controls.start(thread=False)
-            loop.add("controls", controls.serve)
+            loop.add("controls", controls.serve, slack=0.5)
             self._closers.append(("controls", controls.stop))
         if s.mqtt is not None:
             from agent.mqtt.publisher import MqttPublisher
@@ -415,7 +415,7 @@ class Service:
     def _main_loop(self) -> None:
         """The main thread sleeps until stop; supervision is a step of the observer loop."""
         self._next_beat = self._next_health = time.monotonic()
-        self._observers.add("supervisor", self._supervise_step)
+        self._observers.add("supervisor", self._supervise_step, slack=0.5)
         wait_any(math.inf, self.stop_event)
 
     def _supervise_step(self) -> float:

@@ -119,6 +119,7 @@ class Sampler:
         now = self.clock()
         readings: list[dict[str, Any]] = []
         stamps: list[Stamp | None] = []
+        queued = False
         for slot in self.slots:
             if not slot.started:
                 slot.start, slot.started = now, True
@@ -145,11 +146,13 @@ class Sampler:
                 self._put_failed(err, len(readings))
             else:
                 self.readings_queued += len(readings)
-                if self.on_queued is not None:
-                    self.on_queued()
+                queued = True
                 self._put_outage.ended(f"sampler: queuing readings again; {self._put_lost_run} "
                                        "readings were lost")
         self._publish(now)
+        if queued and self.on_queued is not None:
+            # Last, so the uploader it wakes does not wait for this thread's GIL.
+            self.on_queued()
         return min((s.due() for s in self.slots), default=now + NO_SENSOR_WAIT_S)
 
     def _put_failed(self, err: Exception, n: int) -> None:

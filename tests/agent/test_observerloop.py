@@ -152,3 +152,25 @@ def test_button_wake_reaches_the_loop_at_once(tmp_path: Path, state: AgentState,
     calls.clear()
     threading.Timer(0.05, loop.news.set).start()       # what Panel.wake / a GPIO edge does
     wait_for(lambda: calls, SOON_S, "served")
+
+
+def test_a_long_wait_with_slack_rides_on_another_steps_wake(loop: ObserverLoop,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The panel's burn-in shift (slack) due just before another step's timer: one wake-up for
+    both, not two (scaled down: waits of 0.4 s and 0.5 s instead of a minute)."""
+    from agent import observerloop
+
+    monkeypatch.setattr(observerloop, "SLACK_FROM_S", 0.2)
+    seen: dict[str, list[int]] = {"shift": [], "timer": []}
+
+    def step(name: str, delay: float) -> Callable[[], float]:
+        def run() -> float:
+            seen[name].append(loop.wakes)
+            return delay if len(seen[name]) == 1 else float("inf")
+        return run
+
+    loop.add("shift", step("shift", 0.4), slack=0.5)    # may be 0.2 s late
+    loop.add("timer", step("timer", 0.5))
+    loop.start()
+    wait_for(lambda: len(seen["timer"]) >= 2, SOON_S, "the timer's wake")
+    assert len(seen["shift"]) == 2 and seen["shift"][1] == seen["timer"][1], seen
