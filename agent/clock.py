@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from agent.records import record
+from hw.records import record
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from urllib.parse import urlsplit
 
 from agent.errors import ConfigError
 from agent.net.hosts import is_loopback_host
-from agent.records import record
 from hw import registry
 from hw.base import DisplayOptions, Option
+from hw.records import record
 
 DEFAULT_PATH = Path("/etc/device-agent/config.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/device-agent")

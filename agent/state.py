@@ -16,7 +16,7 @@ from dataclasses import field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from agent.records import record
+from hw.records import record
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,9 @@ run time): the config loader imports it on every start.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+
+from hw.records import record
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -43,7 +44,7 @@ class Display(Protocol):
     def close(self) -> None: ...
 
 
-@dataclass(frozen=True)
+@record
 class Measurement:
     """One value read from a sensor, in ``unit``.
 
@@ -66,7 +67,7 @@ class Sensor(Protocol):
     def close(self) -> None: ...
 
 
-@dataclass(frozen=True)
+@record
 class Option:
     """One key a sensor type accepts in its ``[[sensors]]`` table (a module's ``OPTIONS``).
 
@@ -82,7 +83,7 @@ class Option:
     required: str = ""
 
 
-@dataclass(frozen=True)
+@record
 class DisplayOptions:
     """How a display is wired: the ``[display]`` keys the drivers read (each uses some)."""
 

@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PROCESS = {"agent.cli", "agent.service", "agent.demo", "agent.statusfile", "agent.sdnotify", "agent.__main__"}
 GROUND = {"agent", "agent.config", "agent.state", "agent.errors", "agent.fsutil", "agent.logs", "agent.clock",
-          "agent.wakeup", "agent.signal_relay", "agent.cmdline", "agent.records"}
+          "agent.wakeup", "agent.signal_relay", "agent.cmdline"}
 CAPABILITIES = ("agent.signin", "agent.telemetry", "agent.mqtt", "agent.panel")
 
 

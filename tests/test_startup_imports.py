@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from agent import cli
-from agent.records import record
+from hw.records import record
 from tests.agentproc import ROOT, AgentProcess, write_config
 
 # Heavy, and not needed to show a code (a config without [mqtt]): imported after the code only.

@@ -21,7 +21,7 @@ import re
 from collections.abc import Iterable
 from typing import Literal
 
-from agent.records import record
+from hw.records import record
 
 Kind = Literal["pending", "expired", "declined", "bad_code", "reauth", "config", "transient"]
 

@@ -22,11 +22,11 @@ import requests
 from agent.config import AuthSettings
 from agent.net.https import HttpsSession
 from agent.net.retry import Backoff, OutageLog
-from agent.records import record
 from agent.signin.aadsts import Problem, explain
 from agent.signin.token_cache import TokenCacheFile
 from agent.state import AgentState
 from agent.wakeup import Signal
+from hw.records import record
 
 # Every pass of a sign-in loop that did not wait for anything lasts at least this long, so a
 # state the loop cannot leave costs a log line a second, not a core (monotonic; ends on stop).

@@ -2,14 +2,16 @@
 
 ``@dataclass`` writes the source of ``__init__``, ``__repr__``, ``__eq__``, ``__hash__``,
 ``__setattr__`` and ``__delattr__`` for each class and compiles it: ~1.5 ms of CPU per class
-(x86; several times that on a Pi Zero), and the settings, state and sign-in modules hold ~20
-of them, all made before the code reaches the panel (docs/PERFORMANCE.md "Sign-in"). A record
-shares one set of generic methods instead. It is a dataclass to everything that asks:
-``dataclasses.fields``, ``replace``, ``asdict`` and ``is_dataclass`` work on it, its fields take
-``dataclasses.field(default=..., default_factory=...)``, and it may extend a dataclass or
-another record (a ``@dataclass`` may not extend a record). What it does not do:
-``__post_init__``, ``InitVar``, ``ClassVar``, ``kw_only``, ordering, slots; a class needing
-them stays a ``@dataclass``.
+(x86; several times that on a Pi Zero), and ~20 of them are made before a code reaches the
+panel (docs/PERFORMANCE.md "Sign-in"). A record shares one set of generic methods instead.
+It is a dataclass to everything that asks: ``dataclasses.fields``, ``replace``, ``asdict`` and
+``is_dataclass`` work on it, its fields take ``dataclasses.field(default=...,
+default_factory=...)``, and it may extend a dataclass or another record (a ``@dataclass`` may
+not extend a record). What it does not do: ``__post_init__``, ``InitVar``, ``ClassVar``,
+``kw_only``, ordering, slots; a class needing them stays a ``@dataclass``.
+
+Here, at the bottom of the import order, so that hw's option tables and the agent's
+settings, state and sign-in records share it.
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ def record(cls: _T) -> _T:
         fields.update(getattr(base, "__dataclass_fields__", {}))
     for name, type_ in cls.__dict__.get("__annotations__", {}).items():
         value = cls.__dict__.get(name, MISSING)
-        f = value if isinstance(value, Field) else dataclasses.field(default=value)
+        f: Field[Any] = value if isinstance(value, Field) else dataclasses.field(default=value)
         if f.default is not MISSING and f.default.__class__.__hash__ is None:
             raise ValueError(f"mutable default {type(f.default)} for field {name} is not allowed: "
                              "use default_factory")
-        f.name, f.type, f._field_type = name, type_, _FIELD  # type: ignore[attr-defined]
+        f.name, f.type = name, type_
+        f._field_type = _FIELD  # type: ignore[attr-defined]
         fields[name] = f
         if isinstance(value, Field):
             if f.default is MISSING:
@@ -49,15 +52,13 @@ def record(cls: _T) -> _T:
     required = sum(1 for f in order if f.default is MISSING and f.default_factory is MISSING)
     if any(f.default is MISSING and f.default_factory is MISSING for f in order[required:]):
         raise TypeError(f"{cls.__name__}: a field without a default follows one with a default")
-    cls.__dataclass_fields__ = fields  # type: ignore[attr-defined]
-    cls.__match_args__ = names  # type: ignore[attr-defined]
-    cls.__init__ = _make_init(cls.__name__, order)  # type: ignore[misc]
-    cls.__repr__ = _repr  # type: ignore[assignment]
-    cls.__eq__ = _eq  # type: ignore[assignment]
-    cls.__hash__ = _hash  # type: ignore[assignment]
-    cls.__setattr__ = _setattr  # type: ignore[assignment]
-    cls.__delattr__ = _delattr  # type: ignore[assignment]
-    cls.__record_names__ = names  # type: ignore[attr-defined]
+    methods: dict[str, Any] = {
+        "__dataclass_fields__": fields, "__match_args__": names, "__record_names__": names,
+        "__init__": _make_init(cls.__name__, order), "__repr__": _repr, "__eq__": _eq,
+        "__hash__": _hash, "__setattr__": _setattr, "__delattr__": _delattr,
+    }
+    for attr, value in methods.items():
+        setattr(cls, attr, value)
     return cls
 
 
@@ -100,9 +101,9 @@ def _repr(self: Any) -> str:
     return f"{type(self).__qualname__}({inner})"
 
 
-def _eq(self: Any, other: object) -> bool:
+def _eq(self: Any, other: object) -> object:
     if other.__class__ is self.__class__:
-        return _values(self) == _values(other)
+        return bool(_values(self) == _values(other))
     return NotImplemented
 
 
