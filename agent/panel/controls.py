@@ -5,6 +5,8 @@ ask for a new code); holding it ``hold_s`` calls ``on_long_press`` (sign out) wh
 held, so the person gets the result without guessing when to let go. While held, a countdown
 notice goes into the state for the screen. Debouncing is done here on the level (stable for
 ``debounce_s``), not only by RPi.GPIO's bouncetime, which drops the release edge of a quick tap.
+The edges are remembered too: when the level is sampled late (the observer loop was drawing), a
+tap that was over by then still counts if it lasted ``debounce_s``.
 
 LED: blinks while a code is shown, steady on when signed in, off otherwise.
 """
@@ -55,6 +57,8 @@ class Controls:
         self._pressed = False             # debounced
         self._pressed_at = 0.0
         self._long_fired = False
+        self._edge_down_at: float | None = None   # a press only the edges saw (see _edge)
+        self._tap = 0.0                   # the longest such press, released before a step saw it
         self._my_notice: str | None = None
         self._led: bool | None = None
         self._blink_key: tuple[str, float] | None = None
@@ -92,6 +96,13 @@ class Controls:
                 log.debug("LED off at stop: %s", err)
 
     def _edge(self, pin: int, level: bool) -> None:
+        if not self._pressed:             # a press the steps have not seen (yet)
+            now = self._clock()
+            if not level:                 # pull-up: low is pressed
+                self._edge_down_at = now
+            elif self._edge_down_at is not None:
+                self._tap = max(self._tap, now - self._edge_down_at)
+                self._edge_down_at = None
         self._wakeup.set()
 
     def _observe(self, snap: Snapshot) -> None:
@@ -142,12 +153,19 @@ class Controls:
             if now - self._raw_since < self.debounce_s:
                 return POLL_S                               # still bouncing
             self._pressed = raw
+            self._edge_down_at, self._tap = None, 0.0      # this press is ours from here
             if raw:
                 self._pressed_at = self._raw_since
                 self._long_fired = False
             else:
                 self._released(now)
         if not self._pressed:
+            tap, self._tap = self._tap, 0.0
+            if tap >= self.debounce_s and not raw:
+                # Pressed and released between two samples: a short press all the same.
+                self.short_presses += 1
+                log.info("button pressed (%.2f s, seen by its edges)", tap)
+                self._call(self.on_short_press)
             return IDLE_WAIT_S
         held = now - self._pressed_at
         if not self._long_fired:

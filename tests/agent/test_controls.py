@@ -182,3 +182,21 @@ def test_thread_reacts_and_stops_within_a_second() -> None:
         assert time.monotonic() - t0 < 1.0
         gpio.close()
     assert bank.level(LED) is False
+
+
+def test_a_tap_over_before_the_level_was_sampled_still_counts(rig: Rig) -> None:
+    """The observer loop was busy drawing while the person tapped: the edges saw the press."""
+    rig.controls.step()
+    rig.bank.press(BUTTON)
+    rig.clock.advance(0.12)
+    rig.bank.release(BUTTON)
+    rig.clock.advance(0.3)               # the first step after the tap
+    rig.controls.step()
+    rig.run(0.1)
+    assert rig.events == ["short"]
+    rig.bank.press(BUTTON)               # a glitch shorter than the debounce is still nothing
+    rig.clock.advance(0.005)
+    rig.bank.release(BUTTON)
+    rig.clock.advance(0.3)
+    rig.run(0.1)
+    assert rig.events == ["short"]
