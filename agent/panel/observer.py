@@ -61,6 +61,7 @@ class Panel:
         self._thread: threading.Thread | None = None
         self._last_frame: bytes | None = None
         self._last_key: tuple[object, ...] | None = None
+        self._drawn_as: tuple[object, ...] | None = None     # the starting screen on the glass
         self._activity_at = clock()
         self._wake_requested = False
         self._asleep = False
@@ -207,13 +208,20 @@ class Panel:
             page = int((now - self._code_seen_at) // self.page_s) % pages
         elif pages > 1:     # signed in as an app, or a warning: the status alternates too
             page = int((now - self._activity_at) // self.page_s) % pages
+        shift = SHIFTS[int(now // self.shift_every_s) % len(SHIFTS)] if (
+            name != "code" and self.shift_every_s > 0) else (0, 0)
+        # The starting screen shows nothing but its key: the state changes of the start (links,
+        # the clock's first answer) would each draw it again, CPU the code is waiting for.
+        drawn_as = (key, shift) if name == "starting" else None
+        if drawn_as is not None and drawn_as == self._drawn_as:
+            return self._next_delay(now, name, snap)
         img = screens.render(snap, now, page, size=self.display.size,
                              code_lifetime_s=self._code_lifetime_s if code else None)
-        if name != "code" and self.shift_every_s > 0:
-            img = _shifted(img, SHIFTS[int(now // self.shift_every_s) % len(SHIFTS)])
+        img = _shifted(img, shift)
         frame = img.tobytes()
         if frame != self._last_frame and self._show(img):
             self._last_frame = frame
+        self._drawn_as = drawn_as if frame == self._last_frame else None
         return self._next_delay(now, name, snap)
 
     def _next_delay(self, now: float, name: str, snap: Snapshot) -> float:
