@@ -1,147 +1,315 @@
-"""Outbox durable ingest: readings/s committed and bytes written per reading (SD-card wear).
+"""Outbox durable ingest and SD-card wear: bytes written to the block device per reading, and a
+day of a 5-sensor box, per file the agent writes, against the previous outbox in the same run.
 
-    .venv/bin/python bench/bench_outbox.py [--dir DIR] [--ticks N] [--repeat R]
+    .venv/bin/python bench/bench_outbox.py [--dir DIR] [--cycles N] [--repeat R] [--baseline-commit C]
 
 Each ``put`` is one transaction with ``synchronous=FULL`` (an fsync of the WAL per commit), as
 the sampler issues it: one per tick, holding every reading due at that tick (group commit).
-Bytes written are read from /proc/self/io: ``write_bytes`` (bytes of page cache this process
-dirtied, i.e. what goes to the block device on its behalf, in whole 4 KiB pages: fsynced WAL
-frames, checkpoints, and the WAL index ``-shm`` that SQLite maps and the kernel writes back) and
-``wchar`` (bytes passed to write()). DIR must be on a real disk, not tmpfs (write_bytes is 0
-on tmpfs).
+Bytes are read from /proc/self/io: ``write_bytes`` (page cache this process dirtied, i.e. what
+goes to the block device on its behalf, in whole 4 KiB pages: fsynced WAL frames, checkpoints,
+the WAL index ``-shm`` that SQLite maps) minus ``cancelled_write_bytes``. DIR must be on a real
+disk, not tmpfs (write_bytes is 0 on tmpfs). ext4's own journal (inodes, directory blocks: a
+new inode per atomic rewrite) is written by the kernel's jbd2 thread and is in no figure here.
 
-Two cadences:
-- burst: puts back to back. A page dirtied by one commit is often still dirty at the next, so
-  it is counted once for several commits: the figure flatters low rates.
-- a minute apart (what a box does): before each commit every page of the outbox is clean again,
-  as the kernel's flusher leaves it within 30 s; here the bench fsyncs the files between commits
-  so the run takes seconds, not hours. This is the SD wear of a real box.
-The baseline is the same code on an outbox file made the way the previous version made it
-(4 KiB pages), in the same run.
+A minute apart is what a box does: before each commit every page is clean again, as the
+kernel's flusher leaves it within 30 s; the bench fsyncs the files between commits so the run
+takes seconds, not hours. Puts back to back ("burst") flatter low rates (a page dirtied by one
+commit is still dirty at the next and counted once) and are shown for throughput only.
+
+The baseline is the outbox module of ``--baseline-commit`` (default 8cc0377: shared locking with
+a -shm index, 1 KiB pages, every ack its own commit), loaded from git, and status.json rewritten
+in the state dir, in the same run. "floor" rows are raw SQLite / raw file figures: what no
+outbox built on them can go below.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import os
 import shutil
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from agent.telemetry.outbox import PAGE_SIZE, Outbox  # noqa: E402
+from agent.clock import Stamp, iso_epoch  # noqa: E402
+from agent.fsutil import atomic_write  # noqa: E402
+from agent.state import AgentState  # noqa: E402
+from agent.statusfile import StatusWriter  # noqa: E402
+from agent.telemetry import outbox as current  # noqa: E402
 
 SENSORS_PER_BOX = 5          # the daily figure: 5 sensors sampled once a minute, uploaded each minute
 MINUTES_PER_DAY = 24 * 60
+STATUS_WRITES_PER_MINUTE = 3  # status.json rewrites a minute on such a box (a reading, its upload,
+                              # the health figures after them; rate-limited to one a second)
+TOKEN_SAVES_PER_DAY = 24 * 3600 / 3300   # 1 h access tokens, refreshed with 300 s left (26/day)
+TOKEN_CACHE_BYTES = 6_500    # msal's cache with one account: access, refresh and id token, metadata
+WAL_FRAME_HEADER = 24
 
 
-def io_counters() -> dict[str, int]:
+def io_bytes() -> int:
+    """Bytes this process sent (or will send) to the block device."""
     out = {}
     with open("/proc/self/io") as f:
         for line in f:
             k, v = line.split(":")
             out[k.strip()] = int(v)
-    return out
+    return out["write_bytes"] - out["cancelled_write_bytes"]
+
+
+def wchar() -> int:
+    with open("/proc/self/io") as f:
+        return next(int(line.split(":")[1]) for line in f if line.startswith("wchar"))
+
+
+def stamp(i: int) -> Stamp:
+    return Stamp(wall=1_795_000_000.0 + i * 60.0, mono=100.0 + i * 60.0,
+                 boot="0f4c2a9e-6b1d-4d3e-9a57-2c8e1b7f6a10", synced=True)
 
 
 def reading(i: int) -> dict[str, object]:
+    """As the sampler queues it: its time is its stamp's wall time."""
     return {"sensor": f"sensor{i % 10}", "type": "simulated", "value": 20.0 + (i % 1000) / 100,
-            "unit": "°C", "time": "2026-11-25T14:39:32.123Z"}
+            "unit": "°C", "time": iso_epoch(stamp(i).wall)}
 
 
-def new_outbox(base: Path, page_size: int | None) -> tuple[Path, Outbox]:
-    """An outbox in a fresh directory; ``page_size``: pre-create the file with that page size
-    (how an older agent left it), None: as this agent creates it."""
-    d = Path(tempfile.mkdtemp(dir=base))
-    path = d / "outbox.sqlite3"
-    if page_size is not None:
-        db = sqlite3.connect(path)
-        db.execute(f"PRAGMA page_size={page_size}")
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("CREATE TABLE boot (x)")
-        db.execute("DROP TABLE boot")
-        db.close()
-    box = Outbox(path, "bench-01", max_rows=10**7, max_bytes=10**10)
-    box.put([reading(0)])                       # schema, first page, seq reservation: not measured
-    return d, box
+def load_baseline(commit: str, into: Path) -> ModuleType:
+    """The outbox module as it was at ``commit`` (its imports are the current tree's)."""
+    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:agent/telemetry/outbox.py"],
+                         capture_output=True, text=True, check=True).stdout
+    path = into / f"baseline_outbox_{commit}.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location(f"baseline_outbox_{commit}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def clean(d: Path) -> None:
-    """Write back and clean every page of the outbox's files, as the kernel does between commits
+    """Write back and clean every page of the files in ``d``, as the kernel does between commits
     a minute apart (the bench cannot wait for its 30 s flusher)."""
     for p in d.iterdir():
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
-def run_burst(base: Path, group: int, ticks: int) -> tuple[float, float, float, float]:
-    d, box = new_outbox(base, None)
-    before = io_counters()
-    t0 = time.perf_counter()
-    n = 0
-    for tick in range(ticks):
-        box.put([reading(tick * group + j) for j in range(group)])
-        n += group
-    elapsed = time.perf_counter() - t0
-    after = io_counters()
-    files = sum(p.stat().st_size for p in d.iterdir() if p.name.startswith("outbox.sqlite3"))
-    box.close()
-    shutil.rmtree(d)
-    return (n / elapsed, (after["write_bytes"] - before["write_bytes"]) / n,
-            (after["wchar"] - before["wchar"]) / n, files / n)
-
-
-def run_paced(base: Path, page_size: int | None, cycles: int, *, day: bool) -> float:
-    """write_bytes per cycle with clean pages before each one. A cycle is one put of one reading,
-    or (``day``) a minute of the 5-sensor box: one put of 5 readings, then the upload's claim+ack."""
-    d, box = new_outbox(base, page_size)
+def paced(base: Path, module: ModuleType, cycles: int, group: int, *, upload: bool) -> float:
+    """Bytes to the block device per reading: ``cycles`` commits of ``group`` readings, pages clean
+    before each; ``upload``: each put is followed by the upload's claim + ack, as on a box that
+    is online. The outbox is closed at the end (its last checkpoint counted)."""
+    d = Path(tempfile.mkdtemp(dir=base))
+    box = module.Outbox(d / "outbox.sqlite3", "bench-01", max_rows=10**7, max_bytes=10**10)
+    box.put([reading(0)], [stamp(0)])          # schema, first page, seq reservation: not measured
+    if upload:
+        box.ack([r.seq for r in box.claim(500)])
     clean(d)
-    before = io_counters()
+    before = io_bytes()
     for c in range(cycles):
-        if day:
-            box.put([reading(c * SENSORS_PER_BOX + j) for j in range(SENSORS_PER_BOX)])
+        box.put([reading(c * group + j) for j in range(group)], [stamp(c * group + j) for j in range(group)])
+        if upload:
             box.ack([r.seq for r in box.claim(500)])
-        else:
-            box.put([reading(c)])
         clean(d)
-    after = io_counters()
+    box.close()
+    clean(d)
+    after = io_bytes()
+    shutil.rmtree(d)
+    return (after - before) / (cycles * group)
+
+
+def burst(base: Path, group: int, ticks: int) -> tuple[float, float, float]:
+    """(readings/s, bytes to the device per reading, bytes passed to write() per reading)."""
+    d = Path(tempfile.mkdtemp(dir=base))
+    box = current.Outbox(d / "outbox.sqlite3", "bench-01", max_rows=10**7, max_bytes=10**10)
+    box.put([reading(0)], [stamp(0)])
+    b0, w0, t0 = io_bytes(), wchar(), time.perf_counter()
+    for tick in range(ticks):
+        box.put([reading(tick * group + j) for j in range(group)], [stamp(tick * group + j) for j in range(group)])
+    elapsed = time.perf_counter() - t0
+    n = ticks * group
+    out = (n / elapsed, (io_bytes() - b0) / n, (wchar() - w0) / n)
     box.close()
     shutil.rmtree(d)
-    return (after["write_bytes"] - before["write_bytes"]) / cycles
+    return out
+
+
+def wal_floor(base: Path, page_size: int, commits: int) -> float:
+    """Raw SQLite, WAL, exclusive locking, synchronous=FULL: each commit changes exactly one page
+    (a row replaced in one leaf), so it appends one frame: the least a durable commit writes."""
+    d = Path(tempfile.mkdtemp(dir=base))
+    db = sqlite3.connect(d / "floor.sqlite3", isolation_level=None)
+    db.execute(f"PRAGMA page_size={page_size}")
+    db.execute("PRAGMA locking_mode=EXCLUSIVE")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA wal_autocheckpoint=1000")
+    db.execute("CREATE TABLE t (k INTEGER PRIMARY KEY, v BLOB)")
+    db.execute("INSERT INTO t VALUES (1, zeroblob(40))")
+    clean(d)
+    before = io_bytes()
+    for i in range(commits):
+        db.execute("UPDATE t SET v = ? WHERE k = 1", (i.to_bytes(8, "big") * 5,))
+        clean(d)
+    after = io_bytes()
+    db.close()
+    shutil.rmtree(d)
+    return (after - before) / commits
+
+
+def append_floor(base: Path, commits: int) -> float:
+    """Any design at all: one small record appended and fdatasync'd per commit."""
+    d = Path(tempfile.mkdtemp(dir=base))
+    fd = os.open(d / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, b"\0" * 40)
+        os.fdatasync(fd)
+        before = io_bytes()
+        for _ in range(commits):
+            os.write(fd, b"r" * 40)
+            os.fdatasync(fd)
+        after = io_bytes()
+    finally:
+        os.close(fd)
+    shutil.rmtree(d)
+    return (after - before) / commits
+
+
+def per_write(base: Path, write: Callable[[Path], None], n: int = 20) -> float:
+    """Bytes to the block device per call of ``write(dir)``, each written back before the next."""
+    d = Path(tempfile.mkdtemp(dir=base))
+    write(d)
+    clean(d)
+    before = io_bytes()
+    for _ in range(n):
+        write(d)
+        clean(d)
+    after = io_bytes()
+    shutil.rmtree(d)
+    return (after - before) / n
+
+
+def status_writer(runtime: Path | None) -> Callable[[Path], None]:
+    """One status.json rewrite as StatusWriter does it, in the state dir (``runtime`` None, the
+    baseline) or in a runtime dir (tmpfs, as /run/device-agent is)."""
+    state = AgentState()
+    state.signed_in("greenhouse@contoso.onmicrosoft.com")
+
+    def write(d: Path) -> None:
+        if runtime is None:
+            StatusWriter(d / "status.json", state, "bench-01", fallbacks=[]).write(state.snapshot)
+        else:
+            old = os.environ.get("RUNTIME_DIRECTORY")
+            os.environ["RUNTIME_DIRECTORY"] = str(runtime)
+            try:
+                writer = StatusWriter(d / "status.json", state, "bench-01")
+                assert writer.path.parent == runtime, writer.path
+                writer.write(state.snapshot)
+            finally:
+                if old is None:
+                    os.environ.pop("RUNTIME_DIRECTORY")
+                else:
+                    os.environ["RUNTIME_DIRECTORY"] = old
+    return write
+
+
+def token_cache_save(d: Path) -> None:
+    atomic_write(d / "token_cache.json", json.dumps({"x": "t" * TOKEN_CACHE_BYTES}).encode(), mode=0o600)
+
+
+def side_file_save(d: Path) -> None:
+    atomic_write(d / "outbox.sqlite3.meta.json", json.dumps({"seq_reserved": {"bench-01": 10**6}}).encode())
+
+
+def median(f: Callable[[], float], repeat: int) -> float:
+    return statistics.median(f() for _ in range(repeat))
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", default=".", help="where to create the test databases (a real disk)")
-    p.add_argument("--ticks", type=int, default=400, help="puts per run")
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--cycles", type=int, default=2000, help="commits per paced run (checkpoints included)")
+    p.add_argument("--ticks", type=int, default=400, help="puts per burst run")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--baseline-commit", default="8cc0377")
+    p.add_argument("--runtime-dir", default="/dev/shm", help="a tmpfs standing in for /run")
     args = p.parse_args()
-    base = Path(args.dir)
-    print(f"outbox ingest, {args.ticks} puts per run, median of {args.repeat} runs, dir {base.resolve()}")
-    print("burst (puts back to back):")
-    print(f"{'readings/put':>12} {'readings/s':>11} {'puts/s':>8} {'write_bytes/rd':>15} {'wchar/rd':>9} "
-          f"{'file bytes/rd':>13}")
-    for group in (1, 10):
-        runs = [run_burst(base, group, args.ticks) for _ in range(args.repeat)]
-        rate, wb, wc, fb = (statistics.median(r[i] for r in runs) for i in range(4))
-        print(f"{group:>12} {rate:>11.0f} {rate / group:>8.0f} {wb:>15.0f} {wc:>9.0f} {fb:>13.0f}")
+    base = Path(args.dir).resolve()
+    work = Path(tempfile.mkdtemp(dir=base))
+    runtime = Path(tempfile.mkdtemp(dir=args.runtime_dir))
+    try:
+        old = load_baseline(args.baseline_commit, work)
+        print(f"outbox wear, median of {args.repeat} runs, {args.cycles} commits a run, dir {base}")
+        print(f"  this agent: {current.PAGE_SIZE} B pages, exclusive locking, compact rows, acks ride on the next put; "
+              f"baseline {args.baseline_commit}: {old.PAGE_SIZE} B pages, shared locking (-shm), "
+              "an ack per commit")
 
-    cycles = max(20, args.ticks // 4)
-    print(f"a minute apart (pages clean before each commit; {cycles} cycles, median of {args.repeat}):")
-    for label, page_size in ((f"this agent ({PAGE_SIZE} B pages)", None), ("baseline (4 KiB pages)", 4096)):
-        one = statistics.median(run_paced(base, page_size, cycles, day=False) for _ in range(args.repeat))
-        day = statistics.median(run_paced(base, page_size, cycles, day=True) for _ in range(args.repeat))
-        print(f"  {label:<28} 1 reading per commit: {one:>6.0f} B/reading; "
-              f"{SENSORS_PER_BOX} sensors at 1/min + uploads: {day * MINUTES_PER_DAY / 1e6:5.1f} MB/day "
-              f"({day / SENSORS_PER_BOX:.0f} B/reading)")
+        print("\nburst (puts back to back, this agent):")
+        print(f"{'readings/put':>12} {'readings/s':>11} {'B to device/rd':>15} {'B to write()/rd':>16}")
+        for group in (1, 10):
+            runs = [burst(work, group, args.ticks) for _ in range(args.repeat)]
+            rate, wb, wc = (statistics.median(r[i] for r in runs) for i in range(3))
+            print(f"{group:>12} {rate:>11.0f} {wb:>15.0f} {wc:>16.0f}")
+
+        print("\na minute apart, 1 reading per commit (bytes to the block device per reading):")
+        rows = []
+        for label, module in (("this agent", current), (f"baseline ({args.baseline_commit})", old)):
+            online = median(lambda m=module: paced(work, m, args.cycles, 1, upload=True), args.repeat)
+            offline = median(lambda m=module: paced(work, m, args.cycles, 1, upload=False), args.repeat)
+            rows.append((label, online, offline))
+            print(f"  {label:<22} online (each reading acked within the minute): {online:>6.0f} B; "
+                  f"offline (the queue grows): {offline:>6.0f} B")
+        frame = current.PAGE_SIZE + WAL_FRAME_HEADER
+        floor512 = median(lambda: wal_floor(work, 512, args.cycles // 2), args.repeat)
+        floor1k = median(lambda: wal_floor(work, 1024, args.cycles // 2), args.repeat)
+        append = median(lambda: append_floor(work, args.cycles // 2), args.repeat)
+        print(f"  floor: SQLite WAL, one {frame} B frame per commit (512 B pages): {floor512:>6.0f} B "
+              f"(theory 4096 x (1 + {frame}/4096) = {4096 + frame} B); 1 KiB pages: {floor1k:.0f} B")
+        print(f"  floor: any design, a 40 B record appended + fdatasync per commit: {append:>6.0f} B")
+        print(f"  ratio this agent / baseline (online): {rows[0][1] / rows[1][1]:.2f}")
+
+        print(f"\na day of {SENSORS_PER_BOX} sensors at 1/min, uploaded each minute "
+              f"({SENSORS_PER_BOX} readings per commit), per file:")
+        cycles_day = max(200, args.cycles // 2)
+        day: dict[str, dict[str, float]] = {}
+        for label, module, status_dir in (("this agent", current, runtime),
+                                          (f"baseline ({args.baseline_commit})", old, None)):
+            outbox_b = median(lambda m=module: paced(work, m, cycles_day, SENSORS_PER_BOX, upload=True),
+                              args.repeat) * SENSORS_PER_BOX * MINUTES_PER_DAY
+            status_b = per_write(work, status_writer(status_dir)) * STATUS_WRITES_PER_MINUTE * MINUTES_PER_DAY
+            token_b = per_write(work, token_cache_save) * TOKEN_SAVES_PER_DAY
+            side_b = per_write(work, side_file_save) * SENSORS_PER_BOX * MINUTES_PER_DAY / current.SEQ_BLOCK
+            day[label] = {"outbox": outbox_b, "status": status_b, "token": token_b, "side": side_b}
+        print(f"  {'':<22} {'outbox.sqlite3':>15} {'status.json':>12} {'token cache':>12} "
+              f"{'seq side file':>14} {'total/day':>10} {'per reading':>12}")
+        for label, kinds in day.items():
+            total = sum(kinds.values())
+            print(f"  {label:<22} {kinds['outbox'] / 1e6:>12.2f} MB {kinds['status'] / 1e6:>9.2f} MB "
+                  f"{kinds['token'] / 1e6:>9.2f} MB {kinds['side'] / 1e6:>11.3f} MB {total / 1e6:>7.2f} MB "
+                  f"{total / (SENSORS_PER_BOX * MINUTES_PER_DAY):>9.0f} B")
+        labels = list(day)
+        print(f"  ratio this agent / baseline (total): "
+              f"{sum(day[labels[0]].values()) / sum(day[labels[1]].values()):.2f}")
+        print(f"  (status: {STATUS_WRITES_PER_MINUTE} rewrites a minute, this agent's in {runtime.parent} "
+              f"(tmpfs, as /run); token cache: {TOKEN_SAVES_PER_DAY:.0f} fsynced saves a day of "
+              f"{TOKEN_CACHE_BYTES} B; ext4 journal blocks not counted)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(runtime, ignore_errors=True)
     return 0
 
 

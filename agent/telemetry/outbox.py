@@ -24,6 +24,11 @@ Why it looks like this:
 - A corrupt file is moved aside to ``<db>.corrupt-<n>`` (with its -wal), logged at ERROR,
   counted in the side file (``corrupt_replaced``), announced as a state ``notice`` and a new
   database is started.
+- Compact rows (SD-card wear): a reading as the sampler makes it (sensor, type, value, unit, and
+  its stamp's time) is stored as 11 bytes, its sensor/type/unit and its boot as numbers kept in
+  ``meta`` (``word:<n>``, written with the first row that uses one), ~40 bytes a row, so a put
+  rarely needs a new page. Anything else, and every row of older files, is JSON and read as
+  such. (A file with compact rows cannot be read by an agent from before them.)
 - Each row keeps how its reading was stamped (``wall``, ``mono``, ``boot``, ``synced``: see
   agent/clock.py) beside the payload, so its time can be corrected just before upload. A
   dead-lettered row keeps them too (the ``dead`` table has the same four columns), so a reading
@@ -53,6 +58,7 @@ import logging
 import math
 import os
 import sqlite3
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -61,7 +67,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from agent.clock import Stamp
+from agent.clock import Stamp, iso_epoch
 from agent.fsutil import atomic_write
 from agent.state import OutboxCounts
 from agent.telemetry.storage import (
@@ -97,6 +103,10 @@ _STAMP_KINDS = (("wall", "REAL"), ("mono", "REAL"), ("boot", "TEXT"), ("synced",
 STAMP_COLUMNS = ", ".join(name for name, _ in _STAMP_KINDS)   # how a row was stamped, in both tables
 _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
 _SQL_VARS = 500             # chunk size for IN (...) lists (SQLite's limit is 999 on old builds)
+_COMPACT = b"\x01"          # a compact payload (a JSON one starts with "{"): kind number, value
+_COMPACT_ROW = struct.Struct("<Hd")
+_COMPACT_KEYS = ["sensor", "type", "value", "unit", "time"]   # a reading as the sampler makes it
+_BOOT_TAG = "\x01"          # boot column: "\x01<n>" is word n (a kernel boot id is a UUID)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, payload BLOB NOT NULL,
@@ -167,6 +177,8 @@ class Outbox:
         self._lost_reasons: dict[str, int] = {}  # of _lost_unsaved, per reason
         self._file_id: tuple[int, int] | None = None
         self._replacing = False
+        self._words: dict[str, int] = {}         # compact rows: sensor kinds and boots, by number
+        self._texts: dict[int, str] = {}         # (meta "word:<n>", written with the first row using it)
         self._open_checked()
 
     # ----------------------------------------------------------------- public API
@@ -180,15 +192,13 @@ class Outbox:
         """
         if not readings:
             return []
-        payloads = [json.dumps(dict(r), ensure_ascii=False, separators=(",", ":")).encode()
-                    for r in readings]
-        marks = list(stamps) if stamps is not None else [None] * len(payloads)
-        if len(marks) != len(payloads):
+        marks = list(stamps) if stamps is not None else [None] * len(readings)
+        if len(marks) != len(readings):
             raise ValueError("one stamp per reading")
         with self._lock:
             if self.storage != "ok" and not self._recover():
                 raise StorageUnavailable(self.storage, "reading not stored")
-            return self._write(lambda: self._put(payloads, marks))
+            return self._write(lambda: self._put(readings, marks))
 
     def claim(self, limit: int) -> list[Row]:
         """The oldest ``limit`` pending rows, ascending seq. They stay queued until acked."""
@@ -345,9 +355,9 @@ class Outbox:
         """(seq, reason, reading) of dead-lettered rows of this device, oldest first."""
         with self._lock:
             cur = self._conn().execute(
-                "SELECT seq, reason, payload FROM dead WHERE device = ? ORDER BY id LIMIT ?",
+                "SELECT seq, reason, payload, wall FROM dead WHERE device = ? ORDER BY id LIMIT ?",
                 (self.device_id, limit))
-            return [(s, r, self._reading(s, p)) for s, r, p in cur]
+            return [(s, r, self._reading(s, p, w)) for s, r, p, w in cur]
 
     def using_connection(self, op: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``op`` on the outbox's own connection between two of its transactions (the
@@ -674,6 +684,9 @@ class Outbox:
         """Counters from the database; one scan of the pending rows (lengths only)."""
         dev = self.device_id
         meta = dict(db.execute("SELECT key, value FROM meta"))
+        self._texts = {int(k[5:]): str(v) for k, v in meta.items()
+                       if isinstance(k, str) and k.startswith("word:") and k[5:].isdigit()}
+        self._words = {v: k for k, v in self._texts.items()}
         stored_dev = meta.get("device_id")
         if not writable:
             pass
@@ -710,21 +723,24 @@ class Outbox:
             log.warning("outbox: device id changed from %s to %s; %d pending readings dead-lettered",
                         old, self.device_id, n)
 
-    def _put(self, payloads: list[bytes], stamps: list[Stamp | None]) -> list[int]:
+    def _put(self, readings: Sequence[Mapping[str, Any]], stamps: list[Stamp | None]) -> list[int]:
         db = self._conn()
         first = self._next_seq
-        seqs = list(range(first, first + len(payloads)))
+        seqs = list(range(first, first + len(readings)))
+        new_words: dict[str, int] = {}
+        rows = [(q, *self._encode(r, st, new_words)) for q, r, st in zip(seqs, readings, stamps, strict=True)]
         if seqs[-1] > self._reserved():
             self._reserve(seqs[-1] + SEQ_BLOCK)
-        added = sum(len(p) for p in payloads)
+        added = sum(len(row[1]) for row in rows)
         acked = sorted(s for s, r in self._held.items() if r is None)
         with _tx(db):
             # The acks held since the last put first: the rows they free make room in the leaf
             # page the new rows go to (at a minute's cadence, one page and one WAL frame).
             gone, gone_bytes = self._delete(db, acked, None, hw_implied=True) if acked else (0, 0)
+            for text, n in new_words.items():       # a new sensor or boot: once per file
+                db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"word:{n}", text))
             db.executemany("INSERT INTO outbox (seq, payload, wall, mono, boot, synced) "
-                           "VALUES (?, ?, ?, ?, ?, ?)",
-                           [(q, p, *_stamp_columns(st)) for q, p, st in zip(seqs, payloads, stamps, strict=True)])
+                           "VALUES (?, ?, ?, ?, ?, ?)", rows)
             pending = self._pending - gone + len(seqs)
             pending_bytes = self._pending_bytes - gone_bytes + added
             dropped = 0
@@ -743,6 +759,8 @@ class Outbox:
                            "WHERE key = ?), 0), ?))", (f"seq_hw:{self.device_id}",
                                                        f"seq_hw:{self.device_id}", last))
         # Only after the commit: a failed transaction leaves the counters untouched.
+        for text, n in new_words.items():
+            self._words[text], self._texts[n] = n, text
         for seq in acked:
             self._held.pop(seq, None)
         self._next_seq = seqs[-1] + 1
@@ -793,7 +811,7 @@ class Outbox:
                 found += [r for r in chunk if r[0] not in self._held]
                 after = chunk[-1][0]
             found = found[:limit]
-        rows = [Row(seq, self._reading(seq, payload), _stamp(wall, mono, boot, synced))
+        rows = [Row(seq, self._reading(seq, payload, wall), self._stamp_of(wall, mono, boot, synced))
                 for seq, payload, wall, mono, boot, synced in found]
         if self.clock is not None:
             self.clock.label((r.seq, r.reading, r.stamp) for r in rows)
@@ -808,11 +826,52 @@ class Outbox:
         if row is None:
             return None
         seq, payload, wall, mono, boot, synced = row
-        return Row(seq, self._reading(seq, payload), _stamp(wall, mono, boot, synced))
+        return Row(seq, self._reading(seq, payload, wall), self._stamp_of(wall, mono, boot, synced))
 
-    def _reading(self, seq: int, payload: bytes) -> dict[str, Any]:
+    def _reading(self, seq: int, payload: bytes, wall: float | None) -> dict[str, Any]:
+        if payload[:1] == _COMPACT and wall is not None:
+            kind, value = _COMPACT_ROW.unpack_from(payload, 1)
+            try:
+                sensor, kind_type, unit = json.loads(self._texts[kind])
+            except (KeyError, ValueError, TypeError):
+                sensor, kind_type, unit = f"unknown-{kind}", "unknown", ""
+            return {"id": f"{self.device_id}:{seq}", "seq": seq, "sensor": sensor, "type": kind_type,
+                    "value": value, "unit": unit, "time": iso_epoch(wall)}
         body = json.loads(payload)
         return {"id": f"{self.device_id}:{seq}", "seq": seq, **body}
+
+    def _encode(self, reading: Mapping[str, Any], st: Stamp | None,
+                new_words: dict[str, int]) -> tuple[bytes, float | None, float | None, str | None, int | None]:
+        """A row (payload, wall, mono, boot, synced). A stamped reading as the sampler makes it
+        is 11 bytes of payload (its sensor, type and unit a number, its time the stamp's wall
+        time) and its boot a number: ~40-byte rows, a dozen to a 512 B page, so a put rarely
+        needs a new page (SD-card wear). Anything else is stored as JSON, as it came."""
+        def word(text: str) -> int:
+            n = self._words.get(text, new_words.get(text))
+            if n is None:
+                n = new_words[text] = max([0, *self._texts, *new_words.values()]) + 1
+            return n
+
+        payload = None
+        if (st is not None and list(reading) == _COMPACT_KEYS and type(reading["value"]) is float
+                and reading["time"] == iso_epoch(st.wall)
+                and all(type(reading[k]) is str for k in ("sensor", "type", "unit"))):
+            kind = word(json.dumps([reading["sensor"], reading["type"], reading["unit"]],
+                                   ensure_ascii=False, separators=(",", ":")))
+            if kind <= 0xFFFF:
+                payload = _COMPACT + _COMPACT_ROW.pack(kind, reading["value"])
+        if payload is None:
+            payload = json.dumps(dict(reading), ensure_ascii=False, separators=(",", ":")).encode()
+        if st is None:
+            return payload, None, None, None, None
+        # The boot column has TEXT affinity: the number goes in as a short tagged string.
+        return payload, st.wall, st.mono, f"{_BOOT_TAG}{word(st.boot)}", int(st.synced)
+
+    def _stamp_of(self, wall: float | None, mono: float | None, boot: str | None,
+                  synced: int | None) -> Stamp | None:
+        if isinstance(boot, str) and boot.startswith(_BOOT_TAG) and boot[1:].isdigit():
+            boot = self._texts.get(int(boot[1:]), boot)
+        return _stamp(wall, mono, boot, synced)
 
     def _delete(self, db: sqlite3.Connection, seqs: list[int], dead_reason: str | None, *,
                 hw_implied: bool = False) -> tuple[int, int]:
@@ -1073,12 +1132,6 @@ def add_stamp_columns(db: sqlite3.Connection) -> None:
         for name, kind in _STAMP_KINDS:
             if have and name not in have:
                 db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
-
-
-def _stamp_columns(st: Stamp | None) -> tuple[float | None, float | None, str | None, int | None]:
-    if st is None:
-        return None, None, None, None
-    return st.wall, st.mono, st.boot, int(st.synced)
 
 
 def _stamp(wall: float | None, mono: float | None, boot: str | None, synced: int | None) -> Stamp | None:

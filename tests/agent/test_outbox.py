@@ -475,3 +475,58 @@ def test_acks_that_cannot_be_written_are_kept_in_memory_and_written_when_storage
     assert counts_on_disk(path) == OutboxCounts(pending=6, dead=1, dropped=1)
     assert [r.seq for r in box.claim(10)] == [6, 7, 8, 9, 10, 11]
     box.close()
+
+
+def test_a_sampled_reading_is_a_compact_row_and_comes_back_exactly_as_it_went_in(tmp_path: Path) -> None:
+    """SD wear: a stamped reading as the sampler makes it is stored in ~40 bytes (kind and boot as
+    numbers, its time the stamp's); claim gives back the very same reading and stamp, also after a
+    reopen and for rows dead-lettered and retried. Anything else is stored as the JSON it was."""
+    import sqlite3
+
+    from agent.clock import Stamp, iso_epoch
+
+    path = tmp_path / "outbox.sqlite3"
+    st = Stamp(wall=1_795_000_000.125, mono=321.5, boot="0f4c2a9e-6b1d-4d3e-9a57-2c8e1b7f6a10", synced=True)
+    sampled = {"sensor": "bme.temperature", "type": "bme280", "value": 21.37, "unit": "°C",
+               "time": iso_epoch(st.wall)}
+    odd = {"sensor": "x", "type": "simulated", "value": 3, "unit": "", "time": "2026-11-25T14:39:32.123Z"}
+    with Outbox(path, DEVICE, max_rows=100, max_bytes=10**6) as box:
+        assert box.put([sampled, odd, dict(sampled, value=-0.5)], [st, st, st]) == [1, 2, 3]
+        box.dead_letter([3], "HTTP 422 x")
+    db = sqlite3.connect(path)
+    sizes = dict(db.execute("SELECT seq, length(payload) + length(boot) FROM outbox"))
+    db.close()
+    assert sizes[1] <= 16, "kind number + value, boot number"
+    assert sizes[2] > 60, "not as the sampler makes it (an int value): JSON"
+    with Outbox(path, DEVICE, max_rows=100, max_bytes=10**6) as box:
+        rows = box.claim(10)
+        assert [r.reading for r in rows] == [{"id": f"{DEVICE}:1", "seq": 1, **sampled},
+                                             {"id": f"{DEVICE}:2", "seq": 2, **odd}]
+        assert [r.stamp for r in rows] == [st, st]
+        assert box.dead_rows()[0][2]["value"] == -0.5
+        box.dead_letter([1, 2], "HTTP 422 y")
+        box.using_connection(lambda db: db.execute("INSERT INTO outbox SELECT seq, payload, wall, mono, boot, "
+                                                   "synced FROM dead WHERE seq = 3"))
+        assert [(r.reading["value"], r.stamp) for r in box.claim(10)] == [(-0.5, st)]
+
+
+def test_a_failed_put_leaves_no_half_known_sensor_behind(tmp_path: Path) -> None:
+    """A new sensor's number is written in the put's own transaction: when that rolls back, the
+    number is not remembered either, so the next put writes it again."""
+    from agent.clock import Stamp, iso_epoch
+    from agent.telemetry.storage import StorageUnavailable
+
+    t = [0.0]
+    path = tmp_path / "outbox.sqlite3"
+    st = Stamp(wall=1_795_000_000.0, mono=1.0, boot="b-1", synced=False)
+    fresh = {"sensor": "new", "type": "simulated", "value": 1.0, "unit": "", "time": iso_epoch(st.wall)}
+    box = Outbox(path, DEVICE, max_rows=100, max_bytes=10**6, monotonic=lambda: t[0])
+    box._conn().execute("PRAGMA query_only=ON")
+    with pytest.raises(StorageUnavailable):
+        box.put([fresh], [st])
+    box._conn().execute("PRAGMA query_only=OFF")
+    t[0] += 10.0
+    assert box.put([fresh], [st]) == [1]
+    box.close()
+    with Outbox(path, DEVICE, max_rows=100, max_bytes=10**6) as again:
+        assert again.claim(1)[0].reading["sensor"] == "new"
