@@ -5,7 +5,9 @@ Before, each had a thread that a state change woke; a reading, its upload and th
 figures after each were four changes a minute, each waking four threads that then handed the
 GIL to each other (docs/PERFORMANCE.md, "Idle"). Here a change wakes one thread, and changes
 that only move figures (a reading, the outbox counts, the last upload, the health ages) are
-gathered for ``SETTLE_S`` so a reading and its upload are drawn, written and published once.
+gathered for ``SETTLE_S`` so a reading and its upload are drawn, written and published once;
+when the loop already plans to wake within that time (the service plans a wake ``SETTLE_S``
+after each reading is due), that wake serves them and they cost no wake-up of their own.
 What a person acts on (a code, an error, sign-in, a notice, the button) is served at once.
 
 Each step is a capability's own code (``Panel.serve``, ``StatusWriter.serve``, ...): it does
@@ -49,6 +51,7 @@ class _Step:
     run: Callable[[], float]
     outage: OutageLog
     slack: float = 0.0
+    last: bool = False
     due: float = -math.inf
     latest: float = -math.inf     # due plus its slack: the loop wakes for it by then
 
@@ -66,17 +69,22 @@ class ObserverLoop:
         self._steps: list[_Step] = []
         self._steps_lock = threading.Lock()
         self._last: Snapshot | None = None
-        self._settle_at = math.inf
+        self._settle_at = math.inf        # figures changed: serve them by then
+        self._planned = -math.inf         # when the sleeping loop wakes next (-inf: awake)
         self._stopping = Signal()
         self._thread: threading.Thread | None = None
         self._ident: int | None = None
         self.passes = 0                   # tests: how often every step was served
         self.wakes = 0                    # ... and how often the thread ran at all
 
-    def add(self, name: str, step: Callable[[], float], *, slack: float = 0.0) -> None:
+    def add(self, name: str, step: Callable[[], float], *, slack: float = 0.0, last: bool = False) -> None:
+        """``last``: the step hands work to another thread (MQTT publishing wakes paho's): run
+        it after the others, so that thread does not wait for this one's GIL."""
+        entry = _Step(name, step, OutageLog(log, level=logging.ERROR, clock=self._clock), slack=slack,
+                      last=last)
         with self._steps_lock:
-            self._steps.append(_Step(name, step, OutageLog(log, level=logging.ERROR, clock=self._clock),
-                                     slack=slack))
+            self._steps.append(entry)
+            self._steps.sort(key=lambda st: st.last)      # stable: otherwise in the order added
         self.news.set()
 
     def start(self) -> ObserverLoop:
@@ -100,20 +108,27 @@ class ObserverLoop:
             self.news.set()          # one of our steps changed it: serve the others once more
         elif old is None or _serves_at_once(old, snap):
             self.news.set()
-        elif self._settle_at == math.inf:
-            self._settle_at = self._clock() + self.settle_s
-            self._rearm.set()
+        else:
+            if self._settle_at == math.inf:
+                self._settle_at = self._clock() + self.settle_s
+            if self._planned > self._settle_at:
+                self._rearm.set()    # asleep past the settle: wake to sleep shorter; else the
+                                     # wake already planned serves them (e.g. _reading_due's)
 
     def _run(self) -> None:
         name_os_thread()
         self._ident = threading.get_ident()
         while not self._stopping.is_set():
+            self._planned = -math.inf
             self.wakes += 1
             now = self._clock()
-            every = self.news.is_set() or now >= self._settle_at
+            rearm_only = self._rearm.is_set() and not self.news.is_set()
+            # Figures waiting are served by any wake but the one that only set their timer.
+            every = self.news.is_set() or now >= self._settle_at or (
+                self._settle_at != math.inf and not rearm_only)
             self.news.clear()
             self._rearm.clear()
-            if now >= self._settle_at:
+            if every:
                 self._settle_at = math.inf
             if every:
                 self.passes += 1
@@ -127,6 +142,8 @@ class ObserverLoop:
                     step.due = self._clock() + delay
                     step.latest = step.due + (step.slack * delay if delay >= SLACK_FROM_S else 0.0)
             wake_at = min([self._settle_at, *(s.latest for s in steps)])
+            self._planned = wake_at
+            wake_at = min(wake_at, self._settle_at)    # figures that came while computing it
             wait_any(wake_at - self._clock(), self._stopping, self.news, self._rearm)
 
     def _call(self, step: _Step) -> float:

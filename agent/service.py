@@ -22,7 +22,7 @@ from agent.config import Settings
 from agent.errors import AgentError, ConfigError
 from agent.fsutil import ensure_private_dir
 from agent.net.retry import Backoff, OutageLog
-from agent.observerloop import ObserverLoop
+from agent.observerloop import SETTLE_S, ObserverLoop
 from agent.sdnotify import Notifier
 from agent.signal_relay import relay_signals
 from agent.state import AgentState, Snapshot
@@ -294,7 +294,7 @@ class Service:
                                 on_short_press=self._button_short, on_long_press=self._button_long,
                                 wakeup=loop.news)
             controls.start(thread=False)
-            loop.add("controls", controls.serve, slack=0.5)
+            loop.add("controls", controls.serve, slack=1.5)   # its 30 s net: up to 75 s
             self._closers.append(("controls", controls.stop))
         if s.mqtt is not None:
             from agent.mqtt.publisher import MqttPublisher
@@ -302,7 +302,7 @@ class Service:
             self.notifier = MqttPublisher(s.mqtt, s.device.id, self.state, self._commands(), __version__,
                                           wakeup=loop.news)
             self.notifier.start(thread=False)
-            loop.add("mqtt", self.notifier.serve)
+            loop.add("mqtt", self.notifier.serve, last=True)
             self._closers.append(("mqtt", self.notifier.stop))
         else:
             self.state.set_link("mqtt", "off")
@@ -416,7 +416,18 @@ class Service:
         """The main thread sleeps until stop; supervision is a step of the observer loop."""
         self._next_beat = self._next_health = time.monotonic()
         self._observers.add("supervisor", self._supervise_step, slack=0.5)
+        self._observers.add("readings", self._reading_due)
         wait_any(math.inf, self.stop_event)
+
+    def _reading_due(self) -> float:
+        """Plan the observers' wake ``SETTLE_S`` after the sampler's next reading: the reading
+        and its upload (and the health figures after them) are then served by that one wake,
+        not by one to set the settle timer and one when it ends (agent/observerloop.py)."""
+        due = getattr(self.sampler, "beat_due", None)
+        if due is None:
+            return math.inf
+        left = due + SETTLE_S - time.monotonic()
+        return left if left > 0 else math.inf       # late: the reading's own news serves it
 
     def _supervise_step(self) -> float:
         """Supervise, feed the watchdog only while the loop and the sampler really advance.

@@ -187,7 +187,21 @@ def _thread_figure(per_minute: float, name: str) -> str:
     return f"{per_minute:.0f}" if name.startswith("python") else f"{name} {per_minute:.0f}"
 
 
-def idle(minutes: float, baseline_tree: Path | None) -> None:
+def _trace(pid: int, t0: float, until: float, every_s: float = 0.1) -> None:
+    """Until ``until``: a line on stderr for each thread of ``pid`` that woke in the last
+    ``every_s`` (seconds since t0, name, how many times), to see which thread wakes why."""
+    last = wakeups(pid)
+    while time.monotonic() < until:
+        time.sleep(every_s)
+        now = wakeups(pid)
+        moved = [f"{name}+{n - last.get((tid, name), 0)}" for (tid, name), n in sorted(now.items())
+                 if n != last.get((tid, name), 0)]
+        if moved:
+            print(f"{time.monotonic() - t0:7.1f} s  {' '.join(moved)}", file=sys.stderr, flush=True)
+        last = now
+
+
+def idle(minutes: float, baseline_tree: Path | None, trace: bool = False) -> None:
     """A signed-in box at rest: one sensor read a minute, uploads every 10 s, png panel, the
     button and LED (fake GPIO), MQTT. Read once a minute: CPU time of the process and the
     wake-ups of all its threads. ``baseline_tree``: an older checkout of the agent, run beside
@@ -223,7 +237,10 @@ def idle(minutes: float, baseline_tree: Path | None) -> None:
                 rounds = max(1, round(minutes))
                 samples: list[list[int]] = [[] for _ in procs]
                 for k in range(rounds):         # one reading a minute, like the box it models
-                    time.sleep(max(0.0, t0 + 60 * minutes * (k + 1) / rounds - time.monotonic()))
+                    end = t0 + 60 * minutes * (k + 1) / rounds
+                    if trace:
+                        _trace(procs[0].pid, t0, end)
+                    time.sleep(max(0.0, end - time.monotonic()))
                     for i, p in enumerate(procs):
                         samples[i].append(proc_stats(p.pid)[1])
                 after = [(proc_stats(p.pid), wakeups(p.pid), write_bytes(p.pid)) for p in procs]
@@ -263,11 +280,13 @@ def main() -> None:
     i.add_argument("--minutes", type=float, default=10.0)
     i.add_argument("--baseline-tree", type=Path, default=None,
                    help="an older checkout (git archive REV | tar -x -C DIR) run beside this one")
+    i.add_argument("--trace", action="store_true",
+                   help="print on stderr, every 0.1 s, which threads of this agent woke")
     args = p.parse_args()
     if args.what == "startup":
         startup(args.runs)
     else:
-        idle(args.minutes, args.baseline_tree)
+        idle(args.minutes, args.baseline_tree, args.trace)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ Burn-in care, for OLEDs that show the same status for months:
   not count, or a 60 s sampler would keep the panel lit forever.
 - never blank while a code is shown: the person may be walking over to read it, a code lives
   at most ~15 min, and the countdown keeps changing pixels anyway.
-- shift everything but the code screen by a pixel every ``shift_every_s`` (the QR stays put).
+- shift everything but the code screen by a pixel every ``shift_every_s`` (the QR stays put),
+  counted from the last shift and taken by any redraw from 90 % of it on, so on a box that
+  redraws for a reading each minute the shift rides on that redraw instead of waking the panel.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class Panel:
         self.sleep_after_s = sleep_after_s
         self.page_s = page_s
         self.shift_every_s = shift_every_s
+        self._shift = 0                         # index into SHIFTS
+        self._shifted_at = clock()
         self._clock = clock
         self._snap: Snapshot = state.snapshot
         self._wakeup = wakeup or threading.Event()     # wake(); state changes too in own-thread mode
@@ -208,8 +212,11 @@ class Panel:
             page = int((now - self._code_seen_at) // self.page_s) % pages
         elif pages > 1:     # signed in as an app, or a warning: the status alternates too
             page = int((now - self._activity_at) // self.page_s) % pages
-        shift = SHIFTS[int(now // self.shift_every_s) % len(SHIFTS)] if (
-            name != "code" and self.shift_every_s > 0) else (0, 0)
+        shift = (0, 0)
+        if name != "code" and self.shift_every_s > 0:
+            if now - self._shifted_at >= 0.9 * self.shift_every_s:
+                self._shift, self._shifted_at = self._shift + 1, now
+            shift = SHIFTS[self._shift % len(SHIFTS)]
         # The starting screen shows nothing but its key: the state changes of the start (links,
         # the clock's first answer) would each draw it again, CPU the code is waiting for.
         drawn_as = (key, shift) if name == "starting" else None
@@ -227,7 +234,7 @@ class Panel:
     def _next_delay(self, now: float, name: str, snap: Snapshot) -> float:
         waits = [MAX_WAIT_S if self._failing else math.inf]
         if name != "code" and self.shift_every_s > 0:
-            waits.append(self.shift_every_s - (now % self.shift_every_s) + 0.005)   # burn-in shift
+            waits.append(max(0.005, self._shifted_at + self.shift_every_s - now))   # burn-in shift
         if name == "code" and snap.code is not None:
             left = snap.code.seconds_left(now)
             waits.append((left % 1.0) + 0.005 if left > 0 else MAX_WAIT_S)      # next whole second

@@ -174,3 +174,24 @@ def test_a_long_wait_with_slack_rides_on_another_steps_wake(loop: ObserverLoop,
     loop.start()
     wait_for(lambda: len(seen["timer"]) >= 2, SOON_S, "the timer's wake")
     assert len(seen["shift"]) == 2 and seen["shift"][1] == seen["timer"][1], seen
+
+
+def test_figures_ride_on_a_wake_already_planned(loop: ObserverLoop, state: AgentState) -> None:
+    """A wake is planned (the service plans one just after each reading is due): figures that
+    change before it are served by it, with no wake-up of their own to set a timer."""
+    timer: list[int] = []
+
+    def step() -> float:
+        timer.append(loop.wakes)
+        return 0.25 if len(timer) == 1 else float("inf")
+
+    loop.add("timer", step)
+    loop.start()
+    wait_for(lambda: timer, SOON_S, "the first pass")
+    wakes, passes = loop.wakes, loop.passes
+    time.sleep(0.05)
+    state.update(last_reading=LastReading("t", 21.5, "°C"), outbox=OutboxCounts(pending=1))
+    state.update(outbox=OutboxCounts(pending=0), last_upload=datetime.now(UTC))
+    wait_for(lambda: len(timer) >= 2, SOON_S, "the planned wake")
+    time.sleep(0.5)                          # past the settle the figures would have had
+    assert (loop.wakes - wakes, loop.passes - passes) == (1, 1)
