@@ -116,17 +116,21 @@ def breakdown(pid: int) -> tuple[dict[str, int], dict[str, int]]:
     return dict(anon), dict(files)
 
 
-def print_breakdown(title: str, pid_figures: tuple[dict[str, int], dict[str, int]], top: int = 12) -> None:
-    anon, files = pid_figures
-    print(f"{title}: anonymous {sum(anon.values()) / MIB:.1f} MiB, file-backed {sum(files.values()) / MIB:.1f} MiB")
-    for name, kib in sorted(anon.items(), key=lambda kv: -kv[1]):
-        if kib >= 64:
-            print(f"    anon {kib / MIB:6.1f} MiB  {name}")
-    ranked = sorted(files.items(), key=lambda kv: -kv[1])
-    for name, kib in ranked[:top]:
-        print(f"    file {kib / MIB:6.1f} MiB  {name}")
-    rest = sum(kib for _, kib in ranked[top:])
-    print(f"    file {rest / MIB:6.1f} MiB  {len(ranked) - top} other files")
+def print_breakdown(start: tuple[dict[str, int], dict[str, int]], end: tuple[dict[str, int], dict[str, int]],
+                    top: int = 12) -> None:
+    """Where RSS is, at the start and the end of the run, largest first."""
+    (anon0, files0), (anon1, files1) = start, end
+    print(f"  from smaps, start -> end: anonymous {sum(anon0.values()) / MIB:.1f} -> {sum(anon1.values()) / MIB:.1f}"
+          f" MiB, file-backed {sum(files0.values()) / MIB:.1f} -> {sum(files1.values()) / MIB:.1f} MiB")
+    for kind, a, b in (("anon", anon0, anon1), ("file", files0, files1)):
+        ranked = sorted(set(a) | set(b), key=lambda k: -b.get(k, 0))
+        shown = [k for k in ranked if max(a.get(k, 0), b.get(k, 0)) >= 64][:top]
+        for name in shown:
+            print(f"    {kind} {a.get(name, 0) / MIB:5.1f} -> {b.get(name, 0) / MIB:5.1f} MiB  {name}")
+        rest = [k for k in ranked if k not in shown]
+        if rest:
+            print(f"    {kind} {sum(a.get(k, 0) for k in rest) / MIB:5.1f} -> "
+                  f"{sum(b.get(k, 0) for k in rest) / MIB:5.1f} MiB  {len(rest)} others")
 
 
 def measure(tree: Path, readings: int, base_dir: str | None, label: str) -> None:
@@ -163,6 +167,7 @@ def measure(tree: Path, readings: int, base_dir: str | None, label: str) -> None
                 raise SystemExit("the agent never delivered its first 1000 readings")
             time.sleep(0.2)
         start = status(proc.pid)
+        where_start = breakdown(proc.pid)
         t0 = time.monotonic()
         delivered = 0
         while delivered < readings:
@@ -190,7 +195,7 @@ def measure(tree: Path, readings: int, base_dir: str | None, label: str) -> None
           f"{statistics.median(r for _, r in samples) / MIB:.1f} MiB)")
     print(f"  RSS at 1/4, 1/2, 3/4, end of the run: {', '.join(f'{q / MIB:.1f}' for q in quarters)} MiB; "
           f"end anonymous {end['RssAnon'] / MIB:.1f} MiB, file-backed {end['RssFile'] / MIB:.1f} MiB")
-    print_breakdown("  end, from smaps", where)
+    print_breakdown(where_start, where)
 
 
 def main() -> int:

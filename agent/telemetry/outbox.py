@@ -642,7 +642,9 @@ class Outbox:
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
+        # 16 statements, not 128: each ack size is a new IN (...) statement (~12 KiB of VDBE).
+        db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False,
+                             cached_statements=16)
         try:
             os.chmod(self.path, 0o600)
             # Before WAL and the first table, or it is too late: a new file gets small pages, an
@@ -667,6 +669,7 @@ class Outbox:
             # Checkpoints copy WAL frames into the database file (and fsync it): rarer is less
             # wear, while the WAL stays small (~0.5 MiB) on an SD card.
             db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT}")
+            db.execute("PRAGMA cache_size=-256")    # KiB, not 2 MiB: the head and tail of one table
             db.executescript(_SCHEMA)
             add_stamp_columns(db)
             self._load(db)
