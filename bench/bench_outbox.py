@@ -171,6 +171,96 @@ def wal_floor(base: Path, page_size: int, commits: int) -> float:
     return (after - before) / commits
 
 
+def lever(base: Path, *, page: int, exclusive: bool, compact: bool, online: bool, hw_each_ack: bool,
+          checkpoint: int, commits: int) -> float:
+    """Raw SQLite with the outbox's rows, one reading per commit, pages clean before each: what
+    one design choice is worth on its own. ``online``: the previous reading is deleted in the
+    same commit (an ack riding on the put); ``hw_each_ack``: and ``meta`` rewritten with it."""
+    d = Path(tempfile.mkdtemp(dir=base))
+    db = sqlite3.connect(d / "lever.sqlite3", isolation_level=None)
+    db.execute(f"PRAGMA page_size={page}")
+    if exclusive:
+        db.execute("PRAGMA locking_mode=EXCLUSIVE")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute(f"PRAGMA wal_autocheckpoint={checkpoint}")
+    db.execute("CREATE TABLE outbox (seq INTEGER PRIMARY KEY, payload BLOB NOT NULL, wall REAL, mono REAL, "
+               "boot TEXT, synced INTEGER)")
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID")
+    json_row = json.dumps(reading(0), ensure_ascii=False, separators=(",", ":")).encode()
+    boot = stamp(0).boot
+
+    def put(seq: int) -> None:
+        payload = b"\x01" + seq.to_bytes(2, "little") + b"\0" * 8 if compact else json_row
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("INSERT INTO outbox VALUES (?, ?, ?, ?, ?, 1)",
+                   (seq, payload, 1.795e9 + seq * 60.0, 100.0 + seq * 60.0, "\x011" if compact else boot))
+        if online:
+            db.execute("DELETE FROM outbox WHERE seq < ?", (seq,))
+            if hw_each_ack:
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('seq_hw', ?)", (seq - 1,))
+        db.execute("COMMIT")
+
+    for seq in range(1, 31):
+        put(seq)
+    clean(d)
+    before = io_bytes()
+    for seq in range(31, 31 + commits):
+        put(seq)
+        clean(d)
+    after = io_bytes()
+    db.close()
+    shutil.rmtree(d)
+    return (after - before) / commits
+
+
+LEVERS = [   # (what, lever() arguments), each on its own
+    ("shared locking (-shm), 1 KiB pages, JSON rows, offline (8cc0377's new files)",
+     dict(page=1024, exclusive=False, compact=False, online=False, hw_each_ack=False, checkpoint=256)),
+    ("locking_mode=EXCLUSIVE (WAL index in memory), 1 KiB pages",
+     dict(page=1024, exclusive=True, compact=False, online=False, hw_each_ack=False, checkpoint=256)),
+    ("exclusive, 512 B pages",
+     dict(page=512, exclusive=True, compact=False, online=False, hw_each_ack=False, checkpoint=256)),
+    ("exclusive, 512 B pages, compact rows",
+     dict(page=512, exclusive=True, compact=True, online=False, hw_each_ack=False, checkpoint=256)),
+    ("exclusive, 512 B, compact, checkpoint every 64 frames",
+     dict(page=512, exclusive=True, compact=True, online=False, hw_each_ack=False, checkpoint=64)),
+    ("exclusive, 512 B, compact, checkpoint every 1,000 frames",
+     dict(page=512, exclusive=True, compact=True, online=False, hw_each_ack=False, checkpoint=1000)),
+    ("exclusive, 512 B, compact, checkpoint every 7 frames (no frame straddles a WAL page)",
+     dict(page=512, exclusive=True, compact=True, online=False, hw_each_ack=False, checkpoint=7)),
+    ("exclusive, 512 B, online: the previous reading's ack in the put's commit",
+     dict(page=512, exclusive=True, compact=True, online=True, hw_each_ack=False, checkpoint=1000)),
+    ("... the same with meta.seq_hw rewritten by each ack (a second page)",
+     dict(page=512, exclusive=True, compact=True, online=True, hw_each_ack=True, checkpoint=1000)),
+    ("exclusive, 1 KiB pages, online, no meta write",
+     dict(page=1024, exclusive=True, compact=True, online=True, hw_each_ack=False, checkpoint=1000)),
+]
+
+
+def rollback_journal(base: Path, mode: str, commits: int) -> float:
+    """Raw SQLite with a rollback journal (``mode``), 512 B pages: a reading replacing the last."""
+    d = Path(tempfile.mkdtemp(dir=base))
+    db = sqlite3.connect(d / "rj.sqlite3", isolation_level=None)
+    db.execute("PRAGMA page_size=512")
+    db.execute(f"PRAGMA journal_mode={mode}")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("CREATE TABLE outbox (seq INTEGER PRIMARY KEY, payload BLOB)")
+    db.execute("INSERT INTO outbox VALUES (0, x'00')")
+    clean(d)
+    before = io_bytes()
+    for seq in range(1, commits + 1):
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("INSERT INTO outbox VALUES (?, zeroblob(40))", (seq,))
+        db.execute("DELETE FROM outbox WHERE seq < ?", (seq,))
+        db.execute("COMMIT")
+        clean(d)
+    after = io_bytes()
+    db.close()
+    shutil.rmtree(d)
+    return (after - before) / commits
+
+
 def append_floor(base: Path, commits: int) -> float:
     """Any design at all: one small record appended and fdatasync'd per commit."""
     d = Path(tempfile.mkdtemp(dir=base))
@@ -247,6 +337,7 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--baseline-commit", default="8cc0377")
     p.add_argument("--runtime-dir", default="/dev/shm", help="a tmpfs standing in for /run")
+    p.add_argument("--levers", action="store_true", help="also: raw SQLite, one design choice at a time")
     args = p.parse_args()
     base = Path(args.dir).resolve()
     work = Path(tempfile.mkdtemp(dir=base))
@@ -281,6 +372,13 @@ def main() -> int:
               f"(theory 4096 x (1 + {frame}/4096) = {4096 + frame} B); 1 KiB pages: {floor1k:.0f} B")
         print(f"  floor: any design, a 40 B record appended + fdatasync per commit: {append:>6.0f} B")
         print(f"  ratio this agent / baseline (online): {rows[0][1] / rows[1][1]:.2f}")
+        if args.levers:
+            print("\nlevers, raw SQLite with the outbox's rows, 1 reading per commit (bytes per reading):")
+            for what, kw in LEVERS:
+                print(f"  {median(lambda k=kw: lever(work, commits=args.cycles // 2, **k), args.repeat):>7.0f}  {what}")
+            for mode in ("TRUNCATE", "PERSIST", "DELETE"):
+                got = median(lambda m=mode: rollback_journal(work, m, args.cycles // 4), args.repeat)
+                print(f"  {got:>7.0f}  rollback journal ({mode}), 512 B pages, no WAL")
 
         print(f"\na day of {SENSORS_PER_BOX} sensors at 1/min, uploaded each minute "
               f"({SENSORS_PER_BOX} readings per commit), per file:")

@@ -222,7 +222,9 @@ def idle(minutes: float, baseline_tree: Path | None, trace: bool = False) -> Non
                 for n, (_, tree) in enumerate(trees):
                     cfg = config(tmp, idp, api, tls, interval_s=60, state=f"idle{n}", mqtt_url=broker.url,
                                  device=f"bench-{n:02d}", png_dir=shm)
-                    env = dict(os.environ, PYTHONPATH=str(tree))
+                    run_dir = shm / f"run{n}"         # systemd's RuntimeDirectory= (/run/device-agent)
+                    run_dir.mkdir(mode=0o700)
+                    env = dict(os.environ, PYTHONPATH=str(tree), RUNTIME_DIRECTORY=str(run_dir))
                     procs.append(subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)],
                                                   cwd=tree, env=env, stdout=subprocess.DEVNULL,
                                                   stderr=subprocess.DEVNULL))

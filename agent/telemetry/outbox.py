@@ -92,6 +92,7 @@ PAGE_SIZE = 512             # SQLite page size of a new outbox file (SD-card wea
 ACK_HOLD_S = 300.0          # an ack waits this long at most for the next put to carry it
 ACK_HOLD_MAX = 64           # more acks than this at once (a backlog draining): written at once
 WAL_AUTOCHECKPOINT = 1000   # WAL frames between checkpoints (~0.5 MiB of WAL at 512 B pages)
+REPAGE_MAX_BYTES = 4 * 1024 * 1024   # an older file with bigger pages is rebuilt when smaller
 SEQ_BLOCK = 10_000          # seqs reserved in the side file at a time
 DEAD_MAX_ROWS = 10_000      # dead-letter table bounds: beyond them the oldest dead rows are
 DEAD_MAX_BYTES = 8 * 1024 * 1024   # dropped (counted into ``dropped``)
@@ -672,6 +673,7 @@ class Outbox:
             db.execute("PRAGMA cache_size=-256")    # KiB, not 2 MiB: the head and tail of one table
             db.executescript(_SCHEMA)
             add_stamp_columns(db)
+            _small_pages(db, self.path)
             self._load(db)
         except BaseException:
             db.close()
@@ -1076,6 +1078,26 @@ def connect_read_only(path: Path, *, timeout: float, check_same_thread: bool = T
             raise
     assert last is not None
     raise last
+
+
+def _small_pages(db: sqlite3.Connection, path: Path) -> None:
+    """A file an older agent made (1 or 4 KiB pages) is rebuilt with PAGE_SIZE pages while it is
+    small (VACUUM under a rollback journal: a crash leaves the old file or the new one). A
+    bigger one (a backlog) keeps its pages: the rebuild would take a while and twice its room.
+    Nothing is lost either way; a failure (no room) only leaves the old page size."""
+    page = db.execute("PRAGMA page_size").fetchone()[0]
+    if page == PAGE_SIZE or page * db.execute("PRAGMA page_count").fetchone()[0] > REPAGE_MAX_BYTES:
+        return
+    try:
+        db.execute("PRAGMA journal_mode=DELETE").fetchone()
+        db.execute(f"PRAGMA page_size={PAGE_SIZE}")
+        db.execute("VACUUM")
+        log.info("outbox: %s rebuilt with %d B pages (was %d B: less SD-card wear per commit)",
+                 path.name, PAGE_SIZE, page)
+    except sqlite3.OperationalError as err:
+        log.info("outbox: %s keeps its %d B pages (%s)", path.name, page, err)
+    finally:
+        db.execute("PRAGMA journal_mode=WAL").fetchone()
 
 
 def _file_id(path: Path) -> tuple[int, int] | None:

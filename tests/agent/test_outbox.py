@@ -383,11 +383,14 @@ def test_dead_letter_table_is_bounded_oldest_dropped_and_counted(tmp_path: Path)
         assert again.counts() == OutboxCounts(pending=5, dead=5, dropped=2), "persistent"
 
 
-def test_new_outbox_has_small_pages_and_an_old_file_keeps_working(tmp_path: Path) -> None:
+def test_new_outbox_has_small_pages_and_an_old_file_is_rebuilt_with_them(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """SD wear: every durable put appends one WAL frame per changed page, so a new file gets
-    PAGE_SIZE pages; a file an older agent made (4 KiB pages) is used as it is, nothing lost."""
+    PAGE_SIZE pages, and a small file an older agent made (4 KiB pages) is rebuilt with them,
+    nothing lost; a big one (a backlog) is used as it is."""
     import sqlite3
 
+    from agent.telemetry import outbox as module
     from agent.telemetry.outbox import PAGE_SIZE
 
     with open_box(tmp_path / "new.sqlite3") as box:
@@ -396,21 +399,30 @@ def test_new_outbox_has_small_pages_and_an_old_file_keeps_working(tmp_path: Path
     assert db.execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE == 512
     db.close()
 
-    old = tmp_path / "old.sqlite3"
-    with open_box(old) as box:
-        box.put([reading(1)])
-    db = sqlite3.connect(old)       # as an older agent would have made it: rebuilt with 4 KiB pages
-    db.execute("PRAGMA journal_mode=DELETE")
-    db.execute("PRAGMA page_size=4096")
-    db.execute("VACUUM")
-    assert db.execute("PRAGMA page_size").fetchone()[0] == 4096
-    db.close()
-    with open_box(old) as box:
-        assert box.put([reading(2)]) == [2]
-        assert [r.seq for r in box.claim(10)] == [1, 2]
-    db = sqlite3.connect(old)
-    assert db.execute("PRAGMA page_size").fetchone()[0] == 4096
-    db.close()
+    def old_file(name: str) -> Path:
+        path = tmp_path / name
+        with open_box(path) as box:
+            box.put([reading(1)])
+            box.dead_letter([1], "HTTP 422 x")
+            box.put([reading(2)])
+        db = sqlite3.connect(path)       # as an older agent would have made it: 4 KiB pages
+        db.execute("PRAGMA journal_mode=DELETE")
+        db.execute("PRAGMA page_size=4096")
+        db.execute("VACUUM")
+        assert db.execute("PRAGMA page_size").fetchone()[0] == 4096
+        db.close()
+        return path
+
+    for name, limit, pages in (("small.sqlite3", module.REPAGE_MAX_BYTES, PAGE_SIZE), ("big.sqlite3", 4096, 4096)):
+        monkeypatch.setattr(module, "REPAGE_MAX_BYTES", limit)
+        path = old_file(name)
+        with open_box(path) as box:
+            assert box.put([reading(3)]) == [3]
+            assert [r.seq for r in box.claim(10)] == [2, 3] and box.counts().dead == 1
+        db = sqlite3.connect(path)
+        assert db.execute("PRAGMA page_size").fetchone()[0] == pages, name
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        db.close()
 
 
 @pytest.mark.parametrize("how", ["deleted", "replaced"])
