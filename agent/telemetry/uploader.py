@@ -8,7 +8,8 @@
 - 401: ``tokens.token_rejected(claims)`` once (one refresh from the IdP; ``claims`` is the JSON
   of a CAE challenge, ``WWW-Authenticate: Bearer error="insufficient_claims", claims=…``) and
   retry with the new token. If it returns None (the refresh failed, e.g. the IdP is unreachable),
-  wait ``NO_TOKEN_POLL_S`` and try again with whatever ``access_token()`` then gives. If the
+  wait ``NO_TOKEN_POLL_S`` and try again with whatever ``access_token()`` then gives. Not signed
+  in at all, ``run`` sleeps until ``flush()`` (the service calls it at sign-in) instead. If the
   fresh token is refused too: keep the readings, state error ``REFUSED_ERROR``, back off
   (30 s doubling to 10 min) and never report that token again (that would start a new sign-in;
   only the IdP refusing the refresh token may).
@@ -98,6 +99,7 @@ class Uploader:
         self._wake = Signal()           # flush(), the outbox file changed: step now
         self._news = Signal()           # readings_queued(): step when the interval allows
         self._idle = False              # the last step found nothing to send
+        self._no_token = False          # the last step had no token to send with
         self._last_batch = -math.inf    # monotonic time the last batch was claimed
         self._file_changed = False      # the watch saw the outbox file change
         self._not_before = 0.0          # monotonic; server-imposed (Retry-After, 403) minimum
@@ -146,6 +148,11 @@ class Uploader:
         outbox file at least once an interval (docs/INTERFACE.md: noticed within one interval)."""
         idle = self._idle
         deadline = math.inf if idle else self.clock() + delay
+        if self._no_token and self.state.snapshot.phase != "signed_in":
+            # No sign-in: nothing to look for every NO_TOKEN_POLL_S; the service flushes the
+            # moment one exists (its state observer). Signed in without a token (the IdP down
+            # while the token ran out) the look stays: the sign-in's back-off decides.
+            deadline = math.inf
         checked = self.clock()
         while not stop.is_set():
             now = self.clock()
@@ -205,7 +212,7 @@ class Uploader:
     def step(self) -> float:
         """Send at most one batch. Returns seconds to wait before the next step (0 = at once)."""
         now = self.clock()
-        self._idle = False
+        self._idle = self._no_token = False
         self._check_outbox_file()
         hold = max(self._not_before, self._backoff_until) - now
         if hold > 0:
@@ -216,6 +223,7 @@ class Uploader:
                 log.info("uploader: waiting for sign-in; readings keep queuing (%d pending)",
                          self.outbox.counts().pending)
                 self._waiting_for_token = True
+            self._no_token = True
             return NO_TOKEN_POLL_S
         if self._waiting_for_token:
             log.info("uploader: have a token, uploading")
@@ -227,6 +235,7 @@ class Uploader:
         self._last_batch = now
         result = self._send(batch, token)
         if result is None:
+            self._no_token = True
             return NO_TOKEN_POLL_S
         return self._apply(batch, result)
 

@@ -145,3 +145,37 @@ def _take_away(path: Path, how: str) -> None:
         other = path.with_name("other.sqlite3")
         other.write_bytes(b"")
         os.replace(other, path)
+
+
+def test_signed_out_the_uploader_sleeps_until_the_sign_in_flush(
+        outbox: Outbox, tokens: FakeTokens, api_settings: UploadSettings, sim_api: SimApi) -> None:
+    """No token and not signed in: no look every NO_TOKEN_POLL_S, yet the readings go out the
+    moment the service's flush says a sign-in exists."""
+    state = AgentState()
+    looks: list[float] = []
+
+    class Counting:
+        def access_token(self) -> str | None:
+            looks.append(time.monotonic())
+            return tokens.access_token() if state.snapshot.phase == "signed_in" else None
+
+        def token_rejected(self, claims_challenge: str | None = None) -> str | None:
+            return tokens.token_rejected()
+
+    outbox.put([reading(1)])
+    sink = HttpSink(api_settings, DEVICE)
+    up = Uploader(outbox, sink, Counting(), state, api_settings)
+    stop = threading.Event()
+    t = threading.Thread(target=up.run, args=(stop,), daemon=True)
+    t.start()
+    try:
+        wait_for(lambda: looks, SOON_S, "the first look for a token")
+        time.sleep(2.5)                       # longer than NO_TOKEN_POLL_S
+        assert len(looks) == 1, f"looked for a token {len(looks)} times while signed out"
+        state.signed_in("someone@example.com")
+        up.flush()                            # what the service does at sign-in
+        wait_for(lambda: sim_api.seqs(DEVICE) == {1}, SOON_S, "delivered at sign-in")
+    finally:
+        stop.set()
+        t.join(5)
+        sink.close()
