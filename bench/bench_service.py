@@ -1,6 +1,6 @@
 """Whole-agent figures: process start to code on the panel, and idle cost of a signed-in agent.
 
-    .venv/bin/python bench/bench_service.py startup [--runs 10]
+    .venv/bin/python bench/bench_service.py startup [--runs 10] [--baseline-tree DIR]
     .venv/bin/python bench/bench_service.py idle [--minutes 10] [--baseline-tree DIR]
 
 startup: `device-agent run` (png display) from exec to a panel image whose QR decodes to the
@@ -75,13 +75,15 @@ def cpu_s(pid: int) -> float:
     return time.clock_gettime(((~pid) << 3) | 2)
 
 
-def time_agent_to_code(tmp: Path, idp: SimIdp, api: SimApi, tls: Any, n: int) -> tuple[float, float]:
+def time_agent_to_code(tmp: Path, idp: SimIdp, api: SimApi, tls: Any, n: int,
+                       tree: Path = ROOT) -> tuple[float, float]:
     """(wall s, CPU s) from exec to the first panel image holding the code's QR. The CPU clock
-    is read the moment a new image appears, before it is decoded."""
+    is read the moment a new image appears, before it is decoded. ``tree``: the checkout whose
+    agent runs (``python -m agent`` from its root)."""
     cfg = config(tmp, idp, api, tls, interval_s=60, state=f"start{n}")
     png = tmp / f"start{n}.png"
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)], cwd=tree,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seen = None
     try:
@@ -125,23 +127,33 @@ def time_bare_msal(idp: SimIdp, tls: Any) -> tuple[float, float]:
     return elapsed, float(err.strip().splitlines()[-1])
 
 
-def startup(runs: int) -> None:
+def startup(runs: int, baseline_tree: Path | None = None) -> None:
+    """``baseline_tree``: an older checkout of the agent, timed in the same rounds (its figures
+    and its ratio to the same bare script follow this agent's)."""
     # An installed agent runs from bytecode (pip compiles it); a checkout under
     # PYTHONDONTWRITEBYTECODE would recompile every module at every start. msal is installed.
-    for pkg in ("agent", "hw"):
-        compileall.compile_dir(str(ROOT / pkg), quiet=1)
+    for tree in (ROOT, *([baseline_tree] if baseline_tree else [])):
+        for pkg in ("agent", "hw"):
+            compileall.compile_dir(str(tree / pkg), quiet=1)
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         tls = make_tls(tmp / "tls")
         with SimIdp(tls, client_id=CLIENT) as idp:
             api = SimApi(tls, jwks_url=idp.jwks_url, ca_file=str(tls.ca_file)).start()
             try:
-                agent, bare = [], []
+                agent, bare, older = [], [], []
                 for i in range(runs):   # interleaved, so both see the same machine load
                     bare.append(time_bare_msal(idp, tls))
                     agent.append(time_agent_to_code(tmp, idp, api, tls, i))
+                    if baseline_tree:
+                        older.append(time_agent_to_code(tmp, idp, api, tls, runs + i, baseline_tree))
             finally:
                 api.stop()
+    # Both sides share the machine, but a loaded one stretches the bare script's network waits
+    # (the simulated IdP runs in this process) more than the agent's, which overlap its imports.
+    print(f"load average before / after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f} "
+          f"({os.cpu_count()} CPUs); quiet-machine figures need it below ~0.5")
     for what, i in (("wall", 0), ("CPU (user+sys)", 1)):
         a = [x[i] for x in agent]
         b = [x[i] for x in bare]
@@ -151,6 +163,11 @@ def startup(runs: int) -> None:
         print(f"{what}: bare msal script -> code printed:                    median {mb * 1000:.0f} ms "
               f"(min {min(b) * 1000:.0f}, max {max(b) * 1000:.0f}), {runs} runs")
         print(f"{what}: ratio agent / bare msal: {ma / mb:.2f}")
+        if older:
+            o = [x[i] for x in older]
+            mo = statistics.median(o)
+            print(f"{what}: baseline tree {baseline_tree}: median {mo * 1000:.0f} ms (min {min(o) * 1000:.0f}, "
+                  f"max {max(o) * 1000:.0f}); ratio baseline / bare msal: {mo / mb:.2f}")
 
 
 def proc_stats(pid: int) -> tuple[float, int, int]:
@@ -278,6 +295,8 @@ def main() -> None:
     sub = p.add_subparsers(dest="what", required=True)
     s = sub.add_parser("startup")
     s.add_argument("--runs", type=int, default=10)
+    s.add_argument("--baseline-tree", type=Path, default=None,
+                   help="an older checkout (git archive REV | tar -x -C DIR) timed in the same rounds")
     i = sub.add_parser("idle")
     i.add_argument("--minutes", type=float, default=10.0)
     i.add_argument("--baseline-tree", type=Path, default=None,
@@ -286,7 +305,7 @@ def main() -> None:
                    help="print on stderr, every 0.1 s, which threads of this agent woke")
     args = p.parse_args()
     if args.what == "startup":
-        startup(args.runs)
+        startup(args.runs, args.baseline_tree)
     else:
         idle(args.minutes, args.baseline_tree, args.trace)
 
