@@ -72,7 +72,9 @@ _libc: Any = None
 _Timex: Any = None
 
 
-def _load_libc(ctypes: Any) -> Any:
+def _load_libc() -> Any:
+    import ctypes
+
     try:
         return ctypes.CDLL("libc.so.6", use_errno=True)
     except OSError:
@@ -81,7 +83,9 @@ def _load_libc(ctypes: Any) -> Any:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
-def _timex_type(ctypes: Any) -> Any:
+def _timex_type() -> Any:
+    import ctypes
+
     class _Timex(ctypes.Structure):
         # struct timex of <sys/timex.h> (Linux); "long" matches the plain adjtimex symbol's ABI.
         _fields_ = [("modes", ctypes.c_uint), ("offset", ctypes.c_long), ("freq", ctypes.c_long),
@@ -104,7 +108,7 @@ def adjtimex_state() -> int | None:
 
     try:
         if _libc is None:
-            _libc, _Timex = _load_libc(ctypes), _timex_type(ctypes)
+            _libc, _Timex = _load_libc(), _timex_type()
         tx = _Timex()
         tx.modes = 0
         ret = int(_libc.adjtimex(ctypes.byref(tx)))
