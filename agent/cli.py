@@ -196,10 +196,10 @@ def _run(args: argparse.Namespace | SimpleNamespace) -> int:
     """`device-agent run`: the service, as fast as possible to a code on the panel."""
     import gc
 
-    # Start-up makes ~100k objects that all live on (modules, classes, functions) and hardly
-    # any garbage: the cyclic collector would walk them again and again, about a sixth of the
-    # CPU to the code on the panel. Paused from here; the service resumes it once the code is
-    # drawn (agent.service.Service.run; docs/PERFORMANCE.md "Sign-in").
+    # Start-up makes ~50,000 objects that all live on (modules, classes, functions) and hardly
+    # any garbage: the cyclic collector would walk them again and again, 10-20 % of the CPU to
+    # the code on the panel. Paused from here; the service resumes it once the code is drawn
+    # (agent.service.Service._resume_gc; docs/PERFORMANCE.md "Sign-in").
     gc_was_on = gc.isenabled()
     gc.disable()
     try:
