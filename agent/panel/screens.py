@@ -136,7 +136,17 @@ def _canvas(size: tuple[int, int]) -> tuple[Image.Image, ImageDraw.ImageDraw]:
 
 def _text_size(draw: ImageDraw.ImageDraw, text: str, f: Font) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) of the ink of ``text`` drawn at (0, 0)."""
-    box = draw.textbbox((0, 0), text, font=f)
+    return _ink_box(text, f, draw.fontmode)
+
+
+@functools.lru_cache(maxsize=512)
+def _ink_box(text: str, f: Font, fontmode: str) -> tuple[int, int, int, int]:
+    # Cached: a layout costs ~0.1 ms, the code screen's font-size bisections measure the same
+    # texts at the same sizes again and again, and the countdown redraws them every second.
+    # The box depends on the text, the font and the draw's font mode, never on the image.
+    probe = ImageDraw.Draw(Image.new("1", (1, 1)))
+    probe.fontmode = fontmode
+    box = probe.textbbox((0, 0), text, font=f)
     return int(box[0]), int(box[1]), int(box[2]), int(box[3])
 
 
