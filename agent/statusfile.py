@@ -321,11 +321,14 @@ def read_status(settings: Settings) -> dict[str, Any]:
         doc["running"] = True
         _age(doc)
         return doc
-    # Not running: derive from the files, never writing them.
+    # Not running (or not written its status yet): derive from the files, never writing them.
     from agent.clock import kernel_synchronized
     from agent.telemetry.outbox import Outbox
 
-    counts = Outbox.read_counts(settings.outbox_path) if settings.outbox_path.exists() else None
+    # A service that runs but has not written its status yet holds the outbox exclusively:
+    # it is not opened then (that would wait for the lock), the figures follow once it writes.
+    readable = pid is None and settings.outbox_path.exists()
+    counts = Outbox.read_counts(settings.outbox_path) if readable else None
     account = _cached_account(settings.token_cache_path)
     if account is None and settings.auth.flow == "client_certificate":
         # App-only tokens have no account; the identity is the app (as the running service says).
@@ -336,9 +339,9 @@ def read_status(settings: Settings) -> dict[str, Any]:
              max(0.0, round((refreshed + settings.auth.refresh_lifetime_days * 86400.0 - time.time())
                             / 86400.0, 1)))
     return {
-        "running": False,
+        "running": pid is not None,
         "device_id": settings.device.id,
-        "state": "offline",
+        "state": "offline" if pid is None else "starting",
         "account": account,
         "error": None,
         "outbox": {"pending": counts.pending, "dead": counts.dead, "dropped": counts.dropped}

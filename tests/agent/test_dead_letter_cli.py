@@ -230,3 +230,34 @@ def test_dead_letters_of_an_outbox_from_before_stamps_are_migrated_and_retried(c
     with Outbox(path, DEVICE, max_rows=100, max_bytes=10**6) as box:
         rows = box.claim(10)
     assert [(r.seq, r.stamp) for r in rows] == [(1, None), (2, stamp)]
+
+
+def test_the_race_of_a_command_and_a_starting_service_ends_in_a_wait_not_a_failure(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No service ran when the command looked, so it opened the file; a service starting now
+    waits for it (busy timeout), and the other way round the command says to run it again."""
+    import io
+    import time
+
+    from agent.telemetry import dead_letters
+
+    path = tmp_path / "state" / "outbox.sqlite3"
+    with Outbox(path, DEVICE, max_rows=100, max_bytes=10**6) as box:
+        box.put([reading(i) for i in range(3)])
+        box.dead_letter([2], "HTTP 422 x")
+    cli_side = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    cli_side.execute("BEGIN IMMEDIATE")                 # the command, mid-retry
+    cli_side.execute("DELETE FROM dead")
+
+    def command_done() -> None:
+        cli_side.execute("ROLLBACK")
+        cli_side.close()
+
+    threading.Timer(0.5, command_done).start()
+    t0 = time.monotonic()
+    with Outbox(path, DEVICE, max_rows=100, max_bytes=10**6) as service:
+        assert time.monotonic() - t0 >= 0.4, "waited for the command"
+        assert service.counts() == OutboxCounts(pending=2, dead=1, dropped=0)
+        monkeypatch.setattr(dead_letters, "BUSY_TIMEOUT_S", 0.2)
+        with pytest.raises(dead_letters.DeadLetterError, match="in use .* run the command again"):
+            dead_letters.run(path, DEVICE, "list", out=io.StringIO())

@@ -5,6 +5,7 @@ and `device-agent status` reads whichever is newest, running or not."""
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -79,3 +80,23 @@ def test_without_a_trusted_runtime_dir_status_stays_in_the_state_dir(
     assert writer.path == state_dir / "status.json"
     writer.write(state.snapshot)
     assert (state_dir / "status.json").exists() and not list(run.iterdir())
+
+
+def test_status_of_a_service_that_has_not_written_its_status_yet_does_not_wait_for_the_outbox(
+        tmp_path: Path) -> None:
+    from agent.telemetry.outbox import Outbox
+    from tests.fixtures.api import reading
+
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(mode=0o700)
+    lock = InstanceLock(state_dir)
+    lock.acquire()
+    try:
+        with Outbox(state_dir / "outbox.sqlite3", "dev-1", max_rows=10, max_bytes=10**6) as box:
+            box.put([reading(1)])
+            t0 = time.monotonic()
+            doc = read_status(settings_for(state_dir))
+            assert time.monotonic() - t0 < 1.0, "the outbox is the service's: not waited for"
+    finally:
+        lock.release()
+    assert doc["running"] is True and doc["state"] == "starting"
