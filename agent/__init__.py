@@ -14,3 +14,14 @@ checks it.
 """
 
 __version__ = "0.1.0"
+
+# requests guesses the encoding of an answer that declares none with charset_normalizer (or
+# chardet) when one is importable: ~2.4 MiB of code and tables in a 40 MiB process
+# (docs/PERFORMANCE.md "Memory"). Every answer the agent reads is JSON, which requests decodes
+# as UTF-8 without guessing (RFC 8259), so neither is loaded (unless something already did).
+import sys as _sys  # noqa: E402
+import warnings as _warnings  # noqa: E402
+
+for _guesser in ("charset_normalizer", "chardet"):
+    _sys.modules.setdefault(_guesser, None)  # type: ignore[arg-type]
+_warnings.filterwarnings("ignore", "Unable to find acceptable character detection", module="requests")

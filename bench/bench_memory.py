@@ -14,6 +14,7 @@ buffers, SQLite's page cache) and the touched pages of each file mapped (the int
 shared libraries; shared with other processes on a box only where they use the same files).
 DIR (default: a temp dir) holds the outbox: a real disk, as on a box. OLD: an older checkout
 (``git archive REV | tar -x -C OLD``) measured the same way after this one, for the baseline.
+Each tree runs with the ``Environment=`` of its own systemd unit, as on a box.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from agent.sim.api import SimApi  # noqa: E402
 from agent.sim.idp import SimIdp  # noqa: E402
 from agent.sim.tls import make_tls  # noqa: E402
-from tests.agentproc import write_config  # noqa: E402
+from tests.agentproc import unit_environment, write_config  # noqa: E402
 from tests.fixtures.broker import Broker  # noqa: E402
 
 DEVICE = "bench-mem-01"
@@ -156,7 +157,8 @@ def measure(tree: Path, readings: int, base_dir: str | None, label: str) -> None
                    "batch_max": 500},
         "log": {"level": "warning"},
     })
-    env = dict(os.environ, PYTHONPATH=str(tree))
+    unit_env = unit_environment(tree)        # as systemd runs it: the allocator settings
+    env = dict(os.environ, PYTHONPATH=str(tree), **unit_env)
     proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)], cwd=tree, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     samples: list[tuple[int, int]] = []       # (delivered, VmRSS KiB)
@@ -189,7 +191,8 @@ def measure(tree: Path, readings: int, base_dir: str | None, label: str) -> None
     quarters = [next(rss for n, rss in samples if n >= readings * q / 4) for q in (1, 2, 3)] + [end["VmRSS"]]
     print(f"{label} ({tree}): all features on ({SENSORS} sensors every {INTERVAL_S * 1000:.0f} ms, "
           f"MQTT + HA discovery, png panel, fake GPIO, gzip uploads), {delivered:,} readings delivered in "
-          f"{elapsed:.0f} s, {end['Threads']} threads")
+          f"{elapsed:.0f} s, {end['Threads']} threads; the unit's environment: "
+          f"{' '.join(f'{k}={v}' for k, v in unit_env.items())}")
     print(f"  RSS: start {start['VmRSS'] / MIB:.1f} MiB, peak {end['VmHWM'] / MIB:.1f} MiB, "
           f"end {end['VmRSS'] / MIB:.1f} MiB (median over the run "
           f"{statistics.median(r for _, r in samples) / MIB:.1f} MiB)")

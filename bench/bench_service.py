@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from agent.sim.api import SimApi  # noqa: E402
 from agent.sim.idp import SimIdp  # noqa: E402
 from agent.sim.tls import make_tls  # noqa: E402
-from tests.agentproc import write_config  # noqa: E402
+from tests.agentproc import unit_environment, write_config  # noqa: E402
 
 CLIENT = "sim-device-agent"
 SCOPE = "api://telemetry/Readings.Write"
@@ -241,7 +241,8 @@ def idle(minutes: float, baseline_tree: Path | None, trace: bool = False) -> Non
                                  device=f"bench-{n:02d}", png_dir=shm)
                     run_dir = shm / f"run{n}"         # systemd's RuntimeDirectory= (/run/device-agent)
                     run_dir.mkdir(mode=0o700)
-                    env = dict(os.environ, PYTHONPATH=str(tree), RUNTIME_DIRECTORY=str(run_dir))
+                    env = dict(os.environ, PYTHONPATH=str(tree), RUNTIME_DIRECTORY=str(run_dir),
+                               **unit_environment(tree))   # as systemd runs it
                     procs.append(subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)],
                                                   cwd=tree, env=env, stdout=subprocess.DEVNULL,
                                                   stderr=subprocess.DEVNULL))

@@ -113,3 +113,17 @@ class AgentProcess:
     def close(self) -> None:
         if self.proc.poll() is None:
             self.kill()
+
+
+def unit_environment(root: Path = ROOT) -> dict[str, str]:
+    """The ``Environment=`` assignments of ``root``'s systemd unit: what the service runs with
+    (the allocator settings among them), for tests and benches that run the agent as systemd
+    would. Quoting is not supported: the unit uses none."""
+    unit = root / "systemd" / "device-agent.service"
+    env: dict[str, str] = {}
+    for line in unit.read_text().splitlines() if unit.exists() else []:
+        if line.startswith("Environment="):
+            for item in line.removeprefix("Environment=").split():
+                key, _, value = item.partition("=")
+                env[key] = value
+    return env

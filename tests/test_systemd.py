@@ -51,3 +51,58 @@ def test_unit_promises() -> None:
     assert re.search(r"^WatchdogSec=\d+", text, re.M)
     assert "time-sync.target" in text and "time-wait-sync" not in text.split("[Service]")[0].replace(
         "systemd-time-wait-sync is deliberately not required", "")
+
+
+ARENA_PROBE = """
+import ctypes, threading
+libc = ctypes.CDLL("libc.so.6")
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+libc.open_memstream.restype = ctypes.c_void_p
+libc.malloc_info.argtypes = (ctypes.c_int, ctypes.c_void_p)
+libc.fclose.argtypes = (ctypes.c_void_p,)
+together = threading.Barrier(7)
+counted = threading.Event()
+def work():
+    libc.free(libc.malloc(1000))
+    together.wait()            # alive at once: a finished thread's arena would be reused
+    counted.wait()
+threads = [threading.Thread(target=work) for _ in range(6)]
+for t in threads: t.start()
+together.wait()
+buf, size = ctypes.c_char_p(), ctypes.c_size_t()
+stream = libc.open_memstream(ctypes.byref(buf), ctypes.byref(size))
+libc.malloc_info(0, stream)
+libc.fclose(stream)
+counted.set()
+before = libc.mallinfo2().hblks
+block = libc.malloc(100_000)
+print(buf.value.decode().count("<heap nr="), libc.mallinfo2().hblks - before)
+"""
+
+
+def test_the_units_malloc_settings_take_effect() -> None:
+    """The variable names are glibc's (a misspelt one is silently ignored): six threads that
+    allocate share two arenas, and a 100 KB buffer is mapped on its own (returned on free)."""
+    from tests.agentproc import unit_environment
+
+    env = unit_environment()
+    assert env.get("MALLOC_ARENA_MAX") == "2", env
+    import os
+
+    def probe(extra: dict[str, str]) -> tuple[int, int]:
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+        res = subprocess.run([sys.executable, "-c", ARENA_PROBE], env={**base, **extra},
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        arenas, mapped = res.stdout.split()
+        return int(arenas), int(mapped)
+
+    assert probe(env) == (2, 1)
+    arenas, mapped = probe({})
+    assert arenas > 2 and mapped == 0, "without the unit's settings: an arena per thread, the buffer in the heap"
