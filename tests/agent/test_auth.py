@@ -657,21 +657,6 @@ def test_without_ca_file_a_bogus_bundle_fails_with_a_tls_message(
     assert snap.error is not None and "TLS" in snap.error and "auth.ca_file" in snap.error
 
 
-def test_ca_bundle_keeps_the_system_store(
-        fast_idp: SimIdp, harness: Callable[..., Harness], state_dir: Path, tls: TlsFiles) -> None:
-    import certifi
-
-    fast_idp.auto_approve_after_s = 0
-    harness().wait_signed_in(5)
-    from agent.net.tls import ca_bundle
-
-    verify = Path(ca_bundle(str(tls.ca_file)))   # a hashed directory, or one PEM file
-    bundle = "".join(p.read_text() for p in verify.iterdir()) if verify.is_dir() else verify.read_text()
-    first_public_ca = Path(certifi.where()).read_text().split("-----END CERTIFICATE-----")[0]
-    assert first_public_ca.split("-----BEGIN CERTIFICATE-----")[1] in bundle
-    assert tls.ca_file.read_text().strip() in bundle
-
-
 # ---- AADSTS errors end to end ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("code", [50059, 90133, 9001023, 7000218, 700016, 90002, 70011])

@@ -16,9 +16,7 @@ import pytest
 from agent.config import UploadSettings
 from agent.errors import UploadError
 from agent.net.retry import retry_after_s
-from agent.net.tls import ca_bundle
 from agent.sim.api import SimApi
-from agent.sim.tls import TlsFiles
 from agent.state import AgentState, OutboxCounts
 from agent.telemetry.outbox import Outbox
 from agent.telemetry.sinks import claims_challenge, make_sink, redact_text, redact_url
@@ -93,12 +91,20 @@ def test_without_ca_file_the_test_ca_is_not_trusted(outbox: Outbox, api_settings
     assert info.value.retryable and "SSL" in str(info.value)
 
 
-def test_ca_bundle_is_system_store_plus_ca_file(tls: TlsFiles) -> None:
-    path = Path(ca_bundle(str(tls.ca_file)))   # a hashed directory, or one PEM file
-    data = b"".join(p.read_bytes() for p in path.iterdir()) if path.is_dir() else path.read_bytes()
-    assert tls.ca_file.read_bytes().strip() in data
-    assert data.count(b"BEGIN CERTIFICATE") > 10, "system CAs are kept"
-    assert path.stat().st_mode & 0o077 == 0
+def test_a_netrc_never_replaces_the_bearer_token(outbox: Outbox, api_settings: UploadSettings, sim_api: SimApi,
+                                                 tokens: FakeTokens, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # requests with trust_env puts a ~/.netrc entry on every request without auth=: Basic auth
+    # in place of the Bearer token, which the API refuses (401).
+    (tmp_path / ".netrc").write_text("default login someone password secret\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("NETRC", raising=False)
+    outbox.put([reading()])
+    sink = HttpSink(api_settings, DEVICE)
+    assert sink.send(outbox.claim(1), tokens.token or "").acked == [1]
+    sink.close()
+    assert sim_api.requests[-1].status == 200
 
 
 def test_parse_retry_after() -> None:

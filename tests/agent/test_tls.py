@@ -1,4 +1,5 @@
-"""agent.net.tls: the ``verify=`` path trusts the system store plus ``ca_file``, cheaply.
+"""agent.net.tls / agent.net.https: every HTTPS connection trusts the system store plus ``ca_file``,
+through one context built once.
 
 Real OpenSSL, real requests, a real HTTPS server on loopback; the "system store" is a second
 test CA laid out the way Debian's /etc/ssl/certs is (hash-named links), so both halves of the
@@ -19,6 +20,7 @@ import pytest
 import requests
 
 from agent.net import tls as net_tls
+from agent.net.https import https_session
 from agent.sim.tls import TlsFiles, make_tls
 from tests.fixtures.require import need_binary
 
@@ -66,72 +68,78 @@ def system_ca_url(system_ca: TlsFiles) -> Iterator[str]:
 @pytest.fixture
 def system_dir(tmp_path: Path, system_ca: TlsFiles, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A system store like Debian's: certificates reached through ``<hash>.0`` links."""
+    need_binary("openssl", "apt-get install openssl")
     d = tmp_path / "etc-ssl-certs"
     d.mkdir()
     pem = d / "Public_Test_CA.pem"
     pem.write_bytes(system_ca.ca_file.read_bytes())
-    (d / f"{net_tls.subject_hash(pem.read_bytes())}.0").symlink_to(pem)
+    (d / f"{_subject_hash(pem)}.0").symlink_to(pem)
     monkeypatch.setattr(net_tls, "_system_dir", lambda: str(d))
-    monkeypatch.setattr(net_tls, "_bundles", {})
+    monkeypatch.setattr(net_tls, "_shared", {})
     return d
 
 
-def test_subject_hash_is_openssls(tls: TlsFiles) -> None:
-    need_binary("openssl", "apt-get install openssl")
-    out = subprocess.run(["openssl", "x509", "-hash", "-noout", "-in", str(tls.ca_file)],
-                         capture_output=True, text=True, check=True).stdout.strip()
-    assert tls_hash(tls) == out
+def _subject_hash(pem: Path) -> str:
+    return subprocess.run(["openssl", "x509", "-hash", "-noout", "-in", str(pem)],
+                          capture_output=True, text=True, check=True).stdout.strip()
 
 
-def tls_hash(files: TlsFiles) -> str:
-    return net_tls.subject_hash(files.ca_file.read_bytes())
-
-
-def test_verify_path_trusts_ca_file_and_the_system_store(
+def test_sessions_trust_ca_file_and_the_system_store(
         system_dir: Path, tls: TlsFiles, own_ca_url: str, system_ca_url: str) -> None:
-    verify = net_tls.ca_bundle(str(tls.ca_file))
-    assert os.path.isdir(verify), "a hashed directory: looked up lazily, not parsed per connection"
-    assert os.stat(verify).st_mode & 0o077 == 0
-    with requests.Session() as s:
-        assert s.get(own_ca_url, verify=verify, timeout=5).text == "ok"
-        assert s.get(system_ca_url, verify=verify, timeout=5).text == "ok"
-    # and nothing else: a server of a CA in neither place is refused
-    with requests.Session() as s, pytest.raises(requests.exceptions.SSLError):
-        s.get(own_ca_url, verify=net_tls.ca_bundle(""), timeout=5)
+    with https_session(str(tls.ca_file), 5) as s:
+        assert s.get(own_ca_url).text == "ok"
+        assert s.get(system_ca_url).text == "ok"
+    # and nothing else: a server of a CA in neither place is refused, whatever verify says
+    with https_session("", 5) as s, pytest.raises(requests.exceptions.SSLError):
+        s.get(own_ca_url, verify=False)
 
 
-def test_the_directory_is_reused_and_follows_a_changed_ca_file(
+def test_every_connection_shares_one_context(
+        system_dir: Path, tls: TlsFiles, own_ca_url: str, system_ca_url: str) -> None:
+    ctx = net_tls.shared_context(str(tls.ca_file))
+    with https_session(str(tls.ca_file), 5) as a, https_session(str(tls.ca_file), 5) as b:
+        for s in (a, b):
+            for url in (own_ca_url, system_ca_url):
+                assert s.get(url, headers={"Connection": "close"}).text == "ok"
+            manager = s.get_adapter(own_ca_url).poolmanager
+            pools = [manager.pools[key] for key in manager.pools.keys()]
+            assert len(pools) == 2
+            for pool in pools:
+                assert pool.conn_kw["ssl_context"] is ctx
+                assert not pool.ca_certs and not pool.ca_cert_dir   # nothing loaded per connection
+
+
+def test_the_context_follows_a_changed_ca_file(
         system_dir: Path, tls: TlsFiles, tmp_path: Path) -> None:
     ca = tmp_path / "ca.pem"
     ca.write_bytes(tls.ca_file.read_bytes())
-    first = net_tls.ca_bundle(str(ca))
-    assert net_tls.ca_bundle(str(ca)) == first
+    first = net_tls.shared_context(str(ca))
+    assert net_tls.shared_context(str(ca)) is first
     other = make_tls(tmp_path / "other")
     ca.write_bytes(other.ca_file.read_bytes())
     os.utime(ca, (time.time() + 5, time.time() + 5))
-    second = net_tls.ca_bundle(str(ca))
-    assert second != first
-    assert f"{tls_hash(other)}.0" in os.listdir(second)
+    assert net_tls.shared_context(str(ca)) is not first
+    with _served(other) as url, https_session(str(ca), 5) as s:
+        assert s.get(url).text == "ok"
 
 
-def test_unhashable_ca_file_falls_back_to_one_pem_file(
-        system_dir: Path, tls: TlsFiles, own_ca_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(pem: bytes) -> str:
-        raise OSError("libcrypto is not loaded")
+def _served(files: TlsFiles):  # type: ignore[no-untyped-def]
+    import contextlib
 
-    monkeypatch.setattr(net_tls, "subject_hash", broken)
-    monkeypatch.setattr(net_tls, "_system_bundle", lambda: str(next(system_dir.glob("*.pem"))))
-    verify = net_tls.ca_bundle(str(tls.ca_file))
-    assert os.path.isfile(verify)
-    assert tls.ca_file.read_bytes().strip() in Path(verify).read_bytes()
-    with requests.Session() as s:
-        assert s.get(own_ca_url, verify=verify, timeout=5).text == "ok"
+    return contextlib.contextmanager(_serve)(files)
 
 
-def test_directories_of_killed_agents_are_removed(tmp_path: Path) -> None:
-    stale = tmp_path / f"{net_tls._PREFIX}999999999-abc"
-    stale.mkdir()
-    live = tmp_path / f"{net_tls._PREFIX}{os.getpid()}-abc"
-    live.mkdir()
-    net_tls._remove_stale(str(tmp_path))
-    assert not stale.exists() and live.exists()
+def test_a_bad_ca_file_is_an_error_at_session_start(tmp_path: Path) -> None:
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate\n")
+    with pytest.raises((OSError, ValueError)):
+        https_session(str(bad), 5)
+
+
+def test_the_real_system_store_is_found() -> None:
+    # What the fake store above stands for: this machine's, as the agent finds it.
+    found = net_tls._system_dir()
+    if found is None:
+        assert net_tls.client_context().cert_store_stats()["x509_ca"] > 10, "the bundle, parsed"
+    else:
+        assert len([n for n in os.listdir(found) if net_tls._HASHED.match(n)]) > 10
