@@ -20,7 +20,8 @@ exif = im.getexif()
 exif[ExifTags.Base.Orientation] = 3
 buf = io.BytesIO()
 im.save(buf, "PNG", exif=exif)
-print(before, type(ExifTags).__name__, int(ExifTags.Base.Orientation), Image.open(io.BytesIO(buf.getvalue())).getexif()[274])
+back = Image.open(io.BytesIO(buf.getvalue())).getexif()[274]
+print(before, type(ExifTags).__name__, int(ExifTags.Base.Orientation), back)
 """
 
 
