@@ -194,3 +194,26 @@ def test_sigterm_stops_an_idle_agent_within_2s(tmp_path: Path, idp: Any, idp_api
         assert elapsed <= STOP_S, f"exit took {elapsed:.2f} s"
     finally:
         agent.close()
+
+
+@pytest.mark.slow
+def test_mqtt_status_and_the_panel_still_follow_each_reading(
+        tmp_path: Path, idp: Any, idp_api: Any, tls: Any, mosquitto: Any, running: Any) -> None:
+    """The observers share one thread and figures are gathered per burst: each new reading and
+    its upload still reach the retained MQTT status and the panel."""
+    idp.auto_approve_after_s = 0.0
+    cfg = _config(tmp_path, idp, idp_api, tls, mosquitto)
+    cfg["upload"]["interval_s"] = 1.0
+    svc, _, _ = running(cfg)
+    _wait(lambda: idp_api.seqs(DEVICE), 20, "signed in, first reading delivered")
+    sub = Subscriber(mosquitto, [f"{PREFIX}/{DEVICE}/status"])
+    uploads: set[str] = set()
+    deadline = time.monotonic() + 20
+    while len(uploads) < 3:                   # the status topic's rate limit is 5 s
+        msg = sub.next(max(0.1, deadline - time.monotonic()))
+        status = json.loads(msg.payload)
+        if status.get("state") == "signed_in" and status.get("last_upload"):
+            uploads.add(status["last_upload"])
+    assert svc.panel is not None
+    frames = svc.panel.frames_shown
+    _wait(lambda: svc.panel.frames_shown > frames, 5, "the panel redrawn for the next reading")
