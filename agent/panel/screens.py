@@ -14,13 +14,16 @@ import dataclasses
 import functools
 import math
 import re
+import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
 from agent.state import DeviceCode, LastReading, OutboxCounts, Snapshot
+from hw.lazymodule import defer
 
 # The operator line for AADSTS53003 (agent.signin.aadsts), for the example screens only: panel
 # must not import signin (tests/test_layout.py); keep the two in step.
@@ -301,7 +304,7 @@ def _message_screen(title: str, body: str, size: tuple[int, int], *, max_size: i
 def _qr_rows(uri: str) -> tuple[tuple[bool, ...], ...]:
     # Cached: the countdown redraws every second with the same URI. Imported here: the first
     # screen ("starting") does not need to wait for segno.
-    import segno
+    segno = _segno()
 
     # A fixed mask: segno would try all eight and score each (~6 ms x86 per new URI, most of
     # the QR's cost). Any mask is valid (ISO 18004 §7.8); 2 scored best over device-login URLs
@@ -587,6 +590,18 @@ def render_status(snap: Snapshot, size: tuple[int, int] = SIZE, *,
     return img
 
 
+def _segno() -> Any:
+    """segno, without running its writers (SVG, PDF, ... with xml.sax and gzip, ~4 ms x86) until
+    something saves a QR to a file: the panel only reads the matrix (hw.lazymodule)."""
+    if "segno" not in sys.modules and defer("segno.writers"):
+        import segno
+
+        segno.writers = sys.modules["segno.writers"]    # what the import system would have set
+    import segno
+
+    return segno
+
+
 def _ellipsized(draw: ImageDraw.ImageDraw, text: str, f: Font, width: int) -> str:
     """``text`` on one line of ``width`` px, cut with an ellipsis when it does not fit."""
     lines = _wrap_pixels(draw, text, f, width, break_anywhere=True)
@@ -596,7 +611,7 @@ def _ellipsized(draw: ImageDraw.ImageDraw, text: str, f: Font, width: int) -> st
 def warm_up(size: tuple[int, int] = SIZE) -> None:
     """Load what every code screen needs (the QR encoder, the small fonts), so the first real
     code draws fast. Draws nothing: at start a trial render is CPU the code itself waits for."""
-    import segno  # noqa: F401 - the import is the point
+    _segno()
 
     for px in (9, 10):
         font(px)
