@@ -29,7 +29,6 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from agent.net.retry import OutageLog
 from agent.state import AgentState, Snapshot
@@ -45,15 +44,21 @@ FIGURES = frozenset({"last_reading", "outbox", "last_upload", "oldest_pending_mo
                      "clock_offset_s", "version"})
 
 
-@dataclass
 class _Step:
-    name: str
-    run: Callable[[], float]
-    outage: OutageLog
-    slack: float = 0.0
-    last: bool = False
-    due: float = -math.inf
-    latest: float = -math.inf     # due plus its slack: the loop wakes for it by then
+    """One step of the loop. (A plain class: a dataclass costs ~1.5 ms to make at import, on
+    the way to the first code; docs/PERFORMANCE.md "Sign-in".)"""
+
+    __slots__ = ("name", "run", "outage", "slack", "last", "due", "latest")
+
+    def __init__(self, name: str, run: Callable[[], float], outage: OutageLog, slack: float = 0.0,
+                 last: bool = False) -> None:
+        self.name = name
+        self.run = run
+        self.outage = outage
+        self.slack = slack
+        self.last = last
+        self.due = -math.inf
+        self.latest = -math.inf     # due plus its slack: the loop wakes for it by then
 
 
 class ObserverLoop:
