@@ -1,7 +1,7 @@
 """Outbox durable ingest and SD-card wear: bytes written to the block device per reading, and a
 day of a 5-sensor box, per file the agent writes, against the previous outbox in the same run.
 
-    .venv/bin/python bench/bench_outbox.py [--dir DIR] [--cycles N] [--repeat R] [--baseline-commit C]
+    .venv/bin/python bench/bench_outbox.py [--dir DIR] [--cycles N] [--repeat R] [--baseline-commit C] [--levers]
 
 Each ``put`` is one transaction with ``synchronous=FULL`` (an fsync of the WAL per commit), as
 the sampler issues it: one per tick, holding every reading due at that tick (group commit).
@@ -19,7 +19,9 @@ commit is still dirty at the next and counted once) and are shown for throughput
 The baseline is the outbox module of ``--baseline-commit`` (default 8cc0377: shared locking with
 a -shm index, 1 KiB pages, every ack its own commit), loaded from git, and status.json rewritten
 in the state dir, in the same run. "floor" rows are raw SQLite / raw file figures: what no
-outbox built on them can go below.
+outbox built on them can go below. ``--levers``: raw SQLite with the outbox's rows, one design
+choice at a time (locking mode, page size, compact rows, checkpoint interval, what an ack
+touches), and the rollback-journal modes.
 """
 
 from __future__ import annotations
