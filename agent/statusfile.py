@@ -194,7 +194,7 @@ class StatusWriter:
         # A full or read-only state dir fails every rewrite: agent.net.retry.OutageLog's one rule.
         self._failing = OutageLog(log, clock=clock)
         self._dirty = threading.Event()
-        self._changed = False             # a change not written yet
+        self._written_version = -1        # Snapshot.version last written
         self._written = -math.inf         # monotonic time of the last write
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -221,20 +221,22 @@ class StatusWriter:
                 log.debug("status: cannot leave %s: %s", self.home, err)
 
     def _on_change(self, snap: Snapshot) -> None:
-        self._changed = True
         self._dirty.set()                 # only our own thread waits on it
 
     def serve(self) -> float:
         """Write the newest snapshot if it changed and the rate limit allows; returns seconds
         until a write is due (``math.inf``: on the next change). Rate limit only a burst: a
         change after a quiet spell is written at once."""
-        if self._stop.is_set() or not self._changed:
+        # The state's version, not a flag our observer sets: the observer loop may run this
+        # before an earlier observer of the same change has let ours be told.
+        snap = self._state.snapshot
+        if self._stop.is_set() or snap.version == self._written_version:
             return math.inf
         left = self._written + self._min_interval_s - time.monotonic()
         if left > 0:
             return left
-        self._changed = False
-        self.write(self._state.snapshot)
+        self._written_version = snap.version
+        self.write(snap)
         self._written = time.monotonic()
         return math.inf
 

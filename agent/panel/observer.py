@@ -55,7 +55,6 @@ class Panel:
         self._shift = 0                         # index into SHIFTS
         self._shifted_at = clock()
         self._clock = clock
-        self._snap: Snapshot = state.snapshot
         self._wakeup = wakeup or threading.Event()     # wake(); state changes too in own-thread mode
         self._drawn = threading.Condition()     # guards _seen / _drawn_upto (wait_drawn)
         self._seen = 0                          # snapshots observed so far
@@ -122,7 +121,6 @@ class Panel:
 
     def _observe(self, snap: Snapshot) -> None:
         with self._drawn:
-            self._snap = snap
             self._seen += 1
         if self._thread is not None:
             self._wakeup.set()       # else the observer loop decides when to serve (it settles figures)
@@ -180,7 +178,10 @@ class Panel:
     def step(self, now: float | None = None) -> float:
         """Draw what is due now; returns seconds until something on the panel changes next."""
         now = self._clock() if now is None else now
-        snap = self._snap
+        # The state's snapshot now, not the one ``_observe`` was handed: the observer loop may
+        # run this step while an earlier observer of the same change still runs (it yields the
+        # GIL), before ours has been told; that change would wait for the next pass.
+        snap = self.state.snapshot
         name = screens.screen_name(snap)
         code = snap.code
         key = (name, code.user_code if code else None, snap.error, snap.notice,

@@ -195,3 +195,40 @@ def test_figures_ride_on_a_wake_already_planned(loop: ObserverLoop, state: Agent
     wait_for(lambda: len(timer) >= 2, SOON_S, "the planned wake")
     time.sleep(0.5)                          # past the settle the figures would have had
     assert (loop.wakes - wakes, loop.passes - passes) == (1, 1)
+
+
+def test_a_new_code_is_drawn_although_a_slow_observer_runs_before_the_panels(state: AgentState,
+                                                                             loop: ObserverLoop) -> None:
+    """The loop is told of a change before the panel is (it subscribes first); an observer in
+    between that lets other threads run (the service's sd_notify) must not leave the panel
+    drawing the snapshot before the change until its next pass, seconds later."""
+    import zxingcpp
+
+    from hw.fakebus import FakeI2CBus
+    from hw.registry import open_display
+    from tests.fixtures.hardware import lit
+
+    bus = FakeI2CBus("ssd1306")
+    display = open_display("ssd1306", bus=bus)
+    assert display is not None
+    loop.start()
+
+    def slow(snap: object) -> None:
+        time.sleep(0.2)          # sendto: the GIL goes to the loop's thread meanwhile
+    state.subscribe(slow)
+    panel = Panel(display, state, sleep_after_s=0, wakeup=loop.news)
+    panel.start(thread=False)
+    loop.add("panel", panel.serve)
+    try:
+        wait_for(lambda: panel.frames_shown >= 1, SOON_S, "the starting screen")
+        time.sleep(0.1)
+        done = threading.Thread(target=state.code_issued, daemon=True, args=(
+            DeviceCode("ABCD-EFGH", "https://login.example/device", time.monotonic() + 900,
+                       datetime.now(UTC), 5.0),))
+        done.start()
+        wait_for(lambda: [r.text for r in zxingcpp.read_barcodes(lit(bus.image), try_invert=False)]
+                 == ["https://login.example/device"], 1.0, "the code on the glass")
+    finally:
+        loop.stop()
+        panel.stop()
+        display.close()
