@@ -44,9 +44,7 @@ log = logging.getLogger(__name__)
 
 STATUS_NAME = "status.json"
 LOCK_NAME = "agent.lock"
-SIGN_OUT = "sign-out"                   # requests: state_dir/<name>.request, answered in <name>.done
-SIGN_OUT_REQUEST = f"{SIGN_OUT}.request"
-SIGN_OUT_DONE = f"{SIGN_OUT}.done"
+SIGN_OUT = "sign-out"                   # requests: <name>.<key>.<nonce>.request, answered in .done
 SIGN_OUT_SIGNAL = signal.SIGUSR1
 DEAD_LETTER = "dead-letter"
 DEAD_LETTER_SIGNAL = signal.SIGUSR2
@@ -427,9 +425,11 @@ def acknowledge_sign_out(state_dir: Path) -> None:
 
 def ask_service(state_dir: Path, name: str, body: dict[str, Any], *, signum: int,
                 wait_s: float) -> dict[str, Any] | None:
-    """Ask the service running on ``state_dir`` to do ``name``: write ``<name>.request`` (a fresh
-    nonce and ``body``), signal it, wait for ``<name>.done`` to echo the nonce. Returns that
-    answer, or None when no service runs (the caller does it itself).
+    """Ask the service running on ``state_dir`` to do ``name``: write a request file of its own
+    (``<name>.<key>.<nonce>.request``, in ``request_dir``: the runtime dir if it can take it),
+    signal the service, wait for the matching ``.done``. Returns that answer, or None when no
+    service runs (the caller does it itself). A request per nonce: two commands at once each get
+    their own answer, and each request is run once (``answer_request``).
 
     A nonce, not the effect, says it happened: a device with someone at the sign-in page may be
     signed in again before we look, and a dead-letter list looks the same twice.
@@ -441,34 +441,103 @@ def ask_service(state_dir: Path, name: str, body: dict[str, Any], *, signum: int
     if not pid or pid < 0:
         return None
     nonce = os.urandom(8).hex()
-    request = state_dir / f"{name}.request"
-    atomic_write(request, json.dumps({**body, "nonce": nonce}).encode())
+    where = request_dir(state_dir)
+    request = where / f"{_request_stem(state_dir, name)}.{nonce}.request"
+    done = request.with_suffix(".done")
+    atomic_write(request, json.dumps({**body, "nonce": nonce}).encode(), durable=False)
     _give_to_owner(request, state_dir)
     try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        return None
-    except PermissionError as err:
-        raise AgentError(f"cannot signal the running service (pid {pid}): {err.strerror}; "
-                         "run as root or as the service user") from err
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        answer = _read_json(state_dir / f"{name}.done")
-        if answer.get("nonce") == nonce:
-            return answer
-        time.sleep(0.05)
-    raise AgentError(f"the running service (pid {pid}) did not answer `{name}` within {wait_s:.0f} s")
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            return None
+        except PermissionError as err:
+            raise AgentError(f"cannot signal the running service (pid {pid}): {err.strerror}; "
+                             "run as root or as the service user") from err
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            answer = _read_json(done)
+            if answer.get("nonce") == nonce:
+                return answer
+            time.sleep(0.05)
+        raise AgentError(f"the running service (pid {pid}) did not answer `{name}` within {wait_s:.0f} s")
+    finally:
+        for path in (request, done):
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
-def answer_request(state_dir: Path, name: str, handler: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
-    """The service's half of ``ask_service``: run ``handler`` on the request's body and write its
-    answer with the request's nonce. No request (or one already answered): nothing."""
-    body = _read_json(state_dir / f"{name}.request")
-    nonce = body.pop("nonce", None)
-    if not isinstance(nonce, str) or _read_json(state_dir / f"{name}.done").get("nonce") == nonce:
-        return
-    answer = handler(body)
-    atomic_write(state_dir / f"{name}.done", json.dumps({**answer, "nonce": nonce}).encode())
+def request_dir(state_dir: Path) -> Path:
+    """Where `sign-out` / `dead-letter` leave their request: the service's runtime dir (tmpfs,
+    beside its status file) when there is one we may write, so a read-only or full state dir
+    does not stop them and the SD card sees no write; else the state dir."""
+    for path in _request_dirs(state_dir)[:-1]:
+        if os.access(path, os.W_OK | os.X_OK):
+            return path
+    return state_dir
+
+
+def _request_dirs(state_dir: Path) -> list[Path]:
+    """Every directory a request for the service on ``state_dir`` may be in: the runtime dirs
+    of the service's user that nobody else can write (a planted request must not run), then the
+    state dir."""
+    try:
+        owner = state_dir.stat().st_uid
+    except OSError:
+        owner = os.geteuid()
+    runtime = [p.parent for p in fallback_status_paths(state_dir)[:-1]]
+    return [d for d in dict.fromkeys(runtime) if _trusted_dir(d, owner)] + [state_dir]
+
+
+def _request_stem(state_dir: Path, name: str) -> str:
+    """``<name>.<key>``: the runtime dir is shared by services on different state dirs."""
+    return f"{name}.{fallback_status_paths(state_dir)[0].stem.removeprefix('status-')}"
+
+
+_answering: dict[str, threading.Lock] = {}
+_answering_guard = threading.Lock()
+STALE_REQUEST_S = 600.0      # older than any command waits (DEAD_LETTER_WAIT_S): its asker is gone
+
+
+def answer_request(state_dir: Path, name: str, handler: Callable[[dict[str, Any]], dict[str, Any]]) -> int:
+    """The service's half of ``ask_service``: run ``handler`` on every pending request's body,
+    one request and one caller at a time (two signals start two threads: the second finds
+    nothing left to do), write each answer beside its request, then remove the request.
+    Requests and answers nobody has collected for ``STALE_REQUEST_S`` are removed. Returns how
+    many requests were answered."""
+    with _answering_guard:
+        lock = _answering.setdefault(name, threading.Lock())
+    answered = 0
+    with lock:
+        stem = _request_stem(state_dir, name)
+        for where in _request_dirs(state_dir):
+            for path in sorted(where.glob(f"{stem}.*.request")):
+                nonce = path.name[len(stem) + 1:-len(".request")]
+                done = path.with_suffix(".done")
+                with contextlib.suppress(OSError):
+                    if time.time() - path.stat().st_mtime > STALE_REQUEST_S:
+                        path.unlink()
+                        continue
+                body = _read_json(path)
+                if body.pop("nonce", None) != nonce or _read_json(done).get("nonce") == nonce:
+                    continue
+                try:
+                    answer = handler(body)
+                except Exception as err:   # the command must hear it, not wait 20 s for nothing
+                    log.exception("`%s` failed", name)
+                    answer = {"exit": 1, "error": f"the service failed: {type(err).__name__}: {err}"}
+                try:
+                    atomic_write(done, json.dumps({**answer, "nonce": nonce}).encode(), durable=False)
+                except OSError as err:
+                    log.warning("cannot answer `%s` in %s: %s", name, where, err)
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                answered += 1
+            for path in where.glob(f"{stem}.*.done"):
+                with contextlib.suppress(OSError):
+                    if time.time() - path.stat().st_mtime > STALE_REQUEST_S:
+                        path.unlink()
+    return answered
 
 
 def _give_to_owner(path: Path, state_dir: Path) -> None:

@@ -261,3 +261,72 @@ def test_the_race_of_a_command_and_a_starting_service_ends_in_a_wait_not_a_failu
         monkeypatch.setattr(dead_letters, "BUSY_TIMEOUT_S", 0.2)
         with pytest.raises(dead_letters.DeadLetterError, match="in use .* run the command again"):
             dead_letters.run(path, DEVICE, "list", out=io.StringIO())
+
+
+def test_two_commands_at_once_each_get_their_own_answer_and_each_runs_once(
+        config: Path, live: Outbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dead-letter list` and `dead-letter retry` started together: one request file each, both
+    answered (neither "did not answer" after 20 s), the retry run once (two signals, two threads)."""
+    import time
+
+    from agent.telemetry import dead_letters
+
+    live.put([reading(i) for i in range(6)])
+    live.dead_letter([2, 3, 5], "HTTP 422 test")
+    served: list[str] = []
+    real = dead_letters.serve
+
+    def slow_serve(*args: object, **kwargs: object) -> dict[str, object]:
+        served.append(str(args[2]))
+        time.sleep(0.5)                   # both requests are pending while the first is served
+        return real(*args, **kwargs)      # type: ignore[arg-type]
+
+    monkeypatch.setattr(dead_letters, "serve", slow_serve)
+    root = Path(__file__).resolve().parents[2]
+    procs = [subprocess.Popen([sys.executable, "-m", "agent", "dead-letter", *args, "--config", str(config)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root)
+             for args in (["list"], ["retry", "3"], ["list"])]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outs
+    for listed in (outs[0][0], outs[2][0]):       # before or after the retry: either is right
+        assert listed.splitlines()[-1].startswith(("3 dead-lettered", "2 dead-lettered")), listed
+    assert "1 readings queued again" in outs[1][0], outs[1]
+    assert sorted(served) == ["list", "list", "retry"], "each request served exactly once"
+    assert live.counts().dead == 2
+    state_dir = live.path.parent
+    assert not [p.name for p in state_dir.iterdir() if p.suffix in (".request", ".done")], "cleaned up"
+
+
+def test_dead_letter_works_on_a_read_only_state_dir_through_the_runtime_dir(
+        config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SD card went read-only while the service runs: the command's request and answer go to
+    the runtime dir (``$RUNTIME_DIRECTORY``, tmpfs), not the state dir. The read-only state dir
+    is a bind mount in the command's private mount namespace (`unshare -r -m`)."""
+    import os
+    import shutil
+
+    from tests.fixtures.require import missing
+
+    if shutil.which("unshare") is None:
+        missing("needs unshare (util-linux) for a private read-only mount")
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(run))
+    box = Outbox(tmp_path / "state" / "outbox.sqlite3", DEVICE, max_rows=10**6, max_bytes=10**9)
+    state = box.path.parent
+    try:
+        box.put([reading(i) for i in range(4)])
+        box.dead_letter([2], "HTTP 422 test")
+        with serving(box):
+            script = ('mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && '
+                      '{ touch "$0/probe" 2>/dev/null && echo "STATE DIR WRITABLE" >&2; exec "$@"; }')
+            done = subprocess.run(["unshare", "-r", "-m", "sh", "-c", script, str(state), sys.executable,
+                                   "-m", "agent", "dead-letter", "retry", "2", "--config", str(config)],
+                                  capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2],
+                                  env={**os.environ, "RUNTIME_DIRECTORY": str(run)})
+        assert done.returncode == 0, done.stderr
+        assert "1 readings queued again" in done.stdout, done.stdout
+        assert box.counts().dead == 0
+        assert list(run.iterdir()) == [], "request and answer removed"
+    finally:
+        box.close()
