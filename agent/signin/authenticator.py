@@ -74,6 +74,10 @@ RENEWALS_EXHAUSTED = ("No sign-in code: press the button, send renew_code over M
                       "or restart the agent")
 _REAUTH_ERRORS = frozenset({"invalid_grant", "interaction_required", "login_required"})
 CACHE_UNREADABLE = "The saved sign-in could not be read: sign in with a new code"
+# The first poll waits this long after a code is issued: nobody can have typed the code yet, and
+# the code's frame is drawn meanwhile without a token request taking the CPU from it (the
+# request and its TLS round trip were ~2 % of the CPU to the code; docs/PERFORMANCE.md "Sign-in").
+FIRST_POLL_AFTER_S = 0.25
 
 _T = TypeVar("_T")
 
@@ -523,6 +527,7 @@ class Authenticator(SignInFlow):
         if code.verification_uri_complete:
             log.info("Or open %s (the code is filled in)", code.verification_uri_complete)
         self._state.code_issued(code)
+        self._wait(FIRST_POLL_AFTER_S, self._new_code)
         self._poll(app, flow, deadline, claims)
 
     def _poll(self, app: msal.PublicClientApplication, flow: dict[str, Any], deadline: float,

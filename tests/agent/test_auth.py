@@ -183,6 +183,22 @@ def sign_in(h: Harness, idp: SimIdp) -> Snapshot:
 
 # ---- first sign-in, restart, refresh ------------------------------------------------------------
 
+def test_the_first_poll_leaves_the_code_a_moment_to_be_drawn(
+        fast_idp: SimIdp, harness: Callable[..., Harness]) -> None:
+    # Nobody can have typed the code within a fifth of a second; a token request then would
+    # only take the CPU from drawing it (FIRST_POLL_AFTER_S; docs/PERFORMANCE.md "Sign-in").
+    h = harness()
+    h.wait_code()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not any(r.grant_type for r in list(fast_idp.requests)):
+        time.sleep(0.02)
+    requests_ = list(fast_idp.requests)
+    issued = next(r.time for r in requests_ if r.path.endswith("/devicecode"))
+    polled = next(r.time for r in requests_ if r.grant_type)
+    assert polled - issued >= 0.2
+
+
+
 def test_first_sign_in_publishes_code_logs_it_and_signs_in(
         fast_idp: SimIdp, harness: Callable[..., Harness], cache_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
