@@ -317,7 +317,9 @@ def read_status(settings: Settings) -> dict[str, Any]:
     state_dir = settings.device.state_dir
     pid = running_pid(state_dir)
     doc = newest_status(state_dir)
-    if pid is not None and doc is not None:
+    # Only the running service's own document: between a start and its first write the newest
+    # one is the previous run's (RuntimeDirectoryPreserve= keeps it in the runtime dir too).
+    if pid is not None and doc is not None and doc.get("pid") == pid:
         doc["running"] = True
         _age(doc)
         return doc

@@ -100,3 +100,33 @@ def test_status_of_a_service_that_has_not_written_its_status_yet_does_not_wait_f
     finally:
         lock.release()
     assert doc["running"] is True and doc["state"] == "starting"
+
+
+def test_status_never_shows_the_previous_runs_document_as_the_running_services(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A service just started (its lock held, no status written yet) while the previous run's
+    status.json says "online": `status` says "starting", with the last upload it knew, until the
+    new service writes its own document."""
+    import os
+
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(run))
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(mode=0o700)
+    previous = {"state": "online", "pid": 4242, "account": "old@example.com", "error": None,
+                "outbox": {"pending": 0, "dead": 0, "dropped": 0}, "last_upload": "2026-01-01T00:00:00Z"}
+    path = runtime_status_path(state_dir)
+    assert path is not None and path.parent == run
+    path.write_text(json.dumps(previous))           # RuntimeDirectoryPreserve=restart kept it
+    lock = InstanceLock(state_dir)
+    lock.acquire()
+    try:
+        doc = read_status(settings_for(state_dir))
+        assert doc["running"] is True and doc["state"] == "starting", doc
+        assert doc.get("pid") != 4242 and doc["last_upload"] == previous["last_upload"]
+        path.write_text(json.dumps({**previous, "pid": os.getpid(), "state": "waiting_for_user"}))
+        doc = read_status(settings_for(state_dir))
+        assert doc["state"] == "waiting_for_user" and doc["pid"] == os.getpid(), doc
+    finally:
+        lock.release()
