@@ -44,19 +44,36 @@ class Health:
         self._oldest: tuple[int, float] | None = None       # (seq, sampled at, monotonic)
         self._cache_seen: tuple[float, float | None] | None = None   # (mtime, RT time)
 
-    def step(self) -> None:
+    def step(self) -> bool:
+        """Update the figures; False when the outbox was busy and the oldest reading's age is
+        last pass's (ask again soon: the caller is the observers' thread, which must not wait)."""
         now = self.monotonic()
         changes: dict[str, Any] = dict(self.clock.status())
-        changes["oldest_pending_mono"] = self._oldest_mono(now)
+        oldest, fresh = self._oldest_mono(now)
+        changes["oldest_pending_mono"] = oldest
         changes["signin_lapse_mono"] = self._lapse_mono(now)
         self.state.update(**changes)
+        return fresh
 
-    def _oldest_mono(self, now: float) -> float | None:
+    def _oldest_mono(self, now: float) -> tuple[float | None, bool]:
+        kept = None if self._oldest is None else self._oldest[1]
+        # The outbox's lock can be held for seconds (a put's fsync, a dead-letter retry, a busy
+        # database, VACUUM at open): take it only if it is free, never wait for it here.
+        lock = getattr(self.outbox, "_lock", None)
+        if lock is not None and not lock.acquire(blocking=False):
+            return kept, False
         try:
             row = self.outbox.oldest()
         except Exception as err:  # noqa: BLE001 - a figure must never stop the service loop
             log.debug("health: oldest pending row unreadable: %s", err)
-            return None if self._oldest is None else self._oldest[1]
+            return kept, True
+        finally:
+            if lock is not None:
+                lock.release()
+        return self._sampled(row, now), True
+
+    def _sampled(self, row: Any, now: float) -> float | None:
+        """The monotonic instant ``row`` (the oldest pending reading, or None) was sampled."""
         if row is None:
             self._oldest = None
             return None

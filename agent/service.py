@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 STOP_BUDGET_S = 1.5          # of the 2 s stop (docs/INTERFACE.md#exit-codes-and-error-lines), the joins' share
 STOP_TOTAL_S = 1.9           # ... and everything, MQTT's goodbye included
 HEALTH_EVERY_S = 60.0        # health figures without news (the kernel's clock verdict)
+HEALTH_BUSY_RETRY_S = 1.0    # ... again this soon when the outbox was busy (never waited for)
 TELEMETRY_AFTER_S = 0.5      # telemetry starts at the sign-in's first news or this long after start
 RESTART_BACKOFF_S = (1.0, 60.0)
 HEALTHY_RUN_S = 300.0        # a component that ran this long before crashing starts a new streak
@@ -448,7 +449,8 @@ class Service:
             # the kernel's clock verdict at least every HEALTH_EVERY_S.
             self._health_due = False
             self._next_health = now + HEALTH_EVERY_S
-            self.health.step()
+            if not self.health.step():
+                self._next_health = now + HEALTH_BUSY_RETRY_S   # the outbox was busy
         fields = []
         if wd and now >= self._next_beat:
             self._next_beat = now + beat_every
@@ -553,8 +555,17 @@ class Service:
             self.auth.request_new_code()
 
     def _button_long(self) -> None:
+        """On its own short-lived thread (as SIGUSR1's): sign-out waits for a token refresh
+        in progress (up to auth.timeout_s), and the observers' thread, which calls this, serves
+        the panel, the button, MQTT and the watchdog meanwhile."""
         self.state.update(notice="Signing out…")
-        self._sign_out_cmd()
+        threading.Thread(target=self._sign_out_logged, name="sign-out", daemon=True).start()
+
+    def _sign_out_logged(self) -> None:
+        try:
+            self._sign_out_cmd()
+        except Exception:
+            log.exception("sign-out (button) failed")
 
     @staticmethod
     def _status_line(snap: Snapshot) -> str:

@@ -1,0 +1,90 @@
+"""The observers' one thread (agent/observerloop.py) never waits on a slow peer: a long-press
+sign-out while a token refresh holds the sign-in, or health figures while the outbox is busy,
+leave the panel, the button and the watchdog running; and a dead loop thread ends the process.
+A whole Service in a thread (simulated IdP, png panel, fake GPIO)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.config import parse
+from agent.panel import screens
+from agent.service import Service
+from hw.fake import FakeGpio
+
+DEVICE = "loop-stalls-1"
+BUTTON = 17
+
+
+def _config(tmp_path: Path, idp: Any, api: Any, tls: Any) -> dict[str, Any]:
+    return {
+        "device": {"id": DEVICE, "state_dir": str(tmp_path / "state")},
+        "auth": {"client_id": "sim-device-agent", "authority": idp.authority, "instance_discovery": False,
+                 "scopes": ["api://telemetry/Readings.Write"], "ca_file": str(tls.ca_file), "timeout_s": 5},
+        "display": {"driver": "png", "path": str(tmp_path / "screen.png"), "sleep_after_s": 0},
+        "gpio": {"backend": "fake", "button": BUTTON},
+        "sensors": [{"name": "temp", "type": "simulated", "interval_s": 1.0}],
+        "upload": {"sink": "http", "url": api.url, "ca_file": str(tls.ca_file), "interval_s": 3600},
+    }
+
+
+def _wait(cond: Callable[[], object], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def service(tmp_path: Path, idp: Any, idp_api: Any, tls: Any) -> Iterator[tuple[Service, FakeGpio, threading.Thread]]:
+    gpio = FakeGpio()
+    svc = Service(parse(_config(tmp_path, idp, idp_api, tls), tmp_path / "config.toml"), install_signals=False,
+                  hardware={"gpio": gpio})
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(svc.run()), name="service-under-test", daemon=True)
+    thread.start()
+    _wait(lambda: svc.state.snapshot.code is not None and svc.panel is not None and svc.outbox is not None,
+          20, "a code on show, telemetry started")
+    yield svc, gpio, thread
+    svc.request_stop()
+    thread.join(5)
+    gpio.close()
+
+
+@pytest.mark.slow
+def test_a_long_press_while_a_token_refresh_hangs_leaves_the_panel_ticking(
+        service: tuple[Service, FakeGpio, threading.Thread]) -> None:
+    svc, gpio, _ = service
+    assert svc.auth is not None and svc.panel is not None
+    panel = svc.panel
+    # What access_token() does for a whole IdP refresh (up to auth.timeout_s): hold the sign-in.
+    with svc.auth._lock:
+        gpio.press(BUTTON)
+        _wait(lambda: svc.state.snapshot.notice == "Signing out…", 8, "the long press fired")
+        gpio.release(BUTTON)
+        frames = panel.frames_shown
+        _wait(lambda: panel.frames_shown >= frames + 2, 3.5, "the code's countdown still ticks")
+        gpio.press(BUTTON)          # and the button is still read
+        _wait(lambda: (svc.state.snapshot.notice or "").startswith(screens.HOLD_PREFIX), 3, "the next hold's countdown")
+        gpio.release(BUTTON)
+
+
+@pytest.mark.slow
+def test_health_figures_while_the_outbox_is_locked_leave_the_panel_ticking(
+        service: tuple[Service, FakeGpio, threading.Thread]) -> None:
+    svc, _, _ = service
+    assert svc.outbox is not None and svc.panel is not None
+    panel = svc.panel
+    with svc.outbox._lock:        # a dead-letter retry, a put's fsync, a busy wait
+        svc._health_due = True
+        svc._observers.news.set()
+        time.sleep(0.3)
+        frames = panel.frames_shown
+        _wait(lambda: panel.frames_shown >= frames + 2, 3.5, "the code's countdown still ticks")
