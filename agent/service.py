@@ -535,6 +535,10 @@ class Service:
 
     def _sign_out_cmd(self) -> None:
         log.info("signing out (requested)")
+        if self.outbox is not None:
+            # Acks held in memory (agent/telemetry/outbox.py) go to disk first: a box signed out
+            # is often unplugged next, and those readings would be sent again.
+            self.outbox.flush_acks()
         if self.auth is not None:
             self.auth.sign_out()
 

@@ -172,3 +172,32 @@ def test_sign_in_code_reaches_the_journal_even_at_level_warning() -> None:
     text = stream.getvalue()
     logging.getLogger().handlers.clear()
     assert "enter the code ABCD" in text and "routine chatter" not in text
+
+
+def test_sign_out_writes_the_held_acks_first(tmp_path: Path) -> None:
+    """Acks the outbox holds in memory are on disk before the sign-out starts (the box is
+    often unplugged next: they would be sent again)."""
+    from agent.config import parse
+    from agent.telemetry.outbox import Outbox
+    from tests.fixtures.api import reading
+
+    settings = parse({"device": {"id": "dev-1", "state_dir": str(tmp_path / "state")},
+                      "auth": {"client_id": "x", "authority": "https://login.example.com/t", "scopes": ["s"]},
+                      "upload": {"url": "https://api.example.com/r"}}, Path("<test>"))
+    svc = service_mod.Service(settings, install_signals=False)
+    box = Outbox(tmp_path / "state" / "outbox.sqlite3", "dev-1", max_rows=100, max_bytes=10**6)
+    held_at_sign_out: list[int] = []
+
+    class Auth:
+        def sign_out(self) -> None:
+            held_at_sign_out.append(len(box._held))
+
+    try:
+        box.put([reading(i) for i in range(5)])
+        box.ack([r.seq for r in box.claim(3)])
+        assert len(box._held) == 3, "the outbox holds these acks for the next put"
+        svc.outbox, svc.auth = box, Auth()      # type: ignore[assignment]
+        svc._sign_out_cmd()
+        assert held_at_sign_out == [0]
+    finally:
+        box.close()
