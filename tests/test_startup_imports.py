@@ -2,7 +2,7 @@
 "Sign-in"): the outbox, MQTT and the rest of telemetry are imported once the code is on the
 glass, never before; the garbage collector paused for the start runs again by the first
 reading; and the shortcuts taken for speed (the ``run`` command line read without argparse,
-``agent.records`` instead of ``@dataclass``) answer exactly as what they stand in for.
+``hw.records`` instead of ``@dataclass``) answer exactly as what they stand in for.
 """
 
 from __future__ import annotations

@@ -395,9 +395,9 @@ class Outbox:
 
     @staticmethod
     def read_counts(path: Path) -> OutboxCounts:
-        """Counts for ``device-agent status`` while the service runs: a read-only connection
-        (``mode=ro``) that takes no write locks and never checkpoints, so the live writer is
-        undisturbed. A missing file reads as empty.
+        """Counts for ``device-agent status`` while no service runs (a running one holds the file
+        exclusively: `status` reads its status.json instead): a read-only connection (``mode=ro``)
+        that takes no write locks and never checkpoints. A missing file reads as empty.
 
         A corrupt file reads as empty, with a WARNING: the service moves it aside when it starts.
 
