@@ -319,7 +319,7 @@ def read_status(settings: Settings) -> dict[str, Any]:
     doc = newest_status(state_dir)
     # Only the running service's own document: between a start and its first write the newest
     # one is the previous run's (RuntimeDirectoryPreserve= keeps it in the runtime dir too).
-    if pid is not None and doc is not None and doc.get("pid") == pid:
+    if pid is not None and doc is not None and (doc.get("pid") == pid or _holds_lock(doc.get("pid"), state_dir)):
         doc["running"] = True
         _age(doc)
         return doc
@@ -356,6 +356,24 @@ def read_status(settings: Settings) -> dict[str, Any]:
         "signin_lapses_in_days": lapse,
         "version": __version__,
     }
+
+
+def _holds_lock(pid: object, state_dir: Path) -> bool:
+    """Whether ``pid`` holds the instance lock, by the kernel's word (/proc/locks): on a
+    read-only state dir the lock file still names the previous run (it cannot be rewritten)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        inode = (state_dir / LOCK_NAME).stat().st_ino
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[4] == str(pid) \
+                and fields[5].rsplit(":", 1)[-1] == str(inode):
+            return True
+    return False
 
 
 def storage_state(state_dir: Path) -> str:

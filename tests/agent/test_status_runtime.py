@@ -128,5 +128,9 @@ def test_status_never_shows_the_previous_runs_document_as_the_running_services(
         path.write_text(json.dumps({**previous, "pid": os.getpid(), "state": "waiting_for_user"}))
         doc = read_status(settings_for(state_dir))
         assert doc["state"] == "waiting_for_user" and doc["pid"] == os.getpid(), doc
+        # A read-only state dir: the lock file still names the previous run; the kernel knows.
+        (state_dir / "agent.lock").write_text("4242\n")
+        doc = read_status(settings_for(state_dir))
+        assert doc["state"] == "waiting_for_user" and doc["pid"] == os.getpid(), doc
     finally:
         lock.release()
