@@ -77,6 +77,7 @@ class ObserverLoop:
         self._settle_at = math.inf        # figures changed: serve them by then
         self._planned = -math.inf         # when the sleeping loop wakes next (-inf: awake)
         self._stopping = Signal()
+        self.died = Signal()              # the thread ended without stop (the service exits 1)
         self._thread: threading.Thread | None = None
         self._ident: int | None = None
         self.passes = 0                   # tests: how often every step was served
@@ -121,6 +122,13 @@ class ObserverLoop:
                                      # wake already planned serves them (e.g. _reading_due's)
 
     def _run(self) -> None:
+        try:
+            self._serve_until_stopped()
+        finally:
+            if not self._stopping.is_set():
+                self.died.set()
+
+    def _serve_until_stopped(self) -> None:
         name_os_thread()
         self._ident = threading.get_ident()
         while not self._stopping.is_set():
@@ -135,7 +143,6 @@ class ObserverLoop:
             self._rearm.clear()
             if every:
                 self._settle_at = math.inf
-            if every:
                 self.passes += 1
             with self._steps_lock:
                 steps = list(self._steps)

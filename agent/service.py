@@ -168,6 +168,7 @@ class Service:
         self._lock = InstanceLock(settings.device.state_dir)
         self._was_signed_in = False
         self._running = False
+        self._exit_code = 0           # 1: the observers' thread died (_main_loop)
         self._news: threading.Event | None = None     # what the main thread waits on at start
         # The observers' one thread (agent/observerloop.py): supervisor, health, button/LED,
         # panel, status file, MQTT publishing; its Signal is the supervisor's news too.
@@ -205,7 +206,7 @@ class Service:
             self._shutdown()
             restore_signals()
             self._lock.release()
-        return 0
+        return self._exit_code
 
     def _resume_gc(self) -> None:
         """The code is on the glass (or TELEMETRY_AFTER_S passed): the collector runs again.
@@ -414,11 +415,18 @@ class Service:
         return gpio, display, sensors
 
     def _main_loop(self) -> None:
-        """The main thread sleeps until stop; supervision is a step of the observer loop."""
+        """The main thread sleeps until stop, or until the observers' thread dies; supervision
+        is a step of the observer loop."""
         self._next_beat = self._next_health = time.monotonic()
         self._observers.add("supervisor", self._supervise_step, slack=0.5)
         self._observers.add("readings", self._reading_due)
-        wait_any(math.inf, self.stop_event)
+        wait_any(math.inf, self.stop_event, self._observers.died)
+        if self._observers.died.is_set() and not self.stop_event.is_set():
+            # Panel, MQTT, status, restarts and the watchdog all ran on it: exit 1, systemd
+            # starts the agent again (its traceback went to the journal as it died).
+            log.error("the observers' thread died (panel, MQTT, status and the watchdog stopped); "
+                      "exiting")
+            self._exit_code = 1
 
     def _reading_due(self) -> float:
         """Plan the observers' wake ``SETTLE_S`` after the sampler's next reading: the reading

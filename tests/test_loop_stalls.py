@@ -58,33 +58,67 @@ def service(tmp_path: Path, idp: Any, idp_api: Any, tls: Any) -> Iterator[tuple[
     gpio.close()
 
 
+def _button_and_panel_still_answer(svc: Service, gpio: FakeGpio) -> None:
+    """What a person sees: holding the button shows its countdown on the glass."""
+    assert svc.panel is not None
+    frames = svc.panel.frames_shown
+    gpio.press(BUTTON)
+    try:
+        _wait(lambda: screens.is_hold_notice(svc.state.snapshot.notice), 3, "the hold's countdown noticed")
+        _wait(lambda: svc.panel is not None and svc.panel.frames_shown > frames, 1, "... and drawn")
+    finally:
+        gpio.release(BUTTON)
+
+
 @pytest.mark.slow
-def test_a_long_press_while_a_token_refresh_hangs_leaves_the_panel_ticking(
+def test_a_long_press_while_a_token_refresh_hangs_leaves_the_button_and_panel_working(
         service: tuple[Service, FakeGpio, threading.Thread]) -> None:
     svc, gpio, _ = service
-    assert svc.auth is not None and svc.panel is not None
-    panel = svc.panel
+    assert svc.auth is not None
     # What access_token() does for a whole IdP refresh (up to auth.timeout_s): hold the sign-in.
     with svc.auth._lock:
         gpio.press(BUTTON)
         _wait(lambda: svc.state.snapshot.notice == "Signing out…", 8, "the long press fired")
         gpio.release(BUTTON)
-        frames = panel.frames_shown
-        _wait(lambda: panel.frames_shown >= frames + 2, 3.5, "the code's countdown still ticks")
-        gpio.press(BUTTON)          # and the button is still read
-        _wait(lambda: (svc.state.snapshot.notice or "").startswith(screens.HOLD_PREFIX), 3, "the next hold's countdown")
-        gpio.release(BUTTON)
+        time.sleep(0.2)
+        _button_and_panel_still_answer(svc, gpio)
 
 
 @pytest.mark.slow
-def test_health_figures_while_the_outbox_is_locked_leave_the_panel_ticking(
+def test_health_figures_while_the_outbox_is_locked_leave_the_button_and_panel_working(
         service: tuple[Service, FakeGpio, threading.Thread]) -> None:
-    svc, _, _ = service
-    assert svc.outbox is not None and svc.panel is not None
-    panel = svc.panel
+    svc, gpio, _ = service
+    assert svc.outbox is not None
     with svc.outbox._lock:        # a dead-letter retry, a put's fsync, a busy wait
         svc._health_due = True
         svc._observers.news.set()
         time.sleep(0.3)
-        frames = panel.frames_shown
-        _wait(lambda: panel.frames_shown >= frames + 2, 3.5, "the code's countdown still ticks")
+        _button_and_panel_still_answer(svc, gpio)
+
+
+@pytest.mark.slow
+def test_a_dead_observer_thread_ends_the_service_with_exit_1(
+        tmp_path: Path, idp: Any, idp_api: Any, tls: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A bug outside a step's guard (here a BaseException from a step) ends the loop's thread:
+    the service says so once and exits 1 (systemd restarts it), it does not run on headless."""
+    gpio = FakeGpio()
+    svc = Service(parse(_config(tmp_path, idp, idp_api, tls), tmp_path / "config.toml"), install_signals=False,
+                  hardware={"gpio": gpio})
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(svc.run()), name="service-under-test", daemon=True)
+    thread.start()
+    try:
+        _wait(lambda: svc.outbox is not None and svc.state.snapshot.code is not None, 20, "running")
+
+        def broken() -> float:
+            raise KeyboardInterrupt      # not an Exception: no step guard catches it
+        svc._observers.add("broken", broken)
+        thread.join(5)
+        assert not thread.is_alive(), "the service kept running without its observers' thread"
+        assert result == [1]
+        died = [r for r in caplog.records if "observers' thread died" in r.getMessage()]
+        assert len(died) == 1 and died[0].levelname == "ERROR"
+    finally:
+        svc.request_stop()
+        thread.join(5)
+        gpio.close()
