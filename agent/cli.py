@@ -211,7 +211,9 @@ def _run(args: argparse.Namespace | SimpleNamespace) -> int:
         from agent.wakeup import Signal
 
         stop = Signal()        # agent.wakeup: every wait in the service wakes on it at once
-        restore = relay_signals((signal.SIGTERM, signal.SIGINT), lambda _signum: stop.set())
+        # The process exits after `run`: a stop signal still arriving then is ignored.
+        restore = relay_signals((signal.SIGTERM, signal.SIGINT), lambda _signum: stop.set(),
+                                ignore_after=True)
         try:
             from agent import config
 

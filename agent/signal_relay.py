@@ -35,12 +35,14 @@ def _noted(signum: int, frame: FrameType | None) -> None:
 
 
 def relay_signals(signums: Iterable[int], callback: Callable[[int], None],
-                  *, name: str = "signals") -> Callable[[], None]:
+                  *, name: str = "signals", ignore_after: bool = False) -> Callable[[], None]:
     """Install lock-free handlers for ``signums`` that call ``callback(signum)`` on a thread.
 
     Returns ``restore``: puts the previous handlers back and ends the thread. Outside the
     main thread (where Python allows no handler) nothing is installed and ``restore`` does
-    nothing.
+    nothing. ``ignore_after``: ``restore`` ignores these signals instead, for a process that
+    is about to exit: a SIGTERM burst that outlives the stop is the same stop, never a
+    KeyboardInterrupt or death by signal in the last flush.
     """
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
@@ -73,7 +75,7 @@ def relay_signals(signums: Iterable[int], callback: Callable[[int], None],
 
     def restore() -> None:
         for signum, old in previous.items():
-            signal.signal(signum, old)
+            signal.signal(signum, signal.SIG_IGN if ignore_after else old)
         previous.clear()
         signal.set_wakeup_fd(previous_fd)
         with contextlib.suppress(OSError):

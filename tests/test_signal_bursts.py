@@ -143,3 +143,15 @@ def test_sign_out_signals_mixed_into_a_stop_burst(tmp_path: Path, idp: Any, idp_
         assert "Traceback" not in agent.output, agent.output[-3000:]
     finally:
         agent.close()
+
+
+def test_restore_with_ignore_after_leaves_the_signal_ignored() -> None:
+    """`run` exits after the service: a signal still arriving then must not kill the process."""
+    restore = relay_signals((signal.SIGUSR2,), lambda _signum: None, ignore_after=True)
+    try:
+        restore()
+        assert signal.getsignal(signal.SIGUSR2) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGUSR2)     # would end the test process with SIG_DFL
+        time.sleep(0.05)
+    finally:
+        signal.signal(signal.SIGUSR2, signal.SIG_DFL)
