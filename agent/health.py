@@ -23,7 +23,7 @@ from agent.statusfile import refresh_token_time
 if TYPE_CHECKING:
     from agent.clock import ClockTrust
     from agent.state import AgentState
-    from agent.telemetry.outbox import Outbox
+    from agent.telemetry.outbox import Outbox, Row
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class Health:
                 lock.release()
         return self._sampled(row, now), True
 
-    def _sampled(self, row: Any, now: float) -> float | None:
+    def _sampled(self, row: Row | None, now: float) -> float | None:
         """The monotonic instant ``row`` (the oldest pending reading, or None) was sampled."""
         if row is None:
             self._oldest = None

@@ -15,7 +15,8 @@ what is due and returns the seconds until it wants to run again (``math.inf``: o
 A step added with ``slack`` says its long waits are "about" (the panel's burn-in shift, the
 button's net under a lost edge, the supervisor's health figures): a wait of ``SLACK_FROM_S`` or
 more may end up to ``slack`` times itself late, so it is served by the next pass that runs for
-another reason (a reading) instead of waking the box on its own.
+another reason (a reading) instead of waking the box on its own. A step that also has deadlines
+a person or systemd notices returns them apart (``Wait``): those are kept.
 Components wake the loop for news that is not a state change (a button edge, MQTT connected,
 ``Panel.wake``) by setting ``news``, the ``agent.wakeup.Signal`` they were given. A step that
 raises is logged once per streak (agent.net.retry.OutageLog) and tried again after ``RETRY_S``.
@@ -44,13 +45,19 @@ FIGURES = frozenset({"last_reading", "outbox", "last_upload", "oldest_pending_mo
                      "clock_offset_s", "version"})
 
 
+# What a step returns: seconds until it wants to run again, all of it "about" (``slack``
+# applies); or (strict, loose): ``strict`` must be kept (a configured timeout such as
+# display.sleep_after_s, a restart back-off), only ``loose`` may slip by ``slack``.
+Wait = float | tuple[float, float]
+
+
 class _Step:
     """One step of the loop. (A plain class: a dataclass costs ~1.5 ms to make at import, on
     the way to the first code; docs/PERFORMANCE.md "Sign-in".)"""
 
     __slots__ = ("name", "run", "outage", "slack", "last", "due", "latest")
 
-    def __init__(self, name: str, run: Callable[[], float], outage: OutageLog, slack: float = 0.0,
+    def __init__(self, name: str, run: Callable[[], Wait], outage: OutageLog, slack: float = 0.0,
                  last: bool = False) -> None:
         self.name = name
         self.run = run
@@ -83,7 +90,7 @@ class ObserverLoop:
         self.passes = 0                   # tests: how often every step was served
         self.wakes = 0                    # ... and how often the thread ran at all
 
-    def add(self, name: str, step: Callable[[], float], *, slack: float = 0.0, last: bool = False) -> None:
+    def add(self, name: str, step: Callable[[], Wait], *, slack: float = 0.0, last: bool = False) -> None:
         """``last``: the step hands work to another thread (MQTT publishing wakes paho's): run
         it after the others, so that thread does not wait for this one's GIL."""
         entry = _Step(name, step, OutageLog(log, level=logging.ERROR, clock=self._clock), slack=slack,
@@ -150,22 +157,27 @@ class ObserverLoop:
                 if self._stopping.is_set():
                     return
                 if every or step.due <= now:
-                    delay = self._call(step)
-                    step.due = self._clock() + delay
-                    step.latest = step.due + (step.slack * delay if delay >= SLACK_FROM_S else 0.0)
+                    strict, loose = self._call(step)
+                    delay = min(strict, loose)
+                    at = self._clock()
+                    step.due = at + delay
+                    step.latest = at + min(strict, loose + (step.slack * loose if loose >= SLACK_FROM_S else 0.0))
             wake_at = min([self._settle_at, *(s.latest for s in steps)])
             self._planned = wake_at
             wake_at = min(wake_at, self._settle_at)    # figures that came while computing it
             wait_any(wake_at - self._clock(), self._stopping, self.news, self._rearm)
 
-    def _call(self, step: _Step) -> float:
+    def _call(self, step: _Step) -> tuple[float, float]:
+        """(strict, loose) seconds: see ``Wait``."""
         try:
             delay = step.run()
         except Exception:
             step.outage.failed(f"{step.name} step failed", f"trying again in {RETRY_S:g} s", exc_info=True)
-            return RETRY_S
+            return RETRY_S, math.inf
         step.outage.ended(f"{step.name} steps work again")
-        return max(0.0, delay)
+        if isinstance(delay, tuple):
+            return max(0.0, delay[0]), max(0.0, delay[1])
+        return math.inf, max(0.0, delay)
 
 
 def _serves_at_once(old: Snapshot, new: Snapshot) -> bool:

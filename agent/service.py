@@ -287,7 +287,7 @@ class Service:
             panel = self.panel = Panel(display, self.state, sleep_after_s=s.display.sleep_after_s,
                                        wakeup=loop.news)
             panel.start(thread=False)
-            loop.add("panel", panel.serve, slack=0.5)
+            loop.add("panel", panel.serve_split, slack=0.5)   # the shift only: sleep_after_s on time
             self._closers.append(("panel", lambda: panel.stop(final=s.display.on_stop)))
         if gpio is not None and (s.gpio.button is not None or s.gpio.led is not None):
             from agent.panel.controls import Controls
@@ -438,7 +438,7 @@ class Service:
         left = due + SETTLE_S - time.monotonic()
         return left if left > 0 else math.inf       # late: the reading's own news serves it
 
-    def _supervise_step(self) -> float:
+    def _supervise_step(self) -> tuple[float, float]:
         """Supervise, feed the watchdog only while the loop and the sampler really advance.
 
         Event-driven: run when a component dies (or its restart is due), the watchdog is due
@@ -470,10 +470,12 @@ class Service:
         if fields:
             with self._status_lock:          # one socket, shared with _on_state
                 self._sd.notify(*fields)
-        wake_at = min([self._next_beat if wd else math.inf,
-                       self._next_health if self.health is not None else math.inf,
-                       *(c.restart_at for c in self._components if c.needs_restart())])
-        return wake_at - time.monotonic()
+        # The watchdog and the restart back-off are kept; the health figures may wait for a pass.
+        strict = min([self._next_beat if wd else math.inf,
+                      *(c.restart_at for c in self._components if c.needs_restart())])
+        loose = self._next_health if self.health is not None else math.inf
+        now = time.monotonic()
+        return strict - now, loose - now
 
     def _shutdown(self) -> None:
         self.stop_event.set()

@@ -71,6 +71,7 @@ class Panel:
         self._code_key: tuple[str, float] | None = None
         self._code_seen_at = 0.0
         self._code_lifetime_s = screens.DEFAULT_CODE_LIFETIME_S
+        self._strict_s = self._loose_s = math.inf    # the last pass's waits, apart (serve_split)
         # A display outage is a fault like any other: agent.net.retry.OutageLog's one rule.
         self._display_outage = OutageLog(log, clock=clock)
         self._crashed = OutageLog(log, level=logging.ERROR, clock=clock)
@@ -232,10 +233,23 @@ class Panel:
         self._drawn_as = drawn_as if frame == self._last_frame else None
         return self._next_delay(now, name, snap)
 
+    def serve_split(self) -> tuple[float, float]:
+        """``serve()`` for the observer loop: (strict, loose) seconds, where only ``loose`` (the
+        burn-in shift, the ages the status screen prints) may be served late; the countdown,
+        the pages and ``sleep_after_s`` are kept to the second."""
+        self._strict_s = self._loose_s = math.inf
+        delay = self.serve()
+        if self._loose_s == math.inf:       # nothing that may slip (asleep, failing, stopping)
+            return delay, math.inf
+        return self._strict_s, self._loose_s
+
     def _next_delay(self, now: float, name: str, snap: Snapshot) -> float:
+        """Seconds until something on the panel changes; keeps which waits may slip in
+        ``_loose_s`` (``serve_split``)."""
         waits = [MAX_WAIT_S if self._failing else math.inf]
+        loose = [math.inf]
         if name != "code" and self.shift_every_s > 0:
-            waits.append(max(0.005, self._shifted_at + self.shift_every_s - now))   # burn-in shift
+            loose.append(max(0.005, self._shifted_at + self.shift_every_s - now))   # burn-in shift
         if name == "code" and snap.code is not None:
             left = snap.code.seconds_left(now)
             waits.append((left % 1.0) + 0.005 if left > 0 else MAX_WAIT_S)      # next whole second
@@ -246,13 +260,14 @@ class Panel:
             # Ages the status screen prints: the oldest queued reading (whole minutes and up),
             # the days a sign-in survives offline (one decimal). Drawn again when they change.
             if snap.oldest_pending_mono is not None and snap.outbox.pending:
-                waits.append(60.0 - ((now - snap.oldest_pending_mono) % 60.0) + 0.005)
+                loose.append(60.0 - ((now - snap.oldest_pending_mono) % 60.0) + 0.005)
             if snap.signin_lapse_mono is not None:
                 # round(days, 1) flips when what is left crosses x.x5 days
-                waits.append(((snap.signin_lapse_mono - now - 4320.0) % 8640.0) + 0.005)
+                loose.append(((snap.signin_lapse_mono - now - 4320.0) % 8640.0) + 0.005)
         if self.sleep_after_s > 0 and name not in ("code", "hold"):
             waits.append(max(0.0, self._activity_at + self.sleep_after_s - now))
-        return max(0.005, min(waits))
+        self._strict_s, self._loose_s = max(0.005, min(waits)), min(loose)
+        return max(0.005, min(waits + loose))
 
     def _show(self, img: Image.Image) -> bool:
         try:

@@ -232,3 +232,28 @@ def test_a_new_code_is_drawn_although_a_slow_observer_runs_before_the_panels(sta
         loop.stop()
         panel.stop()
         display.close()
+
+
+def test_the_panel_sleeps_on_time_although_its_step_has_slack(tmp_path: Path, state: AgentState,
+                                                              loop: ObserverLoop,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """display.sleep_after_s is a configured timeout: the slack the burn-in shift gets must not
+    stretch it (scaled down: sleep after 1 s, slack from 0.2 s, so 0.5x slack would be 1.5 s)."""
+    from agent import observerloop
+
+    monkeypatch.setattr(observerloop, "SLACK_FROM_S", 0.2)
+    display = PngDisplay(tmp_path / "screen.png")
+    panel = Panel(display, state, sleep_after_s=1.0, shift_every_s=0, wakeup=loop.news)
+    panel.start(thread=False)
+    loop.add("panel", panel.serve_split, slack=0.5)
+    loop.start()
+    try:
+        wait_for(lambda: panel.frames_shown >= 1, SOON_S, "the starting screen")
+        t0 = time.monotonic()
+        state.signed_in("someone@example.com")
+        wait_for(lambda: panel.asleep, 3, "the panel asleep")
+        assert time.monotonic() - t0 < 1.3, f"slept after {time.monotonic() - t0:.2f} s, not 1 s"
+    finally:
+        loop.stop()
+        panel.stop()
+        display.close()
