@@ -140,6 +140,7 @@ class MqttPublisher:
         self._force = False               # publish the whole truth at the next chance
         self._rebuild_as: MQTTProtocolVersion | None = None   # rebuild the client for this version
         self._rebuild_delay_s = 0.0       # ... after this back-off (a 3.1.1 connection was lost)
+        self._rebuilder: threading.Thread | None = None   # the one mqtt-rebuild thread (loop mode)
         self._auth_failed = False         # the last CONNACK refused the credentials
         # Network thread only: paho runs every callback there, one at a time.
         self._backoff = Backoff(*reconnect_delay_s, rng)
@@ -431,13 +432,18 @@ class MqttPublisher:
             return math.inf
         try:
             if self._rebuild_as is not None:
-                delay, self._rebuild_delay_s = self._rebuild_delay_s, 0.0
-                protocol, self._rebuild_as = self._rebuild_as, None
                 if self._own_thread:
+                    delay, self._rebuild_delay_s = self._rebuild_delay_s, 0.0
+                    protocol, self._rebuild_as = self._rebuild_as, None
                     self._rebuild_after(delay, protocol)
-                else:                 # its back-off and paho's join must not hold up the loop
-                    threading.Thread(target=self._rebuild_after, args=(delay, protocol),
-                                     name="mqtt-rebuild", daemon=True).start()
+                    return math.inf
+                # Its back-off and paho's join must not hold up the loop: a thread, and one at
+                # a time (a late on_disconnect asks again while one runs: that one takes it).
+                with self._lock:
+                    if self._rebuilder is None:
+                        self._rebuilder = threading.Thread(target=self._rebuild_pending, name="mqtt-rebuild",
+                                                           daemon=True)
+                        self._rebuilder.start()
                 return math.inf
             with self._lock:
                 client = self._client
@@ -456,6 +462,20 @@ class MqttPublisher:
         except Exception:
             self._crashed.failed("MQTT: publishing failed", exc_info=True)
             return math.inf
+
+    def _rebuild_pending(self) -> None:
+        """The ``mqtt-rebuild`` thread (observer-loop mode): every rebuild asked for, in turn."""
+        while True:
+            with self._lock:
+                if self._rebuild_as is None or self._stopping.is_set():
+                    self._rebuilder = None
+                    return
+                delay, self._rebuild_delay_s = self._rebuild_delay_s, 0.0
+                protocol, self._rebuild_as = self._rebuild_as, None
+            try:
+                self._rebuild_after(delay, protocol)
+            except Exception:
+                self._crashed.failed("MQTT: rebuilding the client failed", exc_info=True)
 
     def _rebuild_after(self, delay: float, protocol: MQTTProtocolVersion) -> None:
         if delay > 0 and self._stopping.wait(delay):   # the back-off; stop ends it

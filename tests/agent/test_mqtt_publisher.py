@@ -691,3 +691,38 @@ def test_connecting_is_logged_before_connected(mosquitto: Broker, notifiers: Cal
     lines = [r.message for r in caplog.records if r.message.startswith("MQTT: connect")]
     assert lines[0].startswith("MQTT: connecting to "), lines
     assert lines[1].startswith("MQTT: connected to "), lines
+
+
+def test_rebuilds_asked_for_while_one_runs_run_one_at_a_time() -> None:
+    """Observer-loop mode: a late on_disconnect asks for a rebuild while the last one still
+    runs (paho's join, the back-off); the second waits for the first, never two clients at once."""
+    import paho.mqtt.client as mqtt
+
+    from tests.fixtures.broker import free_port
+
+    state = AgentState()
+    n = MqttPublisher(MqttSettings(url=f"mqtt://127.0.0.1:{free_port()}"), DEVICE, state, {}, "x")
+    running: list[int] = []
+    done: list[Any] = []
+    overlap: list[int] = []
+
+    def slow_rebuild(protocol: Any) -> None:
+        running.append(1)
+        overlap.append(len(running))
+        time.sleep(0.3)
+        running.pop()
+        done.append(protocol)
+
+    n._rebuild = slow_rebuild  # type: ignore[method-assign]   # the far side: no broker here
+    n.start(thread=False)
+    try:
+        n._rebuild_as = mqtt.MQTTv311
+        n.serve()
+        time.sleep(0.05)
+        n._rebuild_as = mqtt.MQTTv5          # the late on_disconnect
+        n.serve()
+        wait_until(lambda: len(done) == 2, what="both rebuilds")
+        assert max(overlap) == 1, "two rebuilds at once"
+        assert done == [mqtt.MQTTv311, mqtt.MQTTv5]
+    finally:
+        n.stop()
