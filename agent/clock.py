@@ -72,7 +72,9 @@ _libc: Any = None
 _Timex: Any = None
 
 
-def _load_libc() -> Any:
+def load_libc() -> Any:
+    """The C library through ctypes (errno kept), for adjtimex here and inotify
+    (agent/telemetry/filewatch.py): the one loader, without ldconfig on glibc."""
     import ctypes
 
     try:
@@ -108,7 +110,7 @@ def adjtimex_state() -> int | None:
 
     try:
         if _libc is None:
-            _libc, _Timex = _load_libc(), _timex_type()
+            _libc, _Timex = load_libc(), _timex_type()
         tx = _Timex()
         tx.modes = 0
         ret = int(_libc.adjtimex(ctypes.byref(tx)))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import logging
 import os
 import select
@@ -27,6 +26,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from agent.clock import load_libc
 from agent.wakeup import name_os_thread
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class FileWatch:
     def start(self) -> bool:
         """Watch the path; False when inotify is not available here (the owner polls then)."""
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            libc = load_libc()
             fd = libc.inotify_init1(IN_CLOEXEC | IN_NONBLOCK)
         except (OSError, AttributeError) as err:
             log.debug("no inotify (%s): the outbox file is looked at once an upload interval", err)

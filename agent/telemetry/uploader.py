@@ -131,9 +131,8 @@ class Uploader:
             while not stop.is_set():
                 self.heartbeat = self.clock()
                 delay = self.guarded_step()
-                if watching and self._file_changed:
+                if watch is not None and watching and self._file_changed:
                     self._file_changed = False
-                    assert watch is not None
                     watch.rearm()             # the file the path names now (reopened by the step)
                 self._sleep(stop, delay, poll_file=not watching)
         finally:

@@ -179,3 +179,27 @@ def test_signed_out_the_uploader_sleeps_until_the_sign_in_flush(
         stop.set()
         t.join(5)
         sink.close()
+
+
+def test_the_outbox_watch_starts_without_running_ldconfig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ctypes.util.find_library runs ldconfig (a subprocess, ~10 ms) at every uploader start;
+    the shared loader opens glibc by its soname."""
+    import subprocess
+
+
+    started: list[object] = []
+    real = subprocess.Popen
+
+    def popen(*args: object, **kw: object) -> object:
+        started.append(args[0] if args else kw.get("args"))
+        return real(*args, **kw)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    path = tmp_path / "outbox.db"
+    path.write_bytes(b"")
+    watch = FileWatch(path, lambda: None)
+    try:
+        assert watch.start()
+    finally:
+        watch.stop()
+    assert started == [], f"subprocesses at start: {started}"
