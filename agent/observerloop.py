@@ -106,14 +106,17 @@ class ObserverLoop:
         self._thread.start()
         return self
 
-    def stop(self, timeout_s: float = 1.0) -> None:
-        """Idempotent; returns within ``timeout_s`` (a step in progress finishes)."""
+    def stop(self, timeout_s: float = 1.0) -> bool:
+        """Idempotent; returns within ``timeout_s`` (a step in progress finishes): True when
+        no step runs any more (the caller may close what the steps use)."""
         self.state.unsubscribe(self._on_state)
         self._stopping.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout_s)
             if self._thread.is_alive():
                 log.warning("observer loop did not stop within %.1f s (in step)", timeout_s)
+                return False
+        return True
 
     def _on_state(self, snap: Snapshot) -> None:
         old, self._last = self._last, snap

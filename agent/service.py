@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 STOP_BUDGET_S = 1.5          # of the 2 s stop (docs/INTERFACE.md#exit-codes-and-error-lines), the joins' share
 STOP_TOTAL_S = 1.9           # ... and everything, MQTT's goodbye included
+CLOSE_SHARE_S = 0.3          # ... of which the closers after the observer loop (display, files)
 HEALTH_EVERY_S = 60.0        # health figures without news (the kernel's clock verdict)
 HEALTH_BUSY_RETRY_S = 1.0    # ... again this soon when the outbox was busy (never waited for)
 TELEMETRY_AFTER_S = 0.5      # telemetry starts at the sign-in's first news or this long after start
@@ -264,7 +265,9 @@ class Service:
         # from the first one on, the code's expires_at and the status times are true.
         self.clock.on_change = lambda fields: self.state.update(**fields)
         loop = self._observers.start()
-        self._closers.append(("observers", loop.stop))
+        def stop_loop() -> None:
+            loop.stop()
+        self._closers.append(("observers", stop_loop))
         self._closers.append(("clock observer", observe_responses(self.clock.observe_response)))
         self.state.subscribe(self._on_state)
         auth = self.auth = self._make_auth() or Authenticator(s.auth, s.token_cache_path, self.state,
@@ -496,7 +499,9 @@ class Service:
             if comp.thread is not None and comp.thread.is_alive():
                 log.warning("%s did not stop in time; exiting anyway (outbox commits are atomic)", comp.name)
         # The closers below leave the final screen and status; no observer step may follow them.
-        self._observers.stop(max(0.1, deadline - time.monotonic()))
+        # A step still running would race the closers (the final screen, the last status): the
+        # loop gets what is left of the whole stop but the closers' share.
+        self._observers.stop(max(0.1, started + STOP_TOTAL_S - CLOSE_SHARE_S - time.monotonic()))
         self.state.update(phase="stopped", code=None)
         for name, close in reversed(self._closers):
             self._close(name, close)

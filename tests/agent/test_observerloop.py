@@ -257,3 +257,24 @@ def test_the_panel_sleeps_on_time_although_its_step_has_slack(tmp_path: Path, st
         loop.stop()
         panel.stop()
         display.close()
+
+
+def test_stop_waits_for_the_step_in_progress(loop: ObserverLoop) -> None:
+    """The service closes the panel and the status file after stop: no step may still run then."""
+    inside = threading.Event()
+    ended: list[float] = []
+
+    def slow() -> float:
+        inside.set()
+        time.sleep(0.4)
+        ended.append(time.monotonic())
+        return 0.0
+    loop.add("slow", slow)
+    loop.start()
+    assert inside.wait(SOON_S)
+    assert loop.stop(timeout_s=2.0)
+    stopped = time.monotonic()
+    assert ended and ended[-1] <= stopped
+    inside.clear()
+    time.sleep(0.2)
+    assert not inside.is_set(), "a step ran after stop"
