@@ -6,6 +6,7 @@ status file, the panel on the png display)."""
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -278,3 +279,21 @@ def test_stop_waits_for_the_step_in_progress(loop: ObserverLoop) -> None:
     inside.clear()
     time.sleep(0.2)
     assert not inside.is_set(), "a step ran after stop"
+
+
+def test_a_steps_strict_wait_takes_no_slack(loop: ObserverLoop, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The supervisor's restart back-off and watchdog come back as its strict wait: kept to time,
+    though the step has slack for its health figures (scaled: 0.5 s, slack from 0.2 s)."""
+    from agent import observerloop
+
+    monkeypatch.setattr(observerloop, "SLACK_FROM_S", 0.2)
+    runs: list[float] = []
+
+    def supervisor() -> tuple[float, float]:
+        runs.append(time.monotonic())
+        return (0.5, 5.0) if len(runs) == 1 else (math.inf, math.inf)
+
+    loop.add("supervisor", supervisor, slack=0.5)
+    loop.start()
+    wait_for(lambda: len(runs) >= 2, SOON_S, "the restart due")
+    assert runs[1] - runs[0] < 0.65, f"{runs[1] - runs[0]:.2f} s for a 0.5 s back-off"
