@@ -44,3 +44,52 @@ def test_requests_runs_without_charset_guessing_and_reads_utf8_answers() -> None
     assert out["loaded"] == [], "charset_normalizer/chardet stay out of the process"
     assert out["json"] == "Zürich" and out["bare"] == "Zürich", "JSON with or without a charset is UTF-8"
     assert "Warning" not in res.stderr, res.stderr
+
+
+SIGN_IN_PROBE = textwrap.dedent("""
+    import json, sys, tempfile, threading, time
+    from pathlib import Path
+    from agent.config import AuthSettings
+    from agent.signin.authenticator import Authenticator
+    from agent.sim.idp import SimIdp
+    from agent.sim.tls import make_tls
+    from agent.state import AgentState
+    from hw.lazymodule import is_deferred
+
+    tmp = Path(tempfile.mkdtemp())
+    tls = make_tls(tmp / "tls")
+    stop = threading.Event()
+    with SimIdp(tls, tenant="simtenant", client_id="sim-device-agent") as idp:
+        settings = AuthSettings(client_id="sim-device-agent", scopes=("api://telemetry/Readings.Write",),
+                                authority=idp.authority, instance_discovery=False,
+                                ca_file=str(tls.ca_file), timeout_s=10.0)
+        state = AgentState()
+        auth = Authenticator(settings, tmp / "token_cache.json", state, device_id="dev-1")
+        threading.Thread(target=auth.run, args=(stop,), daemon=True).start()
+        idp.approve(idp.wait_for_code())
+        deadline = time.monotonic() + 20
+        while state.snapshot.phase != "signed_in" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        phase = state.snapshot.phase
+        stop.set()
+    et = sys.modules["xml.etree.ElementTree"]
+    deferred = [is_deferred(et), is_deferred(sys.modules["xml.etree.cElementTree"]), "pyexpat" in sys.modules]
+    import msal.mex
+    text = msal.mex.ET.fromstring("<a><b>ok</b></a>").find("b").text
+    import xml.etree.ElementTree as ET
+    print(json.dumps({"phase": phase, "deferred": deferred, "text": text,
+                      "works": ET.tostring(ET.Element("x")).decode(), "ran": not is_deferred(et)}))
+""")
+
+
+def test_msal_signs_in_without_running_xml_etree_which_works_on_first_use() -> None:
+    """msal imports xml.etree for ADFS only (agent/signin/__init__.py): a device-code sign-in
+    runs none of it, and the first use gets the real module."""
+    res = subprocess.run([sys.executable, "-c", SIGN_IN_PROBE], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    import json
+
+    out = json.loads(res.stdout)
+    assert out["phase"] == "signed_in"
+    assert out["deferred"] == [True, True, False], "ElementTree, cElementTree not run, no pyexpat"
+    assert out == {**out, "text": "ok", "works": "<x />", "ran": True}
