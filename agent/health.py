@@ -58,18 +58,14 @@ class Health:
     def _oldest_mono(self, now: float) -> tuple[float | None, bool]:
         kept = None if self._oldest is None else self._oldest[1]
         # The outbox's lock can be held for seconds (a put's fsync, a dead-letter retry, a busy
-        # database, VACUUM at open): take it only if it is free, never wait for it here.
-        lock = getattr(self.outbox, "_lock", None)
-        if lock is not None and not lock.acquire(blocking=False):
-            return kept, False
+        # database, VACUUM at open): never wait for it here, keep the last figure instead.
         try:
-            row = self.outbox.oldest()
+            row = self.outbox.oldest(wait=False)
+        except TimeoutError:
+            return kept, False
         except Exception as err:  # noqa: BLE001 - a figure must never stop the service loop
             log.debug("health: oldest pending row unreadable: %s", err)
             return kept, True
-        finally:
-            if lock is not None:
-                lock.release()
         return self._sampled(row, now), True
 
     def _sampled(self, row: Row | None, now: float) -> float | None:

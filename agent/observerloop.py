@@ -10,7 +10,7 @@ when the loop already plans to wake within that time (the service plans a wake `
 after each reading is due), that wake serves them and they cost no wake-up of their own.
 What a person acts on (a code, an error, sign-in, a notice, the button) is served at once.
 
-Each step is a capability's own code (``Panel.serve``, ``StatusWriter.serve``, ...): it does
+Each step is a capability's own code (``Panel.serve_split``, ``StatusWriter.serve``, ...): it does
 what is due and returns the seconds until it wants to run again (``math.inf``: only on news).
 A step added with ``slack`` says its long waits are "about" (the panel's burn-in shift, the
 button's net under a lost edge, the supervisor's health figures): a wait of ``SLACK_FROM_S`` or

@@ -97,6 +97,7 @@ def test_health_figures_while_the_outbox_is_locked_leave_the_button_and_panel_wo
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the death it provokes
 def test_a_dead_observer_thread_ends_the_service_with_exit_1(
         tmp_path: Path, idp: Any, idp_api: Any, tls: Any, caplog: pytest.LogCaptureFixture) -> None:
     """A bug outside a step's guard (here a BaseException from a step) ends the loop's thread:

@@ -822,12 +822,20 @@ class Outbox:
             self.clock.label((r.seq, r.reading, r.stamp) for r in rows)
         return rows
 
-    def oldest(self) -> Row | None:
-        """The oldest pending row (its age is status ``oldest_pending_s``), unlabelled."""
-        with self._lock:
+    def oldest(self, *, wait: bool = True) -> Row | None:
+        """The oldest pending row (its age is status ``oldest_pending_s``), unlabelled.
+
+        ``wait=False``: raise TimeoutError at once instead of waiting for the lock, which a
+        put's fsync, a dead-letter retry or a busy database may hold for seconds (the health
+        figures must never stall the observer thread)."""
+        if not self._lock.acquire(blocking=wait):
+            raise TimeoutError("the outbox is busy")
+        try:
             rows = self._conn().execute("SELECT seq, payload, wall, mono, boot, synced FROM outbox "
                                         "ORDER BY seq LIMIT ?", (len(self._held) + 1,)).fetchall()
             row = next((r for r in rows if r[0] not in self._held), None)
+        finally:
+            self._lock.release()
         if row is None:
             return None
         seq, payload, wall, mono, boot, synced = row

@@ -542,3 +542,26 @@ def test_a_failed_put_leaves_no_half_known_sensor_behind(tmp_path: Path) -> None
     box.close()
     with Outbox(path, DEVICE, max_rows=100, max_bytes=10**6) as again:
         assert again.claim(1)[0].reading["sensor"] == "new"
+
+
+def test_oldest_without_waiting_says_busy_while_a_put_holds_the_outbox(outbox: Outbox) -> None:
+    """The health figures ask with wait=False: a put, retry or busy database never stalls them."""
+    outbox.put([reading(0)])
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with outbox._lock:          # what a put's fsync or a dead-letter retry holds
+            holding.set()
+            release.wait(5)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert holding.wait(5)
+        with pytest.raises(TimeoutError):
+            outbox.oldest(wait=False)
+    finally:
+        release.set()
+        t.join()
+    row = outbox.oldest(wait=False)
+    assert row is not None and row.seq == 1
