@@ -17,6 +17,7 @@ import pytest
 
 from tests.agentproc import AgentProcess
 from tests.fixtures.require import missing
+from tests.fixtures.waiting import wait_for
 from tests.test_e2e_durability import DEVICE, agent_config
 
 
@@ -73,15 +74,6 @@ def settled(value: Callable[[], int], timeout_s: float, what: str, quiet_s: floa
     raise AssertionError(f"not settled within {timeout_s} s: {what}")
 
 
-def wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout_s} s: {what}")
-
-
 @pytest.mark.slow
 def test_disk_full_keeps_delivering_counts_what_it_cannot_store_and_resumes_by_itself(
         tmp_path: Path, idp: Any, idp_api: Any, tls: Any) -> None:
@@ -95,17 +87,18 @@ def test_disk_full_keeps_delivering_counts_what_it_cannot_store_and_resumes_by_i
     try:
         root = Path(f"/proc/{proc.proc.pid}/root") / str(mnt).lstrip("/")
         proc.wait_for_line(lambda line: "signed in" in line.lower(), timeout_s=30)
-        wait_for(lambda: idp_api.count(DEVICE) >= 200, 20, "first uploads")
+        wait_for(lambda: idp_api.count(DEVICE) >= 200, 20, "first uploads", poll_s=0.1)
 
         idp_api.fail(503, count=10**6)             # a backlog builds up while the API is down
         time.sleep(1.5)
         filled = fill(root / "filler")
         proc.wait_for_line(lambda line: "storage full" in line, timeout_s=10)
-        wait_for(lambda: status(root).get("storage") == "full", 10, "status says storage full")
+        wait_for(lambda: status(root).get("storage") == "full", 10, "status says storage full", poll_s=0.1)
         idp_api.clear_faults()
 
         # The backlog stored before the disk filled is delivered and acknowledged on the full disk.
-        wait_for(lambda: status(root)["outbox"]["pending"] == 0, 60, "backlog delivered (status: 0 pending)")
+        wait_for(lambda: status(root)["outbox"]["pending"] == 0, 60, "backlog delivered (status: 0 pending)",
+                 poll_s=0.1)
         before_full = contiguous(idp_api)
         assert before_full > 200, before_full
         requests, dups = len(idp_api.requests), idp_api.duplicates
@@ -118,8 +111,8 @@ def test_disk_full_keeps_delivering_counts_what_it_cannot_store_and_resumes_by_i
 
         (root / "filler").unlink()                 # space returns
         proc.wait_for_line(lambda line: "storage ok again" in line, timeout_s=20)
-        wait_for(lambda: status(root).get("storage") == "ok", 10, "status says ok again")
-        wait_for(lambda: contiguous(idp_api) > before_full + 100, 20, "storing and delivering again")
+        wait_for(lambda: status(root).get("storage") == "ok", 10, "status says ok again", poll_s=0.1)
+        wait_for(lambda: contiguous(idp_api) > before_full + 100, 20, "storing and delivering again", poll_s=0.1)
         rc, elapsed = proc.terminate()
     finally:
         proc.close()
@@ -146,7 +139,7 @@ def test_read_only_state_dir_at_start_delivers_the_backlog_and_stores_again_once
     first = AgentProcess(config)                      # signs in and queues a backlog (API down)
     try:
         first.wait_for_line(lambda line: "signed in" in line.lower(), timeout_s=30)
-        wait_for(lambda: idp_api.count(DEVICE) >= 100, 20, "first uploads")
+        wait_for(lambda: idp_api.count(DEVICE) >= 100, 20, "first uploads", poll_s=0.1)
         idp_api.fail(503, count=10**6)
         time.sleep(1.5)
         assert first.terminate()[0] == 0
@@ -179,9 +172,9 @@ def test_read_only_state_dir_at_start_delivers_the_backlog_and_stores_again_once
         assert idp_api.duplicates == dups and contiguous(idp_api) == backlog, "acks kept in memory: no resend"
         trigger.touch()                              # the filesystem is writable again
         proc.wait_for_line(lambda line: "storage ok again" in line, timeout_s=20)
-        wait_for(lambda: contiguous(idp_api) > backlog + 100, 20, "storing and delivering again")
+        wait_for(lambda: contiguous(idp_api) > backlog + 100, 20, "storing and delivering again", poll_s=0.1)
         root = Path(f"/proc/{proc.proc.pid}/root") / str(mnt).lstrip("/")
-        wait_for(lambda: status(root).get("storage") == "ok", 10, "status says ok")
+        wait_for(lambda: status(root).get("storage") == "ok", 10, "status says ok", poll_s=0.1)
         assert status(root)["outbox"]["dropped"] > 0, "readings sampled while read-only are counted"
         rc, _ = proc.terminate()
     finally:
@@ -201,7 +194,7 @@ def test_outbox_deleted_while_running_is_noticed_within_an_upload_interval_and_s
     proc = AgentProcess(config)
     try:
         proc.wait_for_line(lambda line: "signed in" in line.lower(), timeout_s=30)
-        wait_for(lambda: idp_api.count(DEVICE) >= 100, 20, "first uploads")
+        wait_for(lambda: idp_api.count(DEVICE) >= 100, 20, "first uploads", poll_s=0.1)
         idp_api.fail(503, count=10**6)           # so the file holds a backlog when it goes
         time.sleep(1.0)
         delivered = contiguous(idp_api)
@@ -210,7 +203,7 @@ def test_outbox_deleted_while_running_is_noticed_within_an_upload_interval_and_s
         line = proc.wait_for_line(lambda ln: "outbox file deleted while running" in ln, timeout_s=5)
         noticed_s = time.monotonic() - t0
         idp_api.clear_faults()
-        wait_for(lambda: status(state)["outbox"]["dropped"] > 0, 10, "the loss counted in status")
+        wait_for(lambda: status(state)["outbox"]["dropped"] > 0, 10, "the loss counted in status", poll_s=0.1)
         wait_for(lambda: max(idp_api.seqs(DEVICE)) > delivered + 200, 30, "new readings delivered")
         rc, _ = proc.terminate()
     finally:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from agent.config import parse
 from agent.panel import screens
 from agent.service import Service
 from hw.fake import FakeGpio
+from tests.fixtures.waiting import wait_for
 
 DEVICE = "loop-stalls-1"
 BUTTON = 17
@@ -34,14 +35,6 @@ def _config(tmp_path: Path, idp: Any, api: Any, tls: Any) -> dict[str, Any]:
     }
 
 
-def _wait(cond: Callable[[], object], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s} s: {what}")
-        time.sleep(0.02)
-
-
 @pytest.fixture
 def service(tmp_path: Path, idp: Any, idp_api: Any, tls: Any) -> Iterator[tuple[Service, FakeGpio, threading.Thread]]:
     gpio = FakeGpio()
@@ -50,7 +43,7 @@ def service(tmp_path: Path, idp: Any, idp_api: Any, tls: Any) -> Iterator[tuple[
     result: list[int] = []
     thread = threading.Thread(target=lambda: result.append(svc.run()), name="service-under-test", daemon=True)
     thread.start()
-    _wait(lambda: svc.state.snapshot.code is not None and svc.panel is not None and svc.outbox is not None,
+    wait_for(lambda: svc.state.snapshot.code is not None and svc.panel is not None and svc.outbox is not None,
           20, "a code on show, telemetry started")
     yield svc, gpio, thread
     svc.request_stop()
@@ -64,8 +57,8 @@ def _button_and_panel_still_answer(svc: Service, gpio: FakeGpio) -> None:
     frames = svc.panel.frames_shown
     gpio.press(BUTTON)
     try:
-        _wait(lambda: screens.is_hold_notice(svc.state.snapshot.notice), 3, "the hold's countdown noticed")
-        _wait(lambda: svc.panel is not None and svc.panel.frames_shown > frames, 1, "... and drawn")
+        wait_for(lambda: screens.is_hold_notice(svc.state.snapshot.notice), 3, "the hold's countdown noticed")
+        wait_for(lambda: svc.panel is not None and svc.panel.frames_shown > frames, 1, "... and drawn")
     finally:
         gpio.release(BUTTON)
 
@@ -78,7 +71,7 @@ def test_a_long_press_while_a_token_refresh_hangs_leaves_the_button_and_panel_wo
     # What access_token() does for a whole IdP refresh (up to auth.timeout_s): hold the sign-in.
     with svc.auth._lock:
         gpio.press(BUTTON)
-        _wait(lambda: svc.state.snapshot.notice == "Signing out…", 8, "the long press fired")
+        wait_for(lambda: svc.state.snapshot.notice == "Signing out…", 8, "the long press fired")
         gpio.release(BUTTON)
         time.sleep(0.2)
         _button_and_panel_still_answer(svc, gpio)
@@ -109,7 +102,7 @@ def test_a_dead_observer_thread_ends_the_service_with_exit_1(
     thread = threading.Thread(target=lambda: result.append(svc.run()), name="service-under-test", daemon=True)
     thread.start()
     try:
-        _wait(lambda: svc.outbox is not None and svc.state.snapshot.code is not None, 20, "running")
+        wait_for(lambda: svc.outbox is not None and svc.state.snapshot.code is not None, 20, "running")
 
         def broken() -> float:
             raise KeyboardInterrupt      # not an Exception: no step guard catches it

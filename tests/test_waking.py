@@ -24,6 +24,7 @@ from agent.wakeup import Signal, wait_any
 from hw.fake import FakeGpio
 from tests.agentproc import AgentProcess, write_config
 from tests.fixtures.broker import Subscriber
+from tests.fixtures.waiting import wait_for
 
 DEVICE = "wake-01"
 PREFIX = "fleet"
@@ -117,29 +118,21 @@ def running(tmp_path: Path) -> Iterator[Any]:
         gpio.close()
 
 
-def _wait(cond: Any, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s} s: {what}")
-        time.sleep(0.02)
-
-
 @pytest.mark.slow
 def test_idle_agent_answers_flush_at_once_and_stops_within_2s(
         tmp_path: Path, idp: Any, idp_api: Any, tls: Any, mosquitto: Any, running: Any) -> None:
     idp.auto_approve_after_s = 0.0
     svc, _, thread = running(_config(tmp_path, idp, idp_api, tls, mosquitto))
     sub = Subscriber(mosquitto, [f"{PREFIX}/{DEVICE}/cmd/result"])
-    _wait(lambda: idp_api.seqs(DEVICE), 20, "the first readings delivered (flush at sign-in)")
+    wait_for(lambda: idp_api.seqs(DEVICE), 20, "the first readings delivered (flush at sign-in)")
     assert svc.outbox is not None
-    _wait(lambda: svc.outbox.counts().pending > 0, 10, "a reading queued while the uploader waits an hour")
+    wait_for(lambda: svc.outbox.counts().pending > 0, 10, "a reading queued while the uploader waits an hour")
     time.sleep(0.5)                         # everyone is asleep in their long waits now
     pending = svc.outbox.counts().pending
     sub.publish(f"{PREFIX}/{DEVICE}/cmd", b'{"action": "flush"}')
     result = json.loads(sub.next(5, match=lambda m: m.topic.endswith("/cmd/result")).payload)
     assert result["action"] == "flush" and result["ok"] is True
-    _wait(lambda: len(idp_api.seqs(DEVICE)) >= pending + 1, 5, "flush ends the hour-long upload wait")
+    wait_for(lambda: len(idp_api.seqs(DEVICE)) >= pending + 1, 5, "flush ends the hour-long upload wait")
 
     time.sleep(0.5)                         # asleep again
     svc.request_stop()
@@ -156,7 +149,7 @@ def test_button_and_renew_code_end_the_wait_for_a_person(
     codes: list[str] = []
     svc, gpio, _ = running(_config(tmp_path, idp, idp_api, tls, mosquitto, auto_renew_codes=0), codes)
     sub = Subscriber(mosquitto, [f"{PREFIX}/{DEVICE}/cmd/result"])
-    _wait(lambda: svc.state.snapshot.renewals_exhausted, 20, "the declined code used up the renewals")
+    wait_for(lambda: svc.state.snapshot.renewals_exhausted, 20, "the declined code used up the renewals")
     assert len(codes) == 1
     idp.set(decline_all=False)
     time.sleep(0.5)                         # the sign-in thread is asleep in its endless wait
@@ -164,18 +157,18 @@ def test_button_and_renew_code_end_the_wait_for_a_person(
     gpio.press(17)
     time.sleep(0.1)
     gpio.release(17)
-    _wait(lambda: svc.state.snapshot.code is not None, 5, "the button brings a new code")
+    wait_for(lambda: svc.state.snapshot.code is not None, 5, "the button brings a new code")
     assert len(codes) == 2
 
     # Decline it so the renewals are used up again, then ask over MQTT.
     idp.set(decline_all=True)
-    _wait(lambda: svc.state.snapshot.renewals_exhausted, 20, "declined again")
+    wait_for(lambda: svc.state.snapshot.renewals_exhausted, 20, "declined again")
     idp.set(decline_all=False)
     time.sleep(0.5)
     sub.publish(f"{PREFIX}/{DEVICE}/cmd", b'{"action": "renew_code"}')
     result = json.loads(sub.next(5, match=lambda m: m.topic.endswith("/cmd/result")).payload)
     assert result["ok"] is True
-    _wait(lambda: svc.state.snapshot.code is not None, 5, "renew_code brings a new code")
+    wait_for(lambda: svc.state.snapshot.code is not None, 5, "renew_code brings a new code")
     assert len(codes) == 3
 
 
@@ -187,7 +180,7 @@ def test_sigterm_stops_an_idle_agent_within_2s(tmp_path: Path, idp: Any, idp_api
     cfg["sensors"][0]["interval_s"] = 60.0
     agent = AgentProcess(write_config(tmp_path / "config.toml", cfg))
     try:
-        _wait(lambda: idp_api.seqs(DEVICE), 20, "signed in, first reading delivered")
+        wait_for(lambda: idp_api.seqs(DEVICE), 20, "signed in, first reading delivered")
         time.sleep(1.0)                     # every thread in its long wait
         rc, elapsed = agent.terminate()
         assert rc == 0
@@ -205,7 +198,7 @@ def test_mqtt_status_and_the_panel_still_follow_each_reading(
     cfg = _config(tmp_path, idp, idp_api, tls, mosquitto)
     cfg["upload"]["interval_s"] = 1.0
     svc, _, _ = running(cfg)
-    _wait(lambda: idp_api.seqs(DEVICE), 20, "signed in, first reading delivered")
+    wait_for(lambda: idp_api.seqs(DEVICE), 20, "signed in, first reading delivered")
     sub = Subscriber(mosquitto, [f"{PREFIX}/{DEVICE}/status"])
     uploads: set[str] = set()
     deadline = time.monotonic() + 20
@@ -216,4 +209,4 @@ def test_mqtt_status_and_the_panel_still_follow_each_reading(
             uploads.add(status["last_upload"])
     assert svc.panel is not None
     frames = svc.panel.frames_shown
-    _wait(lambda: svc.panel.frames_shown > frames, 5, "the panel redrawn for the next reading")
+    wait_for(lambda: svc.panel.frames_shown > frames, 5, "the panel redrawn for the next reading")

@@ -20,16 +20,9 @@ from agent.panel.observer import Panel
 from agent.state import AgentState, DeviceCode, LastReading, OutboxCounts
 from agent.statusfile import StatusWriter
 from hw.png import PngDisplay
+from tests.fixtures.waiting import wait_for
 
 SOON_S = 2.0
-
-
-def wait_for(cond: Callable[[], object], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s} s: {what}")
-        time.sleep(0.005)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import dataclasses
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,17 +24,10 @@ from agent.telemetry.outbox import Outbox
 from agent.telemetry.sinks.http import HttpSink
 from agent.telemetry.uploader import Uploader
 from tests.fixtures.api import DEVICE, FakeTokens, reading
+from tests.fixtures.waiting import wait_for
 
 HOUR_S = 3600.0
 SOON_S = 5.0           # far below the hour-long waits these tests cut short
-
-
-def wait_for(cond: Callable[[], object], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s} s: {what}")
-        time.sleep(0.01)
 
 
 @pytest.fixture
