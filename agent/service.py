@@ -257,10 +257,12 @@ class Service:
         the IdP before anything else is built, and the display stack is imported while it waits
         on the network; nothing the code screen does not need runs before the code is shown.
         """
-        from agent.net.https import observe_responses
+        # Sign-in first: its package defers what msal and urllib3 import for flows never run
+        # (agent/signin/__init__.py), before agent.net imports requests.
         from agent.signin.authenticator import Authenticator
 
         s = self.settings
+        from agent.net.https import observe_responses
         # Every HTTPS answer (IdP, API, Graph) tells the clock what time the server thinks it is;
         # from the first one on, the code's expires_at and the status times are true.
         self.clock.on_change = lambda fields: self.state.update(**fields)

@@ -1,63 +1,176 @@
-"""Modules a library imports at its top but the panel never uses, executed on first use instead.
+"""Modules a library imports at its top but the agent never uses, executed on first use instead.
 
 Why: on the way to the first code on the panel, Pillow's EXIF/TIFF tag tables (``PIL.ExifTags``
-~5 ms of CPU on x86, ``PIL.TiffTags`` ~1 ms) and segno's writers (SVG/EPS/PDF/..., which pull in
-``xml.sax`` and ``gzip``: ~4 ms) are paid by every start and read by none of our displays
-(docs/PERFORMANCE.md "Sign-in"). ``defer(name)`` puts an empty module under ``name`` in
-``sys.modules`` that runs the real module's code into itself the first time an attribute it does
-not have yet is read (a module ``__getattr__``, PEP 562): the importing library binds the same
-object, and anything that ever uses it gets the real thing. Unlike ``importlib.util.LazyLoader``
-the import system's own look-ups (``__spec__``) do not set it off.
+~5 ms of CPU on x86, ``PIL.TiffTags`` ~1 ms), segno's writers (SVG/EPS/PDF/..., which pull in
+``xml.sax`` and ``gzip``: ~4 ms) and what msal and urllib3 import for flows the agent never runs
+are paid by every start and used by none (docs/PERFORMANCE.md "Sign-in"). After ``defer(name)``
+the import of ``name`` gives an empty module that runs the real module's code into itself the
+first time an attribute it does not have yet is read (a module ``__getattr__``, PEP 562): the
+importing library binds the same object, and anything that ever uses it gets the real thing.
+Unlike ``importlib.util.LazyLoader`` the import system's own look-ups (``__spec__``) do not set
+it off. The empty module is made by the import system itself (a finder first on
+``sys.meta_path`` serves the deferred names), so it hangs from its package as any submodule does,
+and deferring a module imports nothing, not even its package.
+
+Two more shapes of import, for libraries that name what they take:
+
+- a deferred *package* gives a submodule read from it (``from urllib3.http2 import probe``) by
+  importing that submodule alone; the package's own code still waits for a name of its own;
+- ``stand_ins``: names a library takes at its import (``from msal.oauth2cli.authcode import
+  AuthCodeReceiver``) but only ever calls. Until the module has run, each is answered with a
+  function that runs the module on its first call and calls the real one (a class is
+  constructed, a function called); the module's own attribute is the real one once it ran.
+  Only for names that are only called: a stand-in is no class to subclass or to test with
+  ``isinstance``.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.machinery
 import importlib.util
 import sys
 import threading
 import types
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 _lock = threading.RLock()
+_planned: dict[str, frozenset[str]] = {}      # name -> its stand-ins, until it is imported
 
 
-def defer(name: str) -> bool:
-    """Defer ``name`` (``package.module``) unless it or its package is already imported, or it
-    cannot be found without importing the package (then nothing changes). True if deferred."""
-    parent_name, _, child = name.rpartition(".")
-    if not parent_name or name in sys.modules or parent_name in sys.modules and hasattr(
-            sys.modules[parent_name], child):
+def defer(name: str, *, stand_ins: Iterable[str] = ()) -> bool:
+    """Defer ``name`` (``package.module``) unless it is already imported or cannot be found
+    (then nothing changes). Imports nothing. True if deferred."""
+    if "." not in name or name in sys.modules or _locate(name) is None:
         return False
-    try:
-        parent_spec = importlib.util.find_spec(parent_name)   # a top-level name: not imported
-    except (ImportError, ValueError):
-        return False
-    if parent_spec is None or not parent_spec.submodule_search_locations:
-        return False
-    spec = importlib.machinery.PathFinder.find_spec(name, list(parent_spec.submodule_search_locations))
-    if spec is None or spec.loader is None:
-        return False
-    module = importlib.util.module_from_spec(spec)
-    loader = spec.loader
-
-    def __getattr__(attr: str) -> Any:  # noqa: N807 - PEP 562's name
-        with _lock:
-            if module.__dict__.get("__getattr__") is __getattr__:
-                del module.__dict__["__getattr__"]
-                loader.exec_module(module)          # type: ignore[union-attr]
-        try:
-            return module.__dict__[attr]
-        except KeyError:
-            raise AttributeError(f"module {name!r} has no attribute {attr!r}") from None
-
-    module.__dict__["__getattr__"] = __getattr__
-    sys.modules[name] = module
-    if parent_name in sys.modules:
-        setattr(sys.modules[parent_name], child, module)   # as the import system does
+    with _lock:
+        _planned[name] = frozenset(stand_ins)
+        if _FINDER not in sys.meta_path:
+            sys.meta_path.insert(0, _FINDER)
     return True
 
 
 def is_deferred(module: types.ModuleType) -> bool:
     """Still waiting for its first use (its code has not run)."""
-    return "__getattr__" in module.__dict__ and module.__dict__["__getattr__"].__qualname__.startswith("defer.")
+    hook = module.__dict__.get("__getattr__")
+    return isinstance(hook, _Hook)
+
+
+def _locate(name: str) -> importlib.machinery.ModuleSpec | None:
+    """``name``'s spec, found the way the import system would, without importing its packages
+    (those already imported are asked for their ``__path__``)."""
+    parts = name.split(".")
+    spec = None
+    path: Sequence[str] | None = None
+    for i in range(len(parts)):
+        here = ".".join(parts[:i + 1])
+        module = sys.modules.get(here)
+        if module is not None and here != name:
+            path = getattr(module, "__path__", None)
+        else:
+            try:
+                spec = (importlib.util.find_spec(here) if i == 0
+                        else importlib.machinery.PathFinder.find_spec(here, list(path or ())))
+            except (ImportError, ValueError):
+                return None
+            if spec is None:
+                return None
+            path = spec.submodule_search_locations
+        if here != name and path is None:
+            return None
+    return spec if spec is not None and spec.loader is not None else None
+
+
+class _Finder:
+    """First on ``sys.meta_path`` while names are deferred: serves each once, as an empty module."""
+
+    @staticmethod
+    def find_spec(fullname: str, path: Sequence[str] | None = None,
+                  target: types.ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in _planned:
+            return None
+        with _lock:
+            stand_ins = _planned.pop(fullname, None)
+            if not _planned and _FINDER in sys.meta_path:
+                sys.meta_path.remove(_FINDER)
+        if stand_ins is None:
+            return None
+        real = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if real is None or real.loader is None:
+            return real
+        spec = importlib.machinery.ModuleSpec(fullname, _Loader(real, stand_ins), origin=real.origin,
+                                              is_package=real.submodule_search_locations is not None)
+        spec.submodule_search_locations = real.submodule_search_locations
+        spec.has_location, spec.cached = real.has_location, real.cached
+        return spec
+
+    @staticmethod
+    def invalidate_caches() -> None:
+        """Nothing cached (importlib.invalidate_caches asks every finder)."""
+
+
+_FINDER = _Finder()
+
+
+class _Loader:
+    """Makes the empty module: its code runs on the first read of a name it does not have."""
+
+    def __init__(self, real: importlib.machinery.ModuleSpec, stand_ins: frozenset[str]) -> None:
+        self.real = real
+        self.stand_ins = stand_ins
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> None:
+        return None                     # the import system's default module
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        module.__dict__["__getattr__"] = _Hook(module, self.real, self.stand_ins)
+
+
+class _Hook:
+    """The deferred module's ``__getattr__`` (PEP 562)."""
+
+    def __init__(self, module: types.ModuleType, real: importlib.machinery.ModuleSpec,
+                 stand_ins: frozenset[str]) -> None:
+        self.module = module
+        self.real = real
+        self.stand_ins = stand_ins
+        self.given: dict[str, Callable[..., Any]] = {}
+
+    def run(self) -> types.ModuleType:
+        """The real module's code, once (the import system's spec and loader, then its code)."""
+        module = self.module
+        with _lock:
+            if module.__dict__.get("__getattr__") is self:
+                del module.__dict__["__getattr__"]
+                module.__spec__, module.__loader__ = self.real, self.real.loader
+                self.real.loader.exec_module(module)        # type: ignore[union-attr]
+        return module
+
+    def __call__(self, attr: str) -> Any:
+        module, name = self.module, self.module.__name__
+        with _lock:
+            if module.__dict__.get("__getattr__") is self:
+                if attr == "__path__":        # the import system asking "a package?" (no)
+                    raise AttributeError(attr)
+                if attr in self.stand_ins:
+                    return self.given.setdefault(attr, self._stand_in(attr))
+                search = self.real.submodule_search_locations
+                if search and not attr.startswith("__") and importlib.machinery.PathFinder.find_spec(
+                        f"{name}.{attr}", list(search)) is not None:
+                    return importlib.import_module(f"{name}.{attr}")   # sets module.<attr>
+        self.run()
+        try:
+            return module.__dict__[attr]
+        except KeyError:
+            raise AttributeError(f"module {name!r} has no attribute {attr!r}") from None
+
+    def _stand_in(self, attr: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return getattr(self.run(), attr)(*args, **kwargs)
+
+        name = self.module.__name__
+        call.__name__ = call.__qualname__ = attr
+        call.__module__ = name
+        call.__doc__ = f"Runs {name} on the first call, then calls its {attr} (hw.lazymodule)."
+        return call

@@ -3,7 +3,8 @@
 Runs the real command line (``agent.cli.main``) after wrapping two functions: the code screen's
 renderer and the png display's ``show`` (and telemetry waits for the code only, not at most
 ``TELEMETRY_AFTER_S``). The first time a frame holding a code reaches the
-display, the modules imported by then are written as JSON to ``$STARTUP_PROBE_OUT``; a second
+display, the modules imported by then (and which of them wait for their first use,
+hw.lazymodule) are written as JSON to ``$STARTUP_PROBE_OUT``; a second
 line follows once the outbox holds a reading, saying whether the cyclic garbage collector runs.
 """
 
@@ -41,7 +42,10 @@ def show(self: Any, image: Any) -> None:
     _show(self, image)
     if _code_rendered.is_set() and not _reported.is_set():
         _reported.set()
-        _write({"when": "code shown", "modules": sorted(sys.modules)})
+        from hw.lazymodule import is_deferred
+
+        _write({"when": "code shown", "modules": sorted(sys.modules),
+                "deferred": sorted(k for k, m in list(sys.modules.items()) if m is not None and is_deferred(m))})
         threading.Thread(target=_after_first_reading, daemon=True).start()
 
 

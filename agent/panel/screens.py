@@ -593,10 +593,8 @@ def render_status(snap: Snapshot, size: tuple[int, int] = SIZE, *,
 def _segno() -> Any:
     """segno, without running its writers (SVG, PDF, ... with xml.sax and gzip, ~4 ms x86) until
     something saves a QR to a file: the panel only reads the matrix (hw.lazymodule)."""
-    if "segno" not in sys.modules and defer("segno.writers"):
-        import segno
-
-        segno.writers = sys.modules["segno.writers"]    # what the import system would have set
+    if "segno" not in sys.modules:
+        defer("segno.writers")
     import segno
 
     return segno

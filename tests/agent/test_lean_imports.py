@@ -72,24 +72,43 @@ SIGN_IN_PROBE = textwrap.dedent("""
             time.sleep(0.05)
         phase = state.snapshot.phase
         stop.set()
-    et = sys.modules["xml.etree.ElementTree"]
-    deferred = [is_deferred(et), is_deferred(sys.modules["xml.etree.cElementTree"]), "pyexpat" in sys.modules]
+    def deferred(name):
+        return "absent" if name not in sys.modules else is_deferred(sys.modules[name])
+    before = {m: deferred(m) for m in ("xml.etree.ElementTree", "xml.etree.cElementTree", "pyexpat",
+                                       "msal.oauth2cli.authcode", "urllib3.http2", "importlib.metadata")}
     import msal.mex
     text = msal.mex.ET.fromstring("<a><b>ok</b></a>").find("b").text
     import xml.etree.ElementTree as ET
-    print(json.dumps({"phase": phase, "deferred": deferred, "text": text,
-                      "works": ET.tostring(ET.Element("x")).decode(), "ran": not is_deferred(et)}))
+    import http.server
+    import msal.oauth2cli
+    receiver = msal.oauth2cli.AuthCodeReceiver(port=0)     # what msal's browser flow constructs
+    listening = [type(receiver).__module__, receiver.get_port() > 0,
+                 isinstance(receiver._server, http.server.HTTPServer)]
+    receiver.close()
+    import urllib3.http2
+    h2 = [callable(urllib3.http2.inject_into_urllib3), "importlib.metadata" in sys.modules]
+    after = [deferred(m) for m in ("xml.etree.ElementTree", "msal.oauth2cli.authcode", "urllib3.http2")]
+    print(json.dumps({"phase": phase, "before": before, "text": text,
+                      "works": ET.tostring(ET.Element("x")).decode(), "listening": listening, "h2": h2,
+                      "after": after, "wsl": msal.application.is_wsl() in (True, False)}))
 """)
 
 
-def test_msal_signs_in_without_running_xml_etree_which_works_on_first_use() -> None:
-    """msal imports xml.etree for ADFS only (agent/signin/__init__.py): a device-code sign-in
-    runs none of it, and the first use gets the real module."""
+def test_msal_signs_in_without_running_what_other_flows_need_which_works_on_first_use() -> None:
+    """msal imports xml.etree for ADFS and http.server (msal.oauth2cli.authcode) for the browser
+    flow, urllib3 importlib.metadata for opting in to HTTP/2 (agent/signin/__init__.py): a
+    device-code sign-in runs none of it, and the first use gets the real module."""
     res = subprocess.run([sys.executable, "-c", SIGN_IN_PROBE], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     import json
 
     out = json.loads(res.stdout)
     assert out["phase"] == "signed_in"
-    assert out["deferred"] == [True, True, False], "ElementTree, cElementTree not run, no pyexpat"
-    assert out == {**out, "text": "ok", "works": "<x />", "ran": True}
+    assert out["before"] == {"xml.etree.ElementTree": "absent", "xml.etree.cElementTree": True,
+                             "pyexpat": "absent", "msal.oauth2cli.authcode": True, "urllib3.http2": True,
+                             "importlib.metadata": "absent"}, "imported, not run"
+    assert out["text"] == "ok" and out["works"] == "<x />"
+    assert out["listening"] == ["msal.oauth2cli.authcode", True, True], "the real receiver, on a port"
+    assert out["h2"] == [True, True]
+    assert out["after"] == [False, False, False], "each ran on its first use"
+    assert out["wsl"] is True

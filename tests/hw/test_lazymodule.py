@@ -4,8 +4,11 @@ moment something uses them. Fresh interpreters: the point is what an agent's sta
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.agentproc import ROOT
 
@@ -57,3 +60,53 @@ def test_pillow_tag_tables_load_on_first_use_only() -> None:
 
 def test_segno_writers_load_on_first_use_only() -> None:
     assert _run(_SEGNO) == ["False", "False", "True", "31", "True", "True", "False"]
+
+
+_PACKAGE = {
+    "lib/__init__.py": "import sys\nsys.ran.append('lib')\nfrom lib import tool\nfrom lib.tool import Maker, helper\n",
+    "lib/tool.py": "import sys\nsys.ran.append('tool')\nclass Maker:\n    def __init__(self, n):\n"
+                   "        self.n = n\ndef helper(x):\n    return x * 2\nVALUE = 7\n__all__ = ['VALUE', 'helper']\n",
+    "lib/sub/__init__.py": "import sys\nsys.ran.append('sub')\nfrom importlib import metadata\nPKG = 1\n",
+    "lib/sub/leaf.py": "import sys\nsys.ran.append('leaf')\nLEAF = 3\n",
+}
+
+_SHAPES = """
+import json, sys
+sys.ran = []
+from hw.lazymodule import defer, is_deferred
+out = {"deferred": [defer("lib.tool", stand_ins=("Maker", "helper")), defer("lib.sub"), defer("lib.none")],
+       "imported_by_defer": [m for m in ("lib", "lib.tool", "lib.sub") if m in sys.modules]}
+import lib
+from lib.sub import leaf
+out["after_import"] = list(sys.ran)
+out["hangs"] = [lib.tool is sys.modules["lib.tool"], is_deferred(lib.tool), is_deferred(sys.modules["lib.sub"]),
+                hasattr(lib.tool, "__path__"), leaf.LEAF]
+made = lib.Maker(5)                                # a stand-in: the real class, constructed
+out["called"] = [type(made).__qualname__, made.n, isinstance(made, lib.tool.Maker), lib.helper(4), list(sys.ran)]
+import lib.sub
+out["package"] = [lib.sub.PKG, "importlib.metadata" in sys.modules, is_deferred(lib.sub), list(sys.ran)]
+ns = {}
+exec("from lib.tool import *", ns)
+out["star"] = sorted(k for k in ns if not k.startswith("__"))
+print(json.dumps(out))
+"""
+
+
+def test_deferring_imports_nothing_and_each_shape_of_import_gets_the_real_thing(tmp_path: Path) -> None:
+    """A package's submodule deferred before the package is imported (msal.oauth2cli.authcode):
+    it still hangs from its package; names only called (stand-ins) run it on the first call; a
+    deferred package (urllib3.http2) gives its submodule without running its own code; the
+    import system asking whether it is a package does not set it off."""
+    for rel, text in _PACKAGE.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    res = subprocess.run([sys.executable, "-c", _SHAPES], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["deferred"] == [True, True, False] and out["imported_by_defer"] == []
+    assert out["after_import"] == ["lib", "leaf"], "neither lib.tool nor lib.sub ran at their import"
+    assert out["hangs"] == [True, True, True, False, 3]
+    assert out["called"] == ["Maker", 5, True, 8, ["lib", "leaf", "tool"]]
+    assert out["package"] == [1, True, False, ["lib", "leaf", "tool", "sub"]]
+    assert out["star"] == ["VALUE", "helper"]
