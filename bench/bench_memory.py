@@ -14,14 +14,17 @@ buffers, SQLite's page cache) and the touched pages of each file mapped (the int
 shared libraries; shared with other processes on a box only where they use the same files).
 DIR (default: a temp dir) holds the outbox: a real disk, as on a box. OLD: an older checkout
 (``git archive REV | tar -x -C OLD``) measured the same way after this one, for the baseline.
-Each tree runs with the ``Environment=`` of its own systemd unit, as on a box.
+Each tree runs as its own systemd unit runs it: ``python -m agent run`` (the unit's ExecStart,
+the console script, calls the same ``agent.cli.main``) with the unit's ``Environment=`` (glibc's
+malloc settings; -OO with its bytecode cache, compiled first as the README's install step does,
+in DIR/bench-memory-cache, kept between runs) and none of this shell's other ``PYTHON*``
+variables; printed with the figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import compileall
-import os
 import shutil
 import statistics
 import subprocess
@@ -38,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from agent.sim.api import SimApi  # noqa: E402
 from agent.sim.idp import SimIdp  # noqa: E402
 from agent.sim.tls import make_tls  # noqa: E402
-from tests.agentproc import unit_environment, write_config  # noqa: E402
+from tests.agentproc import service_environment, unit_environment, write_config  # noqa: E402
 from tests.fixtures.broker import Broker  # noqa: E402
 
 DEVICE = "bench-mem-01"
@@ -135,10 +138,18 @@ def print_breakdown(start: tuple[dict[str, int], dict[str, int]], end: tuple[dic
 
 
 def measure(tree: Path, readings: int, base_dir: str | None, label: str) -> None:
-    # An installed agent runs from bytecode (pip compiles it); a checkout under
-    # PYTHONDONTWRITEBYTECODE would compile every module at start, and keep the compiler's heap.
-    for pkg in ("agent", "hw"):
-        compileall.compile_dir(str(tree / pkg), quiet=1)
+    # The service's environment and bytecode, as on a box: a unit with a bytecode cache
+    # (PYTHONPYCACHEPREFIX) gets it compiled by unit_environment, as the install step does; an
+    # older one runs from the bytecode pip compiles next to the sources (a checkout under
+    # PYTHONDONTWRITEBYTECODE would compile every module at start, and keep the compiler's heap).
+    cache = Path(base_dir or tempfile.gettempdir()) / "bench-memory-cache"
+    unit_env = unit_environment(tree, cache)
+    env = service_environment(tree, cache)
+    prefix = Path(unit_env["PYTHONPYCACHEPREFIX"]) if "PYTHONPYCACHEPREFIX" in unit_env else None
+    if prefix is None:
+        for pkg in ("agent", "hw"):
+            compileall.compile_dir(str(tree / pkg), quiet=1)
+    cached_before = set(prefix.rglob("*.pyc")) if prefix else set()
     tmp = Path(tempfile.mkdtemp(dir=base_dir, prefix="bench-memory-"))
     tls = make_tls(tmp / "tls")
     broker = Broker("/usr/sbin/mosquitto", tmp / "broker").start()
@@ -157,8 +168,6 @@ def measure(tree: Path, readings: int, base_dir: str | None, label: str) -> None
                    "batch_max": 500},
         "log": {"level": "warning"},
     })
-    unit_env = unit_environment(tree)        # as systemd runs it: the allocator settings
-    env = dict(os.environ, PYTHONPATH=str(tree), **unit_env)
     proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)], cwd=tree, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     samples: list[tuple[int, int]] = []       # (delivered, VmRSS KiB)
@@ -180,6 +189,8 @@ def measure(tree: Path, readings: int, base_dir: str | None, label: str) -> None
             samples.append((delivered, status(proc.pid)["VmRSS"]))
         end = status(proc.pid)
         where = breakdown(proc.pid)
+        # What the service compiled itself (and cached) because the install step had not.
+        compiled_at_start = sorted(set(prefix.rglob("*.pyc")) - cached_before) if prefix else []
         elapsed = time.monotonic() - t0
     finally:
         proc.terminate()
@@ -191,13 +202,16 @@ def measure(tree: Path, readings: int, base_dir: str | None, label: str) -> None
     quarters = [next(rss for n, rss in samples if n >= readings * q / 4) for q in (1, 2, 3)] + [end["VmRSS"]]
     print(f"{label} ({tree}): all features on ({SENSORS} sensors every {INTERVAL_S * 1000:.0f} ms, "
           f"MQTT + HA discovery, png panel, fake GPIO, gzip uploads), {delivered:,} readings delivered in "
-          f"{elapsed:.0f} s, {end['Threads']} threads; the unit's environment: "
-          f"{' '.join(f'{k}={v}' for k, v in unit_env.items())}")
+          f"{elapsed:.0f} s, {end['Threads']} threads; run as its systemd unit runs it, with the unit's "
+          f"environment: {' '.join(f'{k}={v}' for k, v in unit_env.items())}")
     print(f"  RSS: start {start['VmRSS'] / MIB:.1f} MiB, peak {end['VmHWM'] / MIB:.1f} MiB, "
           f"end {end['VmRSS'] / MIB:.1f} MiB (median over the run "
           f"{statistics.median(r for _, r in samples) / MIB:.1f} MiB)")
     print(f"  RSS at 1/4, 1/2, 3/4, end of the run: {', '.join(f'{q / MIB:.1f}' for q in quarters)} MiB; "
           f"end anonymous {end['RssAnon'] / MIB:.1f} MiB, file-backed {end['RssFile'] / MIB:.1f} MiB")
+    if prefix is not None:
+        print(f"  bytecode: {len(compiled_at_start)} modules compiled by the agent itself (not by the install "
+              f"step){': ' + ', '.join(p.name for p in compiled_at_start[:10]) if compiled_at_start else ''}")
     print_breakdown(where_start, where)
 
 

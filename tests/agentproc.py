@@ -7,6 +7,7 @@ import queue
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -115,10 +116,24 @@ class AgentProcess:
             self.kill()
 
 
-def unit_environment(root: Path = ROOT) -> dict[str, str]:
+SERVICE_CACHE_DIR = "/var/cache/device-agent"     # the unit's CacheDirectory=device-agent
+# The README's install step compiles the bytecode the unit's PYTHONOPTIMIZE asks for, with this
+# exclusion (test suites and GUI tools the service never imports); tests/test_systemd.py checks
+# that the README says the same.
+BYTECODE_EXCLUDE = "/(tests?|idlelib|tkinter|turtledemo|lib2to3|ensurepip)/"
+
+
+def unit_environment(root: Path = ROOT, cache_dir: Path | None = None, *, compile_bytecode: bool = True
+                     ) -> dict[str, str]:
     """The ``Environment=`` assignments of ``root``'s systemd unit: what the service runs with
-    (the allocator settings among them), for tests and benches that run the agent as systemd
-    would. Quoting is not supported: the unit uses none."""
+    (the allocator settings, -OO and its bytecode cache among them), for tests and benches that
+    run the agent as systemd would. Quoting is not supported: the unit uses none.
+
+    Paths in the unit's cache directory point into ``cache_dir`` instead (default: one per user
+    in the temp dir, kept between runs); with ``compile_bytecode`` the bytecode there is brought
+    up to date first, as the install step does on a box (`install_bytecode`), so that an agent
+    started with this environment does not compile its modules at start.
+    """
     unit = root / "systemd" / "device-agent.service"
     env: dict[str, str] = {}
     for line in unit.read_text().splitlines() if unit.exists() else []:
@@ -126,4 +141,44 @@ def unit_environment(root: Path = ROOT) -> dict[str, str]:
             for item in line.removeprefix("Environment=").split():
                 key, _, value = item.partition("=")
                 env[key] = value
+    if any(v.startswith(SERVICE_CACHE_DIR) for v in env.values()):
+        cache = cache_dir or Path(tempfile.gettempdir()) / f"device-agent-cache-{os.getuid()}"
+        env = {k: str(cache) + v.removeprefix(SERVICE_CACHE_DIR) if v.startswith(SERVICE_CACHE_DIR) else v
+               for k, v in env.items()}
+        if compile_bytecode and "PYTHONPYCACHEPREFIX" in env:
+            install_bytecode(root, Path(env["PYTHONPYCACHEPREFIX"]), int(env.get("PYTHONOPTIMIZE", "0")))
+    return env
+
+
+_compiled: set[tuple[Path, Path, int]] = set()
+
+
+def install_bytecode(root: Path, prefix: Path, optimize: int) -> None:
+    """What the README's install step does, for a checkout: ``compileall -o OPTIMIZE`` of the
+    agent, the interpreter's libraries and its standard library into the ``prefix`` tree
+    (PYTHONPYCACHEPREFIX). ~40 s the first time on the dev machine, then a few seconds of
+    checking that it is up to date; once per process."""
+    import sysconfig
+
+    if (root, prefix, optimize) in _compiled:
+        return
+    dirs = [str(root / "agent"), str(root / "hw"), sysconfig.get_path("purelib"), sysconfig.get_path("stdlib")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["PYTHONPYCACHEPREFIX"] = str(prefix)
+    res = subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", "-o", str(optimize),
+                          "-x", BYTECODE_EXCLUDE, *dirs], env=env, capture_output=True, text=True)
+    # A library may carry a file that is not valid Python 3.11 (a template, a test fixture):
+    # compileall reports it, goes on and exits 1; the service could not import it either.
+    if res.returncode not in (0, 1):
+        raise RuntimeError(f"compileall failed: {res.stderr[-2000:]}")
+    _compiled.add((root, prefix, optimize))
+
+
+def service_environment(root: Path = ROOT, cache_dir: Path | None = None) -> dict[str, str]:
+    """The environment systemd gives the service, for a checkout: this process's without its
+    ``PYTHON*`` variables (systemd passes none but the unit's own: bytecode gets written, for
+    one), ``root`` on PYTHONPATH, and the unit's ``Environment=`` (`unit_environment`)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "JOURNAL_STREAM"}
+    env["PYTHONPATH"] = str(root)
+    env.update(unit_environment(root, cache_dir))
     return env

@@ -91,7 +91,9 @@ def test_the_units_malloc_settings_take_effect() -> None:
     allocate share two arenas, and a 100 KB buffer is mapped on its own (returned on free)."""
     from tests.agentproc import unit_environment
 
-    env = unit_environment()
+    # glibc's variables alone: what else the unit sets (-OO, its bytecode cache) moves the heap
+    # around at start, and a 100 KB request may then be served from a free chunk without mmap.
+    env = {k: v for k, v in unit_environment(compile_bytecode=False).items() if k.startswith("MALLOC_")}
     assert env.get("MALLOC_ARENA_MAX") == "2", env
     import os
 
@@ -106,3 +108,77 @@ def test_the_units_malloc_settings_take_effect() -> None:
     assert probe(env) == (2, 1)
     arenas, mapped = probe({})
     assert arenas > 2 and mapped == 0, "without the unit's settings: an arena per thread, the buffer in the heap"
+
+
+README = UNIT.parents[1] / "README.md"
+
+
+def test_unit_runs_python_without_docstrings_from_its_bytecode_cache() -> None:
+    """-OO from the unit, its bytecode in the unit's own cache directory, and the README's install
+    step compiling exactly that (same level, same directory, what the bench and tests compile)."""
+    from tests.agentproc import BYTECODE_EXCLUDE, SERVICE_CACHE_DIR
+
+    text = UNIT.read_text()
+    assert re.search(r"^CacheDirectory=device-agent$", text, re.M)
+    env: dict[str, str] = {}
+    for line in re.findall(r"^Environment=(.*)$", text, re.M):
+        env.update(item.split("=", 1) for item in line.split())
+    assert env.get("PYTHONOPTIMIZE") == "2", env
+    prefix = env.get("PYTHONPYCACHEPREFIX", "")
+    assert prefix.startswith(SERVICE_CACHE_DIR + "/"), prefix
+    readme = README.read_text().replace("\\\n", " ")
+    install = re.search(r"^sudo env PYTHONPYCACHEPREFIX=(\S+) /opt/device-agent/bin/python -m compileall (.*)$",
+                        readme, re.M)
+    assert install, "README: the install step that compiles the unit's bytecode"
+    assert install.group(1) == prefix
+    args = install.group(2).split()
+    assert args[args.index("-o") + 1] == env["PYTHONOPTIMIZE"]
+    assert args[args.index("-x") + 1] == f"'{BYTECODE_EXCLUDE}'"
+    assert "/opt/device-agent/lib" in args and 'sysconfig.get_path("stdlib")' in install.group(2)
+
+
+LIBRARIES_PROBE = 'assert False, "asserts run: not -OO"'
+
+LIBRARIES_WORK = """
+import sys, tempfile
+from pathlib import Path
+import luma.oled.device, segno, paho.mqtt.client as mqtt, msal, requests, cryptography.x509
+print(sys.flags.optimize, msal.__doc__, requests.Session.__doc__)
+from PIL import Image, ImageDraw, ImageFont
+from hw.fakebus import FakeI2CBus
+from hw.registry import open_display
+from agent.panel import screens
+from agent.sim.appcreds import make_certificate
+from agent.signin.certificate import load_credential, make_assertion
+bus = FakeI2CBus()
+display = open_display("ssd1306", bus=bus)
+image = Image.new("1", display.size)
+ImageDraw.Draw(image).text((0, 0), "ABCD-EFGH", font=ImageFont.load_default(size=10), fill=1)
+display.show(image)
+display.close()
+qr = segno.make("https://microsoft.com/devicelogin", micro=False, boost_error=False)
+client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="probe", protocol=mqtt.MQTTv5)
+files = make_certificate(Path(tempfile.mkdtemp()), "probe")
+cred = load_credential(str(files.certificate_file), str(files.private_key_file))
+jwt = make_assertion(cred, client_id="c", token_endpoint="https://127.0.0.1/t", send_chain=True)
+print(bus.image.getbbox() is not None, qr.version, jwt.count("."))
+"""
+
+
+@pytest.mark.slow
+def test_the_libraries_work_under_the_units_flags(tmp_path: Path) -> None:
+    """Under -OO (asserts and docstrings gone) luma.oled, Pillow, segno, paho, msal, requests and
+    cryptography still do what the agent asks of them: a library that formats its own __doc__
+    at import, or checks with assert, would fail here."""
+    from tests.agentproc import service_environment
+
+    env = service_environment()
+    probe = subprocess.run([sys.executable, "-c", LIBRARIES_PROBE], env=env, capture_output=True, text=True,
+                           timeout=60)
+    assert probe.returncode == 0, probe.stderr            # the assert did not run
+    res = subprocess.run([sys.executable, "-c", LIBRARIES_WORK], env=env, capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    flags, results = res.stdout.splitlines()
+    assert flags == "2 None None"                             # no docstrings
+    assert results == "True 3 2"    # pixels on the panel, a version 3 QR code, a signed JWT
