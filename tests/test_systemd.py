@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -182,3 +184,41 @@ def test_the_libraries_work_under_the_units_flags(tmp_path: Path) -> None:
     flags, results = res.stdout.splitlines()
     assert flags == "2 None None"                             # no docstrings
     assert results == "True 3 2"    # pixels on the panel, a version 3 QR code, a signed JWT
+
+
+@pytest.mark.slow
+def test_the_agent_runs_under_the_units_flags_from_the_installed_bytecode(
+        tmp_path: Path, idp: Any, idp_api: Any, tls: Any, mosquitto: Any) -> None:
+    """`device-agent run` with the unit's environment (-OO, its bytecode cache, glibc's settings):
+    it signs in, delivers readings and stops cleanly, and every module it imports came from the
+    bytecode the install step compiled (a module it had to compile itself would appear in the
+    cache: the install step missed it, and every box would compile it at start)."""
+    from tests.agentproc import AgentProcess, service_environment, write_config
+
+    env = service_environment()
+    env["PYTHONDONTWRITEBYTECODE"] = ""       # as under systemd: what the agent compiles, it caches
+    prefix = Path(env["PYTHONPYCACHEPREFIX"])
+    before = set(prefix.rglob("*.pyc"))
+    idp.auto_approve_after_s = 0.0
+    config = write_config(tmp_path / "config.toml", {
+        "device": {"id": "unit-flags-01", "state_dir": str(tmp_path / "state")},
+        "auth": {"client_id": "sim-device-agent", "authority": idp.authority, "instance_discovery": False,
+                 "scopes": ["api://telemetry/Readings.Write"], "ca_file": str(tls.ca_file)},
+        "display": {"driver": "png", "path": str(tmp_path / "screen.png"), "sleep_after_s": 0},
+        "gpio": {"backend": "fake", "button": 17, "led": 27},
+        "mqtt": {"url": mosquitto.url, "homeassistant": True},
+        "sensors": [{"name": "t", "type": "simulated", "interval_s": 0.1}],
+        "upload": {"sink": "http", "url": idp_api.url, "ca_file": str(tls.ca_file), "interval_s": 0.5},
+    })
+    agent = AgentProcess(config, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while len(idp_api.seqs("unit-flags-01")) < 5:
+            assert agent.proc.poll() is None and time.monotonic() < deadline, agent.output[-3000:]
+            time.sleep(0.1)
+        rc, _ = agent.terminate()
+        assert rc == 0, agent.output[-3000:]
+    finally:
+        agent.close()
+    compiled = sorted(str(p.relative_to(prefix)) for p in set(prefix.rglob("*.pyc")) - before)
+    assert not compiled, f"compiled at start, not by the install step: {compiled}"
