@@ -74,7 +74,8 @@ _SHAPES = """
 import json, sys
 sys.ran = []
 from hw.lazymodule import defer, is_deferred
-out = {"deferred": [defer("lib.tool", stand_ins=("Maker", "helper")), defer("lib.sub"), defer("lib.none")],
+out = {"deferred": [defer("lib.tool", stand_ins=("Maker", "helper")), defer("lib.sub"), defer("lib.none"),
+                    defer("hw.lazymodule")],
        "imported_by_defer": [m for m in ("lib", "lib.tool", "lib.sub") if m in sys.modules]}
 import lib
 from lib.sub import leaf
@@ -88,6 +89,10 @@ out["package"] = [lib.sub.PKG, "importlib.metadata" in sys.modules, is_deferred(
 ns = {}
 exec("from lib.tool import *", ns)
 out["star"] = sorted(k for k in ns if not k.startswith("__"))
+try:
+    import lib.none
+except ModuleNotFoundError as err:
+    out["none"] = err.name
 print(json.dumps(out))
 """
 
@@ -104,9 +109,10 @@ def test_deferring_imports_nothing_and_each_shape_of_import_gets_the_real_thing(
     res = subprocess.run([sys.executable, "-c", _SHAPES], capture_output=True, text=True, cwd=ROOT, env=env)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
-    assert out["deferred"] == [True, True, False] and out["imported_by_defer"] == []
+    assert out["deferred"] == [True, True, True, False] and out["imported_by_defer"] == []
     assert out["after_import"] == ["lib", "leaf"], "neither lib.tool nor lib.sub ran at their import"
     assert out["hangs"] == [True, True, True, False, 3]
     assert out["called"] == ["Maker", 5, True, 8, ["lib", "leaf", "tool"]]
     assert out["package"] == [1, True, False, ["lib", "leaf", "tool", "sub"]]
     assert out["star"] == ["VALUE", "helper"]
+    assert out["none"] == "lib.none", "a name that does not exist fails at its import as always"
