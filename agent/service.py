@@ -58,6 +58,7 @@ CLOSE_SHARE_S = 0.3          # ... of which the closers after the observer loop 
 HEALTH_EVERY_S = 60.0        # health figures without news (the kernel's clock verdict)
 HEALTH_BUSY_RETRY_S = 1.0    # ... again this soon when the outbox was busy (never waited for)
 TELEMETRY_AFTER_S = 0.5      # telemetry starts at the sign-in's first news or this long after start
+STARTING_SCREEN_AFTER_S = 0.5  # the panel's starting screen, unless a code (or sign-in) came first
 RESTART_BACKOFF_S = (1.0, 60.0)
 HEALTHY_RUN_S = 300.0        # a component that ran this long before crashing starts a new streak
 
@@ -290,7 +291,7 @@ class Service:
             from agent.panel.observer import Panel
 
             panel = self.panel = Panel(display, self.state, sleep_after_s=s.display.sleep_after_s,
-                                       wakeup=loop.news)
+                                       wakeup=loop.news, starting_after_s=STARTING_SCREEN_AFTER_S)
             panel.start(thread=False)
             loop.add("panel", panel.serve_split, slack=0.5)   # the shift only: sleep_after_s on time
             self._closers.append(("panel", lambda: panel.stop(final=s.display.on_stop)))

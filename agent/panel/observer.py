@@ -46,8 +46,15 @@ class Panel:
 
     def __init__(self, display: Display, state: AgentState, *, sleep_after_s: float = 300.0,
                  clock: Callable[[], float] = time.monotonic, page_s: float = screens.PAGE_S,
-                 shift_every_s: float = 60.0, wakeup: threading.Event | None = None) -> None:
+                 shift_every_s: float = 60.0, wakeup: threading.Event | None = None,
+                 starting_after_s: float = 0.0) -> None:
         self.display = display
+        # The starting screen waits this long for news before it is drawn: at a box's start the
+        # code usually follows within a fraction of a second, and a starting frame drawn just
+        # before it is CPU the code waits for (docs/PERFORMANCE.md "Sign-in"). An IdP that is
+        # slow or unreachable still gets the starting screen this soon (docs/INTERFACE.md).
+        self.starting_after_s = starting_after_s
+        self._starting_due = clock() + starting_after_s
         self.state = state
         self.sleep_after_s = sleep_after_s
         self.page_s = page_s
@@ -219,6 +226,8 @@ class Panel:
             if now - self._shifted_at >= 0.9 * self.shift_every_s:
                 self._shift, self._shifted_at = self._shift + 1, now
             shift = SHIFTS[self._shift % len(SHIFTS)]
+        if name == "starting" and self._last_frame is None and now < self._starting_due:
+            return max(0.005, self._starting_due - now)      # a code may come first (__init__)
         # The starting screen shows nothing but its key: the state changes of the start (links,
         # the clock's first answer) would each draw it again, CPU the code is waiting for.
         drawn_as = (key, shift) if name == "starting" else None

@@ -46,6 +46,58 @@ def test_starting_screen_first(rig: tuple[Panel, FakeI2CBus, AgentState]) -> Non
     assert pixel_diff(bus.image, screens.render_starting(Snapshot())) is None
 
 
+@pytest.fixture
+def graced(fake_clock: FakeClock) -> Iterator[tuple[Panel, FakeI2CBus, AgentState]]:
+    """The service's panel: the starting screen waits 0.5 s for a code (or a sign-in)."""
+    bus = FakeI2CBus("ssd1306")
+    display = open_display("ssd1306", bus=bus)
+    assert display is not None
+    state = AgentState()
+    panel = Panel(display, state, sleep_after_s=300, clock=fake_clock, shift_every_s=60,
+                  starting_after_s=0.5).start(thread=False)
+    yield panel, bus, state
+    display.close()
+
+
+def test_a_code_within_the_grace_is_the_first_frame(graced: tuple[Panel, FakeI2CBus, AgentState],
+                                                    fake_clock: FakeClock) -> None:
+    panel, bus, state = graced
+    delay = panel.step()
+    assert panel.frames_shown == 0 and 0.45 <= delay <= 0.5     # asks to be served at the grace's end
+    state.update(phase="signing_in")
+    fake_clock.advance(0.2)
+    panel.step()
+    assert panel.frames_shown == 0
+    state.code_issued(make_code(fake_clock()))
+    panel.step()
+    assert panel.frames_shown == 1 and qr_text(bus) == ["https://microsoft.com/devicelogin"]
+
+
+def test_without_news_the_starting_screen_comes_at_the_graces_end(
+        graced: tuple[Panel, FakeI2CBus, AgentState], fake_clock: FakeClock) -> None:
+    panel, bus, state = graced
+    state.update(phase="signing_in")            # asking an IdP that does not answer
+    panel.step()
+    fake_clock.advance(0.49)
+    panel.step()
+    assert panel.frames_shown == 0
+    fake_clock.advance(0.01)
+    panel.step()
+    assert panel.frames_shown == 1
+    assert pixel_diff(bus.image, screens.render_starting(Snapshot(phase="signing_in"))) is None
+
+
+def test_a_restored_sign_in_within_the_grace_draws_the_status_first(
+        graced: tuple[Panel, FakeI2CBus, AgentState], fake_clock: FakeClock) -> None:
+    panel, bus, state = graced
+    panel.step()
+    fake_clock.advance(0.1)
+    state.signed_in("ada@contoso.example")
+    panel.step()
+    assert panel.frames_shown == 1
+    assert pixel_diff(bus.image, screens.render(state.snapshot, fake_clock())) is None
+
+
 def test_code_shows_then_clears(rig: tuple[Panel, FakeI2CBus, AgentState], fake_clock: FakeClock) -> None:
     panel, bus, state = rig
     panel.step()
