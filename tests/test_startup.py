@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.agentproc import AgentProcess, write_config
-from tests.outbox_files import on_disk
+from tests.outbox_files import marks, on_disk
 
 FIRST_READING_S = 1.0      # the promise (docs/PERFORMANCE.md)
 
@@ -34,11 +34,10 @@ def silent_idp() -> Iterator[str]:
 def _stored(outbox: Path, _seen: dict[Path, int] = {}) -> int:  # noqa: B006 (a cache on purpose)
     if not outbox.exists():
         return 0
-    wal = outbox.with_name(outbox.name + "-wal")
-    size = wal.stat().st_size if wal.exists() else 0
-    if _seen.get(outbox) == size:
-        return 0            # no commit since the last look: spare the starting agent's CPU
-    _seen[outbox] = size
+    now = hash(tuple(marks(outbox)))
+    if _seen.get(outbox) == now:
+        return 0            # nothing stored since the last look: spare the starting agent's CPU
+    _seen[outbox] = now
     try:
         # The running agent holds the outbox exclusively: count what is on disk (a copy).
         with on_disk(outbox) as db:

@@ -53,15 +53,18 @@ Thread-safe: one connection guarded by a lock (the sampler puts, the uploader cl
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
 import os
+import secrets
 import sqlite3
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -70,6 +73,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from agent.clock import Stamp, iso_epoch
 from agent.fsutil import atomic_write
 from agent.state import OutboxCounts
+from agent.telemetry import intake
+from agent.telemetry.intake import IntakeLog
 from agent.telemetry.storage import (
     RESERVE_BYTES,
     Reserve,
@@ -96,6 +101,10 @@ REPAGE_MAX_BYTES = 4 * 1024 * 1024   # an older file with bigger pages is rebuil
 SEQ_BLOCK = 10_000          # seqs reserved in the side file at a time
 DEAD_MAX_ROWS = 10_000      # dead-letter table bounds: beyond them the oldest dead rows are
 DEAD_MAX_BYTES = 8 * 1024 * 1024   # dropped (counted into ``dropped``)
+COMMIT_FILL = 0.75          # intake log this full: the batch is committed (agent/telemetry/intake.py)
+COMMIT_EVERY_S = 3600.0     # ... or this long after the last batch COMMIT (monotonic)
+BATCH_BYTES = 96 * 1024     # ... or once the open transaction changed about this much (rows inserted
+                            # and deleted), well inside the page cache: it never spills to the WAL
 STORAGE_RECHECK_S = 5.0     # while storage is full/read-only: how often to look for room again
 STORAGE_LOG_EVERY_S = 600.0
 RECOVER_ROOM_RESERVES = 4   # store again once free space (filesystem + free pages inside the database)
@@ -180,6 +189,12 @@ class Outbox:
         self._replacing = False
         self._words: dict[str, int] = {}         # compact rows: sensor kinds and boots, by number
         self._texts: dict[int, str] = {}         # (meta "word:<n>", written with the first row using it)
+        self._intake_path = self.path.with_name(self.path.name + ".intake")
+        self._intake: IntakeLog | None = None    # None: every change is its own commit (see _open)
+        self._db_id = 0                          # meta "intake_id": whose records the log holds
+        self._batch_bytes = 0                    # changed in the open transaction since its BEGIN
+        self._committed_at = monotonic()
+        self._commit_failed_at: float | None = None
         self._open_checked()
 
     # ----------------------------------------------------------------- public API
@@ -199,7 +214,9 @@ class Outbox:
         with self._lock:
             if self.storage != "ok" and not self._recover():
                 raise StorageUnavailable(self.storage, "reading not stored")
-            return self._write(lambda: self._put(readings, marks))
+            seqs = self._write(lambda: self._put(readings, marks))
+            self._maybe_commit()
+            return seqs
 
     def claim(self, limit: int) -> list[Row]:
         """The oldest ``limit`` pending rows, ascending seq. They stay queued until acked."""
@@ -209,6 +226,8 @@ class Outbox:
                 self._recover()
             else:
                 self._flush_stale_acks()
+            self._maybe_commit()
+            self._ensure_tx(quiet=True)
             return self._retry_corrupt(lambda: self._claim(limit))
 
     def ack(self, seqs: Iterable[int]) -> None:
@@ -229,14 +248,17 @@ class Outbox:
             self._remove_or_hold(seqs, None)
 
     def flush_acks(self) -> None:
-        """Write the acks held for the next ``put`` now (close, dead-letter commands)."""
+        """Write the acks held for the next ``put`` now and commit the batch (close, sign-out,
+        dead-letter commands: a box signed out is often unplugged next)."""
         with self._lock:
             if self._held and self.storage == "ok" and self._db is not None and not self._degraded_conn:
                 self._flush_held()
+            self._maybe_commit(force=True)
 
     def _flush_stale_acks(self) -> None:
-        if self._held and self._monotonic() - self._held_since >= ACK_HOLD_S:
-            self.flush_acks()
+        if (self._held and self._monotonic() - self._held_since >= ACK_HOLD_S and self._db is not None
+                and not self._degraded_conn):
+            self._flush_held()          # one intake record (durable), no batch commit
 
     def dead_letter(self, seqs: Iterable[int], reason: str) -> None:
         """The sink will never accept these: move them to the dead-letter table (kept, counted)."""
@@ -299,9 +321,9 @@ class Outbox:
                 self._reserve(self._next_seq - 1 + SEQ_BLOCK)
             total = max(self._dropped, old_dropped) + lost
             try:
-                with _tx(self._conn()) as db:
+                with self._durable() as db:
                     _count_dropped(db, total, lost, f"outbox file {what}")
-            except sqlite3.Error as err:
+            except (sqlite3.Error, OSError) as err:
                 log.debug("outbox: could not record the loss: %s", err)
             self._dropped = total
             msg = (f"outbox file {what} while running: {lost} readings it held are lost (counted as "
@@ -315,11 +337,9 @@ class Outbox:
         if not self._lost_unsaved:
             return True
         try:
-            with _tx(self._conn()) as db:
-                db.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)",
-                           (self._dropped + self._lost_unsaved,))
-                self._save_lost_reasons(db)
-        except (sqlite3.Error, RuntimeError) as err:
+            with self._changing() as do:
+                do(["m", [["dropped", self._dropped + self._lost_unsaved], *self._lost_reason_values()]])
+        except (sqlite3.Error, OSError, RuntimeError) as err:
             log.debug("outbox: could not record %d lost readings on disk: %s", self._lost_unsaved, err)
             return False
         self._dropped += self._lost_unsaved
@@ -327,10 +347,15 @@ class Outbox:
         self._lost_reasons.clear()
         return True
 
-    def _save_lost_reasons(self, db: sqlite3.Connection) -> None:
+    def _lost_reason_values(self) -> list[list[Any]]:
+        """meta ``dropped:<reason>`` after adding ``_lost_reasons``: absolute values (an intake
+        record must give the same result however often it is applied)."""
+        db = self._conn()
+        out: list[list[Any]] = []
         for reason, n in self._lost_reasons.items():
-            db.execute("INSERT OR REPLACE INTO meta VALUES (?, coalesce((SELECT value FROM meta "
-                       "WHERE key = ?), 0) + ?)", (f"dropped:{reason}", f"dropped:{reason}", n))
+            row = db.execute("SELECT value FROM meta WHERE key = ?", (f"dropped:{reason}",)).fetchone()
+            out.append([f"dropped:{reason}", int(row[0] if row and row[0] is not None else 0) + n])
+        return out
 
     def counts(self) -> OutboxCounts:
         with self._lock:
@@ -370,17 +395,40 @@ class Outbox:
         """
         with self._lock:
             self.flush_acks()
+            db = self._conn()
+            if self._intake is not None:
+                # op runs its own transactions: the batch is committed first (raises if it cannot be)
+                self._commit_batch(reopen=False)
             try:
-                return op(self._conn())
+                return op(db)
             finally:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                self._ensure_tx(quiet=True)
                 self._reload_counts()
 
     def close(self) -> None:
+        self._close(commit=True)
+
+    def _close(self, *, commit: bool) -> None:
+        """``commit``: held acks written and the batch committed (a clean stop); without, the
+        intake log keeps what the open transaction held (the database is being replaced)."""
         with self._lock:
             try:
-                self.flush_acks()
-            except (sqlite3.Error, StorageUnavailable) as err:
+                if commit:
+                    self.flush_acks()
+            except (sqlite3.Error, OSError, StorageUnavailable) as err:
                 log.debug("outbox: held acks not written at close (sent again next run): %s", err)
+            if commit and self._intake is not None and self._db is not None:
+                try:
+                    self._commit_batch(reopen=False)
+                    self._intake.clear()        # all in the database: the next start finds it empty
+                except (sqlite3.Error, OSError) as err:
+                    log.warning("outbox: not committed at close (%s); the intake log keeps the readings "
+                                "for the next start", err)
+            if self._intake is not None:
+                self._intake.close()
+                self._intake = None
             if self._db is not None:
                 try:
                     self._db.close()
@@ -420,7 +468,12 @@ class Outbox:
             pending = db.execute("SELECT count(*) FROM outbox").fetchone()[0]
             dead = db.execute("SELECT count(*) FROM dead").fetchone()[0]
             row = db.execute("SELECT value FROM meta WHERE key = 'dropped'").fetchone()
-            return OutboxCounts(pending=pending, dead=dead, dropped=int(row[0]) if row else 0)
+            dropped = int(row[0]) if row else 0
+            # A stop without close (power cut, kill): what the intake log holds on top.
+            view = _Uncommitted.read(db, path)
+            pending += len(view.rows) - view.committed_deleted(db)
+            dropped = int(view.meta.get("dropped", dropped))
+            return OutboxCounts(pending=pending, dead=dead, dropped=dropped)
         except sqlite3.DatabaseError as err:
             if "no such table" in str(err):
                 return OutboxCounts()
@@ -440,12 +493,25 @@ class Outbox:
         except sqlite3.Error:
             return None
         try:
-            row = db.execute("SELECT * FROM outbox ORDER BY seq LIMIT 1").fetchone()
+            view = _Uncommitted.read(db, Path(path))
             names = [d[0] for d in db.execute("SELECT * FROM outbox LIMIT 0").description]
+            after, row = 0, None
+            while True:      # the oldest committed row the intake log has not deleted since
+                row = db.execute("SELECT * FROM outbox WHERE seq > ? ORDER BY seq LIMIT 1", (after,)).fetchone()
+                if row is None:
+                    break
+                end = view.deleted_range_end(row[names.index("seq")])
+                if end is None:
+                    break
+                after = end
         except sqlite3.Error:
             return None
         finally:
             db.close()
+        if row is None and view.rows:
+            seq = min(view.rows)
+            _, payload, wall, *_ = view.rows[seq]
+            row, names = (seq, base64.b64decode(payload), wall), ["seq", "payload", "wall"]
         if row is None:
             return None
         found = dict(zip(names, row, strict=True))
@@ -472,6 +538,233 @@ class Outbox:
                 raise
             self._storage_trouble(problem, f"{type(err).__name__}: {err}")
             raise StorageUnavailable(problem, str(err)) from err
+
+    # ---- the intake log and the open transaction (agent/telemetry/intake.py)
+    #
+    # While the log is in use, the connection keeps one write transaction open, and what it
+    # holds is always the last COMMIT plus the log's records of the current generation, in
+    # order: every change either appends a record (durable on its own: a put) or commits the
+    # batch with it (dead letters, counts after a loss). When SQLite rolls the transaction back
+    # by itself (a full disk at COMMIT) the records are applied again from the log.
+
+    def _apply(self, db: sqlite3.Connection, ops: list[list[Any]]) -> None:
+        """Apply intake operations: ``["i", rows]`` (outbox rows as stored, payload base64),
+        ``["d", [[first, last], ...]]`` (seq ranges deleted), ``["m", [[key, value], ...]]``.
+        Absolute values only: the same result however often a record is applied."""
+        for kind, arg in ops:
+            before = db.total_changes
+            if kind == "i":
+                db.executemany("INSERT OR REPLACE INTO outbox (seq, payload, wall, mono, boot, synced) "
+                               "VALUES (?, ?, ?, ?, ?, ?)",
+                               [(q, base64.b64decode(p), w, m, b, y) for q, p, w, m, b, y in arg])
+                self._batch_bytes += sum(len(r[1]) for r in arg)
+            elif kind == "d":
+                db.executemany("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", arg)
+            elif kind == "m":
+                db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", arg)
+            else:
+                raise ValueError(f"unknown intake operation {kind!r}")
+            self._batch_bytes += 48 * (db.total_changes - before)
+
+    @contextmanager
+    def _changing(self) -> Iterator[Callable[[list[Any]], None]]:
+        """One durable change, built by calling ``do(op)`` (applied at once, so the next op sees
+        it): with the intake log, inside the open transaction plus one log record (or the batch
+        committed with it when the log has no room); without it, its own transaction."""
+        db = self._conn()
+        ops: list[list[Any]] = []
+
+        def do(op: list[Any]) -> None:
+            self._apply(db, [op])
+            ops.append(op)
+
+        if self._intake is None:
+            with _tx(db):
+                yield do
+            return
+        self._ensure_tx()
+        db.execute("SAVEPOINT change")
+        released = False
+        try:
+            yield do
+            log_file = self._intake
+            payload = intake.payload(ops) if ops else b""
+            if not ops or log_file.fits(payload):
+                if ops:
+                    log_file.append(payload)
+                db.execute("RELEASE change")
+            else:
+                db.execute("RELEASE change")
+                released = True
+                self._commit_batch(force=True)        # this change in the same commit
+        except BaseException:
+            if not released:
+                self._undo("change")
+            raise
+
+    @contextmanager
+    def _durable(self) -> Iterator[sqlite3.Connection]:
+        """A change made durable by a COMMIT of its own (with the batch before it): dead letters,
+        losses counted after corruption or a replaced file. Without the log: a transaction."""
+        db = self._conn()
+        if self._intake is None:
+            with _tx(db):
+                yield db
+            return
+        self._ensure_tx()
+        db.execute("SAVEPOINT durable")
+        try:
+            yield db
+            db.execute("RELEASE durable")
+        except BaseException:
+            self._undo("durable")
+            raise
+        self._commit_batch(force=True)
+
+    def _undo(self, savepoint: str) -> None:
+        db = self._conn()
+        try:
+            db.execute(f"ROLLBACK TO {savepoint}")
+            db.execute(f"RELEASE {savepoint}")
+        except sqlite3.Error as err:
+            log.debug("outbox: rollback to %s: %s (the transaction is rebuilt from the log)", savepoint, err)
+        if not db.in_transaction:
+            self._ensure_tx(quiet=True)
+
+    def _ensure_tx(self, *, quiet: bool = False) -> None:
+        """With the log: the open transaction exists and holds the log's records (after SQLite
+        rolled it back on an error, they are applied again). ``quiet``: a failure is only logged
+        (readers then see the last COMMIT; the next write tries again)."""
+        db = self._db
+        if self._intake is None or db is None or self._degraded_conn or db.in_transaction:
+            return
+        try:
+            self._reapply()
+        except (sqlite3.Error, OSError) as err:
+            if not quiet:
+                raise
+            log.debug("outbox: intake records not applied again yet: %s", err)
+
+    def _reapply(self) -> None:
+        db, log_file = self._conn(), self._intake
+        assert log_file is not None
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if not log_file.empty:
+                run = log_file.read_back()
+                records = run.records if (run.db_id, run.generation) == (self._db_id, log_file.generation) else []
+                if len(records) < log_file.index:
+                    log.error("outbox: the intake log lost %d of its %d records (%s)",
+                              log_file.index - len(records), log_file.index, self._intake_path)
+                for ops in records[:log_file.index]:
+                    self._apply(db, ops)
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        log.debug("outbox: open transaction rebuilt from %d intake records", log_file.index)
+
+    def _commit_batch(self, *, force: bool = False, reopen: bool = True) -> None:
+        """COMMIT the open transaction (synchronous=FULL) with the log's generation in meta, then
+        start the log's next generation. ``force``: also when the log is empty (a change made
+        inside the transaction without a record). ``reopen``: begin the next transaction.
+
+        On failure the transaction is rolled back (if SQLite did not already) and rebuilt from
+        the log, and the error raised: every record is still in the log.
+        """
+        log_file, db = self._intake, self._conn()
+        if log_file is None:
+            return
+        if not db.in_transaction:
+            self._reapply()
+        if log_file.empty and not force:
+            db.execute("ROLLBACK")                  # nothing in it
+        else:
+            try:
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('intake_gen', ?)", (log_file.generation,))
+                db.execute("COMMIT")
+            except sqlite3.Error:
+                if db.in_transaction:
+                    try:
+                        db.execute("ROLLBACK")
+                    except sqlite3.Error as err:
+                        log.debug("outbox: rollback after a failed commit: %s", err)
+                self._ensure_tx(quiet=True)
+                raise
+            log_file.start(self._db_id, log_file.generation + 1)
+            self._batch_bytes = 0
+        self._committed_at = self._monotonic()
+        if reopen:
+            self._ensure_tx(quiet=True)
+
+    def _maybe_commit(self, *, force: bool = False) -> None:
+        """Commit the batch when it is due (the log 3/4 full, the transaction big, an hour since
+        the last): never raises. A COMMIT that fails on a full or read-only disk makes that the
+        storage state (the readings stay in the log and the transaction); it is tried again
+        every ``STORAGE_RECHECK_S``."""
+        log_file, db = self._intake, self._db
+        if log_file is None or db is None or self._degraded_conn or log_file.empty:
+            return
+        now = self._monotonic()
+        if not force and not (log_file.fill >= COMMIT_FILL or self._batch_bytes >= BATCH_BYTES
+                              or now - self._committed_at >= COMMIT_EVERY_S):
+            return
+        if self._commit_failed_at is not None and now - self._commit_failed_at < STORAGE_RECHECK_S:
+            return
+        try:
+            self._commit_batch()
+        except (sqlite3.Error, OSError) as err:
+            self._commit_failed_at = now
+            problem = classify(err, self.path.parent)
+            if problem is not None:
+                self._storage_trouble(problem, f"{type(err).__name__}: {err}")
+            else:
+                self._log_storage(logging.WARNING, "outbox: batch commit failed (%s); the readings stay "
+                                  "in the intake log, tried again in %d s", err, STORAGE_RECHECK_S)
+            return
+        self._commit_failed_at = None
+
+    def _start_intake(self, db: sqlite3.Connection) -> None:
+        """At open, before the counters are read: apply what the log holds that the database
+        has not committed (a stop without ``close``: power cut, SIGKILL), commit, and start the
+        log's next generation. Without a usable log file (read-only or full filesystem) every
+        change commits on its own, as before the log."""
+        meta = dict(db.execute("SELECT key, value FROM meta WHERE key IN ('intake_id', 'intake_gen')"))
+        db_id, committed = int(meta.get("intake_id") or 0), int(meta.get("intake_gen") or 0)
+        log_file = IntakeLog(self._intake_path)
+        try:
+            run = log_file.open()
+        except OSError as err:
+            log.info("outbox: no intake log (%s: %s); every reading is its own commit", self._intake_path.name, err)
+            return
+        try:
+            fresh = db_id == 0
+            if fresh:
+                db_id = secrets.randbits(63) or 1
+            # Another database's records (this file was replaced, or rebuilt after corruption):
+            # none of them is in it, all are applied. Ours: those of a generation not committed.
+            replay = bool(run.records) and (run.db_id != db_id or run.generation > committed)
+            generation = max(committed, run.generation if run.db_id == db_id else 0)
+            if fresh or replay:
+                with _tx(db):
+                    if fresh:
+                        db.execute("INSERT OR REPLACE INTO meta VALUES ('intake_id', ?)", (db_id,))
+                    if replay:
+                        for ops in run.records:
+                            self._apply(db, ops)
+                    db.execute("INSERT OR REPLACE INTO meta VALUES ('intake_gen', ?)", (generation,))
+            if replay:
+                rows = sum(len(arg) for ops in run.records for kind, arg in ops if kind == "i")
+                log.info("outbox: %d intake records (%d readings) applied after a stop without close "
+                         "(power cut or kill)", len(run.records), rows)
+            if run.records:
+                log_file.clear()
+            log_file.start(db_id, generation + 1)
+        except BaseException:
+            log_file.close()
+            raise
+        self._intake, self._db_id = log_file, db_id
+        self._batch_bytes, self._committed_at = 0, self._monotonic()
 
     def _remove_or_hold(self, seqs: list[int], reason: str | None) -> None:
         """Ack / dead-letter; when the disk cannot take even that, remember it in memory so the
@@ -674,8 +967,14 @@ class Outbox:
             db.executescript(_SCHEMA)
             add_stamp_columns(db)
             _small_pages(db, self.path)
+            self._start_intake(db)
             self._load(db)
+            if self._intake is not None:
+                db.execute("BEGIN IMMEDIATE")       # the open transaction of the intake log
         except BaseException:
+            if self._intake is not None:
+                self._intake.close()
+                self._intake = None
             db.close()
             raise
         self._db = db
@@ -738,31 +1037,33 @@ class Outbox:
             self._reserve(seqs[-1] + SEQ_BLOCK)
         added = sum(len(row[1]) for row in rows)
         acked = sorted(s for s, r in self._held.items() if r is None)
-        with _tx(db):
+        dropped = 0
+        unsaved = self._lost_unsaved     # lost while the database was unwritable: write now
+        with self._changing() as do:
             # The acks held since the last put first: the rows they free make room in the leaf
             # page the new rows go to (at a minute's cadence, one page and one WAL frame).
-            gone, gone_bytes = self._delete(db, acked, None, hw_implied=True) if acked else (0, 0)
-            for text, n in new_words.items():       # a new sensor or boot: once per file
-                db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"word:{n}", text))
-            db.executemany("INSERT INTO outbox (seq, payload, wall, mono, boot, synced) "
-                           "VALUES (?, ?, ?, ?, ?, ?)", rows)
+            gone, gone_bytes = self._delete_counted(db, acked) if acked else (0, 0)
+            if acked:
+                do(["d", _ranges(acked)])
+            if new_words:                            # a new sensor or boot: once per file
+                do(["m", [[f"word:{n}", text] for text, n in new_words.items()]])
+            do(["i", [[q, base64.b64encode(p).decode(), w, m, b, y] for q, p, w, m, b, y in rows]])
             pending = self._pending - gone + len(seqs)
             pending_bytes = self._pending_bytes - gone_bytes + added
-            dropped = 0
-            unsaved = self._lost_unsaved     # lost while the database was unwritable: write now
+            meta: list[list[Any]] = []
             if unsaved:
-                db.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)", (self._dropped + unsaved,))
-                self._save_lost_reasons(db)
+                meta += [["dropped", self._dropped + unsaved], *self._lost_reason_values()]
             if pending > self.max_rows or pending_bytes > self.max_bytes:
-                dropped, freed, last = self._drop_oldest(db, pending - self.max_rows,
+                dropped, freed, last = self._oldest_over(db, pending - self.max_rows,
                                                          pending_bytes - self.max_bytes)
-                pending -= dropped
-                pending_bytes -= freed
-                db.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)",
-                           (self._dropped + unsaved + dropped,))
-                db.execute("INSERT OR REPLACE INTO meta VALUES (?, max(coalesce((SELECT value FROM meta "
-                           "WHERE key = ?), 0), ?))", (f"seq_hw:{self.device_id}",
-                                                       f"seq_hw:{self.device_id}", last))
+                if dropped:
+                    do(["d", [[0, last]]])
+                    pending -= dropped
+                    pending_bytes -= freed
+                    key = f"seq_hw:{self.device_id}"
+                    meta += [["dropped", self._dropped + unsaved + dropped], [key, max(self._meta_int(key), last)]]
+            if meta:
+                do(["m", meta])
         # Only after the commit: a failed transaction leaves the counters untouched.
         for text, n in new_words.items():
             self._words[text], self._texts[n] = n, text
@@ -780,25 +1081,44 @@ class Outbox:
                         "(%d dropped in total)", self.max_rows, self.max_bytes, dropped, self._dropped)
         return seqs
 
-    def _drop_oldest(self, db: sqlite3.Connection, rows_over: int, bytes_over: int) -> tuple[int, int, int]:
-        """Delete the oldest pending rows until both bounds hold. Returns (rows, bytes, last seq)."""
+    def _meta_int(self, key: str) -> int:
+        row = self._conn().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        try:
+            return int(row[0]) if row and row[0] is not None else 0
+        except (TypeError, ValueError):
+            return 0
+
+    def _delete_counted(self, db: sqlite3.Connection, seqs: list[int]) -> tuple[int, int]:
+        """How many of these rows are pending, and their payload bytes (before deleting them)."""
+        removed = removed_bytes = 0
+        for i in range(0, len(seqs), _SQL_VARS):
+            chunk = seqs[i:i + _SQL_VARS]
+            marks = ",".join("?" * len(chunk))
+            n, size = db.execute(
+                f"SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox WHERE seq IN ({marks})",  # noqa: S608
+                chunk).fetchone()
+            removed += n
+            removed_bytes += size
+        return removed, removed_bytes
+
+    def _oldest_over(self, db: sqlite3.Connection, rows_over: int, bytes_over: int) -> tuple[int, int, int]:
+        """The oldest pending rows to drop until both bounds hold: (rows, bytes, last seq)."""
         n = freed = last = 0
+        after = 0
         while rows_over > 0 or bytes_over > 0:
             take = max(rows_over, 0) + (64 if bytes_over > 0 else 0)
-            cur = db.execute("SELECT seq, length(payload) FROM outbox ORDER BY seq LIMIT ?", (take,))
-            victims = []
-            for seq, size in cur:
+            found = db.execute("SELECT seq, length(payload) FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+                               (after, take)).fetchall()
+            if not found:
+                break
+            for seq, size in found:
                 if rows_over <= 0 and bytes_over <= 0:
                     break
-                victims.append(seq)
                 rows_over -= 1
                 bytes_over -= size
                 freed += size
-                last = seq
-            if not victims:
-                break
-            db.execute("DELETE FROM outbox WHERE seq <= ?", (victims[-1],))
-            n += len(victims)
+                last = after = seq
+                n += 1
         return n, freed, last
 
     def _claim(self, limit: int) -> list[Row]:
@@ -916,9 +1236,20 @@ class Outbox:
 
     def _remove(self, seqs: list[int], *, dead_reason: str | None) -> None:
         db = self._conn()
-        with _tx(db):
-            removed, removed_bytes = self._delete(db, seqs, dead_reason)
-            dead_dropped = self._bound_dead(db) if dead_reason is not None else 0
+        dead_dropped = 0
+        if dead_reason is None:
+            # An ack: one intake record (the seq high-water mark with it when the newest row goes).
+            with self._changing() as do:
+                removed, removed_bytes = self._delete_counted(db, seqs)
+                top = db.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0]
+                do(["d", _ranges(seqs)])
+                if top <= seqs[-1]:
+                    key = f"seq_hw:{self.device_id}"
+                    do(["m", [[key, max(self._meta_int(key), seqs[-1])]]])
+        else:
+            with self._durable():       # a dead letter is committed at once
+                removed, removed_bytes = self._delete(db, seqs, dead_reason)
+                dead_dropped = self._bound_dead(db)
         self._pending -= removed
         self._pending_bytes -= removed_bytes
         if dead_reason is not None:
@@ -988,15 +1319,16 @@ class Outbox:
             # Found while running: we know how many readings the old file held, so they are
             # accounted for as dropped (with those dropped before) in the new database.
             lost = self._dropped + self._pending
-            self.close()
+            self._close(commit=False)       # the intake log's records go to the new database
             self._replace_corrupt(err, lost=lost)
             self._open()
-            if lost:
+            lost -= self._pending + self._dropped       # those rescued from the log
+            if lost > 0:
                 self._add_dropped(lost)
             return op()
 
     def _add_dropped(self, n: int) -> None:
-        with _tx(self._conn()) as db:
+        with self._durable() as db:
             db.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)", (self._dropped + n,))
         self._dropped += n
 
@@ -1029,6 +1361,62 @@ class Outbox:
         if self._state is not None:
             self._state.update(notice=f"outbox corrupt: moved aside to {aside.name}; {what}")
         return lost
+
+
+class _Uncommitted:
+    """What the intake log beside an outbox file holds that its database has not committed (the
+    service stopped without ``close``), for readers that must not write: ``status`` with the
+    service stopped. The next start applies exactly this."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, list[Any]] = {}     # inserted and not deleted since, by seq
+        self.deleted: list[list[int]] = []       # merged seq ranges deleted
+        self.meta: dict[str, Any] = {}
+
+    @classmethod
+    def read(cls, db: sqlite3.Connection, path: Path) -> _Uncommitted:
+        view = cls()
+        try:
+            found = intake.read(path.with_name(path.name + ".intake"))
+        except OSError as err:
+            log.debug("outbox: intake log of %s unreadable: %s", path, err)
+            return view
+        if found is None or not found[0].records:
+            return view
+        run = found[0]
+        meta = dict(db.execute("SELECT key, value FROM meta WHERE key IN ('intake_id', 'intake_gen')"))
+        if run.db_id == int(meta.get("intake_id") or 0) and run.generation <= int(meta.get("intake_gen") or 0):
+            return view
+        spans: list[list[int]] = []
+        for ops in run.records:
+            for kind, arg in ops:
+                if kind == "i":
+                    view.rows.update((r[0], r) for r in arg)
+                elif kind == "d":
+                    for first, last in arg:
+                        for seq in [q for q in view.rows if first <= q <= last]:
+                            del view.rows[seq]
+                        spans.append([first, last])
+                elif kind == "m":
+                    view.meta.update((k, v) for k, v in arg)
+        for first, last in sorted(spans):
+            if view.deleted and first <= view.deleted[-1][1] + 1:
+                view.deleted[-1][1] = max(view.deleted[-1][1], last)
+            else:
+                view.deleted.append([first, last])
+        return view
+
+    def committed_deleted(self, db: sqlite3.Connection) -> int:
+        """Committed rows the log deletes."""
+        return sum(db.execute("SELECT count(*) FROM outbox WHERE seq BETWEEN ? AND ?", (a, b)).fetchone()[0]
+                   for a, b in self.deleted)
+
+    def deleted_range_end(self, seq: int) -> int | None:
+        """The end of the deleted range holding ``seq``, or None when it is not deleted."""
+        for first, last in self.deleted:
+            if first <= seq <= last:
+                return last
+        return None
 
 
 class _tx:
@@ -1106,6 +1494,17 @@ def _small_pages(db: sqlite3.Connection, path: Path) -> None:
         log.info("outbox: %s keeps its %d B pages (%s)", path.name, page, err)
     finally:
         db.execute("PRAGMA journal_mode=WAL").fetchone()
+
+
+def _ranges(seqs: list[int]) -> list[list[int]]:
+    """Ascending seqs as [first, last] runs (an ack of a batch is one range)."""
+    out: list[list[int]] = []
+    for seq in seqs:
+        if out and seq == out[-1][1] + 1:
+            out[-1][1] = seq
+        else:
+            out.append([seq, seq])
+    return out
 
 
 def _file_id(path: Path) -> tuple[int, int] | None:

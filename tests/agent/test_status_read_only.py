@@ -78,8 +78,9 @@ def test_status_reads_a_stopped_services_outbox_on_a_read_only_state_dir(
 
 def test_a_read_only_open_still_sees_uncheckpointed_commits_a_killed_service_left(tmp_path: Path) -> None:
     """A service killed (or a power cut) leaves its commits in the WAL and no -shm (the outbox's
-    exclusive lock keeps the index in memory). Where -shm can be created, `status` reads with
-    ``mode=ro``, not the immutable fallback that would miss what sits in the WAL."""
+    exclusive lock keeps the index in memory), and its newest readings in the intake log. Where
+    -shm can be created, `status` reads with ``mode=ro``, not the immutable fallback that would
+    miss what sits in the WAL, and counts what the intake log holds on top."""
     import shutil
 
     path = tmp_path / "outbox.sqlite3"
@@ -87,12 +88,19 @@ def test_a_read_only_open_still_sees_uncheckpointed_commits_a_killed_service_lef
     left.mkdir()
     with Outbox(path, DEVICE, max_rows=100, max_bytes=10**6) as live:
         live.put([reading(i) for i in range(3)])
-        live.put([reading(9)])
+        live.flush_acks()                                          # a batch COMMIT: into the WAL
+        live.put([reading(9)])                                     # in the intake log only
+        live.ack([1])                                              # held: lost in a kill
+        live.put([reading(10)])                                    # ... until this put carries it
         assert (tmp_path / "outbox.sqlite3-wal").stat().st_size > 0
-        for name in ("outbox.sqlite3", "outbox.sqlite3-wal"):     # the files as the kill leaves them
+        for name in ("outbox.sqlite3", "outbox.sqlite3-wal", "outbox.sqlite3.intake"):   # as the kill leaves them
             shutil.copyfile(tmp_path / name, left / name)
     assert not (left / "outbox.sqlite3-shm").exists()
     assert Outbox.read_counts(left / "outbox.sqlite3").pending == 4
+    assert Outbox.read_counts(path).pending == 4, "after a clean stop"
+    assert Outbox.read_oldest_wall(left / "outbox.sqlite3") == Outbox.read_oldest_wall(path) is not None
+    with Outbox(left / "outbox.sqlite3", DEVICE, max_rows=100, max_bytes=10**6) as restarted:
+        assert [r.seq for r in restarted.claim(10)] == [2, 3, 4, 5], "what status counted"
 
 
 def test_status_without_the_service_says_a_full_state_dir_is_full(tmp_path: Path) -> None:

@@ -1,0 +1,224 @@
+"""The outbox's intake log: a small preallocated file beside the database where each ``put`` is
+made durable with one ``pwrite`` + ``fdatasync`` (SD-card wear: one 4 KiB page a put), while
+the rows wait in SQLite's open transaction for the next batch COMMIT (agent/telemetry/outbox.py).
+
+Why a file of its own: a durable SQLite commit appends at least one WAL frame (24 B + a 512 B
+page) that crosses a 4 KiB kernel page 13 % of the time, so no SQLite setting writes less than
+~4,630 B a commit (docs/PERFORMANCE.md "Telemetry"). A record of ~100 B appended to a file whose
+blocks are already allocated (written with zeros once, fsynced) costs the one page it lands in:
+``fdatasync`` has no size or block map to write back.
+
+Format: ``SIZE`` bytes; records from offset 0, back to back, each a header (``HEADER``: payload
+length, CRC-32 of everything after the CRC, database id, generation, index) and a payload (the
+JSON list of operations the outbox applied, see ``Outbox._apply``). A scan takes records from
+offset 0 while each is whole, its CRC right, its database id and generation those of the first
+record and its index one more than the last: the first one that is not (zeros, a torn write
+from a power cut, a record of an older generation left behind) ends the log. Starting a new
+generation (after the database committed the old one) writes nothing: the next record goes to
+offset 0 with the next generation number, and what lies beyond it is old and ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SIZE = 64 * 1024            # the file, preallocated; the outbox commits at 3/4 of it
+HEADER = struct.Struct("<IIQII")   # payload length, crc32, database id, generation, index
+_CRC_FROM = 8               # the CRC covers the header from here on, and the payload
+_ZEROS = b"\0" * 65536
+
+
+class LogFull(Exception):  # noqa: N818 - a state: the outbox commits and starts a new generation
+    """The record does not fit in what is left of the log."""
+
+
+@dataclass
+class Run:
+    """The valid records at the head of a log: their database id and generation (0 when there
+    are none), their payloads in order, and the offset just after the last one."""
+
+    db_id: int = 0
+    generation: int = 0
+    records: list[list[Any]] = field(default_factory=list)
+    end: int = 0
+
+
+def scan(data: bytes) -> Run:
+    """The run of valid records from offset 0 of ``data`` (see the module docstring)."""
+    run, offset = Run(), 0
+    while offset + HEADER.size <= len(data):
+        length, crc, db_id, generation, index = HEADER.unpack_from(data, offset)
+        end = offset + HEADER.size + length
+        if length == 0 or end > len(data):
+            break
+        if zlib.crc32(data[offset + _CRC_FROM:end]) != crc:
+            break
+        if run.records and (db_id, generation, index) != (run.db_id, run.generation, len(run.records)):
+            break
+        if not run.records and index != 0:
+            break
+        try:
+            ops = json.loads(data[offset + HEADER.size:end])
+        except ValueError:
+            break
+        if not isinstance(ops, list):
+            break
+        run.db_id, run.generation = db_id, generation
+        run.records.append(ops)
+        offset = run.end = end
+    return run
+
+
+def read(path: Path) -> tuple[Run, int] | None:
+    """The run at the head of the log at ``path`` and the file's size (read-only: ``status``
+    while the service is stopped); None when there is no log."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return None
+    return scan(data), len(data)
+
+
+def payload(ops: list[Any]) -> bytes:
+    """A record's payload: the operations as compact JSON."""
+    return json.dumps(ops, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def encode(body: bytes, *, db_id: int, generation: int, index: int) -> bytes:
+    rest = HEADER.pack(len(body), 0, db_id, generation, index)[_CRC_FROM:] + body
+    return struct.pack("<II", len(body), zlib.crc32(rest)) + rest
+
+
+class IntakeLog:
+    """The open log file of one outbox. Not thread-safe: the outbox's lock guards it.
+
+    Raises (``open``): OSError when the file cannot be created, preallocated or opened for
+    writing (read-only or full filesystem): the outbox then commits every change itself.
+    """
+
+    def __init__(self, path: Path, size: int = SIZE) -> None:
+        self.path = Path(path)
+        self.size = size
+        self._fd: int | None = None
+        self.db_id = 0
+        self.generation = 0
+        self.index = 0
+        self.offset = 0
+
+    def open(self) -> Run:
+        """Open (making it when missing, setting aside one of the wrong size after reading what
+        it holds) and return the run found at its head."""
+        found = read(self.path)
+        run = found[0] if found else Run()
+        if found is not None and found[1] != self.size:
+            aside = _free_name(self.path, "corrupt")
+            os.replace(self.path, aside)
+            log.error("outbox: intake log %s had %d bytes instead of %d: moved aside to %s (%d "
+                      "records in it are used)", self.path.name, found[1], self.size, aside.name,
+                      len(run.records))
+            found = None
+        if found is None:
+            self._make()
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        return run
+
+    def _make(self) -> None:
+        """A new log: written with zeros and fsynced (blocks allocated, size final) under a
+        temporary name, then renamed, so a crash never leaves a short log behind."""
+        tmp = self.path.with_name(self.path.name + ".new")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            left = self.size
+            while left > 0:
+                left -= os.write(fd, _ZEROS[:min(left, len(_ZEROS))])
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.replace(tmp, self.path)
+        dfd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def start(self, db_id: int, generation: int, *, after: Run | None = None) -> None:
+        """Write the next records as ``generation`` of database ``db_id``: from offset 0, or
+        after ``after`` (that generation's records, still uncommitted) to continue it."""
+        self.db_id, self.generation = db_id, generation
+        if after is not None and after.records and (after.db_id, after.generation) == (db_id, generation):
+            self.index, self.offset = len(after.records), after.end
+        else:
+            self.index, self.offset = 0, 0
+
+    @property
+    def fill(self) -> float:
+        return self.offset / self.size
+
+    @property
+    def empty(self) -> bool:
+        return self.index == 0
+
+    def fits(self, body: bytes) -> bool:
+        return self.offset + HEADER.size + len(body) <= self.size
+
+    def append(self, body: bytes) -> None:
+        """One record (``body`` from ``payload``), durable when this returns (one ``pwrite`` +
+        ``fdatasync``).
+
+        Raises:
+            LogFull: no room for it (nothing written).
+            OSError: the write failed; what is on disk at the tail is then unknown, and the
+                offset does not move (the next record overwrites it).
+        """
+        if self._fd is None:
+            raise OSError("intake log closed")
+        data = encode(body, db_id=self.db_id, generation=self.generation, index=self.index)
+        if self.offset + len(data) > self.size:
+            raise LogFull(f"{len(data)} B record, {self.size - self.offset} B left")
+        written = os.pwrite(self._fd, data, self.offset)
+        if written != len(data):
+            raise OSError(f"short write to {self.path}: {written} of {len(data)} B")
+        os.fdatasync(self._fd)
+        self.offset += len(data)
+        self.index += 1
+
+    def read_back(self) -> Run:
+        """The run on disk now (to rebuild the transaction SQLite rolled back)."""
+        if self._fd is None:
+            raise OSError("intake log closed")
+        return scan(os.pread(self._fd, self.size, 0))
+
+    def clear(self) -> None:
+        """Zero the first record's header (after the database committed everything: a clean
+        stop), so whatever opens the log next finds it empty, whatever database sits beside it."""
+        if self._fd is None:
+            return
+        os.pwrite(self._fd, b"\0" * HEADER.size, 0)
+        os.fdatasync(self._fd)
+        self.index = self.offset = 0
+
+    def close(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            finally:
+                self._fd = None
+
+
+def _free_name(path: Path, what: str) -> Path:
+    n = 1
+    while path.with_name(f"{path.name}.{what}-{n}").exists():
+        n += 1
+    return path.with_name(f"{path.name}.{what}-{n}")
