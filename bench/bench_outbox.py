@@ -111,18 +111,39 @@ def clean(d: Path) -> None:
                 os.close(fd)
 
 
+class Minutes:
+    """The outbox's monotonic clock on a box putting once a minute (its timers see the minutes
+    pass; the bench does not wait them out)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def open_outbox(module: ModuleType, path: Path, clock: Minutes) -> object:
+    try:
+        return module.Outbox(path, "bench-01", max_rows=10**7, max_bytes=10**10, monotonic=clock)
+    except TypeError:            # an outbox from before the monotonic clock was injectable
+        return module.Outbox(path, "bench-01", max_rows=10**7, max_bytes=10**10)
+
+
 def paced(base: Path, module: ModuleType, cycles: int, group: int, *, upload: bool) -> float:
-    """Bytes to the block device per reading: ``cycles`` commits of ``group`` readings, pages clean
-    before each; ``upload``: each put is followed by the upload's claim + ack, as on a box that
-    is online. The outbox is closed at the end (its last checkpoint counted)."""
+    """Bytes to the block device per reading: ``cycles`` commits of ``group`` readings, a minute
+    apart, pages clean before each; ``upload``: each put is followed by the upload's claim + ack,
+    as on a box that is online. The outbox is closed at the end (its last commit and
+    checkpoint counted)."""
     d = Path(tempfile.mkdtemp(dir=base))
-    box = module.Outbox(d / "outbox.sqlite3", "bench-01", max_rows=10**7, max_bytes=10**10)
+    clock = Minutes()
+    box = open_outbox(module, d / "outbox.sqlite3", clock)
     box.put([reading(0)], [stamp(0)])          # schema, first page, seq reservation: not measured
     if upload:
         box.ack([r.seq for r in box.claim(500)])
     clean(d)
     before = io_bytes()
     for c in range(cycles):
+        clock.now += 60.0
         box.put([reading(c * group + j) for j in range(group)], [stamp(c * group + j) for j in range(group)])
         if upload:
             box.ack([r.seq for r in box.claim(500)])
@@ -132,6 +153,33 @@ def paced(base: Path, module: ModuleType, cycles: int, group: int, *, upload: bo
     after = io_bytes()
     shutil.rmtree(d)
     return (after - before) / (cycles * group)
+
+
+def backlog(base: Path, module: ModuleType, readings: int, batch: int) -> tuple[float, float]:
+    """An outage: ``readings`` queued one a minute with nothing uploaded, then drained in acks of
+    ``batch`` (the uploader's ``batch_max``) back to back. Bytes to the device per reading
+    (queueing, draining), pages clean before each put and each ack."""
+    d = Path(tempfile.mkdtemp(dir=base))
+    clock = Minutes()
+    box = open_outbox(module, d / "outbox.sqlite3", clock)
+    box.put([reading(0)], [stamp(0)])
+    box.ack([1])
+    clean(d)
+    t0 = io_bytes()
+    for i in range(1, readings + 1):
+        clock.now += 60.0
+        box.put([reading(i)], [stamp(i)])
+        clean(d)
+    t1 = io_bytes()
+    while rows := box.claim(batch):
+        clock.now += 0.05
+        box.ack([r.seq for r in rows])
+        clean(d)
+    box.close()
+    clean(d)
+    t2 = io_bytes()
+    shutil.rmtree(d)
+    return (t1 - t0) / readings, (t2 - t1) / readings
 
 
 def burst(base: Path, group: int, ticks: int) -> tuple[float, float, float]:
@@ -338,6 +386,9 @@ def main() -> int:
     p.add_argument("--ticks", type=int, default=400, help="puts per burst run")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--baseline-commit", default="8cc0377")
+    p.add_argument("--previous-commit", default="a86e465",
+                   help="the SQLite-only outbox before the intake log, measured beside it")
+    p.add_argument("--backlog", type=int, default=3000, help="readings queued in the outage row")
     p.add_argument("--runtime-dir", default="/dev/shm", help="a tmpfs standing in for /run")
     p.add_argument("--levers", action="store_true", help="also: raw SQLite, one design choice at a time")
     args = p.parse_args()
@@ -346,10 +397,13 @@ def main() -> int:
     runtime = Path(tempfile.mkdtemp(dir=args.runtime_dir))
     try:
         old = load_baseline(args.baseline_commit, work)
-        print(f"outbox wear, median of {args.repeat} runs, {args.cycles} commits a run, dir {base}")
-        print(f"  this agent: {current.PAGE_SIZE} B pages, exclusive locking, compact rows, acks ride on the next put; "
-              f"baseline {args.baseline_commit}: {old.PAGE_SIZE} B pages, shared locking (-shm), "
-              "an ack per commit")
+        previous = load_baseline(args.previous_commit, work)
+        print(f"outbox wear, median of {args.repeat} runs, {args.cycles} puts a run, dir {base}")
+        print(f"  this agent: intake log ({current.intake.SIZE // 1024} KiB, one pwrite + fdatasync a put) in front "
+              f"of SQLite ({current.PAGE_SIZE} B pages, exclusive, compact rows), batch COMMIT at "
+              f"{current.COMMIT_FILL:.0%} of the log or every {current.COMMIT_EVERY_S / 60:.0f} min; "
+              f"previous {args.previous_commit}: the same SQLite outbox, every put its own commit; "
+              f"baseline {args.baseline_commit}: {old.PAGE_SIZE} B pages, shared locking (-shm), an ack per commit")
 
         print("\nburst (puts back to back, this agent):")
         print(f"{'readings/put':>12} {'readings/s':>11} {'B to device/rd':>15} {'B to write()/rd':>16}")
@@ -360,7 +414,8 @@ def main() -> int:
 
         print("\na minute apart, 1 reading per commit (bytes to the block device per reading):")
         rows = []
-        for label, module in (("this agent", current), (f"baseline ({args.baseline_commit})", old)):
+        for label, module in (("this agent", current), (f"previous ({args.previous_commit})", previous),
+                              (f"baseline ({args.baseline_commit})", old)):
             online = median(lambda m=module: paced(work, m, args.cycles, 1, upload=True), args.repeat)
             offline = median(lambda m=module: paced(work, m, args.cycles, 1, upload=False), args.repeat)
             rows.append((label, online, offline))
@@ -373,7 +428,14 @@ def main() -> int:
         print(f"  floor: SQLite WAL, one {frame} B frame per commit (512 B pages): {floor512:>6.0f} B "
               f"(theory 4096 x (1 + {frame}/4096) = {4096 + frame} B); 1 KiB pages: {floor1k:.0f} B")
         print(f"  floor: any design, a 40 B record appended + fdatasync per commit: {append:>6.0f} B")
-        print(f"  ratio this agent / baseline (online): {rows[0][1] / rows[1][1]:.2f}")
+        print(f"  ratio this agent / previous (online): {rows[0][1] / rows[1][1]:.2f}; "
+              f"/ baseline: {rows[0][1] / rows[2][1]:.2f}")
+        print(f"\nan outage: {args.backlog} readings queued a minute apart, none uploaded, then drained "
+              "in acks of 500 (bytes to the block device per reading):")
+        for label, module in (("this agent", current), (f"previous ({args.previous_commit})", previous)):
+            runs = [backlog(work, module, args.backlog, 500) for _ in range(args.repeat)]
+            queued, drained = (statistics.median(r[i] for r in runs) for i in range(2))
+            print(f"  {label:<22} queueing: {queued:>6.0f} B; draining: {drained:>6.0f} B")
         if args.levers:
             print("\nlevers, raw SQLite with the outbox's rows, 1 reading per commit (bytes per reading):")
             for what, kw in LEVERS:
@@ -387,6 +449,7 @@ def main() -> int:
         cycles_day = max(200, args.cycles // 2)
         day: dict[str, dict[str, float]] = {}
         for label, module, status_dir in (("this agent", current, runtime),
+                                          (f"previous ({args.previous_commit})", previous, runtime),
                                           (f"baseline ({args.baseline_commit})", old, None)):
             outbox_b = median(lambda m=module: paced(work, m, cycles_day, SENSORS_PER_BOX, upload=True),
                               args.repeat) * SENSORS_PER_BOX * MINUTES_PER_DAY
@@ -394,7 +457,7 @@ def main() -> int:
             token_b = per_write(work, token_cache_save) * TOKEN_SAVES_PER_DAY
             side_b = per_write(work, side_file_save) * SENSORS_PER_BOX * MINUTES_PER_DAY / current.SEQ_BLOCK
             day[label] = {"outbox": outbox_b, "status": status_b, "token": token_b, "side": side_b}
-        print(f"  {'':<22} {'outbox.sqlite3':>15} {'status.json':>12} {'token cache':>12} "
+        print(f"  {'':<22} {'outbox files':>15} {'status.json':>12} {'token cache':>12} "
               f"{'seq side file':>14} {'total/day':>10} {'per reading':>12}")
         for label, kinds in day.items():
             total = sum(kinds.values())
@@ -402,8 +465,9 @@ def main() -> int:
                   f"{kinds['token'] / 1e6:>9.2f} MB {kinds['side'] / 1e6:>11.3f} MB {total / 1e6:>7.2f} MB "
                   f"{total / (SENSORS_PER_BOX * MINUTES_PER_DAY):>9.0f} B")
         labels = list(day)
-        print(f"  ratio this agent / baseline (total): "
-              f"{sum(day[labels[0]].values()) / sum(day[labels[1]].values()):.2f}")
+        print(f"  ratio this agent / previous (total): "
+              f"{sum(day[labels[0]].values()) / sum(day[labels[1]].values()):.2f}; / baseline: "
+              f"{sum(day[labels[0]].values()) / sum(day[labels[2]].values()):.2f}")
         print(f"  (status: {STATUS_WRITES_PER_MINUTE} rewrites a minute, this agent's in {runtime.parent} "
               f"(tmpfs, as /run); token cache: {TOKEN_SAVES_PER_DAY:.0f} fsynced saves a day of "
               f"{TOKEN_CACHE_BYTES} B; ext4 journal blocks not counted)")

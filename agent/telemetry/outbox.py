@@ -2,17 +2,28 @@
 
 Why it looks like this:
 
-- WAL + ``synchronous=FULL``: ``put`` returns only after its transaction is on disk, so a
-  reading that ``put`` accepted survives a power cut or SIGKILL.
+- WAL + ``synchronous=FULL``, and an intake log in front (agent/telemetry/intake.py): ``put``
+  returns only after its readings are on disk, so a reading that ``put`` accepted survives a
+  power cut or SIGKILL. The connection keeps one write transaction open; a put inserts its rows
+  there and appends one record (the same rows, as stored) to ``<db>.intake`` with one
+  ``pwrite`` + ``fdatasync`` (one 4 KiB block a put, where a durable SQLite commit costs ~4.6 KiB:
+  SD-card wear). The batch is committed (``synchronous=FULL``, the log's generation in ``meta``
+  in the same transaction) when the log is 3/4 full, the transaction has changed
+  ``BATCH_BYTES``, ``COMMIT_EVERY_S`` after the last, at close, and at once for what must not
+  wait on a log record (dead letters, the loss counted after corruption or a replaced file,
+  ``using_connection``). The next open applies the log's records that the database has not
+  committed (a torn last record is a put that never returned: ignored), commits, and starts
+  the log's next generation. Where the log cannot be made (read-only or full filesystem at
+  start) every change is its own commit, as before.
 - ``locking_mode=EXCLUSIVE``: the service is the only process that opens the file while it
   runs (``device-agent dead-letter`` asks it through agent/statusfile.py's request files). The WAL
   index then lives in this process's memory instead of a mapped ``-shm`` file whose pages the
   kernel would write back to the SD card after every commit.
-- One transaction per ``put`` call (the sampler's group commit: every reading due at a tick),
+- One log record per ``put`` call (the sampler's group commit: every reading due at a tick),
   and it carries the acks that came since the previous one: an ack is held in memory until the
-  next ``put`` (at most ``ACK_HOLD_S``, ``ACK_HOLD_MAX`` rows), so a box sampling once a minute
-  commits once a minute, touching one leaf page. A power cut loses at most those held acks,
-  which only re-sends readings the receiver de-duplicates by id.
+  next ``put`` (at most ``ACK_HOLD_S``, ``ACK_HOLD_MAX`` rows; then a record of its own), so a
+  box sampling once a minute writes one block a minute. A power cut loses at most those held
+  acks, which only re-sends readings the receiver de-duplicates by id.
 - ``seq`` is assigned here, from 1 per device, and never reused. The database holds the
   high-water mark (``meta.seq_hw:<device>`` plus the pending rows). Because a corrupt database is
   replaced by an empty one, a small side file (``<db>.meta.json``, written atomically) reserves
@@ -23,7 +34,10 @@ Why it looks like this:
   rows are dropped in the same transaction and counted in ``meta.dropped`` (persistent).
 - A corrupt file is moved aside to ``<db>.corrupt-<n>`` (with its -wal), logged at ERROR,
   counted in the side file (``corrupt_replaced``), announced as a state ``notice`` and a new
-  database is started.
+  database is started; the intake log's records the old one had not committed are applied to
+  it (those readings are not lost). A full or read-only disk at a batch COMMIT is the storage
+  state as for any write: the readings stay in the log and in the open transaction (applied
+  again from the log when SQLite rolled it back), new ones are refused until it recovers.
 - Compact rows (SD-card wear): a reading as the sampler makes it (sensor, type, value, unit, and
   its stamp's time) is stored as 11 bytes, its sensor/type/unit and its boot as numbers kept in
   ``meta`` (``word:<n>``, written with the first row that uses one), ~40 bytes a row, so a put
@@ -58,7 +72,6 @@ import json
 import logging
 import math
 import os
-import secrets
 import sqlite3
 import struct
 import threading
@@ -740,7 +753,7 @@ class Outbox:
         try:
             fresh = db_id == 0
             if fresh:
-                db_id = secrets.randbits(63) or 1
+                db_id = int.from_bytes(os.urandom(8), "little") >> 1 or 1
             # Another database's records (this file was replaced, or rebuilt after corruption):
             # none of them is in it, all are applied. Ours: those of a generation not committed.
             replay = bool(run.records) and (run.db_id != db_id or run.generation > committed)
@@ -1054,10 +1067,11 @@ class Outbox:
             if unsaved:
                 meta += [["dropped", self._dropped + unsaved], *self._lost_reason_values()]
             if pending > self.max_rows or pending_bytes > self.max_bytes:
-                dropped, freed, last = self._oldest_over(db, pending - self.max_rows,
-                                                         pending_bytes - self.max_bytes)
-                if dropped:
-                    do(["d", [[0, last]]])
+                victims, freed = self._oldest_over(db, pending - self.max_rows, pending_bytes - self.max_bytes)
+                dropped = len(victims)
+                if victims:
+                    last = victims[-1]
+                    do(["d", _ranges(victims)])     # exactly these (a row put back later stays)
                     pending -= dropped
                     pending_bytes -= freed
                     key = f"seq_hw:{self.device_id}"
@@ -1101,10 +1115,10 @@ class Outbox:
             removed_bytes += size
         return removed, removed_bytes
 
-    def _oldest_over(self, db: sqlite3.Connection, rows_over: int, bytes_over: int) -> tuple[int, int, int]:
-        """The oldest pending rows to drop until both bounds hold: (rows, bytes, last seq)."""
-        n = freed = last = 0
-        after = 0
+    def _oldest_over(self, db: sqlite3.Connection, rows_over: int, bytes_over: int) -> tuple[list[int], int]:
+        """The oldest pending rows to drop until both bounds hold: (their seqs, their bytes)."""
+        victims: list[int] = []
+        freed = after = 0
         while rows_over > 0 or bytes_over > 0:
             take = max(rows_over, 0) + (64 if bytes_over > 0 else 0)
             found = db.execute("SELECT seq, length(payload) FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
@@ -1117,9 +1131,9 @@ class Outbox:
                 rows_over -= 1
                 bytes_over -= size
                 freed += size
-                last = after = seq
-                n += 1
-        return n, freed, last
+                after = seq
+                victims.append(seq)
+        return victims, freed
 
     def _claim(self, limit: int) -> list[Row]:
         db = self._conn()
