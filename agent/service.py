@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypedDict
 
+import agent.regexcache  # first of ours: patterns a previous start compiled (agent/regexcache.py)
 from agent import __version__, logs
 from agent.clock import ClockTrust
 from agent.config import Settings
@@ -197,6 +198,7 @@ class Service:
             self._start()
             self._await_sign_in_news(started)
             self._resume_gc()
+            agent.regexcache.save_started()      # what this start compiled, for the next one
             if not self.stop_event.is_set():
                 self._start_telemetry()
             self._running = True

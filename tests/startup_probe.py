@@ -4,7 +4,8 @@ Runs the real command line (``agent.cli.main``) after wrapping two functions: th
 renderer and the png display's ``show`` (and telemetry waits for the code only, not at most
 ``TELEMETRY_AFTER_S``). The first time a frame holding a code reaches the
 display, the modules imported by then (and which of them wait for their first use,
-hw.lazymodule) are written as JSON to ``$STARTUP_PROBE_OUT``; a second
+hw.lazymodule, and how many regular expressions came from the cache directory or were compiled,
+agent/regexcache.py) are written as JSON to ``$STARTUP_PROBE_OUT``; a second
 line follows once the outbox holds a reading, saying whether the cyclic garbage collector runs.
 """
 
@@ -17,6 +18,7 @@ import sys
 import threading
 from typing import Any
 
+import agent.regexcache
 import hw.png
 from agent import cli, service
 from agent.panel import screens
@@ -26,6 +28,7 @@ _code_rendered = threading.Event()
 _reported = threading.Event()
 _render_code = screens.render_code
 _show = hw.png.PngDisplay.show
+_regex = agent.regexcache.started     # the service hands it back (save_started) after the code
 
 
 def _write(record: dict[str, Any]) -> None:
@@ -45,7 +48,8 @@ def show(self: Any, image: Any) -> None:
         from hw.lazymodule import is_deferred
 
         _write({"when": "code shown", "modules": sorted(sys.modules),
-                "deferred": sorted(k for k, m in list(sys.modules.items()) if m is not None and is_deferred(m))})
+                "deferred": sorted(k for k, m in list(sys.modules.items()) if m is not None and is_deferred(m)),
+                "regex": {"loaded": _regex.loaded, "compiled": _regex.compiled} if _regex else None})
         threading.Thread(target=_after_first_reading, daemon=True).start()
 
 

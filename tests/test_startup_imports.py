@@ -74,6 +74,40 @@ def test_nothing_heavy_is_imported_before_the_code_and_gc_runs_by_the_first_read
         agent.close()
 
 
+@pytest.mark.slow
+def test_a_second_start_takes_its_regular_expressions_from_the_cache_directory(
+        tmp_path: Path, idp: Any, idp_api: Any, tls: Any) -> None:
+    """agent/regexcache.py, with $CACHE_DIRECTORY as systemd sets it: the first start compiles
+    and keeps them, the next one (a reboot) compiles next to none before its code is shown."""
+    cache = tmp_path / "cache"
+    probe = str(ROOT / "tests" / "startup_probe.py")
+    figures = []
+    for n in (1, 2):
+        state = tmp_path / f"state{n}"
+        config = write_config(tmp_path / f"config{n}.toml", {
+            "device": {"id": "start-03", "state_dir": str(state)},
+            "auth": {"client_id": "sim-device-agent", "authority": idp.authority, "instance_discovery": False,
+                     "scopes": ["api://telemetry/Readings.Write"], "ca_file": str(tls.ca_file)},
+            "display": {"driver": "png", "path": str(tmp_path / f"screen{n}.png"), "sleep_after_s": 0},
+            "sensors": [{"name": "temp", "type": "simulated", "interval_s": 60}],
+            "upload": {"sink": "http", "url": idp_api.url, "ca_file": str(tls.ca_file)},
+        })
+        out = tmp_path / f"probe{n}.jsonl"
+        agent = AgentProcess(config, env={"STARTUP_PROBE_OUT": str(out), "CACHE_DIRECTORY": str(cache),
+                                          "STARTUP_PROBE_OUTBOX": str(state / "outbox.sqlite3")},
+                             wrap=lambda argv: [sys.executable, probe, *argv[argv.index("run"):]])
+        try:
+            shown, _ = _probe_lines(out, 2, 15)
+            figures.append(shown["regex"])
+            rc, _ = agent.terminate()
+            assert rc == 0
+        finally:
+            agent.close()
+    first, second = figures
+    assert first["loaded"] == 0 and first["compiled"] > 50
+    assert second["loaded"] >= first["compiled"] - 5 and second["compiled"] <= 5, figures
+
+
 @pytest.mark.parametrize("argv", [
     ["run"], ["run", "--config", "/etc/x.toml"], ["run", "--config=/etc/x.toml"], ["run", "--config="],
     ["run", "--config", ""],
