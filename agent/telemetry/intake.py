@@ -181,6 +181,19 @@ class IntakeLog:
         else:
             self.index, self.offset = 0, 0
 
+    def replaced(self) -> bool:
+        """Is the open file no longer the one at ``path`` (deleted, or another renamed there)?"""
+        if self._fd is None:
+            return False
+        mine = os.fstat(self._fd)
+        try:
+            there = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        return (mine.st_dev, mine.st_ino) != (there.st_dev, there.st_ino)
+
     @property
     def fill(self) -> float:
         return self.offset / self.size

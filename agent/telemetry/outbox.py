@@ -300,13 +300,14 @@ class Outbox:
     def check_file(self) -> bool:
         """Is the open database still the file at ``path``? When it was deleted or replaced
         (compared by st_dev/st_ino), the rows it held are counted as dropped, a new database is
-        opened there and seq continues. Cheap (one stat); the uploader calls it every step.
-        Returns True when it had to switch."""
+        opened there and seq continues. Cheap (two stats: the intake log beside it too); the
+        uploader calls it every step. Returns True when it had to switch."""
         with self._lock:
             if self._db is None or self._degraded_conn or self._file_id is None:
                 return False
             now_id = _file_id(self.path)
             if now_id == self._file_id:
+                self._check_intake()
                 return False
             what = "deleted" if now_id is None else "replaced"
             counts = self.counts()
@@ -736,6 +737,37 @@ class Outbox:
                                   "in the intake log, tried again in %d s", err, STORAGE_RECHECK_S)
             return
         self._commit_failed_at = None
+
+    def _check_intake(self) -> None:
+        """The intake log deleted or replaced while running: appends would go to a file nobody
+        finds after a power cut. Commit the batch (its readings are then in the database) and
+        start a new log there; until the COMMIT works, every change is its own commit."""
+        log_file = self._intake
+        if log_file is None or not log_file.replaced():
+            return
+        log.error("outbox: intake log %s deleted or replaced while running: committing its readings "
+                  "to the database and starting a new one", self._intake_path.name)
+        try:
+            self._commit_batch(reopen=False)
+        except (sqlite3.Error, OSError) as err:
+            log.error("outbox: could not commit the open batch (%s); the readings of the deleted log "
+                      "are in memory only until the next commit", err)
+            return
+        log_file.close()
+        self._intake = None               # every change its own commit if a new log cannot be made
+        fresh = IntakeLog(self._intake_path)
+        try:
+            run = fresh.open()
+            if run.records:
+                fresh.clear()             # whatever was put there is not this database's to apply
+        except OSError as err:
+            fresh.close()
+            log.warning("outbox: no new intake log (%s); every reading is its own commit", err)
+            return
+        generation = log_file.generation
+        fresh.start(self._db_id, generation)
+        self._intake = fresh
+        self._ensure_tx(quiet=True)
 
     def _start_intake(self, db: sqlite3.Connection) -> None:
         """At open, before the counters are read: apply what the log holds that the database

@@ -428,3 +428,24 @@ def test_the_open_transaction_never_spills_into_the_wal_between_commits(
         if gen_a == gen_b:
             assert size_a == size_b, f"the WAL grew from {size_a} to {size_b} B without a commit (gen {gen_a})"
     assert len({g for g, _ in seen}) > 5
+
+
+def test_an_intake_log_deleted_while_running_is_replaced_and_nothing_accepted_is_lost(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Appends to a deleted log would reach a file nobody reads after a power cut: the
+    uploader's check_file() notices (one stat), the batch is committed and a new log made."""
+    live = tmp_path / "live"
+    box = open_box(live / "outbox.sqlite3")
+    box.put([reading(i) for i in range(3)])
+    (live / "outbox.sqlite3.intake").unlink()
+    with caplog.at_level(logging.ERROR, logger="agent.telemetry.outbox"):
+        assert box.check_file() is False, "the database itself is still the file"
+    assert "intake log outbox.sqlite3.intake deleted or replaced" in caplog.text
+    assert (live / "outbox.sqlite3.intake").stat().st_size == intake.SIZE
+    box.put([reading(3)])
+    box.check_file()
+    assert caplog.text.count("deleted or replaced") == 1
+    cut = power_cut(live, tmp_path / "cut")
+    box.close()
+    with open_box(cut) as again:
+        assert seqs_of(again) == [1, 2, 3, 4]
