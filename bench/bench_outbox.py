@@ -1,14 +1,17 @@
 """Outbox durable ingest and SD-card wear: bytes written to the block device per reading, and a
 day of a 5-sensor box, per file the agent writes, against the previous outbox in the same run.
 
-    .venv/bin/python bench/bench_outbox.py [--dir DIR] [--cycles N] [--repeat R] [--baseline-commit C] [--levers]
+    .venv/bin/python bench/bench_outbox.py [--dir DIR] [--cycles N] [--repeat R] [--baseline-commit C]
+        [--previous-commit C] [--backlog N] [--levers]
 
-Each ``put`` is one transaction with ``synchronous=FULL`` (an fsync of the WAL per commit), as
-the sampler issues it: one per tick, holding every reading due at that tick (group commit).
-Bytes are read from /proc/self/io: ``write_bytes`` (page cache this process dirtied, i.e. what
-goes to the block device on its behalf, in whole 4 KiB pages: fsynced WAL frames, checkpoints,
-the WAL index ``-shm`` that SQLite maps) minus ``cancelled_write_bytes``. DIR must be on a real
-disk, not tmpfs (write_bytes is 0 on tmpfs). ext4's own journal (inodes, directory blocks: a
+Each ``put`` is durable before it returns, as the sampler issues it: one per tick, holding
+every reading due at that tick (group commit). This agent appends one record to its intake log
+(``pwrite`` + ``fdatasync``, O_DIRECT) and commits SQLite (``synchronous=FULL``) in batches;
+the "previous" outbox (``--previous-commit``, SQLite only) commits every put. Bytes are read from
+/proc/self/io: ``write_bytes`` (page cache this process dirtied and direct writes, i.e. what goes
+to the block device on its behalf, in whole 4 KiB pages: intake-log blocks, fsynced WAL frames,
+checkpoints, the WAL index ``-shm`` that SQLite maps) minus ``cancelled_write_bytes``. DIR must
+be on a real disk, not tmpfs (write_bytes is 0 on tmpfs). ext4's own journal (inodes, directory blocks: a
 new inode per atomic rewrite) is written by the kernel's jbd2 thread and is in no figure here.
 
 A minute apart is what a box does: before each commit every page is clean again, as the
