@@ -20,6 +20,7 @@ offset 0 with the next generation number, and what lies beyond it is old and ign
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import mmap
@@ -231,6 +232,21 @@ class IntakeLog:
 
     def _write(self, start: int, length: int) -> None:
         """``image[start:start + length]`` to the file, durable (``fdatasync``)."""
+        try:
+            self._write_once(start, length)
+        except OSError as err:
+            if not (self._direct and err.errno == errno.EINVAL):
+                raise
+            # A filesystem that opens with O_DIRECT but refuses the write (alignment, FUSE):
+            # plain writes from now on.
+            log.info("outbox: %s: O_DIRECT refused (%s); plain writes", self.path.name, err)
+            assert self._fd is not None
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            os.close(self._fd)
+            self._fd, self._direct = fd, False
+            self._write_once(start, length)
+
+    def _write_once(self, start: int, length: int) -> None:
         assert self._fd is not None and self._image is not None
         if self._direct:
             start, end = start // BLOCK * BLOCK, -(-(start + length) // BLOCK) * BLOCK

@@ -449,3 +449,30 @@ def test_an_intake_log_deleted_while_running_is_replaced_and_nothing_accepted_is
     box.close()
     with open_box(cut) as again:
         assert seqs_of(again) == [1, 2, 3, 4]
+
+
+def test_a_filesystem_refusing_direct_writes_gets_plain_ones(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Some filesystems open with O_DIRECT and then refuse the write (EINVAL): the record is
+    written the plain way instead, and every one after it."""
+    import errno
+
+    log_file = intake.IntakeLog(tmp_path / "x.intake")
+    log_file.open()
+    log_file.start(7, 1)
+    real = os.pwrite
+    refused = []
+
+    def pwrite(fd: int, data: object, offset: int) -> int:
+        if not refused:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(intake.os, "pwrite", pwrite)
+    log_file.append(intake.payload([["m", [["k", 1]]]]))
+    log_file.append(intake.payload([["m", [["k", 2]]]]))
+    log_file.close()
+    run = intake.read(tmp_path / "x.intake")
+    assert run is not None and refused == [0]
+    assert run[0].records == [[["m", [["k", 1]]]], [["m", [["k", 2]]]]] and run[0].db_id == 7
