@@ -459,6 +459,9 @@ def test_a_filesystem_refusing_direct_writes_gets_plain_ones(tmp_path: Path,
 
     log_file = intake.IntakeLog(tmp_path / "x.intake")
     log_file.open()
+    if not log_file._direct:
+        log_file.close()
+        pytest.skip(f"{tmp_path}: no O_DIRECT on this filesystem")
     log_file.start(7, 1)
     real = os.pwrite
     refused = []
