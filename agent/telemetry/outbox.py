@@ -35,9 +35,10 @@ Why it looks like this:
 - A corrupt file is moved aside to ``<db>.corrupt-<n>`` (with its -wal), logged at ERROR,
   counted in the side file (``corrupt_replaced``), announced as a state ``notice`` and a new
   database is started; the intake log's records the old one had not committed are applied to
-  it (those readings are not lost). A full or read-only disk at a batch COMMIT is the storage
-  state as for any write: the readings stay in the log and in the open transaction (applied
-  again from the log when SQLite rolled it back), new ones are refused until it recovers.
+  it (those readings are not lost). A batch COMMIT that fails on a full disk is tried again
+  while puts fill the log's last quarter; the readings stay in the log and in the open
+  transaction (applied again from the log when SQLite rolled it back). When the log is full
+  too, that is the storage state as for any write: new readings are refused until it recovers.
 - Compact rows (SD-card wear): a reading as the sampler makes it (sensor, type, value, unit, and
   its stamp's time) is stored as 11 bytes, its sensor/type/unit and its boot as numbers kept in
   ``meta`` (``word:<n>``, written with the first row that uses one), ~40 bytes a row, so a put
@@ -713,9 +714,10 @@ class Outbox:
 
     def _maybe_commit(self, *, force: bool = False) -> None:
         """Commit the batch when it is due (the log 3/4 full, the transaction big, an hour since
-        the last): never raises. A COMMIT that fails on a full or read-only disk makes that the
-        storage state (the readings stay in the log and the transaction); it is tried again
-        every ``STORAGE_RECHECK_S``."""
+        the last): never raises. A COMMIT that fails (a full disk) is tried again every
+        ``STORAGE_RECHECK_S`` while puts go on filling the log's last quarter: the readings are
+        durable there. When the log has no room left, the put's own COMMIT fails and that is
+        the storage state (agent/telemetry/storage.py)."""
         log_file, db = self._intake, self._db
         if log_file is None or db is None or self._degraded_conn or log_file.empty:
             return
@@ -728,14 +730,15 @@ class Outbox:
         try:
             self._commit_batch()
         except (sqlite3.Error, OSError) as err:
+            # One line when it starts (the storage state, if it comes to that, has its own).
+            level = logging.WARNING if self._commit_failed_at is None else logging.DEBUG
             self._commit_failed_at = now
-            problem = classify(err, self.path.parent)
-            if problem is not None:
-                self._storage_trouble(problem, f"{type(err).__name__}: {err}")
-            else:
-                self._log_storage(logging.WARNING, "outbox: batch commit failed (%s); the readings stay "
-                                  "in the intake log, tried again in %d s", err, STORAGE_RECHECK_S)
+            log.log(level, "outbox: batch COMMIT failed (%s: %s); the readings stay in the intake log "
+                    "(%d%% of it used), tried again every %d s", type(err).__name__, err,
+                    round(log_file.fill * 100), STORAGE_RECHECK_S)
             return
+        if self._commit_failed_at is not None:
+            log.info("outbox: batch COMMIT works again")
         self._commit_failed_at = None
 
     def _check_intake(self) -> None:

@@ -315,6 +315,7 @@ for _ in range(3000):
             break
     t[0] += 0.01
 full = box.storage
+log_at_full = box._intake.fill
 queued = [x.seq for x in box.claim(10**6)]
 box.ack(queued[:10])                                    # delivered on the full disk
 (d / "filler").unlink()
@@ -323,7 +324,7 @@ after = box.put([r])
 storage_after = box.storage
 box.close()
 again = Outbox(d / "outbox.sqlite3", "greenhouse-01", max_rows=10**6, max_bytes=10**9)
-print(json.dumps({"accepted": accepted, "refused": refused, "full": full, "queued": queued,
+print(json.dumps({"accepted": accepted, "refused": refused, "full": full, "queued": queued, "log": log_at_full,
                   "after": after, "storage_after": storage_after,
                   "restart": [x.seq for x in again.claim(10**6)], "dropped": again.counts().dropped}))
 again.close()
@@ -331,8 +332,9 @@ again.close()
 
 
 def test_a_full_disk_at_the_batch_commit_keeps_every_accepted_reading(tmp_path: Path) -> None:
-    """A real full filesystem (a private 1 MiB tmpfs): the COMMIT at 3/4 of the log fails, the
-    readings in the log stay queued (SQLite may have rolled the transaction back: applied again
+    """A real full filesystem (a private 1 MiB tmpfs): the COMMIT at 3/4 of the log fails, puts
+    go on into the log's last quarter (durable there), then are refused; the readings in the
+    log stay queued (SQLite may have rolled the transaction back: applied again
     from the log), new ones are refused and counted, acks still work, and once there is room the
     batch commits and a restart finds exactly what was accepted and not acked."""
     if shutil.which("unshare") is None:
@@ -345,6 +347,8 @@ def test_a_full_disk_at_the_batch_commit_keeps_every_accepted_reading(tmp_path: 
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout)
     assert got["full"] == "full" and got["refused"] >= 1
+    assert got["log"] > 0.9, "puts were accepted into the log's last quarter after the COMMIT failed"
+    assert len(got["accepted"]) > 300
     assert got["queued"] == got["accepted"], "nothing accepted was lost when the commit failed"
     assert got["storage_after"] == "ok"
     assert got["restart"] == got["accepted"][10:] + got["after"]
