@@ -59,7 +59,7 @@ CLOSE_SHARE_S = 0.3          # ... of which the closers after the observer loop 
 HEALTH_EVERY_S = 60.0        # health figures without news (the kernel's clock verdict)
 HEALTH_BUSY_RETRY_S = 1.0    # ... again this soon when the outbox was busy (never waited for)
 TELEMETRY_AFTER_S = 0.5      # telemetry starts at the sign-in's first news or this long after start
-STARTING_SCREEN_AFTER_S = 0.5  # the panel's starting screen, unless a code (or sign-in) came first
+STARTING_SCREEN_AFTER_S = 0.25  # the starting screen unless a code or sign-in came first; before telemetry
 RESTART_BACKOFF_S = (1.0, 60.0)
 HEALTHY_RUN_S = 300.0        # a component that ran this long before crashing starts a new streak
 
