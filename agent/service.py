@@ -11,6 +11,7 @@ import gc
 import logging
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -59,6 +60,7 @@ CLOSE_SHARE_S = 0.3          # ... of which the closers after the observer loop 
 HEALTH_EVERY_S = 60.0        # health figures without news (the kernel's clock verdict)
 HEALTH_BUSY_RETRY_S = 1.0    # ... again this soon when the outbox was busy (never waited for)
 TELEMETRY_AFTER_S = 0.5      # telemetry starts at the sign-in's first news or this long after start
+START_SWITCH_S = 0.0005       # the GIL's switch interval until the code is drawn (run)
 STARTING_SCREEN_AFTER_S = 0.25  # the starting screen unless a code or sign-in came first; before telemetry
 RESTART_BACKOFF_S = (1.0, 60.0)
 HEALTHY_RUN_S = 300.0        # a component that ran this long before crashing starts a new streak
@@ -195,8 +197,16 @@ class Service:
             if self._install_signals:
                 restore_signals = self._signals()
             started = time.monotonic()
-            self._start()
-            self._await_sign_in_news(started)
+            # Until the code is drawn, a thread back from the network (the sign-in's TLS and
+            # HTTP answers) gets the GIL within 0.5 ms instead of 5: its next request goes out
+            # while the other threads import and draw, not after them (docs/PERFORMANCE.md).
+            switch_s = sys.getswitchinterval()
+            sys.setswitchinterval(START_SWITCH_S)
+            try:
+                self._start()
+                self._await_sign_in_news(started)
+            finally:
+                sys.setswitchinterval(switch_s)
             self._resume_gc()
             agent.regexcache.save_started()      # what this start compiled, for the next one
             if not self.stop_event.is_set():

@@ -6,7 +6,8 @@ renderer and the png display's ``show`` (and telemetry waits for the code only, 
 display, the modules imported by then (and which of them wait for their first use,
 hw.lazymodule, and how many regular expressions came from the cache directory or were compiled,
 agent/regexcache.py) are written as JSON to ``$STARTUP_PROBE_OUT``; a second
-line follows once the outbox holds a reading, saying whether the cyclic garbage collector runs.
+line follows once the outbox holds a reading, saying whether the cyclic garbage collector runs
+and the GIL's switch interval is back to what it was.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ _code_rendered = threading.Event()
 _reported = threading.Event()
 _render_code = screens.render_code
 _show = hw.png.PngDisplay.show
+_SWITCH_S = sys.getswitchinterval()     # the service shortens it until the code is drawn
 _regex = agent.regexcache.started     # the service hands it back (save_started) after the code
 
 
@@ -68,7 +70,8 @@ def _after_first_reading() -> None:
             if path.exists():
                 with on_disk(path) as db:
                     if db.execute("SELECT count(*) FROM outbox").fetchone()[0]:
-                        _write({"when": "reading stored", "gc_enabled": gc.isenabled()})
+                        _write({"when": "reading stored", "gc_enabled": gc.isenabled(),
+                                "switch_interval_restored": sys.getswitchinterval() == _SWITCH_S})
                         return
         except (sqlite3.Error, OSError):
             pass
