@@ -102,9 +102,12 @@ def encode_body(device_id: str, batch: list[Row], *, gzipped: bool) -> bytes:
     parts.append(b"]}")
     if not gzipped:
         return b"".join(parts)
-    # wbits 31: the gzip container (RFC 1952). Level 6, zlib's default: on readings it is within a
-    # few percent of level 9 at half the CPU.
-    z = zlib.compressobj(6, zlib.DEFLATED, 31)
+    # wbits 16+13: the gzip container (RFC 1952) with an 8 KiB window, memLevel 5: ~48 KiB of
+    # compressor state instead of zlib's default 256 KiB (a Pi Zero's RSS, docs/PERFORMANCE.md
+    # "Memory"); readings repeat within a few hundred bytes, so a 500-reading body compresses as
+    # well (0.086 of the JSON against 0.088). Level 6, zlib's default: on readings it is within a
+    # few percent of level 9 at half the CPU. Any gzip reader takes a smaller window.
+    z = zlib.compressobj(6, zlib.DEFLATED, 16 + 13, 5)
     out = [z.compress(p) for p in parts]
     out.append(z.flush())
     return b"".join(out)
