@@ -41,7 +41,8 @@ Why it looks like this:
   too, that is the storage state as for any write: new readings are refused until it recovers.
 - Compact rows (SD-card wear): a reading as the sampler makes it (sensor, type, value, unit, and
   its stamp's time) is stored as 11 bytes, its sensor/type/unit and its boot as numbers kept in
-  ``meta`` (``word:<n>``, written with the first row that uses one), ~40 bytes a row, so a put
+  ``meta`` (``word:<n>``, written with the first row that uses one, and logged again
+  with its first use in each generation of the intake log, which is then self-contained), ~40 bytes a row, so a put
   rarely needs a new page. Anything else, and every row of older files, is JSON and read as
   such. (A file with compact rows cannot be read by an agent from before them.)
 - Each row keeps how its reading was stamped (``wall``, ``mono``, ``boot``, ``synced``: see
@@ -203,6 +204,7 @@ class Outbox:
         self._replacing = False
         self._words: dict[str, int] = {}         # compact rows: sensor kinds and boots, by number
         self._texts: dict[int, str] = {}         # (meta "word:<n>", written with the first row using it)
+        self._logged_words: set[int] = set()     # words defined in the intake log's current generation
         self._intake_path = self.path.with_name(self.path.name + ".intake")
         self._intake: IntakeLog | None = None    # None: every change is its own commit (see _open)
         self._db_id = 0                          # meta "intake_id": whose records the log holds
@@ -708,6 +710,7 @@ class Outbox:
                 raise
             log_file.start(self._db_id, log_file.generation + 1)
             self._batch_bytes = 0
+            self._logged_words = set()
         self._committed_at = self._monotonic()
         if reopen:
             self._ensure_tx(quiet=True)
@@ -794,13 +797,23 @@ class Outbox:
             replay = bool(run.records) and (run.db_id != db_id or run.generation > committed)
             generation = max(committed, run.generation if run.db_id == db_id else 0)
             if fresh or replay:
+                records, unknown = run.records, 0
+                if replay and run.db_id != db_id:
+                    records, unknown = _decoded(run.records)
                 with _tx(db):
                     if fresh:
                         db.execute("INSERT OR REPLACE INTO meta VALUES ('intake_id', ?)", (db_id,))
                     if replay:
-                        for ops in run.records:
+                        for ops in records:
                             self._apply(db, ops)
+                        if unknown:
+                            dropped = int((db.execute("SELECT value FROM meta WHERE key = 'dropped'")
+                                           .fetchone() or [0])[0] or 0)
+                            _count_dropped(db, dropped + unknown, unknown, "intake log without its words")
                     db.execute("INSERT OR REPLACE INTO meta VALUES ('intake_gen', ?)", (generation,))
+                if unknown:
+                    log.error("outbox: %d readings in the intake log of another database use sensor or "
+                              "boot numbers it does not define: not stored (counted as dropped)", unknown)
             if replay:
                 rows = sum(len(arg) for ops in run.records for kind, arg in ops if kind == "i")
                 log.info("outbox: %d intake records (%d readings) applied after a stop without close "
@@ -813,6 +826,7 @@ class Outbox:
             raise
         self._intake, self._db_id = log_file, db_id
         self._batch_bytes, self._committed_at = 0, self._monotonic()
+        self._logged_words = set()
 
     def _remove_or_hold(self, seqs: list[int], reason: str | None) -> None:
         """Ack / dead-letter; when the disk cannot take even that, remember it in memory so the
@@ -1080,7 +1094,15 @@ class Outbox:
         first = self._next_seq
         seqs = list(range(first, first + len(readings)))
         new_words: dict[str, int] = {}
-        rows = [(q, *self._encode(r, st, new_words)) for q, r, st in zip(seqs, readings, stamps, strict=True)]
+        used: set[int] = set()
+        rows = [(q, *self._encode(r, st, new_words, used)) for q, r, st in zip(seqs, readings, stamps, strict=True)]
+        # Every word a row uses is defined in the same generation of the log (its first use there):
+        # a log applied to another database (the file replaced after corruption, or deleted while
+        # stopped) then never leaves a row whose numbers that database does not know.
+        define = {n: t for t, n in new_words.items()}
+        if self._intake is not None:
+            define.update((n, self._texts[n]) for n in used - self._logged_words if n in self._texts)
+        generation = self._intake.generation if self._intake is not None else None
         if seqs[-1] > self._reserved():
             self._reserve(seqs[-1] + SEQ_BLOCK)
         added = sum(len(row[1]) for row in rows)
@@ -1093,8 +1115,8 @@ class Outbox:
             gone, gone_bytes = self._delete_counted(db, acked) if acked else (0, 0)
             if acked:
                 do(["d", _ranges(acked)])
-            if new_words:                            # a new sensor or boot: once per file
-                do(["m", [[f"word:{n}", text] for text, n in new_words.items()]])
+            if define:                               # a new sensor or boot, or its first use this generation
+                do(["m", [[f"word:{n}", text] for n, text in sorted(define.items())]])
             do(["i", [[q, base64.b64encode(p).decode(), w, m, b, y] for q, p, w, m, b, y in rows]])
             pending = self._pending - gone + len(seqs)
             pending_bytes = self._pending_bytes - gone_bytes + added
@@ -1116,6 +1138,8 @@ class Outbox:
         # Only after the commit: a failed transaction leaves the counters untouched.
         for text, n in new_words.items():
             self._words[text], self._texts[n] = n, text
+        if self._intake is not None and self._intake.generation == generation:
+            self._logged_words |= used      # (not when the change committed the batch: a new generation)
         for seq in acked:
             self._held.pop(seq, None)
         self._next_seq = seqs[-1] + 1
@@ -1222,8 +1246,8 @@ class Outbox:
         body = json.loads(payload)
         return {"id": f"{self.device_id}:{seq}", "seq": seq, **body}
 
-    def _encode(self, reading: Mapping[str, Any], st: Stamp | None,
-                new_words: dict[str, int]) -> tuple[bytes, float | None, float | None, str | None, int | None]:
+    def _encode(self, reading: Mapping[str, Any], st: Stamp | None, new_words: dict[str, int],
+                used: set[int]) -> tuple[bytes, float | None, float | None, str | None, int | None]:
         """A row (payload, wall, mono, boot, synced). A stamped reading as the sampler makes it
         is 11 bytes of payload (its sensor, type and unit a number, its time the stamp's wall
         time) and its boot a number: ~40-byte rows, a dozen to a 512 B page, so a put rarely
@@ -1232,6 +1256,7 @@ class Outbox:
             n = self._words.get(text, new_words.get(text))
             if n is None:
                 n = new_words[text] = max([0, *self._texts, *new_words.values()]) + 1
+            used.add(n)
             return n
 
         payload = None
@@ -1543,6 +1568,60 @@ def _small_pages(db: sqlite3.Connection, path: Path) -> None:
         log.info("outbox: %s keeps its %d B pages (%s)", path.name, page, err)
     finally:
         db.execute("PRAGMA journal_mode=WAL").fetchone()
+
+
+def _decoded(records: list[list[Any]]) -> tuple[list[list[Any]], int]:
+    """Another database's intake records, for this one: its compact rows decoded to JSON (their
+    sensor/type/unit and boot numbers are that database's ``word:<n>``, which this one may use
+    for other words) and its word definitions left out. Returns (records, rows left out because
+    a number they use is not defined in the records: never stored mislabelled)."""
+    words: dict[int, str] = {}
+    out: list[list[Any]] = []
+    unknown = 0
+    for ops in records:
+        new_ops: list[Any] = []
+        for kind, arg in ops:
+            if kind == "m":
+                keep = []
+                for key, value in arg:
+                    if isinstance(key, str) and key.startswith("word:") and key[5:].isdigit():
+                        words[int(key[5:])] = str(value)
+                    else:
+                        keep.append([key, value])
+                if keep:
+                    new_ops.append(["m", keep])
+            elif kind == "i":
+                rows = []
+                for q, p, w, m, b, y in arg:
+                    row = _plain_row(q, p, w, m, b, y, words)
+                    if row is None:
+                        unknown += 1
+                    else:
+                        rows.append(row)
+                if rows:
+                    new_ops.append(["i", rows])
+            else:
+                new_ops.append([kind, arg])
+        out.append(new_ops)
+    return out, unknown
+
+
+def _plain_row(q: int, p: str, w: Any, m: Any, b: Any, y: Any, words: Mapping[int, str]) -> list[Any] | None:
+    """An intake row with its word numbers replaced by what they stand for; None when one is unknown."""
+    if isinstance(b, str) and b.startswith(_BOOT_TAG) and b[1:].isdigit():
+        b = words.get(int(b[1:]))
+        if b is None:
+            return None
+    payload = base64.b64decode(p)
+    if payload[:1] == _COMPACT and w is not None:
+        kind, value = _COMPACT_ROW.unpack_from(payload, 1)
+        try:
+            sensor, kind_type, unit = json.loads(words[kind])
+        except (KeyError, ValueError, TypeError):
+            return None
+        body = {"sensor": sensor, "type": kind_type, "value": value, "unit": unit, "time": iso_epoch(w)}
+        p = base64.b64encode(json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()).decode()
+    return [q, p, w, m, b, y]
 
 
 def _ranges(seqs: list[int]) -> list[list[int]]:

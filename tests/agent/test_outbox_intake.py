@@ -483,3 +483,56 @@ def test_a_filesystem_refusing_direct_writes_gets_plain_ones(tmp_path: Path,
     run = intake.read(tmp_path / "x.intake")
     assert run is not None and refused == [0]
     assert run[0].records == [[["m", [["k", 1]]]], [["m", [["k", 2]]]]] and run[0].db_id == 7
+
+
+def _stamped(sensor: str, wall: float, boot: str, value: float = 1.0) -> tuple[dict[str, object], Stamp]:
+    """A reading as the sampler makes it (stored as a compact row: sensor and boot as numbers)."""
+    return ({"sensor": sensor, "type": "temperature", "value": value, "unit": "C", "time": iso_epoch(wall)},
+            Stamp(wall=wall, mono=wall - 1_795_000_000.0 + 5, boot=boot, synced=True))
+
+
+@pytest.mark.parametrize("fate", ["deleted", "corrupt"])
+def test_readings_replayed_into_a_new_database_keep_their_sensor_and_boot(tmp_path: Path, fate: str) -> None:
+    """Compact rows name their sensor and boot by numbers the database defines (meta word:<n>).
+    A log applied to a new database (the old one corrupt, or deleted while stopped) must carry
+    what its rows' numbers mean, even when the database first learnt them in an earlier batch."""
+    live = tmp_path / "live"
+    box = open_box(live / "outbox.sqlite3")
+    box.put(*map(list, zip(_stamped("greenhouse-air", 1_795_000_000.0, "boot-A"), strict=True)))
+    box.flush_acks()                                   # the batch COMMIT: the words are in the database
+    box.put(*map(list, zip(_stamped("greenhouse-air", 1_795_000_060.0, "boot-A", 21.5), strict=True)))
+    cut = power_cut(live, tmp_path / "cut")
+    box.close()
+    for name in ("outbox.sqlite3", "outbox.sqlite3-wal"):
+        f = cut.with_name(name)
+        if f.exists():
+            if fate == "deleted":
+                f.unlink()
+            else:
+                f.write_bytes(b"\xa5" * f.stat().st_size)
+    with open_box(cut) as again:
+        again.put(*map(list, zip(_stamped("soil-probe", 1_795_000_120.0, "boot-B", 7.0), strict=True)))
+        got = [(r.seq, r.reading["sensor"], r.reading["value"], r.stamp.boot if r.stamp else None)
+               for r in again.claim(10)]
+    assert got == [(2, "greenhouse-air", 21.5, "boot-A"), (3, "soil-probe", 7.0, "boot-B")]
+
+
+def test_another_databases_rows_whose_words_the_log_does_not_define_are_counted_never_mislabelled(
+        tmp_path: Path) -> None:
+    """A log of another database whose rows use numbers it does not define (a log written before
+    every generation defined them): this database has its own words under those numbers."""
+    path = tmp_path / "outbox.sqlite3"
+    with open_box(path) as box:
+        box.put(*map(list, zip(_stamped("soil-probe", 1_795_000_000.0, "boot-B"), strict=True)))
+    import base64
+    import struct
+    compact = base64.b64encode(b"\x01" + struct.pack("<Hd", 1, 21.5)).decode()
+    records = [[["i", [[7, compact, 1_795_000_060.0, 65.0, "\x012", 1]]]],
+               [["i", [[8, base64.b64encode(b'{"sensor":"x","value":2.0}').decode(), None, None, None, None]]]]]
+    data = b"".join(intake.encode(intake.payload(ops), db_id=4242, generation=3, index=i)
+                    for i, ops in enumerate(records))
+    path.with_name("outbox.sqlite3.intake").write_bytes(data.ljust(intake.SIZE, b"\0"))
+    with open_box(path) as box:
+        got = [(r.seq, r.reading["sensor"]) for r in box.claim(10)]
+        assert got == [(1, "soil-probe"), (8, "x")], "seq 7 is not stored as this database's soil-probe"
+        assert box.counts().dropped == 1
