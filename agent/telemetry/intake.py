@@ -37,7 +37,6 @@ SIZE = 64 * 1024            # the file, preallocated; the outbox commits at 3/4 
 BLOCK = 4096                # what an append writes: the 4 KiB block(s) the record lands in
 HEADER = struct.Struct("<IIQII")   # payload length, crc32, database id, generation, index
 _CRC_FROM = 8               # the CRC covers the header from here on, and the payload
-_ZEROS = b"\0" * BLOCK
 
 
 class LogFull(Exception):  # noqa: N818 - a state: the outbox commits and starts a new generation
@@ -135,43 +134,41 @@ class IntakeLog:
             found = None
         if found is None:
             self._make()
-        # O_DIRECT: an append writes exactly the 4 KiB block(s) it lands in. Through the page
-        # cache the kernel writes back whole folios, and a kernel that caches the file in large
-        # folios (ext4 since Linux 6.16) would write 16 KiB or 64 KiB for a 100 B record.
-        # Filesystems without O_DIRECT (tmpfs before 6.6) get plain writes.
+        self._fd, self._direct = _open_rw(self.path)
         try:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_DIRECT)
-            self._direct = True
-        except OSError:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-            self._direct = False
-        image = mmap.mmap(-1, self.size)
-        with self.path.open("rb") as f:
-            image[:] = f.read(self.size).ljust(self.size, b"\0")
+            image = mmap.mmap(-1, self.size)
+            with self.path.open("rb") as f:
+                image[:] = f.read(self.size).ljust(self.size, b"\0")
+        except BaseException:
+            self.close()
+            raise
         self._image = image
         return run
+
+    def rewrite(self) -> None:
+        """The file deleted or replaced under us: write the image (every record of the current
+        generation, as on disk) to a new file at ``path`` (fsynced, renamed, directory fsynced)
+        and append there from now on, same generation, same offset.
+
+        Raises:
+            OSError: it could not be made (the old file stays in use: appends are then lost
+                on a power cut, the caller stops using the log).
+        """
+        if self._fd is None or self._image is None:
+            raise OSError("intake log closed")
+        _write_file(self.path, bytes(self._image))
+        fd, direct = _open_rw(self.path)
+        old, self._fd, self._direct = self._fd, fd, direct
+        os.close(old)
+
+    def unlinked(self) -> bool:
+        """Is the open file no longer linked anywhere (deleted, or replaced by a rename)? One fstat."""
+        return self._fd is not None and os.fstat(self._fd).st_nlink == 0
 
     def _make(self) -> None:
         """A new log: written with zeros and fsynced (blocks allocated, size final) under a
         temporary name, then renamed, so a crash never leaves a short log behind."""
-        tmp = self.path.with_name(self.path.name + ".new")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            left = self.size
-            while left > 0:                # page by page: small folios for plain writes too
-                left -= os.write(fd, _ZEROS[:min(left, BLOCK)])
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        os.replace(tmp, self.path)
-        dfd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        _write_file(self.path, bytes(self.size))
 
     def start(self, db_id: int, generation: int, *, after: Run | None = None) -> None:
         """Write the next records as ``generation`` of database ``db_id``: from offset 0, or
@@ -286,6 +283,42 @@ class IntakeLog:
                 os.close(self._fd)
             finally:
                 self._fd = None
+
+
+def _open_rw(path: Path) -> tuple[int, bool]:
+    """The log open for appends: (fd, whether O_DIRECT)."""
+    # O_DIRECT: an append writes exactly the 4 KiB block(s) it lands in. Through the page
+    # cache the kernel writes back whole folios, and a kernel that caches the file in large
+    # folios (ext4 since Linux 6.16) would write 16 KiB or 64 KiB for a 100 B record.
+    # Filesystems without O_DIRECT (tmpfs before 6.6) get plain writes.
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_DIRECT), True
+    except OSError:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC), False
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """``data`` as the file at ``path``: written under a temporary name and fsynced (blocks
+    allocated, size final), renamed, the directory fsynced: a crash never leaves a short log."""
+    tmp = path.with_name(path.name + ".new")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        for start in range(0, len(data), BLOCK):     # page by page: small folios for plain writes too
+            view = memoryview(data)[start:start + BLOCK]
+            while view:
+                view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def _free_name(path: Path, what: str) -> Path:

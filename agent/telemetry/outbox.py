@@ -416,6 +416,8 @@ class Outbox:
             if self._intake is not None:
                 # op runs its own transactions: the batch is committed first (raises if it cannot be)
                 self._commit_batch(reopen=False)
+            elif db.in_transaction:
+                db.execute("COMMIT")                # left open by a dropped intake log
             try:
                 return op(db)
             finally:
@@ -446,6 +448,11 @@ class Outbox:
             if self._intake is not None:
                 self._intake.close()
                 self._intake = None
+            elif commit and self._db is not None and self._db.in_transaction:
+                try:
+                    self._db.execute("COMMIT")      # left open by a dropped intake log
+                except sqlite3.Error as err:
+                    log.error("outbox: the open batch could not be committed at close: %s", err)
             if self._db is not None:
                 try:
                     self._db.close()
@@ -596,7 +603,7 @@ class Outbox:
             ops.append(op)
 
         if self._intake is None:
-            with _tx(db):
+            with _own_tx(db):
                 yield do
             return
         self._ensure_tx()
@@ -606,7 +613,12 @@ class Outbox:
             yield do
             log_file = self._intake
             payload = intake.payload(ops) if ops else b""
-            if not ops or log_file.fits(payload):
+            if ops and log_file.unlinked() and not self._relink(log_file):
+                # deleted under us and cannot be made again: this change commits the batch
+                self._drop_intake()
+                db.execute("COMMIT")                # (on failure the change is undone below)
+                released = True
+            elif not ops or log_file.fits(payload):
                 if ops:
                     log_file.append(payload)
                 db.execute("RELEASE change")
@@ -625,7 +637,7 @@ class Outbox:
         losses counted after corruption or a replaced file. Without the log: a transaction."""
         db = self._conn()
         if self._intake is None:
-            with _tx(db):
+            with _own_tx(db):
                 yield db
             return
         self._ensure_tx()
@@ -746,21 +758,22 @@ class Outbox:
 
     def _check_intake(self) -> None:
         """The intake log deleted or replaced while running: appends would go to a file nobody
-        finds after a power cut. Commit the batch (its readings are then in the database) and
-        start a new log there; until the COMMIT works, every change is its own commit."""
+        finds after a power cut. The image in memory holds every record of the current
+        generation: written to a new file there, the generation goes on at the same offset (no
+        COMMIT needed, which a full disk may refuse). When even that fails, the batch is
+        committed and the log dropped (every change its own commit, refused on a full disk as
+        any write)."""
         log_file = self._intake
-        if log_file is None or not log_file.replaced():
+        if log_file is None or not log_file.replaced() or self._relink(log_file):
             return
-        log.error("outbox: intake log %s deleted or replaced while running: committing its readings "
-                  "to the database and starting a new one", self._intake_path.name)
         try:
             self._commit_batch(reopen=False)
         except (sqlite3.Error, OSError) as err:
-            log.error("outbox: could not commit the open batch (%s); the readings of the deleted log "
-                      "are in memory only until the next commit", err)
+            log.error("outbox: could not commit the open batch either (%s); every change commits on "
+                      "its own now, the open batch with the first that can", err)
+            self._drop_intake()
             return
-        log_file.close()
-        self._intake = None               # every change its own commit if a new log cannot be made
+        self._drop_intake()
         fresh = IntakeLog(self._intake_path)
         try:
             run = fresh.open()
@@ -770,10 +783,33 @@ class Outbox:
             fresh.close()
             log.warning("outbox: no new intake log (%s); every reading is its own commit", err)
             return
-        generation = log_file.generation
-        fresh.start(self._db_id, generation)
+        fresh.start(self._db_id, log_file.generation)
         self._intake = fresh
         self._ensure_tx(quiet=True)
+
+    def _relink(self, log_file: IntakeLog) -> bool:
+        """Write the log's image to a new file at its path (``IntakeLog.rewrite``); on a full disk
+        with the storage reserve released for it. False when it cannot be made."""
+        try:
+            try:
+                log_file.rewrite()
+            except OSError as err:
+                if classify(err, self.path.parent) != "full" or not self._space.release():
+                    raise
+                log_file.rewrite()
+        except OSError as err:
+            log.error("outbox: intake log %s deleted or replaced while running, and it cannot be made "
+                      "again (%s: %s)", self._intake_path.name, type(err).__name__, err)
+            return False
+        log.error("outbox: intake log %s deleted or replaced while running: made again from memory "
+                  "(%d records of the open batch)", self._intake_path.name, log_file.index)
+        return True
+
+    def _drop_intake(self) -> None:
+        """No log from now on; a transaction it left open is committed by the next change."""
+        if self._intake is not None:
+            self._intake.close()
+            self._intake = None
 
     def _start_intake(self, db: sqlite3.Connection) -> None:
         """At open, before the counters are read: apply what the log holds that the database
@@ -1491,6 +1527,28 @@ class _Uncommitted:
             if first <= seq <= last:
                 return last
         return None
+
+
+@contextmanager
+def _own_tx(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """A transaction of its own; when one is open already (left by an intake log that had to be
+    dropped: rows accepted into it), this change goes into it and commits it."""
+    if not db.in_transaction:
+        with _tx(db):
+            yield db
+        return
+    db.execute("SAVEPOINT own")
+    try:
+        yield db
+    except BaseException:
+        try:
+            db.execute("ROLLBACK TO own")
+            db.execute("RELEASE own")
+        except sqlite3.Error:
+            pass
+        raise
+    db.execute("RELEASE own")
+    db.execute("COMMIT")
 
 
 class _tx:

@@ -536,3 +536,66 @@ def test_another_databases_rows_whose_words_the_log_does_not_define_are_counted_
         got = [(r.seq, r.reading["sensor"]) for r in box.claim(10)]
         assert got == [(1, "soil-probe"), (8, "x")], "seq 7 is not stored as this database's soil-probe"
         assert box.counts().dropped == 1
+
+
+_DELETED_LOG_FULL_DISK_CHILD = """
+import errno, json, sys
+from pathlib import Path
+from agent.telemetry.outbox import Outbox
+d, cut = Path(sys.argv[1]), Path(sys.argv[2])
+r = {"sensor": "cpu", "type": "cpu_temperature", "value": 1.0, "unit": "C", "time": "2026-11-25T14:39:32.123Z"}
+box = Outbox(d / "outbox.sqlite3", "greenhouse-01", max_rows=10**6, max_bytes=10**9, reserve_bytes=128 * 1024)
+accepted = box.put([r])
+box.flush_acks()
+for i in range(40):
+    accepted += box.put([dict(r, note="z" * 100)])      # in the log and the open transaction
+with open(d / "filler", "wb", buffering=0) as f:
+    try:
+        while True:
+            f.write(b"x" * 4096)
+    except OSError as err:
+        assert err.errno == errno.ENOSPC
+(d / "outbox.sqlite3.intake").unlink()                  # an operator's cleanup
+switched = box.check_file()
+for i in range(3):
+    accepted += box.put([r])
+for name in ("outbox.sqlite3", "outbox.sqlite3-wal", "outbox.sqlite3.intake", "outbox.sqlite3.meta.json"):
+    if (d / name).is_file():                            # the power cut: the files as they are now
+        (cut / name).write_bytes((d / name).read_bytes())
+print(json.dumps({"accepted": accepted, "switched": switched, "storage": box.storage}))
+"""
+
+
+def test_an_intake_log_deleted_on_a_full_disk_is_made_again_from_memory(tmp_path: Path) -> None:
+    """A real full filesystem (a private 1 MiB tmpfs) where the batch COMMIT cannot be made:
+    the deleted log is written again from the image in memory (with the storage reserve's room),
+    so the readings accepted before and after are all found after a power cut."""
+    if shutil.which("unshare") is None:
+        missing("needs unshare (util-linux) for a private tmpfs")
+    mnt, cut = tmp_path / "small", tmp_path / "cut"
+    mnt.mkdir()
+    cut.mkdir()
+    script = f'mount -t tmpfs -o size=1M tmpfs "{mnt}" && exec "$@"'
+    out = subprocess.run(["unshare", "-r", "-m", "sh", "-c", script, "sh", sys.executable, "-c",
+                          _DELETED_LOG_FULL_DISK_CHILD, str(mnt), str(cut)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout)
+    assert len(got["accepted"]) == 44 and got["switched"] is False
+    with open_box(cut / "outbox.sqlite3") as again:
+        assert seqs_of(again) == got["accepted"], "every reading a put accepted survives the power cut"
+    assert "made again from memory" in out.stderr
+
+
+def test_a_put_right_after_the_log_was_deleted_makes_it_again_before_it_returns(tmp_path: Path) -> None:
+    """Between the deletion and the uploader's next check_file() a put must not append to the
+    unlinked file (one fstat a put notices it)."""
+    live = tmp_path / "live"
+    box = open_box(live / "outbox.sqlite3")
+    box.put([reading(i) for i in range(3)])
+    (live / "outbox.sqlite3.intake").unlink()
+    box.put([reading(3)])
+    cut = power_cut(live, tmp_path / "cut")
+    box.close()
+    with open_box(cut) as again:
+        assert seqs_of(again) == [1, 2, 3, 4]
