@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from agent.telemetry import intake
 from agent.telemetry.outbox import STAMP_COLUMNS, Outbox, add_stamp_columns
 
 BUSY_TIMEOUT_S = 10.0
@@ -86,7 +87,14 @@ def run(path: Path, device_id: str, action: str, seqs: Sequence[str] = (), *, al
             raise DeadLetterError(f"no outbox at {path}: nothing is dead-lettered")
         print(f"no outbox at {path}: nothing is dead-lettered", file=out)
         return EXIT_OK
-    db = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    try:
+        _apply_intake_log(Path(path), device_id)
+        db = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    except sqlite3.OperationalError as err:
+        if "locked" in str(err):
+            raise DeadLetterError(f"{path} is in use (a service started meanwhile?): run the command "
+                                  "again") from err
+        raise
     try:
         return run_on(db, device_id, action, wanted, out)
     except sqlite3.OperationalError as err:
@@ -96,6 +104,20 @@ def run(path: Path, device_id: str, action: str, seqs: Sequence[str] = (), *, al
         raise
     finally:
         db.close()
+
+
+def _apply_intake_log(path: Path, device_id: str) -> None:
+    """A stop without close (power cut, kill) leaves readings, acks and counters in the outbox's
+    intake log that the database has not committed: open and close the outbox as the service
+    would (it applies them, commits, and empties the log), so the command sees what ``status``
+    shows and what it changes is not overwritten by the log at the next start."""
+    try:
+        found = intake.read(path.with_name(path.name + ".intake"))
+    except OSError:
+        return
+    if found is None or not found[0].records:
+        return
+    Outbox(path, device_id, max_rows=2**62, max_bytes=2**62, reserve_bytes=0).close()
 
 
 def run_on(db: sqlite3.Connection, device_id: str, action: str, wanted: list[int], out: TextIO) -> int:

@@ -599,3 +599,31 @@ def test_a_put_right_after_the_log_was_deleted_makes_it_again_before_it_returns(
     box.close()
     with open_box(cut) as again:
         assert seqs_of(again) == [1, 2, 3, 4]
+
+
+def test_dead_letter_commands_with_the_service_stopped_after_a_crash_see_and_keep_what_the_log_holds(
+        tmp_path: Path) -> None:
+    """`dead-letter list|purge` with no service after a kill: the log's records (a loss counted,
+    a put) are applied first, so `list` agrees with `status` and the purge's count is not
+    overwritten by the log's `dropped` at the next start."""
+    import io
+
+    from agent.telemetry import dead_letters
+
+    live = tmp_path / "live"
+    box = open_box(live / "outbox.sqlite3")
+    box.put([reading(i) for i in range(3)])
+    box.dead_letter([1], "HTTP 422")           # committed at once
+    box.count_lost(2, "put failed")            # dropped 2: an intake record
+    box.put([reading(9)])
+    cut = power_cut(live, tmp_path / "cut")
+    box.close()
+    assert Outbox.read_counts(cut) == OutboxCounts(pending=3, dead=1, dropped=2)
+    out = io.StringIO()
+    assert dead_letters.run(cut, DEVICE, "list", out=out) == 0
+    assert "1 dead-lettered; 2 dropped in total" in out.getvalue()
+    assert dead_letters.run(cut, DEVICE, "purge", out=io.StringIO()) == 0
+    assert Outbox.read_counts(cut) == OutboxCounts(pending=3, dead=0, dropped=3)
+    with open_box(cut) as again:
+        assert again.counts() == OutboxCounts(pending=3, dead=0, dropped=3), "2 lost + 1 purged"
+        assert seqs_of(again) == [2, 3, 4]
