@@ -119,20 +119,24 @@ class IntakeLog:
         self.generation = 0
         self.index = 0
         self.offset = 0
+        self.found: Run | None = None   # what open() read, also when it then failed (full disk)
 
     def open(self) -> Run:
         """Open (making it when missing, setting aside one of the wrong size after reading what
-        it holds) and return the run found at its head."""
+        it holds) and return the run found at its head. When it raises, ``found`` is what could
+        be read (the caller applies it: nothing a put accepted is ignored)."""
         found = read(self.path)
         run = found[0] if found else Run()
+        self.found = run
         if found is not None and found[1] != self.size:
+            # Set aside only once the new one is made (a full disk keeps it where the next
+            # start reads it again).
             aside = _free_name(self.path, "corrupt")
-            os.replace(self.path, aside)
+            self._make(keep=aside)
             log.error("outbox: intake log %s had %d bytes instead of %d: moved aside to %s (%d "
                       "records in it are used)", self.path.name, found[1], self.size, aside.name,
                       len(run.records))
-            found = None
-        if found is None:
+        elif found is None:
             self._make()
         self._fd, self._direct = _open_rw(self.path)
         try:
@@ -165,10 +169,11 @@ class IntakeLog:
         """Is the open file no longer linked anywhere (deleted, or replaced by a rename)? One fstat."""
         return self._fd is not None and os.fstat(self._fd).st_nlink == 0
 
-    def _make(self) -> None:
+    def _make(self, keep: Path | None = None) -> None:
         """A new log: written with zeros and fsynced (blocks allocated, size final) under a
-        temporary name, then renamed, so a crash never leaves a short log behind."""
-        _write_file(self.path, bytes(self.size))
+        temporary name, then renamed, so a crash never leaves a short log behind. ``keep``: the
+        old file is linked there first."""
+        _write_file(self.path, bytes(self.size), keep=keep)
 
     def start(self, db_id: int, generation: int, *, after: Run | None = None) -> None:
         """Write the next records as ``generation`` of database ``db_id``: from offset 0, or
@@ -297,7 +302,7 @@ def _open_rw(path: Path) -> tuple[int, bool]:
         return os.open(path, os.O_RDWR | os.O_CLOEXEC), False
 
 
-def _write_file(path: Path, data: bytes) -> None:
+def _write_file(path: Path, data: bytes, *, keep: Path | None = None) -> None:
     """``data`` as the file at ``path``: written under a temporary name and fsynced (blocks
     allocated, size final), renamed, the directory fsynced: a crash never leaves a short log."""
     tmp = path.with_name(path.name + ".new")
@@ -313,6 +318,8 @@ def _write_file(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     os.close(fd)
+    if keep is not None:
+        os.link(path, keep)
     os.replace(tmp, path)
     dfd = os.open(path.parent, os.O_RDONLY)
     try:

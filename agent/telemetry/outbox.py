@@ -815,45 +815,26 @@ class Outbox:
         """At open, before the counters are read: apply what the log holds that the database
         has not committed (a stop without ``close``: power cut, SIGKILL), commit, and start the
         log's next generation. Without a usable log file (read-only or full filesystem) every
-        change commits on its own, as before the log."""
+        change commits on its own, as before the log, once the records that could still be
+        read are applied (and the file removed: they must not be applied again later)."""
         meta = dict(db.execute("SELECT key, value FROM meta WHERE key IN ('intake_id', 'intake_gen')"))
         db_id, committed = int(meta.get("intake_id") or 0), int(meta.get("intake_gen") or 0)
         log_file = IntakeLog(self._intake_path)
         try:
             run = log_file.open()
         except OSError as err:
+            log_file.close()
             log.info("outbox: no intake log (%s: %s); every reading is its own commit", self._intake_path.name, err)
+            found = log_file.found
+            if found is not None and found.records:
+                self._replay(db, found, db_id, committed, new_id=False)
+                try:
+                    self._intake_path.unlink(missing_ok=True)
+                except OSError as gone:
+                    log.error("outbox: intake log %s applied but not removed (%s)", self._intake_path.name, gone)
             return
         try:
-            fresh = db_id == 0
-            if fresh:
-                db_id = int.from_bytes(os.urandom(8), "little") >> 1 or 1
-            # Another database's records (this file was replaced, or rebuilt after corruption):
-            # none of them is in it, all are applied. Ours: those of a generation not committed.
-            replay = bool(run.records) and (run.db_id != db_id or run.generation > committed)
-            generation = max(committed, run.generation if run.db_id == db_id else 0)
-            if fresh or replay:
-                records, unknown = run.records, 0
-                if replay and run.db_id != db_id:
-                    records, unknown = _decoded(run.records)
-                with _tx(db):
-                    if fresh:
-                        db.execute("INSERT OR REPLACE INTO meta VALUES ('intake_id', ?)", (db_id,))
-                    if replay:
-                        for ops in records:
-                            self._apply(db, ops)
-                        if unknown:
-                            dropped = int((db.execute("SELECT value FROM meta WHERE key = 'dropped'")
-                                           .fetchone() or [0])[0] or 0)
-                            _count_dropped(db, dropped + unknown, unknown, "intake log without its words")
-                    db.execute("INSERT OR REPLACE INTO meta VALUES ('intake_gen', ?)", (generation,))
-                if unknown:
-                    log.error("outbox: %d readings in the intake log of another database use sensor or "
-                              "boot numbers it does not define: not stored (counted as dropped)", unknown)
-            if replay:
-                rows = sum(len(arg) for ops in run.records for kind, arg in ops if kind == "i")
-                log.info("outbox: %d intake records (%d readings) applied after a stop without close "
-                         "(power cut or kill)", len(run.records), rows)
+            generation, db_id = self._replay(db, run, db_id, committed, new_id=True)
             if run.records:
                 log_file.clear()
             log_file.start(db_id, generation + 1)
@@ -863,6 +844,42 @@ class Outbox:
         self._intake, self._db_id = log_file, db_id
         self._batch_bytes, self._committed_at = 0, self._monotonic()
         self._logged_words = set()
+
+    def _replay(self, db: sqlite3.Connection, run: intake.Run, db_id: int, committed: int, *,
+                new_id: bool) -> tuple[int, int]:
+        """Apply (and commit) the records of ``run`` the database has not committed; ``new_id``:
+        give a database without one its intake id. Returns (the generation committed, the id)."""
+        fresh = new_id and db_id == 0
+        if fresh:
+            db_id = int.from_bytes(os.urandom(8), "little") >> 1 or 1
+        # Another database's records (this file was replaced, or rebuilt after corruption):
+        # none of them is in it, all are applied. Ours: those of a generation not committed.
+        replay = bool(run.records) and (run.db_id != db_id or run.generation > committed)
+        generation = max(committed, run.generation if run.db_id == db_id else 0)
+        if not (fresh or replay):
+            return generation, db_id
+        records, unknown = run.records, 0
+        if replay and run.db_id != db_id:
+            records, unknown = _decoded(run.records)
+        with _tx(db):
+            if fresh:
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('intake_id', ?)", (db_id,))
+            if replay:
+                for ops in records:
+                    self._apply(db, ops)
+                if unknown:
+                    dropped = int((db.execute("SELECT value FROM meta WHERE key = 'dropped'")
+                                   .fetchone() or [0])[0] or 0)
+                    _count_dropped(db, dropped + unknown, unknown, "intake log without its words")
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('intake_gen', ?)", (generation,))
+        if unknown:
+            log.error("outbox: %d readings in the intake log of another database use sensor or "
+                      "boot numbers it does not define: not stored (counted as dropped)", unknown)
+        if replay:
+            rows = sum(len(arg) for ops in run.records for kind, arg in ops if kind == "i")
+            log.info("outbox: %d intake records (%d readings) applied after a stop without close "
+                     "(power cut or kill)", len(run.records), rows)
+        return generation, db_id
 
     def _remove_or_hold(self, seqs: list[int], reason: str | None) -> None:
         """Ack / dead-letter; when the disk cannot take even that, remember it in memory so the

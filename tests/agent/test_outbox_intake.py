@@ -627,3 +627,67 @@ def test_dead_letter_commands_with_the_service_stopped_after_a_crash_see_and_kee
     with open_box(cut) as again:
         assert again.counts() == OutboxCounts(pending=3, dead=0, dropped=3), "2 lost + 1 purged"
         assert seqs_of(again) == [2, 3, 4]
+
+
+_UNUSABLE_LOG_CHILD = """
+import errno, json, os, sys
+from pathlib import Path
+from agent.telemetry.outbox import Outbox
+d = Path(sys.argv[1])
+r = {"sensor": "cpu", "type": "cpu_temperature", "value": 1.0, "unit": "C", "time": "2026-11-25T14:39:32.123Z"}
+def box():
+    return Outbox(d / "outbox.sqlite3", "greenhouse-01", max_rows=10**6, max_bytes=10**9, reserve_bytes=0)
+def seen(b):
+    return {"seqs": [x.seq for x in b.claim(100)], "dropped": b.counts().dropped, "log": b._intake is not None}
+b = box()
+b.put([r] * 3)
+b.flush_acks()                          # seq 1-3 committed
+b.put([r] * 2)
+b.count_lost(2)                         # then killed: no close
+b._intake.close()
+b._db.close()
+os.truncate(d / "outbox.sqlite3.intake", 32 * 1024)   # the wrong size (its records still readable)
+with open(d / "filler", "wb", buffering=0) as f:
+    try:
+        while True:
+            f.write(b"x" * 4096)
+    except OSError as err:
+        assert err.errno == errno.ENOSPC
+with open(d / "filler-2", "wb", buffering=0) as f:
+    try:
+        while True:
+            f.write(b"x" * 4096)
+    except OSError as err:
+        assert err.errno == errno.ENOSPC
+out = {}
+with box() as b:                        # no room at all
+    out["full"] = seen(b)
+os.truncate(d / "filler", os.path.getsize(d / "filler") - 40 * 1024)
+with box() as b:                        # room for a commit, not for a new 64 KiB log
+    out["no_log"] = seen(b)
+    b.count_lost(1)                     # committed on its own: the log must not set it back
+(d / "filler").unlink()
+with box() as b:                        # room again: a log is made; nothing applied twice
+    b.put([r])
+    out["later"] = seen(b)
+print(json.dumps(out))
+"""
+
+
+def test_records_of_a_log_that_cannot_be_used_at_start_are_applied_once(tmp_path: Path) -> None:
+    """A log of the wrong size on a full disk (a real 1 MiB tmpfs): no new log can be made, so it
+    stays where it is until its records are applied (the database can commit again), and they
+    are not applied again at a later start (dropped and seq would go backwards)."""
+    if shutil.which("unshare") is None:
+        missing("needs unshare (util-linux) for a private tmpfs")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    script = f'mount -t tmpfs -o size=1M tmpfs "{mnt}" && exec "$@"'
+    out = subprocess.run(["unshare", "-r", "-m", "sh", "-c", script, "sh", sys.executable, "-c",
+                          _UNUSABLE_LOG_CHILD, str(mnt)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout)
+    assert got["full"]["seqs"][:3] == [1, 2, 3]
+    assert got["no_log"] == {"seqs": [1, 2, 3, 4, 5], "dropped": 2, "log": False}, out.stderr[-2000:]
+    assert got["later"] == {"seqs": [1, 2, 3, 4, 5, 6], "dropped": 3, "log": True}
+    assert "Traceback" not in out.stderr
