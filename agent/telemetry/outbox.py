@@ -61,7 +61,8 @@ What ``dropped`` counts (``counts().dropped``, shown by status/MQTT/screen) and 
   them) and written with the next successful ``put``; a crash before that loses the count;
 - corruption found while running: the pending rows and the old dropped count, from memory (exact);
 - corruption found at start: counted from the moved-aside copy when it can still be partly read
-  (``SELECT count(*) FROM outbox`` and the old ``dropped``); when it cannot, the readings it
+  (its pending seqs and the old ``dropped``), less what the intake log brought back (its rows,
+  its acks, its absolute ``dropped``); when it cannot, the readings it
   held are NOT countable: only ``corrupt_replaced``, the ERROR log and the notice show the loss.
 
 Thread-safe: one connection guarded by a lock (the sampler puts, the uploader claims/acks).
@@ -206,6 +207,8 @@ class Outbox:
         self._texts: dict[int, str] = {}         # (meta "word:<n>", written with the first row using it)
         self._logged_words: set[int] = set()     # words defined in the intake log's current generation
         self._intake_path = self.path.with_name(self.path.name + ".intake")
+        self._replayed: tuple[list[list[int]], int] = ([], 0)   # another database's log applied at
+                                                             # open: its seq ranges deleted, rows left out
         self._intake: IntakeLog | None = None    # None: every change is its own commit (see _open)
         self._db_id = 0                          # meta "intake_id": whose records the log holds
         self._batch_bytes = 0                    # changed in the open transaction since its BEGIN
@@ -861,6 +864,8 @@ class Outbox:
         records, unknown = run.records, 0
         if replay and run.db_id != db_id:
             records, unknown = _decoded(run.records)
+            spans = sorted(r for ops in records for kind, arg in ops if kind == "d" for r in arg)
+            self._replayed = (_merged(spans), unknown)
         with _tx(db):
             if fresh:
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('intake_id', ?)", (db_id,))
@@ -1044,8 +1049,13 @@ class Outbox:
         except sqlite3.DatabaseError as err:
             if not _is_corruption(err):
                 raise
-            lost = self._replace_corrupt(err, lost=None)
+            aside = self._set_aside()
+            salvage = _salvage(aside)
             self._open()
+            # What the aside copy held and the intake log did not bring back (its rows, its
+            # acks) nor count again (its absolute ``dropped``).
+            lost = self._unrescued(*salvage) if salvage is not None else None
+            self._report_corrupt(err, aside, lost)
             if lost:
                 self._add_dropped(lost)
 
@@ -1459,9 +1469,32 @@ class Outbox:
             db.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)", (self._dropped + n,))
         self._dropped += n
 
-    def _replace_corrupt(self, err: Exception, *, lost: int | None) -> int | None:
-        """Move the corrupt file aside. ``lost``: what it held, if known; else counted from the
-        aside copy when it can still be partly read. Returns that count (None: not countable)."""
+    def _replace_corrupt(self, err: Exception, *, lost: int) -> None:
+        """Move the corrupt file aside; ``lost``: what it held (known while running)."""
+        self._report_corrupt(err, self._set_aside(), lost)
+
+    def _unrescued(self, runs: list[list[int]], old_dropped: int) -> int:
+        """Of what a corrupt file held (``runs`` of the seqs it had pending, its ``dropped``), what
+        the new database did not get back from the intake log: rows neither there nor deleted by
+        the log (acks), and the dropped count beyond the one the log restored."""
+        db = self._conn()
+        deleted, unknown = self._replayed
+
+        def there(a: int, b: int) -> int:
+            return db.execute("SELECT count(*) FROM outbox WHERE seq BETWEEN ? AND ?", (a, b)).fetchone()[0]
+
+        rows = 0
+        for a, b in runs:
+            kept = there(a, b)
+            for d0, d1 in deleted:
+                lo, hi = max(a, d0), min(b, d1)
+                if lo <= hi:
+                    kept += (hi - lo + 1) - there(lo, hi)
+            rows += (b - a + 1) - kept
+        return rows + max(0, old_dropped - (self._dropped - unknown))
+
+    def _set_aside(self) -> Path:
+        """Move the corrupt file (and its -wal) aside to ``<db>.corrupt-<n>``; counted in the side file."""
         n = 1
         while self.path.with_name(f"{self.path.name}.corrupt-{n}").exists():
             n += 1
@@ -1479,15 +1512,16 @@ class Outbox:
         self._side["corrupt_replaced"] = int(self._side.get("corrupt_replaced", 0)) + 1
         self._write_side()
         self._pending = self._pending_bytes = self._dead = self._dropped = 0
-        if lost is None:
-            lost = _salvage_count(aside)
+        self._replayed = ([], 0)
+        return aside
+
+    def _report_corrupt(self, err: Exception, aside: Path, lost: int | None) -> None:
         what = (f"{lost} readings lost (counted as dropped)" if lost is not None
                 else "the readings it held are lost and could not be counted")
         log.error("outbox database was corrupt (%s); moved aside to %s, started a new one; %s "
                   "(%d corrupt files replaced so far)", err, aside.name, what, self.corrupt_replaced)
         if self._state is not None:
             self._state.update(notice=f"outbox corrupt: moved aside to {aside.name}; {what}")
-        return lost
 
 
 class _Uncommitted:
@@ -1699,6 +1733,17 @@ def _plain_row(q: int, p: str, w: Any, m: Any, b: Any, y: Any, words: Mapping[in
     return [q, p, w, m, b, y]
 
 
+def _merged(spans: list[list[int]]) -> list[list[int]]:
+    """Sorted [first, last] ranges, overlapping or adjacent ones merged."""
+    out: list[list[int]] = []
+    for first, last in spans:
+        if out and first <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], last)
+        else:
+            out.append([first, last])
+    return out
+
+
 def _ranges(seqs: list[int]) -> list[list[int]]:
     """Ascending seqs as [first, last] runs (an ack of a batch is one range)."""
     out: list[list[int]] = []
@@ -1735,15 +1780,20 @@ def _is_corruption(err: sqlite3.Error) -> bool:
     return any(s in text for s in ("malformed", "not a database", "corrupt", "disk image"))
 
 
-def _salvage_count(aside: Path) -> int | None:
-    """Readings a corrupt file held (pending rows + its dropped count), if SQLite can still read
-    that much of it; None when it cannot. Read-only: the aside copy is evidence, kept as it is."""
+def _salvage(aside: Path) -> tuple[list[list[int]], int] | None:
+    """What a corrupt file held (runs of its pending seqs, its dropped count), if SQLite can still
+    read that much of it; None when it cannot. Read-only: the aside copy is evidence, kept as it is."""
     try:
         db = sqlite3.connect(f"{aside.resolve().as_uri()}?mode=ro", uri=True, timeout=1)
     except sqlite3.Error:
         return None
     try:
-        pending = int(db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+        runs: list[list[int]] = []      # streamed: a backlog of a million rows is a few runs
+        for (q,) in db.execute("SELECT seq FROM outbox ORDER BY seq"):
+            if runs and q == runs[-1][1] + 1:
+                runs[-1][1] = q
+            else:
+                runs.append([q, q])
     except sqlite3.Error as err:
         log.warning("outbox: %s cannot be counted (%s)", aside.name, err)
         db.close()
@@ -1755,7 +1805,7 @@ def _salvage_count(aside: Path) -> int | None:
         dropped = 0
     finally:
         db.close()
-    return pending + dropped
+    return runs, dropped
 
 
 def add_stamp_columns(db: sqlite3.Connection) -> None:

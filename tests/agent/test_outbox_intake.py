@@ -691,3 +691,35 @@ def test_records_of_a_log_that_cannot_be_used_at_start_are_applied_once(tmp_path
     assert got["no_log"] == {"seqs": [1, 2, 3, 4, 5], "dropped": 2, "log": False}, out.stderr[-2000:]
     assert got["later"] == {"seqs": [1, 2, 3, 4, 5, 6], "dropped": 3, "log": True}
     assert "Traceback" not in out.stderr
+
+
+def test_corruption_found_at_start_counts_what_the_log_did_not_bring_back_once(tmp_path: Path) -> None:
+    """The database is corrupt at the next start (its meta table damaged; the outbox table still
+    readable in the aside copy) and the intake log holds an ack, new readings and the dropped
+    count: the new database gets them from the log, and only the rows that neither came back nor
+    were acked are added to dropped (not the log's rows, not the old dropped count again)."""
+    import sqlite3
+
+    live = tmp_path / "live"
+    path = live / "outbox.sqlite3"
+    with open_box(path) as box:
+        box.put([reading(i) for i in range(5)])              # seq 1-5, committed at close
+        box.count_lost(2, "put failed")                      # dropped 2, committed at close
+    box = open_box(path)
+    box.ack([1, 2])                                          # held: goes with the next put's record
+    box.put([reading(5), reading(6)])                        # seq 6-7, in the log only
+    box.count_lost(1, "put failed")                          # dropped 3, in the log only
+    cut = power_cut(live, tmp_path / "cut")
+    box.close()
+    db = sqlite3.connect(cut)
+    root = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'meta'").fetchone()[0]
+    size = db.execute("PRAGMA page_size").fetchone()[0]
+    db.close()
+    cut.with_name("outbox.sqlite3-wal").unlink(missing_ok=True)
+    with cut.open("r+b") as f:
+        f.seek((root - 1) * size)
+        f.write(b"\xff" * size)
+    with open_box(cut) as again:
+        assert again.corrupt_replaced == 1
+        assert seqs_of(again) == [6, 7], "the log's readings are in the new database"
+        assert again.counts().dropped == 3 + 3, "3 counted before (from the log) + seq 3-5 lost"
