@@ -37,6 +37,9 @@ SIZE = 64 * 1024            # the file, preallocated; the outbox commits at 3/4 
 BLOCK = 4096                # what an append writes: the 4 KiB block(s) the record lands in
 HEADER = struct.Struct("<IIQII")   # payload length, crc32, database id, generation, index
 _CRC_FROM = 8               # the CRC covers the header from here on, and the payload
+FORMAT = 0                  # the record format, in the length field's top byte (payloads < 16 MiB):
+                            # a reader meeting a newer one stops there, loudly (a downgrade)
+_LENGTH = 0xFFFFFF
 
 
 class LogFull(Exception):  # noqa: N818 - a state: the outbox commits and starts a new generation
@@ -52,6 +55,7 @@ class Run:
     generation: int = 0
     records: list[list[Any]] = field(default_factory=list)
     end: int = 0
+    bad: str | None = None      # a whole record of this run that cannot be used (what ended it)
 
 
 def scan(data: bytes) -> Run:
@@ -59,6 +63,7 @@ def scan(data: bytes) -> Run:
     run, offset = Run(), 0
     while offset + HEADER.size <= len(data):
         length, crc, db_id, generation, index = HEADER.unpack_from(data, offset)
+        version, length = length >> 24, length & _LENGTH
         end = offset + HEADER.size + length
         if length == 0 or end > len(data):
             break
@@ -68,16 +73,51 @@ def scan(data: bytes) -> Run:
             break
         if not run.records and index != 0:
             break
+        # A whole record of this run (its CRC right): what it holds must be usable, or the run
+        # ends here and says so (an unknown format or operation: written by a newer agent).
+        if version > FORMAT:
+            run.bad = f"record {len(run.records)} has format {version} (this agent reads {FORMAT})"
+            break
         try:
             ops = json.loads(data[offset + HEADER.size:end])
         except ValueError:
+            run.bad = f"record {len(run.records)} is not JSON"
             break
-        if not isinstance(ops, list):
+        why = _invalid(ops)
+        if why is not None:
+            run.bad = f"record {len(run.records)}: {why}"
             break
         run.db_id, run.generation = db_id, generation
         run.records.append(ops)
         offset = run.end = end
     return run
+
+
+def _invalid(ops: Any) -> str | None:
+    """Why ``ops`` is not a list of operations ``Outbox._apply`` knows, or None."""
+    if not isinstance(ops, list):
+        return "not a list of operations"
+    for op in ops:
+        if not (isinstance(op, list) and len(op) == 2 and isinstance(op[1], list)):
+            return "an operation of the wrong shape"
+        kind, arg = op
+        if kind == "i":
+            if not all(isinstance(r, list) and len(r) == 6 and _is_int(r[0]) and isinstance(r[1], str)
+                       for r in arg):
+                return "an insert of the wrong shape"
+        elif kind == "d":
+            if not all(isinstance(r, list) and len(r) == 2 and _is_int(r[0]) and _is_int(r[1]) for r in arg):
+                return "a delete of the wrong shape"
+        elif kind == "m":
+            if not all(isinstance(r, list) and len(r) == 2 and isinstance(r[0], str) for r in arg):
+                return "a meta change of the wrong shape"
+        else:
+            return f"unknown operation {str(kind)[:20]!r}"
+    return None
+
+
+def _is_int(x: Any) -> bool:
+    return type(x) is int
 
 
 def read(path: Path) -> tuple[Run, int] | None:
@@ -97,7 +137,7 @@ def payload(ops: list[Any]) -> bytes:
 
 def encode(body: bytes, *, db_id: int, generation: int, index: int) -> bytes:
     rest = HEADER.pack(len(body), 0, db_id, generation, index)[_CRC_FROM:] + body
-    return struct.pack("<II", len(body), zlib.crc32(rest)) + rest
+    return struct.pack("<II", len(body) | FORMAT << 24, zlib.crc32(rest)) + rest
 
 
 class IntakeLog:
@@ -128,14 +168,15 @@ class IntakeLog:
         found = read(self.path)
         run = found[0] if found else Run()
         self.found = run
-        if found is not None and found[1] != self.size:
+        if found is not None and (found[1] != self.size or run.bad):
             # Set aside only once the new one is made (a full disk keeps it where the next
             # start reads it again).
             aside = _free_name(self.path, "corrupt")
             self._make(keep=aside)
-            log.error("outbox: intake log %s had %d bytes instead of %d: moved aside to %s (%d "
-                      "records in it are used)", self.path.name, found[1], self.size, aside.name,
-                      len(run.records))
+            why = (f"{run.bad}: it and any after it are not applied" if run.bad
+                   else f"had {found[1]} bytes instead of {self.size}")
+            log.error("outbox: intake log %s %s; moved aside to %s (the %d records before are used)",
+                      self.path.name, why, aside.name, len(run.records))
         elif found is None:
             self._make()
         self._fd, self._direct = _open_rw(self.path)
@@ -326,6 +367,11 @@ def _write_file(path: Path, data: bytes, *, keep: Path | None = None) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def aside_name(path: Path) -> Path:
+    """Where a log that cannot be used is moved aside: ``<log>.corrupt-<n>``."""
+    return _free_name(path, "corrupt")
 
 
 def _free_name(path: Path, what: str) -> Path:

@@ -832,7 +832,10 @@ class Outbox:
             if found is not None and found.records:
                 self._replay(db, found, db_id, committed, new_id=False)
                 try:
-                    self._intake_path.unlink(missing_ok=True)
+                    if found.bad:         # kept as evidence, never applied
+                        os.replace(self._intake_path, intake.aside_name(self._intake_path))
+                    else:
+                        self._intake_path.unlink(missing_ok=True)
                 except OSError as gone:
                     log.error("outbox: intake log %s applied but not removed (%s)", self._intake_path.name, gone)
             return

@@ -723,3 +723,37 @@ def test_corruption_found_at_start_counts_what_the_log_did_not_bring_back_once(t
         assert again.corrupt_replaced == 1
         assert seqs_of(again) == [6, 7], "the log's readings are in the new database"
         assert again.counts().dropped == 3 + 3, "3 counted before (from the log) + seq 3-5 lost"
+
+
+@pytest.mark.parametrize("newer", ["operation", "format"])
+def test_a_record_this_agent_cannot_read_ends_the_log_there_with_one_error_and_no_crash(
+        tmp_path: Path, newer: str, caplog: pytest.LogCaptureFixture) -> None:
+    """After a downgrade the log may hold a whole record (its CRC right) with an operation or a
+    format this agent does not know: the records before it are applied, it and what follows are
+    set aside (one ERROR line), `status` and the service start as usual."""
+    live = tmp_path / "live"
+    box = open_box(live / "outbox.sqlite3")
+    box.put([reading(0)])
+    box.put([reading(1)])
+    cut = power_cut(live, tmp_path / "cut")
+    box.close()
+    log_path = cut.with_name("outbox.sqlite3.intake")
+    run = intake.read(log_path)[0]
+    body = intake.payload([["x", [[1, 2]]]] if newer == "operation" else [["m", [["k", 1]]]])
+    record = bytearray(intake.encode(body, db_id=run.db_id, generation=run.generation, index=len(run.records)))
+    if newer == "format":
+        record[3] = 1                                       # format 1 in the length's top byte
+        record[4:8] = intake.zlib.crc32(bytes(record[8:])).to_bytes(4, "little")
+    with log_path.open("r+b") as f:
+        f.seek(run.end)
+        f.write(record)
+    assert Outbox.read_counts(cut) == OutboxCounts(pending=2, dead=0, dropped=0)
+    with caplog.at_level(logging.ERROR, logger="agent.telemetry"):
+        with open_box(cut) as again:
+            assert seqs_of(again) == [1, 2]
+            assert again.put([reading(2)]) == [3]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "not applied" in errors[0].getMessage() and not errors[0].exc_info
+    assert cut.with_name("outbox.sqlite3.intake.corrupt-1").exists(), "kept as evidence"
+    with open_box(cut) as again:
+        assert seqs_of(again) == [1, 2, 3]
