@@ -214,6 +214,7 @@ class Outbox:
         self._batch_bytes = 0                    # changed in the open transaction since its BEGIN
         self._committed_at = monotonic()
         self._commit_failed_at: float | None = None
+        self._relink_failed = False              # the deleted intake log could not be made again
         self._open_checked()
 
     # ----------------------------------------------------------------- public API
@@ -419,8 +420,6 @@ class Outbox:
             if self._intake is not None:
                 # op runs its own transactions: the batch is committed first (raises if it cannot be)
                 self._commit_batch(reopen=False)
-            elif db.in_transaction:
-                db.execute("COMMIT")                # left open by a dropped intake log
             try:
                 return op(db)
             finally:
@@ -451,11 +450,6 @@ class Outbox:
             if self._intake is not None:
                 self._intake.close()
                 self._intake = None
-            elif commit and self._db is not None and self._db.in_transaction:
-                try:
-                    self._db.execute("COMMIT")      # left open by a dropped intake log
-                except sqlite3.Error as err:
-                    log.error("outbox: the open batch could not be committed at close: %s", err)
             if self._db is not None:
                 try:
                     self._db.close()
@@ -606,7 +600,7 @@ class Outbox:
             ops.append(op)
 
         if self._intake is None:
-            with _own_tx(db):
+            with _tx(db):
                 yield do
             return
         self._ensure_tx()
@@ -616,12 +610,9 @@ class Outbox:
             yield do
             log_file = self._intake
             payload = intake.payload(ops) if ops else b""
-            if ops and log_file.unlinked() and not self._relink(log_file):
-                # deleted under us and cannot be made again: this change commits the batch
-                self._drop_intake()
-                db.execute("COMMIT")                # (on failure the change is undone below)
-                released = True
-            elif not ops or log_file.fits(payload):
+            # Deleted under us and not made again, or no room: this change commits the batch
+            # (refused when that fails too: the log's image rebuilds the rest).
+            if not ops or ((not log_file.unlinked() or self._relink(log_file)) and log_file.fits(payload)):
                 if ops:
                     log_file.append(payload)
                 db.execute("RELEASE change")
@@ -640,7 +631,7 @@ class Outbox:
         losses counted after corruption or a replaced file. Without the log: a transaction."""
         db = self._conn()
         if self._intake is None:
-            with _own_tx(db):
+            with _tx(db):
                 yield db
             return
         self._ensure_tx()
@@ -681,6 +672,7 @@ class Outbox:
         db, log_file = self._conn(), self._intake
         assert log_file is not None
         db.execute("BEGIN IMMEDIATE")
+        self._batch_bytes = 0               # the transaction is rebuilt: counted again as applied
         try:
             if not log_file.empty:
                 run = log_file.read_back()
@@ -763,20 +755,20 @@ class Outbox:
         """The intake log deleted or replaced while running: appends would go to a file nobody
         finds after a power cut. The image in memory holds every record of the current
         generation: written to a new file there, the generation goes on at the same offset (no
-        COMMIT needed, which a full disk may refuse). When even that fails, the batch is
-        committed and the log dropped (every change its own commit, refused on a full disk as
-        any write)."""
+        COMMIT needed, which a full disk may refuse). When that fails, the batch is committed
+        and a new log made; when the COMMIT fails too, the log (and its image, which rebuilds
+        the transaction SQLite rolls back) stays, and each put tries again, committing the
+        batch with it or refused (the storage state) until one works."""
         log_file = self._intake
         if log_file is None or not log_file.replaced() or self._relink(log_file):
             return
         try:
             self._commit_batch(reopen=False)
         except (sqlite3.Error, OSError) as err:
-            log.error("outbox: could not commit the open batch either (%s); every change commits on "
-                      "its own now, the open batch with the first that can", err)
-            self._drop_intake()
+            log.debug("outbox: could not commit the open batch either (%s)", err)
             return
-        self._drop_intake()
+        log_file.close()
+        self._intake = None               # every change its own commit if a new log cannot be made
         fresh = IntakeLog(self._intake_path)
         try:
             run = fresh.open()
@@ -788,11 +780,13 @@ class Outbox:
             return
         fresh.start(self._db_id, log_file.generation)
         self._intake = fresh
+        self._relink_failed = False
         self._ensure_tx(quiet=True)
 
     def _relink(self, log_file: IntakeLog) -> bool:
         """Write the log's image to a new file at its path (``IntakeLog.rewrite``); on a full disk
-        with the storage reserve released for it. False when it cannot be made."""
+        with the storage reserve released for it. False when it cannot be made (one ERROR line
+        until it works again)."""
         try:
             try:
                 log_file.rewrite()
@@ -801,18 +795,16 @@ class Outbox:
                     raise
                 log_file.rewrite()
         except OSError as err:
-            log.error("outbox: intake log %s deleted or replaced while running, and it cannot be made "
-                      "again (%s: %s)", self._intake_path.name, type(err).__name__, err)
+            level = logging.DEBUG if self._relink_failed else logging.ERROR
+            self._relink_failed = True
+            log.log(level, "outbox: intake log %s deleted or replaced while running, and it cannot be "
+                    "made again (%s: %s): the open batch is committed with the next change, new "
+                    "readings refused until that works", self._intake_path.name, type(err).__name__, err)
             return False
+        self._relink_failed = False
         log.error("outbox: intake log %s deleted or replaced while running: made again from memory "
                   "(%d records of the open batch)", self._intake_path.name, log_file.index)
         return True
-
-    def _drop_intake(self) -> None:
-        """No log from now on; a transaction it left open is committed by the next change."""
-        if self._intake is not None:
-            self._intake.close()
-            self._intake = None
 
     def _start_intake(self, db: sqlite3.Connection) -> None:
         """At open, before the counters are read: apply what the log holds that the database
@@ -1581,28 +1573,6 @@ class _Uncommitted:
             if first <= seq <= last:
                 return last
         return None
-
-
-@contextmanager
-def _own_tx(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """A transaction of its own; when one is open already (left by an intake log that had to be
-    dropped: rows accepted into it), this change goes into it and commits it."""
-    if not db.in_transaction:
-        with _tx(db):
-            yield db
-        return
-    db.execute("SAVEPOINT own")
-    try:
-        yield db
-    except BaseException:
-        try:
-            db.execute("ROLLBACK TO own")
-            db.execute("RELEASE own")
-        except sqlite3.Error:
-            pass
-        raise
-    db.execute("RELEASE own")
-    db.execute("COMMIT")
 
 
 class _tx:

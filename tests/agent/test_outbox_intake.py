@@ -544,7 +544,11 @@ from pathlib import Path
 from agent.telemetry.outbox import Outbox
 d, cut = Path(sys.argv[1]), Path(sys.argv[2])
 r = {"sensor": "cpu", "type": "cpu_temperature", "value": 1.0, "unit": "C", "time": "2026-11-25T14:39:32.123Z"}
-box = Outbox(d / "outbox.sqlite3", "greenhouse-01", max_rows=10**6, max_bytes=10**9, reserve_bytes=128 * 1024)
+from agent.telemetry.storage import StorageUnavailable
+reserve = int(sys.argv[3])
+t = [0.0]
+box = Outbox(d / "outbox.sqlite3", "greenhouse-01", max_rows=10**6, max_bytes=10**9, reserve_bytes=reserve,
+             monotonic=lambda: t[0])
 accepted = box.put([r])
 box.flush_acks()
 for i in range(40):
@@ -557,19 +561,30 @@ with open(d / "filler", "wb", buffering=0) as f:
         assert err.errno == errno.ENOSPC
 (d / "outbox.sqlite3.intake").unlink()                  # an operator's cleanup
 switched = box.check_file()
+refused = 0
 for i in range(3):
+    try:
+        accepted += box.put([r])
+    except StorageUnavailable:
+        refused += 1
+if refused:                                             # room again (the operator sees the error)
+    (d / "filler").unlink()
+    t[0] += 10.0
     accepted += box.put([r])
 for name in ("outbox.sqlite3", "outbox.sqlite3-wal", "outbox.sqlite3.intake", "outbox.sqlite3.meta.json"):
     if (d / name).is_file():                            # the power cut: the files as they are now
         (cut / name).write_bytes((d / name).read_bytes())
-print(json.dumps({"accepted": accepted, "switched": switched, "storage": box.storage}))
+print(json.dumps({"accepted": accepted, "switched": switched, "refused": refused}))
 """
 
 
-def test_an_intake_log_deleted_on_a_full_disk_is_made_again_from_memory(tmp_path: Path) -> None:
+@pytest.mark.parametrize("reserve", [128 * 1024, 0])
+def test_an_intake_log_deleted_on_a_full_disk_is_made_again_from_memory(tmp_path: Path, reserve: int) -> None:
     """A real full filesystem (a private 1 MiB tmpfs) where the batch COMMIT cannot be made:
     the deleted log is written again from the image in memory (with the storage reserve's room),
-    so the readings accepted before and after are all found after a power cut."""
+    so the readings accepted before and after are all found after a power cut. Without a
+    reserve it cannot be: new readings are refused (never appended to the unlinked file) until
+    there is room, and then nothing accepted is missing."""
     if shutil.which("unshare") is None:
         missing("needs unshare (util-linux) for a private tmpfs")
     mnt, cut = tmp_path / "small", tmp_path / "cut"
@@ -577,14 +592,17 @@ def test_an_intake_log_deleted_on_a_full_disk_is_made_again_from_memory(tmp_path
     cut.mkdir()
     script = f'mount -t tmpfs -o size=1M tmpfs "{mnt}" && exec "$@"'
     out = subprocess.run(["unshare", "-r", "-m", "sh", "-c", script, "sh", sys.executable, "-c",
-                          _DELETED_LOG_FULL_DISK_CHILD, str(mnt), str(cut)],
+                          _DELETED_LOG_FULL_DISK_CHILD, str(mnt), str(cut), str(reserve)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout)
-    assert len(got["accepted"]) == 44 and got["switched"] is False
+    assert got["switched"] is False
+    assert (got["refused"], len(got["accepted"])) == ((0, 44) if reserve else (3, 42)), out.stderr[-2000:]
     with open_box(cut / "outbox.sqlite3") as again:
         assert seqs_of(again) == got["accepted"], "every reading a put accepted survives the power cut"
     assert "made again from memory" in out.stderr
+    assert out.stderr.count("cannot be made again") == (0 if reserve else 1), "one line, not one a put"
+    assert "Traceback" not in out.stderr
 
 
 def test_a_put_right_after_the_log_was_deleted_makes_it_again_before_it_returns(tmp_path: Path) -> None:
@@ -757,3 +775,16 @@ def test_a_record_this_agent_cannot_read_ends_the_log_there_with_one_error_and_n
     assert cut.with_name("outbox.sqlite3.intake.corrupt-1").exists(), "kept as evidence"
     with open_box(cut) as again:
         assert seqs_of(again) == [1, 2, 3]
+
+
+def test_rebuilding_the_open_transaction_does_not_count_its_bytes_twice(tmp_path: Path) -> None:
+    """SQLite rolling the open transaction back (an error) makes the outbox apply the log's
+    records again; they are the same bytes, so the batch must not come due sooner (SD wear)."""
+    with open_box(tmp_path / "outbox.sqlite3") as box:
+        for i in range(5):
+            box.put([dict(reading(i), note="z" * 200)])
+        before = box._batch_bytes
+        assert before > 1000
+        box._conn().execute("ROLLBACK")                   # as SQLite does after some errors
+        assert seqs_of(box) == [1, 2, 3, 4, 5], "rebuilt from the log"
+        assert box._batch_bytes == before
