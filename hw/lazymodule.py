@@ -21,7 +21,10 @@ Two more shapes of import, for libraries that name what they take:
   function that runs the module on its first call and calls the real one (a class is
   constructed, a function called); the module's own attribute is the real one once it ran.
   Only for names that are only called: a stand-in is no class to subclass or to test with
-  ``isinstance``.
+  ``isinstance``;
+- ``answers``: a name a library calls at its import whose answer the caller can give without
+  the module (``certifi.where()``, a path): the given function answers until the module has run
+  (it may run it with ``load``, e.g. where its shortcut does not apply).
 """
 
 from __future__ import annotations
@@ -32,21 +35,22 @@ import importlib.util
 import sys
 import threading
 import types
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 _lock = threading.RLock()
-_planned: dict[str, frozenset[str]] = {}      # name -> its stand-ins, until it is imported
+_planned: dict[str, _Plan] = {}      # name -> what it answers before it runs, until it is imported
 
 
-def defer(name: str, *, stand_ins: Iterable[str] = ()) -> bool:
+def defer(name: str, *, stand_ins: Iterable[str] = (),
+          answers: Mapping[str, Callable[..., Any]] | None = None) -> bool:
     """Defer ``name`` (``package.module``) unless it is already imported (then nothing
     changes). Imports nothing and looks nothing up (each look-up costs a start ~0.2 ms): a
     name that does not exist fails at its import as it always would. True if deferred."""
     if "." not in name or name in sys.modules:
         return False
     with _lock:
-        _planned[name] = frozenset(stand_ins)
+        _planned[name] = _Plan(frozenset(stand_ins), dict(answers or {}))
         if _FINDER not in sys.meta_path:
             sys.meta_path.insert(0, _FINDER)
     return True
@@ -55,6 +59,22 @@ def defer(name: str, *, stand_ins: Iterable[str] = ()) -> bool:
 def is_deferred(module: types.ModuleType) -> bool:
     """Still waiting for its first use (its code has not run)."""
     return isinstance(module.__dict__.get("__getattr__"), _Hook)
+
+
+def load(module: types.ModuleType) -> types.ModuleType:
+    """``module`` with its code run (at once, if it was still deferred)."""
+    hook = module.__dict__.get("__getattr__")
+    return hook.run() if isinstance(hook, _Hook) else module
+
+
+class _Plan:
+    """What a deferred module answers before its code runs."""
+
+    __slots__ = ("stand_ins", "answers")
+
+    def __init__(self, stand_ins: frozenset[str], answers: dict[str, Callable[..., Any]]) -> None:
+        self.stand_ins = stand_ins
+        self.answers = answers
 
 
 class _Finder:
@@ -66,15 +86,15 @@ class _Finder:
         if fullname not in _planned:
             return None
         with _lock:
-            stand_ins = _planned.pop(fullname, None)
+            plan = _planned.pop(fullname, None)
             if not _planned and _FINDER in sys.meta_path:
                 sys.meta_path.remove(_FINDER)
-        if stand_ins is None:
+        if plan is None:
             return None
         real = importlib.machinery.PathFinder.find_spec(fullname, path)
         if real is None or real.loader is None:
             return real
-        spec = importlib.machinery.ModuleSpec(fullname, _Loader(real, stand_ins), origin=real.origin,
+        spec = importlib.machinery.ModuleSpec(fullname, _Loader(real, plan), origin=real.origin,
                                               is_package=real.submodule_search_locations is not None)
         spec.submodule_search_locations = real.submodule_search_locations
         spec.has_location, spec.cached = real.has_location, real.cached
@@ -91,25 +111,25 @@ _FINDER = _Finder()
 class _Loader:
     """Makes the empty module: its code runs on the first read of a name it does not have."""
 
-    def __init__(self, real: importlib.machinery.ModuleSpec, stand_ins: frozenset[str]) -> None:
+    def __init__(self, real: importlib.machinery.ModuleSpec, plan: _Plan) -> None:
         self.real = real
-        self.stand_ins = stand_ins
+        self.plan = plan
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> None:
         return None                     # the import system's default module
 
     def exec_module(self, module: types.ModuleType) -> None:
-        module.__dict__["__getattr__"] = _Hook(module, self.real, self.stand_ins)
+        module.__dict__["__getattr__"] = _Hook(module, self.real, self.plan)
 
 
 class _Hook:
     """The deferred module's ``__getattr__`` (PEP 562)."""
 
-    def __init__(self, module: types.ModuleType, real: importlib.machinery.ModuleSpec,
-                 stand_ins: frozenset[str]) -> None:
+    def __init__(self, module: types.ModuleType, real: importlib.machinery.ModuleSpec, plan: _Plan) -> None:
         self.module = module
         self.real = real
-        self.stand_ins = stand_ins
+        self.stand_ins = plan.stand_ins
+        self.answers = plan.answers
         self.given: dict[str, Callable[..., Any]] = {}
 
     def run(self) -> types.ModuleType:
@@ -128,6 +148,8 @@ class _Hook:
             if module.__dict__.get("__getattr__") is self:
                 if attr == "__path__":        # the import system asking "a package?" (no)
                     raise AttributeError(attr)
+                if attr in self.answers:
+                    return self.answers[attr]
                 if attr in self.stand_ins:
                     return self.given.setdefault(attr, self._stand_in(attr))
                 search = self.real.submodule_search_locations

@@ -28,9 +28,9 @@ NOT_BEFORE_THE_CODE = ("sqlite3", "paho", "agent.telemetry", "agent.mqtt", "agen
                        "statistics",
                        # what msal and urllib3 import for flows never run (agent/signin/__init__.py)
                        "http.server", "socketserver", "html", "importlib.metadata", "xml.etree.ElementTree",
-                       "pyexpat")
+                       "pyexpat", "importlib.resources")
 # Imported by a library at its top, its code run only on first use (hw.lazymodule).
-DEFERRED_AT_THE_CODE = ("msal.oauth2cli.authcode", "urllib3.http2", "xml.etree.cElementTree", "PIL.ExifTags",
+DEFERRED_AT_THE_CODE = ("msal.oauth2cli.authcode", "urllib3.http2", "certifi.core", "xml.etree.cElementTree", "PIL.ExifTags",
                         "PIL.TiffTags", "segno.writers")
 
 

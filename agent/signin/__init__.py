@@ -7,9 +7,12 @@ May import the shared ground (``agent.config``, ``agent.state``, ``agent.errors`
 ``agent.net``) and nothing else of the agent.
 """
 
+import os as _os
 import sys as _sys
 
 from hw.lazymodule import defer as _defer
+from hw.lazymodule import is_deferred as _is_deferred
+from hw.lazymodule import load as _load
 
 # What msal and urllib3 import at their top for flows the agent never runs, executed on first
 # use instead (hw.lazymodule; docs/PERFORMANCE.md "Sign-in"), before any submodule here imports
@@ -22,6 +25,11 @@ from hw.lazymodule import defer as _defer
 # - urllib3.http2's package code, which imports importlib.metadata (zipfile, csv,
 #   importlib.resources...) for inject_into_urllib3, an opt-in requests never makes; urllib3's
 #   connections import only its probe submodule. ~5 ms.
+# - certifi.core, whose where() requests calls at its import (requests.utils'
+#   DEFAULT_CA_BUNDLE_PATH) through importlib.resources: ~0.3 MiB and ~10 ms for one path, in a
+#   package pip installs as plain files. where() is answered with that file's path; a package
+#   that is no plain directory runs the real one. The agent verifies with its own context
+#   (agent.net.tls), so requests' default bundle is not read.
 if "msal" not in _sys.modules and "xml.etree.ElementTree" not in _sys.modules:
     _defer("xml.etree.ElementTree")
     _defer("xml.etree.cElementTree")
@@ -29,3 +37,13 @@ if "msal" not in _sys.modules:
     _defer("msal.oauth2cli.authcode", stand_ins=("AuthCodeReceiver", "is_wsl"))
 if "urllib3" not in _sys.modules:
     _defer("urllib3.http2")
+if "certifi" not in _sys.modules:
+    def _certifi_where() -> str:
+        """certifi.where(): its cacert.pem, the path importlib.resources gives a plain package."""
+        core = _sys.modules["certifi.core"]
+        if not _is_deferred(core):
+            return str(core.where())
+        path = _os.path.join(_os.path.dirname(core.__spec__.origin or ""), "cacert.pem")
+        return path if _os.path.isfile(path) else str(_load(core).where())
+
+    _defer("certifi.core", stand_ins=("contents",), answers={"where": _certifi_where})

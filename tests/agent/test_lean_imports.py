@@ -112,3 +112,32 @@ def test_msal_signs_in_without_running_what_other_flows_need_which_works_on_firs
     assert out["h2"] == [True, True]
     assert out["after"] == [False, False, False], "each ran on its first use"
     assert out["wsl"] is True
+
+
+CERTIFI_PROBE = textwrap.dedent("""
+    import json, sys
+    import agent.signin.authenticator, agent.telemetry.sinks.http   # msal and requests with them
+    import certifi, requests.utils
+    from hw.lazymodule import is_deferred
+    out = {"where": certifi.where(), "requests": requests.utils.DEFAULT_CA_BUNDLE_PATH,
+           "resources": "importlib.resources" in sys.modules, "deferred": is_deferred(sys.modules["certifi.core"])}
+    out["contents"] = certifi.contents().count("BEGIN CERTIFICATE") > 100
+    out["after"] = [certifi.where(), is_deferred(sys.modules["certifi.core"])]
+    print(json.dumps(out))
+""")
+
+
+def test_certifi_answers_its_path_without_importlib_resources_and_runs_on_other_use() -> None:
+    """requests asks certifi.where() at its import; the agent answers it with the bundle's path
+    (agent/signin/__init__.py) instead of running importlib.resources (~0.3 MiB, ~10 ms): the
+    same path the real certifi gives, and certifi itself once anything else is asked."""
+    res = subprocess.run([sys.executable, "-c", CERTIFI_PROBE], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    real = subprocess.run([sys.executable, "-c", "import certifi; print(certifi.where())"], capture_output=True,
+                          text=True, timeout=60, check=True).stdout.strip()
+    import json
+
+    out = json.loads(res.stdout)
+    assert out["where"] == out["requests"] == real
+    assert out["resources"] is False and out["deferred"] is True
+    assert out["contents"] is True and out["after"] == [real, False]

@@ -116,3 +116,31 @@ def test_deferring_imports_nothing_and_each_shape_of_import_gets_the_real_thing(
     assert out["package"] == [1, True, False, ["lib", "leaf", "tool", "sub"]]
     assert out["star"] == ["VALUE", "helper"]
     assert out["none"] == "lib.none", "a name that does not exist fails at its import as always"
+
+
+_ANSWERS = """
+import json, sys
+sys.ran = []
+from hw.lazymodule import defer, is_deferred, load
+defer("lib.tool", answers={"helper": lambda x: -x})
+from lib.tool import helper
+out = {"before": [helper(4), is_deferred(sys.modules["lib.tool"]), list(sys.ran)]}
+tool = load(sys.modules["lib.tool"])
+out["after"] = [tool.helper(4), helper(4), is_deferred(tool), list(sys.ran), load(tool) is tool]
+print(json.dumps(out))
+"""
+
+
+def test_an_answer_stands_for_a_name_until_the_module_runs(tmp_path: Path) -> None:
+    """certifi.where(), which requests calls at its import, is answered without running
+    certifi's importlib.resources; the module, run, has its own again."""
+    for rel, text in _PACKAGE.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    (tmp_path / "lib/__init__.py").write_text("import sys\nsys.ran.append('lib')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    res = subprocess.run([sys.executable, "-c", _ANSWERS], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["before"] == [-4, True, ["lib"]], "the answer, and the module's code has not run"
+    assert out["after"] == [8, -4, False, ["lib", "tool"], True]
