@@ -360,7 +360,10 @@ def _write_file(path: Path, data: bytes, *, keep: Path | None = None) -> None:
         raise
     os.close(fd)
     if keep is not None:
-        os.link(path, keep)
+        try:
+            os.link(path, keep)           # the old file stays at path until the new one replaces it
+        except OSError:
+            os.replace(path, keep)        # no hard links (vfat)
     os.replace(tmp, path)
     dfd = os.open(path.parent, os.O_RDONLY)
     try:

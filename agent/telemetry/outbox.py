@@ -41,8 +41,8 @@ Why it looks like this:
   too, that is the storage state as for any write: new readings are refused until it recovers.
 - Compact rows (SD-card wear): a reading as the sampler makes it (sensor, type, value, unit, and
   its stamp's time) is stored as 11 bytes, its sensor/type/unit and its boot as numbers kept in
-  ``meta`` (``word:<n>``, written with the first row that uses one, and logged again
-  with its first use in each generation of the intake log, which is then self-contained), ~40 bytes a row, so a put
+  ``meta`` (``word:<n>``, written with the first row that uses one, and logged again with
+  its first use in each generation of the intake log: self-contained), ~40 bytes a row, so a put
   rarely needs a new page. Anything else, and every row of older files, is JSON and read as
   such. (A file with compact rows cannot be read by an agent from before them.)
 - Each row keeps how its reading was stamped (``wall``, ``mono``, ``boot``, ``synced``: see
