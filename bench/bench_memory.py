@@ -16,8 +16,8 @@ DIR (default: a temp dir) holds the outbox: a real disk, as on a box. OLD: an ol
 (``git archive REV | tar -x -C OLD``) measured the same way after this one, for the baseline.
 Each tree runs as its own systemd unit runs it: ``python -m agent run`` (the unit's ExecStart,
 the console script, calls the same ``agent.cli.main``) with the unit's ``Environment=`` (glibc's
-malloc settings; -OO with its bytecode cache, compiled first as the README's install step does,
-in DIR/bench-memory-cache, kept between runs) and none of this shell's other ``PYTHON*``
+malloc settings; -OO with its bytecode prefix, compiled first as the README's install step does,
+in DIR/bench-memory-bytecode, kept between runs) and none of this shell's other ``PYTHON*``
 variables; printed with the figures.
 """
 
@@ -138,13 +138,14 @@ def print_breakdown(start: tuple[dict[str, int], dict[str, int]], end: tuple[dic
 
 
 def measure(tree: Path, readings: int, base_dir: str | None, label: str) -> None:
-    # The service's environment and bytecode, as on a box: a unit with a bytecode cache
+    # The service's environment and bytecode, as on a box: a unit with a bytecode prefix
     # (PYTHONPYCACHEPREFIX) gets it compiled by unit_environment, as the install step does; an
     # older one runs from the bytecode pip compiles next to the sources (a checkout under
     # PYTHONDONTWRITEBYTECODE would compile every module at start, and keep the compiler's heap).
     cache = Path(base_dir or tempfile.gettempdir()) / "bench-memory-cache"
-    unit_env = unit_environment(tree, cache)
-    env = service_environment(tree, cache)
+    bytecode = cache.with_name("bench-memory-bytecode")
+    unit_env = unit_environment(tree, cache, bytecode_dir=bytecode)
+    env = service_environment(tree, cache, bytecode_dir=bytecode)
     prefix = Path(unit_env["PYTHONPYCACHEPREFIX"]) if "PYTHONPYCACHEPREFIX" in unit_env else None
     if prefix is None:
         for pkg in ("agent", "hw"):

@@ -117,22 +117,34 @@ class AgentProcess:
 
 
 SERVICE_CACHE_DIR = "/var/cache/device-agent"     # the unit's CacheDirectory=device-agent
+# The unit's PYTHONPYCACHEPREFIX: root's, beside the venv, compiled by the README's install step
+# (an older unit kept it in SERVICE_CACHE_DIR; both are relocated for a checkout).
+BYTECODE_DIR = "/opt/device-agent/bytecode"
 # The README's install step compiles the bytecode the unit's PYTHONOPTIMIZE asks for, with this
 # exclusion (test suites and GUI tools the service never imports); tests/test_systemd.py checks
 # that the README says the same.
 BYTECODE_EXCLUDE = "/(tests?|idlelib|tkinter|turtledemo|lib2to3|ensurepip)/"
 
 
-def unit_environment(root: Path = ROOT, cache_dir: Path | None = None, *, compile_bytecode: bool = True
-                     ) -> dict[str, str]:
+def _relocate(env: dict[str, str], prefix: str, to: Path) -> dict[str, str]:
+    """``env`` with every value under ``prefix`` moved under ``to``."""
+    return {k: str(to) + v.removeprefix(prefix) if v == prefix or v.startswith(prefix + "/") else v
+            for k, v in env.items()}
+
+
+def unit_environment(root: Path = ROOT, cache_dir: Path | None = None, *, bytecode_dir: Path | None = None,
+                     compile_bytecode: bool = True) -> dict[str, str]:
     """The ``Environment=`` assignments of ``root``'s systemd unit: what the service runs with
-    (the allocator settings, -OO and its bytecode cache among them), for tests and benches that
+    (the allocator settings, -OO and its bytecode prefix among them), for tests and benches that
     run the agent as systemd would. Quoting is not supported: the unit uses none.
 
-    Paths in the unit's cache directory point into ``cache_dir`` instead (default: one per user
-    in the temp dir, kept between runs); with ``compile_bytecode`` the bytecode there is brought
-    up to date first, as the install step does on a box (`install_bytecode`), so that an agent
-    started with this environment does not compile its modules at start.
+    Paths in the unit's cache directory point into ``cache_dir`` instead, and the bytecode prefix
+    (``/opt/device-agent/bytecode``) into ``bytecode_dir`` (defaults: one per user in the temp
+    dir, kept between runs); with ``compile_bytecode`` the bytecode there is brought up to date
+    first, as the install step does on a box (`install_bytecode`), so that an agent started with
+    this environment does not compile its modules at start. Unlike on a box, the test's prefix
+    is writable by the agent: a module the install step missed is cached there, where a test
+    sees it (on a box it would be compiled in memory at every start).
     """
     unit = root / "systemd" / "device-agent.service"
     env: dict[str, str] = {}
@@ -141,12 +153,12 @@ def unit_environment(root: Path = ROOT, cache_dir: Path | None = None, *, compil
             for item in line.removeprefix("Environment=").split():
                 key, _, value = item.partition("=")
                 env[key] = value
-    if any(v.startswith(SERVICE_CACHE_DIR) for v in env.values()):
-        cache = cache_dir or Path(tempfile.gettempdir()) / f"device-agent-cache-{os.getuid()}"
-        env = {k: str(cache) + v.removeprefix(SERVICE_CACHE_DIR) if v.startswith(SERVICE_CACHE_DIR) else v
-               for k, v in env.items()}
-        if compile_bytecode and "PYTHONPYCACHEPREFIX" in env:
-            install_bytecode(root, Path(env["PYTHONPYCACHEPREFIX"]), int(env.get("PYTHONOPTIMIZE", "0")))
+    tmp = Path(tempfile.gettempdir())
+    unit_prefix = env.get("PYTHONPYCACHEPREFIX")
+    env = _relocate(env, SERVICE_CACHE_DIR, cache_dir or tmp / f"device-agent-cache-{os.getuid()}")
+    env = _relocate(env, BYTECODE_DIR, bytecode_dir or tmp / f"device-agent-bytecode-{os.getuid()}")
+    if compile_bytecode and unit_prefix is not None and env["PYTHONPYCACHEPREFIX"] != unit_prefix:
+        install_bytecode(root, Path(env["PYTHONPYCACHEPREFIX"]), int(env.get("PYTHONOPTIMIZE", "0")))
     return env
 
 
@@ -174,11 +186,12 @@ def install_bytecode(root: Path, prefix: Path, optimize: int) -> None:
     _compiled.add((root, prefix, optimize))
 
 
-def service_environment(root: Path = ROOT, cache_dir: Path | None = None) -> dict[str, str]:
+def service_environment(root: Path = ROOT, cache_dir: Path | None = None, *, bytecode_dir: Path | None = None
+                        ) -> dict[str, str]:
     """The environment systemd gives the service, for a checkout: this process's without its
-    ``PYTHON*`` variables (systemd passes none but the unit's own: bytecode gets written, for
-    one), ``root`` on PYTHONPATH, and the unit's ``Environment=`` (`unit_environment`)."""
+    ``PYTHON*`` variables (systemd passes none but the unit's own), ``root`` on PYTHONPATH, and
+    the unit's ``Environment=`` (`unit_environment`, with ``cache_dir`` and ``bytecode_dir``)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "JOURNAL_STREAM"}
     env["PYTHONPATH"] = str(root)
-    env.update(unit_environment(root, cache_dir))
+    env.update(unit_environment(root, cache_dir, bytecode_dir=bytecode_dir))
     return env

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import posixpath
 import re
 import subprocess
 import sys
@@ -93,7 +94,7 @@ def test_the_units_malloc_settings_take_effect() -> None:
     allocate share two arenas, and a 100 KB buffer is mapped on its own (returned on free)."""
     from tests.agentproc import unit_environment
 
-    # glibc's variables alone: what else the unit sets (-OO, its bytecode cache) moves the heap
+    # glibc's variables alone: what else the unit sets (-OO, its bytecode prefix) moves the heap
     # around at start, and a 100 KB request may then be served from a free chunk without mmap.
     env = {k: v for k, v in unit_environment(compile_bytecode=False).items() if k.startswith("MALLOC_")}
     assert env.get("MALLOC_ARENA_MAX") == "2", env
@@ -115,19 +116,25 @@ def test_the_units_malloc_settings_take_effect() -> None:
 README = UNIT.parents[1] / "README.md"
 
 
-def test_unit_runs_python_without_docstrings_from_its_bytecode_cache() -> None:
-    """-OO from the unit, its bytecode in the unit's own cache directory, and the README's install
-    step compiling exactly that (same level, same directory, what the bench and tests compile)."""
-    from tests.agentproc import BYTECODE_EXCLUDE, SERVICE_CACHE_DIR
-
-    text = UNIT.read_text()
-    assert re.search(r"^CacheDirectory=device-agent$", text, re.M)
+def unit_env(text: str) -> dict[str, str]:
     env: dict[str, str] = {}
     for line in re.findall(r"^Environment=(.*)$", text, re.M):
         env.update(item.split("=", 1) for item in line.split())
+    return env
+
+
+def test_unit_runs_python_without_docstrings_from_its_bytecode_cache() -> None:
+    """-OO from the unit, its bytecode in root's directory beside the venv, and the README's
+    install step compiling exactly that (same level, same directory, what the bench and tests
+    compile), as root."""
+    from tests.agentproc import BYTECODE_DIR, BYTECODE_EXCLUDE
+
+    text = UNIT.read_text()
+    assert re.search(r"^CacheDirectory=device-agent$", text, re.M)    # still the regex cache's
+    env = unit_env(text)
     assert env.get("PYTHONOPTIMIZE") == "2", env
     prefix = env.get("PYTHONPYCACHEPREFIX", "")
-    assert prefix.startswith(SERVICE_CACHE_DIR + "/"), prefix
+    assert prefix == BYTECODE_DIR, prefix
     readme = README.read_text().replace("\\\n", " ")
     install = re.search(r"^sudo env PYTHONPYCACHEPREFIX=(\S+) /opt/device-agent/bin/python -m compileall (.*)$",
                         readme, re.M)
@@ -137,6 +144,39 @@ def test_unit_runs_python_without_docstrings_from_its_bytecode_cache() -> None:
     assert args[args.index("-o") + 1] == env["PYTHONOPTIMIZE"]
     assert args[args.index("-x") + 1] == f"'{BYTECODE_EXCLUDE}'"
     assert "/opt/device-agent/lib" in args and 'sysconfig.get_path("stdlib")' in install.group(2)
+
+
+UNIT_WRITABLE_ROOTS = {"StateDirectory": "/var/lib", "CacheDirectory": "/var/cache", "LogsDirectory": "/var/log",
+                       "RuntimeDirectory": "/run"}
+# Writable for every user under ProtectSystem=strict (private with PrivateTmp=, but the service's).
+ALWAYS_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm")
+
+
+def writable_for_the_service(text: str) -> list[str]:
+    """What the unit lets the service write through ProtectSystem=strict: the directories systemd
+    makes for it (owned by its user) and ReadWritePaths= (ConfigurationDirectory= stays read-only)."""
+    paths = list(ALWAYS_WRITABLE)
+    for key, value in re.findall(r"^(\w+)=(.*)$", text.split("[Service]", 1)[1], re.M):
+        if key in UNIT_WRITABLE_ROOTS:
+            paths += [f"{UNIT_WRITABLE_ROOTS[key]}/{name.split(':')[0]}" for name in value.split()]
+        elif key == "ReadWritePaths":
+            paths += [path.lstrip("-+") for path in value.split()]
+    return [posixpath.normpath(path) for path in paths]
+
+
+def test_the_bytecode_prefix_is_not_writable_by_the_service() -> None:
+    """Root's compileall (the README's install and upgrade step) loads its own modules from the
+    unit's PYTHONPYCACHEPREFIX, and Python does not check who owns a .pyc: in (or above) a
+    directory the service may write, a compromised service could plant bytecode that root runs."""
+    text = UNIT.read_text()
+    assert re.search(r"^ProtectSystem=strict$", text, re.M)      # the rest of the tree read-only
+    prefix = posixpath.normpath(unit_env(text)["PYTHONPYCACHEPREFIX"])
+    assert posixpath.isabs(prefix), prefix
+    writable = writable_for_the_service(text)
+    assert {"/var/lib/device-agent", "/var/cache/device-agent", "/run/device-agent"} <= set(writable), writable
+    for path in writable:
+        assert not (prefix == path or prefix.startswith(path + "/") or path.startswith(prefix + "/")), (
+            f"PYTHONPYCACHEPREFIX={prefix}: the service can write {path}")
 
 
 LIBRARIES_PROBE = 'assert False, "asserts run: not -OO"'
@@ -189,14 +229,16 @@ def test_the_libraries_work_under_the_units_flags(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_the_agent_runs_under_the_units_flags_from_the_installed_bytecode(
         tmp_path: Path, idp: Any, idp_api: Any, tls: Any, mosquitto: Any) -> None:
-    """`device-agent run` with the unit's environment (-OO, its bytecode cache, glibc's settings):
+    """`device-agent run` with the unit's environment (-OO, its bytecode prefix, glibc's settings):
     it signs in, delivers readings and stops cleanly, and every module it imports came from the
     bytecode the install step compiled (a module it had to compile itself would appear in the
-    cache: the install step missed it, and every box would compile it at start)."""
+    prefix: the install step missed it, and every box would compile it in memory at every start)."""
     from tests.agentproc import AgentProcess, service_environment, write_config
 
     env = service_environment()
-    env["PYTHONDONTWRITEBYTECODE"] = ""       # as under systemd: what the agent compiles, it caches
+    # The test's prefix is writable (a box's is not: it would compile the module at every start),
+    # so a module the agent compiles shows up there.
+    env["PYTHONDONTWRITEBYTECODE"] = ""
     prefix = Path(env["PYTHONPYCACHEPREFIX"])
     before = set(prefix.rglob("*.pyc"))
     idp.auto_approve_after_s = 0.0
