@@ -30,8 +30,8 @@ NOT_BEFORE_THE_CODE = ("sqlite3", "paho", "agent.telemetry", "agent.mqtt", "agen
                        "http.server", "socketserver", "html", "importlib.metadata", "xml.etree.ElementTree",
                        "pyexpat", "importlib.resources")
 # Imported by a library at its top, its code run only on first use (hw.lazymodule).
-DEFERRED_AT_THE_CODE = ("msal.oauth2cli.authcode", "urllib3.http2", "certifi.core", "xml.etree.cElementTree", "PIL.ExifTags",
-                        "PIL.TiffTags", "segno.writers")
+DEFERRED_AT_THE_CODE = ("msal.oauth2cli.authcode", "urllib3.http2", "certifi.core", "xml.etree.cElementTree",
+                        "PIL.ExifTags", "PIL.TiffTags", "segno.writers")
 
 
 def _probe_lines(path: Path, n: int, timeout_s: float) -> list[dict[str, Any]]:
