@@ -15,6 +15,19 @@ MAGIC and word size, the compiler's source files' size and mtime); anything unex
 Python, a damaged file, ``re`` internals that are not CPython 3.11-3.13's) turns the cache off
 and every pattern is compiled as always. Only with ``$CACHE_DIRECTORY`` (systemd's
 ``CacheDirectory=``, docs/INTERFACE.md "Secrets and files"); without it this module does nothing.
+
+``_sre.compile`` trusts its code words more than it checks them (CPython 3.11's validator lets
+some damaged words through, and the interpreter then crashes), so a damaged file must never reach
+it, and a crash must never repeat (with ``Restart=on-failure`` it would at every start):
+
+- the file carries a BLAKE2b digest of everything after it, checked before anything is read
+  (a zeroed sector, a torn write);
+- the file is moved aside (``.loading``) before it is loaded and put back (or written anew) only
+  by ``save()``, once the start got past the load and the first use: a start that dies on the
+  way leaves no file, and the next one compiles as always and writes a new one.
+
+The file holds the patterns of the last start that compiled any (looked up from the file or
+compiled), not every pattern any start ever used.
 """
 
 from __future__ import annotations
@@ -30,8 +43,11 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
+MAGIC = b"rxc2"
 MAX_ENTRIES = 400         # re keeps 512; more would only push the start's own patterns out
+_DIGEST = 32
+_Key = tuple[bool, Any, int]
 _Entry = tuple[bool, Any, int, int, bytes, int, dict[str, int], tuple[Any, ...]]
 
 
@@ -49,19 +65,39 @@ class _Recorder:
     def compile(self, pattern: Any, flags: int, code: list[int], groups: int, groupindex: Any,
                 indexgroup: Any) -> Any:
         obj = self._sre.compile(pattern, flags, code, groups, groupindex, indexgroup)
-        if isinstance(pattern, str | bytes):
+        if type(pattern) in (str, bytes):     # a subclass is no data marshal keeps
             self.made.append((obj, (int(flags), array("I", code).tobytes(), int(groups), dict(groupindex),
                                     tuple(indexgroup))))
         return obj
 
 
+class _Kept(dict):  # type: ignore[type-arg]
+    """``re``'s cache while a start runs: a pattern of the file enters it on its first look-up
+    (``re._compile`` finds it there), so ``save()`` knows which ones this start used."""
+
+    def __init__(self, cache: dict[Any, Any], kept: dict[Any, Any], hits: set[Any]) -> None:
+        super().__init__(cache)
+        self.kept = kept
+        self.hits = hits
+
+    def __missing__(self, key: Any) -> Any:
+        obj = self.kept.pop(key)            # KeyError: not in the file either, re compiles it
+        self.hits.add(key)
+        self[key] = obj
+        return obj
+
+
 class RegexCache:
-    """The patterns of ``path`` in ``re``'s cache; records what this start compiles beyond them."""
+    """The patterns of ``path`` in ``re``'s cache; records what this start uses and compiles."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._entries: dict[tuple[bool, Any, int], _Entry] = {}
+        self.aside = path.with_name(path.name + ".loading")
+        self._entries: dict[_Key, _Entry] = {}
+        self._hits: set[Any] = set()
         self._recorder: _Recorder | None = None
+        self._held = False                  # the file is aside, loaded: save() puts it back
+        self._trouble: str | None = None    # a WARNING for save(), once logging is set up
         self.loaded = 0
 
     def warm(self) -> RegexCache:
@@ -71,8 +107,9 @@ class RegexCache:
         import _sre
 
         try:
-            # Data only (tuples, strings, numbers), in a directory only the service may write.
-            header, entries = marshal.loads(self.path.read_bytes())  # noqa: S302
+            # Aside first: should _sre crash on a pattern, the next start finds no file.
+            os.replace(self.path, self.aside)
+            header, entries = decode(self.aside.read_bytes())
             if header == _header():
                 made = {}
                 for entry in entries:
@@ -81,11 +118,14 @@ class RegexCache:
                         pattern, flags, array("I", code).tolist(), groups, groupindex, indexgroup)
                     self._entries[(is_bytes, pattern, key_flags)] = entry
                 cache = re._cache      # type: ignore[attr-defined]
-                for key, obj in made.items():        # all of the file or nothing
-                    cache.setdefault(key, obj)
+                kept = {key: obj for key, obj in made.items() if key not in cache}   # all or nothing
+                re._cache = _Kept(cache, kept, self._hits)  # type: ignore[attr-defined]
                 self.loaded = len(self._entries)
+                self._held = True
         except FileNotFoundError:
             pass
+        except OSError as err:              # a directory it may not write: no guard, no load
+            self._trouble = f"not used: {err}"
         except Exception as err:  # noqa: BLE001 - any doubt about the file: compile as always
             log.debug("regex cache %s not used: %s", self.path, err)
             self._entries.clear()
@@ -99,35 +139,77 @@ class RegexCache:
         return len(self._recorder.made) if self._recorder is not None else 0
 
     def save(self) -> bool:
-        """Stop recording; write the file if this start compiled patterns it did not hold.
-        True if written."""
+        """Stop recording; write the file (the patterns this start used) if this start compiled
+        patterns it did not hold, else put the loaded one back. Never raises: a cache that
+        cannot be kept only means compiling again. True if written."""
+        try:
+            return self._save()
+        except Exception as err:  # noqa: BLE001 - the start goes on whatever the cache does
+            self._trouble = self._trouble or f"not written: {err}"
+            return False
+        finally:
+            if self._trouble:
+                log.warning("regex cache %s %s (patterns are compiled at every start)", self.path,
+                            self._trouble)
+                self._trouble = None
+
+    def _save(self) -> bool:
         recorder = self._recorder           # kept for ``compiled``, unhooked below
         compiler = _compiler()
         if recorder is None or compiler is None:
             return False
         if compiler._sre is recorder:
             compiler._sre = recorder._sre
+        cache = re._cache                   # type: ignore[attr-defined]
+        if isinstance(cache, _Kept):
+            re._cache = cache = dict(cache)  # type: ignore[attr-defined]
         made = {id(obj): (obj, args) for obj, args in recorder.made}
+        used = {(kind is bytes, pattern, int(flags)) for kind, pattern, flags in self._hits}
+        entries = {key: entry for key, entry in self._entries.items() if key in used}
         new = 0
-        for (kind, pattern, key_flags), obj in list(re._cache.items()):    # type: ignore[attr-defined]
+        for (kind, pattern, key_flags), obj in list(cache.items()):
             found = made.get(id(obj))
-            if found is None or found[0] is not obj or len(self._entries) >= MAX_ENTRIES:
+            if found is None or found[0] is not obj or len(entries) >= MAX_ENTRIES:
                 continue
             key = (kind is bytes, pattern, int(key_flags))
-            if key not in self._entries:
-                self._entries[key] = (*key, *found[1])       # type: ignore[assignment]
+            if key not in entries:
+                entries[key] = (*key, *found[1])       # type: ignore[assignment]
                 new += 1
         if not new:
+            if self._held:
+                os.replace(self.aside, self.path)
             return False
         from agent.fsutil import atomic_write
 
-        try:
-            # A cache: a lost write only means compiling again, so no fsync (the SD card).
-            atomic_write(self.path, marshal.dumps((_header(), list(self._entries.values()))), durable=False)
-        except OSError as err:
-            log.debug("regex cache %s not written: %s", self.path, err)
-            return False
+        # A cache: a lost write only means compiling again, so no fsync (the SD card).
+        atomic_write(self.path, encode(_header(), list(entries.values())), durable=False)
+        self.aside.unlink(missing_ok=True)
         return True
+
+
+def encode(header: tuple[Any, ...], entries: list[_Entry]) -> bytes:
+    """The file: ``MAGIC``, the digest of the rest, the header and entries (marshal)."""
+    body = marshal.dumps((header, entries))
+    return MAGIC + _blake2b(body) + body
+
+
+def decode(data: bytes) -> tuple[tuple[Any, ...], list[_Entry]]:
+    """``encode``'s header and entries; ValueError for anything else, before reading a byte
+    of it (marshal, and then _sre, only see what was written)."""
+    body = data[len(MAGIC) + _DIGEST:]
+    if data[:len(MAGIC)] != MAGIC or data[len(MAGIC):len(MAGIC) + _DIGEST] != _blake2b(body):
+        raise ValueError("not a regex cache of this format, or damaged (digest)")
+    # Data only (tuples, strings, numbers), written by this module, checked above.
+    header, entries = marshal.loads(body)  # noqa: S302
+    return header, entries
+
+
+def _blake2b(data: bytes) -> bytes:
+    try:
+        from _blake2 import blake2b  # without hashlib's OpenSSL (~8 ms of a start on x86)
+    except ImportError:                 # pragma: no cover - a build without it
+        from hashlib import blake2b
+    return blake2b(data, digest_size=_DIGEST).digest()
 
 
 def _compiler() -> Any:
