@@ -38,7 +38,7 @@ import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-_lock = threading.RLock()
+_lock = threading.Lock()           # only around _planned and sys.meta_path, never around module code
 _planned: dict[str, _Plan] = {}      # name -> what it answers before it runs, until it is imported
 
 
@@ -58,7 +58,8 @@ def defer(name: str, *, stand_ins: Iterable[str] = (),
 
 def is_deferred(module: types.ModuleType) -> bool:
     """Still waiting for its first use (its code has not run)."""
-    return isinstance(module.__dict__.get("__getattr__"), _Hook)
+    hook = module.__dict__.get("__getattr__")
+    return isinstance(hook, _Hook) and not hook.done and not hook.running and not hook.replaced()
 
 
 def load(module: types.ModuleType) -> types.ModuleType:
@@ -78,7 +79,9 @@ class _Plan:
 
 
 class _Finder:
-    """First on ``sys.meta_path`` while names are deferred: serves each once, as an empty module."""
+    """First on ``sys.meta_path`` once a name is deferred: serves each once, as an empty module.
+    It stays there (a dict look-up per import): taking it out while another thread's import
+    walks ``sys.meta_path`` would make that import skip the finder after it."""
 
     @staticmethod
     def find_spec(fullname: str, path: Sequence[str] | None = None,
@@ -87,8 +90,6 @@ class _Finder:
             return None
         with _lock:
             plan = _planned.pop(fullname, None)
-            if not _planned and _FINDER in sys.meta_path:
-                sys.meta_path.remove(_FINDER)
         if plan is None:
             return None
         real = importlib.machinery.PathFinder.find_spec(fullname, path)
@@ -119,43 +120,79 @@ class _Loader:
         return None                     # the import system's default module
 
     def exec_module(self, module: types.ModuleType) -> None:
-        module.__dict__["__getattr__"] = _Hook(module, self.real, self.plan)
+        module.__dict__["__getattr__"] = _Hook(module, self.real, self.plan, self)
 
 
 class _Hook:
-    """The deferred module's ``__getattr__`` (PEP 562)."""
+    """The deferred module's ``__getattr__`` (PEP 562). It stays in the module until the real
+    code has run to its end: another thread that reads a name the running code has not set yet
+    waits for it (the hook's own lock), instead of a false AttributeError from a half-run
+    module. Each hook has its lock, so running one module's code (and the imports it makes,
+    with the import system's own locks) never waits for another deferred module's."""
 
-    def __init__(self, module: types.ModuleType, real: importlib.machinery.ModuleSpec, plan: _Plan) -> None:
+    def __init__(self, module: types.ModuleType, real: importlib.machinery.ModuleSpec, plan: _Plan,
+                 loader: _Loader) -> None:
         self.module = module
         self.real = real
+        self.loader = loader
         self.stand_ins = plan.stand_ins
         self.answers = plan.answers
         self.given: dict[str, Callable[..., Any]] = {}
+        self.lock = threading.RLock()
+        self.running = False            # its code runs now, in the thread holding ``lock``
+        self.done = False
+
+    def replaced(self) -> bool:
+        """The module's code ran without this hook (``importlib.reload``): the hook is a leftover."""
+        if self.done or self.running:
+            return False
+        return getattr(self.module.__dict__.get("__spec__"), "loader", None) is not self.loader
+
+    def _drop(self) -> None:
+        self.done = True
+        if self.module.__dict__.get("__getattr__") is self:
+            del self.module.__dict__["__getattr__"]
 
     def run(self) -> types.ModuleType:
-        """The real module's code, once (the import system's spec and loader, then its code)."""
+        """The real module's code, once (the import system's spec and loader, then its code).
+        Its own thread, back here from that code, gets the module as it is (a circular import);
+        a failed run leaves the module deferred again, and the error goes to the caller."""
         module = self.module
-        with _lock:
-            if module.__dict__.get("__getattr__") is self:
-                del module.__dict__["__getattr__"]
-                module.__spec__, module.__loader__ = self.real, self.real.loader
+        if self.done:
+            return module
+        with self.lock:
+            if self.done or self.running:
+                return module
+            if self.replaced():
+                self._drop()
+                return module
+            ours = module.__spec__, module.__loader__
+            module.__spec__, module.__loader__ = self.real, self.real.loader
+            self.running = True
+            try:
                 self.real.loader.exec_module(module)        # type: ignore[union-attr]
+            except BaseException:
+                module.__spec__, module.__loader__ = ours
+                module.__dict__["__getattr__"] = self
+                raise
+            finally:
+                self.running = False
+            self._drop()
         return module
 
     def __call__(self, attr: str) -> Any:
         module, name = self.module, self.module.__name__
-        with _lock:
-            if module.__dict__.get("__getattr__") is self:
-                if attr == "__path__":        # the import system asking "a package?" (no)
-                    raise AttributeError(attr)
-                if attr in self.answers:
-                    return self.answers[attr]
-                if attr in self.stand_ins:
-                    return self.given.setdefault(attr, self._stand_in(attr))
-                search = self.real.submodule_search_locations
-                if search and not attr.startswith("__") and importlib.machinery.PathFinder.find_spec(
-                        f"{name}.{attr}", list(search)) is not None:
-                    return importlib.import_module(f"{name}.{attr}")   # sets module.<attr>
+        if not self.done and not self.running:
+            if attr == "__path__":        # the import system asking "a package?" (no)
+                raise AttributeError(attr)
+            if attr in self.answers:
+                return self.answers[attr]
+            if attr in self.stand_ins:
+                return self.given.setdefault(attr, self._stand_in(attr))
+            search = self.real.submodule_search_locations
+            if search and not attr.startswith("__") and not self.replaced() and \
+                    importlib.machinery.PathFinder.find_spec(f"{name}.{attr}", list(search)) is not None:
+                return importlib.import_module(f"{name}.{attr}")   # sets module.<attr>
         self.run()
         try:
             return module.__dict__[attr]

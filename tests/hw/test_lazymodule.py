@@ -144,3 +144,119 @@ def test_an_answer_stands_for_a_name_until_the_module_runs(tmp_path: Path) -> No
     out = json.loads(res.stdout)
     assert out["before"] == [-4, True, ["lib"]], "the answer, and the module's code has not run"
     assert out["after"] == [8, -4, False, ["lib", "tool"], True]
+
+
+def _run_with(tmp_path: Path, files: dict[str, str], script: str) -> dict:
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+_RACE = """
+import json, sys, threading
+sys.entered, sys.go = threading.Event(), threading.Event()
+from hw.lazymodule import _FINDER, defer
+defer("pk.slow")
+import pk.slow as m                  # a library binds the module at its import
+got = {}
+def read(who):
+    try:
+        got[who] = m.LATE
+    except AttributeError as err:
+        got[who] = str(err)
+a = threading.Thread(target=read, args=("A",)); a.start()
+sys.entered.wait(10)                 # A runs the module's code: EARLY set, LATE not yet
+b = threading.Thread(target=read, args=("B",)); b.start()
+b.join(0.3)
+sys.go.set()
+a.join(10); b.join(10)
+print(json.dumps({"got": got, "finder": _FINDER in sys.meta_path}))
+"""
+
+
+def test_a_thread_reading_a_module_another_thread_runs_gets_the_finished_module(tmp_path: Path) -> None:
+    """Never a half-run module: the second thread's read waits for the first one's run to end
+    (it got a false AttributeError)."""
+    out = _run_with(tmp_path, {
+        "pk/__init__.py": "",
+        "pk/slow.py": "import sys\nEARLY = 1\nsys.entered.set()\nsys.go.wait(10)\nLATE = 2\n",
+    }, _RACE)
+    assert out["got"] == {"A": 2, "B": 2}
+    assert out["finder"], "left in sys.meta_path: another thread's import never skips the finder after it"
+
+
+_DEADLOCK = """
+import json, sys, threading
+sys.in_shared, sys.a_waiting = threading.Event(), threading.Event()
+from hw.lazymodule import defer
+defer("pk.d1"); defer("pk.d2")
+import pk.d1 as d1
+def b():
+    import pk.shared                 # holds pk.shared's import lock, then imports deferred pk.d2
+def a():
+    sys.in_shared.wait(10)
+    getattr(d1, "shared", None)      # runs pk.d1, which imports pk.shared (B's)
+ts = [threading.Thread(target=b, daemon=True), threading.Thread(target=a, daemon=True)]
+[t.start() for t in ts]; [t.join(8) for t in ts]
+print(json.dumps({"alive": [t.is_alive() for t in ts], "x": getattr(sys.modules.get("pk.shared"), "X", None)}))
+"""
+
+
+def test_running_a_module_never_waits_for_another_deferred_ones_import(tmp_path: Path) -> None:
+    """One lock per module, none held while the module's code (and its imports) run: a thread
+    importing a module that imports a deferred one does not deadlock with a thread whose first
+    use runs a deferred module importing the first."""
+    out = _run_with(tmp_path, {
+        "pk/__init__.py": "",
+        "pk/d1.py": "import sys\nsys.a_waiting.set()\nimport pk.shared\n",
+        "pk/d2.py": "VALUE = 2\n",
+        "pk/shared.py": "import sys\nsys.in_shared.set()\nsys.a_waiting.wait(10)\nimport pk.d2 as _d2\n"
+                        "X = _d2.VALUE\n",
+    }, _DEADLOCK)
+    assert out == {"alive": [False, False], "x": 2}
+
+
+_FAILS = """
+import json, sys
+sys.runs = 0
+from hw.lazymodule import defer, is_deferred
+defer("pk.broken")
+import pk.broken as m
+out = []
+for name in ("X", "Y"):
+    try:
+        out.append(getattr(m, name))
+    except Exception as err:
+        out.append(type(err).__name__)
+print(json.dumps({"out": out, "runs": sys.runs, "deferred": is_deferred(m)}))
+"""
+
+
+def test_a_module_whose_code_fails_fails_again_at_the_next_use_not_half_run(tmp_path: Path) -> None:
+    out = _run_with(tmp_path, {
+        "pk/__init__.py": "",
+        "pk/broken.py": "import sys\nsys.runs += 1\nX = 1\nraise RuntimeError('no device')\n",
+    }, _FAILS)
+    assert out == {"out": ["RuntimeError", "RuntimeError"], "runs": 2, "deferred": True}
+
+
+_RELOAD = """
+import importlib, json, sys
+sys.runs = 0
+from hw.lazymodule import defer, is_deferred
+defer("pk.counted")
+import pk.counted as m
+importlib.reload(m)
+out = [sys.runs, is_deferred(m), hasattr(m, "missing"), sys.runs, m.X]
+print(json.dumps(out))
+"""
+
+
+def test_a_reloaded_module_is_no_longer_deferred(tmp_path: Path) -> None:
+    out = _run_with(tmp_path, {"pk/__init__.py": "", "pk/counted.py": "import sys\nsys.runs += 1\nX = 1\n"}, _RELOAD)
+    assert out == [1, False, False, 1, 1], "reload ran it once; no second run on the next missing name"
