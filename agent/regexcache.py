@@ -47,6 +47,8 @@ FORMAT = 2
 MAGIC = b"rxc2"
 MAX_ENTRIES = 400         # re keeps 512; more would only push the start's own patterns out
 _DIGEST = 32
+# The dict re._compile looks a pattern up in first: its FIFO one from 3.12 on, else its cache.
+_FIRST = "_cache2" if isinstance(getattr(re, "_cache2", None), dict) else "_cache"
 _Key = tuple[bool, Any, int]
 _Entry = tuple[bool, Any, int, int, bytes, int, dict[str, int], tuple[Any, ...]]
 
@@ -117,9 +119,9 @@ class RegexCache:
                     made[(bytes if is_bytes else str, pattern, key_flags)] = _sre.compile(
                         pattern, flags, array("I", code).tolist(), groups, groupindex, indexgroup)
                     self._entries[(is_bytes, pattern, key_flags)] = entry
-                cache = re._cache      # type: ignore[attr-defined]
+                cache = getattr(re, _FIRST)
                 kept = {key: obj for key, obj in made.items() if key not in cache}   # all or nothing
-                re._cache = _Kept(cache, kept, self._hits)  # type: ignore[attr-defined]
+                setattr(re, _FIRST, _Kept(cache, kept, self._hits))
                 self.loaded = len(self._entries)
                 self._held = True
         except FileNotFoundError:
@@ -160,9 +162,9 @@ class RegexCache:
             return False
         if compiler._sre is recorder:
             compiler._sre = recorder._sre
+        if isinstance(first := getattr(re, _FIRST), _Kept):
+            setattr(re, _FIRST, dict(first))
         cache = re._cache                   # type: ignore[attr-defined]
-        if isinstance(cache, _Kept):
-            re._cache = cache = dict(cache)  # type: ignore[attr-defined]
         made = {id(obj): (obj, args) for obj, args in recorder.made}
         used = {(kind is bytes, pattern, int(flags)) for kind, pattern, flags in self._hits}
         entries = {key: entry for key, entry in self._entries.items() if key in used}
