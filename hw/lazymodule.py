@@ -182,6 +182,8 @@ class _Hook:
 
     def __call__(self, attr: str) -> Any:
         module, name = self.module, self.module.__name__
+        if self.replaced():
+            self._drop()
         if not self.done and not self.running:
             if attr == "__path__":        # the import system asking "a package?" (no)
                 raise AttributeError(attr)
@@ -190,8 +192,8 @@ class _Hook:
             if attr in self.stand_ins:
                 return self.given.setdefault(attr, self._stand_in(attr))
             search = self.real.submodule_search_locations
-            if search and not attr.startswith("__") and not self.replaced() and \
-                    importlib.machinery.PathFinder.find_spec(f"{name}.{attr}", list(search)) is not None:
+            if search and not attr.startswith("__") and importlib.machinery.PathFinder.find_spec(
+                    f"{name}.{attr}", list(search)) is not None:
                 return importlib.import_module(f"{name}.{attr}")   # sets module.<attr>
         self.run()
         try:
