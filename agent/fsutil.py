@@ -31,9 +31,13 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o600, durable: bool = 
         except FileNotFoundError:
             pass
         raise
-    if not durable:
-        return
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    if durable:
+        fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """fsync a directory, so a rename or a new file in it survives a power cut."""
+    dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.fsutil import fsync_dir
+
 log = logging.getLogger(__name__)
 
 SIZE = 64 * 1024            # the file, preallocated; the outbox commits at 3/4 of it
@@ -365,11 +367,7 @@ def _write_file(path: Path, data: bytes, *, keep: Path | None = None) -> None:
         except OSError:
             os.replace(path, keep)        # no hard links (vfat)
     os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(path.parent)
 
 
 def aside_name(path: Path) -> Path:
