@@ -52,6 +52,7 @@ from agent.fsutil import atomic_write  # noqa: E402
 from agent.state import AgentState  # noqa: E402
 from agent.statusfile import StatusWriter  # noqa: E402
 from agent.telemetry import outbox as current  # noqa: E402
+from tests.fixtures.diskio import clean  # noqa: E402
 
 SENSORS_PER_BOX = 5          # the daily figure: 5 sensors sampled once a minute, uploaded each minute
 MINUTES_PER_DAY = 24 * 60
@@ -100,18 +101,6 @@ def load_baseline(commit: str, into: Path) -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
-
-
-def clean(d: Path) -> None:
-    """Write back and clean every page of the files in ``d``, as the kernel does between commits
-    a minute apart (the bench cannot wait for its 30 s flusher)."""
-    for p in d.iterdir():
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
 
 class Minutes:

@@ -21,6 +21,7 @@ from agent.state import OutboxCounts
 from agent.telemetry import intake
 from agent.telemetry.outbox import Outbox
 from tests.fixtures.api import DEVICE, reading
+from tests.fixtures.diskio import clean, written
 from tests.fixtures.require import missing
 
 FILES = ("outbox.sqlite3", "outbox.sqlite3-wal", "outbox.sqlite3.intake", "outbox.sqlite3.meta.json")
@@ -356,52 +357,27 @@ def test_a_full_disk_at_the_batch_commit_keeps_every_accepted_reading(tmp_path: 
     assert "Traceback" not in out.stderr
 
 
-def _written() -> int:
-    with open("/proc/self/io") as f:
-        io = dict(line.split(":") for line in f)
-    return int(io["write_bytes"]) - int(io["cancelled_write_bytes"])
-
-
-def _clean(d: Path) -> None:
-    for p in d.iterdir():
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-def test_sd_wear_one_reading_a_minute_costs_about_one_4k_block(tmp_path: Path) -> None:
+def test_sd_wear_one_reading_a_minute_costs_about_one_4k_block(disk_path: Path) -> None:
     """Goal 4 of issue 14 (bench/bench_outbox.py measures it properly): one reading a minute,
     acked within the minute, each put durable: <= 4,500 B to the block device per reading,
     batch commits and checkpoints included."""
-    probe = tmp_path / "probe"
-    before = _written()
-    fd = os.open(probe, os.O_WRONLY | os.O_CREAT)
-    os.write(fd, b"x")
-    os.fsync(fd)
-    os.close(fd)
-    if _written() == before:
-        pytest.skip(f"{tmp_path} is not on a block device (tmpfs?): write_bytes stays 0")
-    probe.unlink()
     t = [0.0]
-    d = tmp_path / "box"
+    d = disk_path / "box"
     box = open_box(d / "outbox.sqlite3", monotonic=lambda: t[0])
     st = Stamp(wall=1_795_000_000.0, mono=1.0, boot="b-1", synced=True)
     box.put([{**reading(0), "time": iso_epoch(st.wall)}], [st])
-    _clean(d)
-    start = _written()
+    clean(d)
+    start = written()
     n = 300
     for i in range(1, n + 1):
         t[0] += 60.0
         stamp = Stamp(st.wall + 60 * i, 1.0 + 60 * i, "b-1", True)
         box.put([{**reading(i), "time": iso_epoch(stamp.wall)}], [stamp])
         box.ack([r.seq for r in box.claim(10)])
-        _clean(d)
+        clean(d)
     box.close()
-    _clean(d)
-    per_reading = (_written() - start) / n
+    clean(d)
+    per_reading = (written() - start) / n
     assert 4096 <= per_reading <= 4500, per_reading
 
 
