@@ -1,21 +1,36 @@
-"""SD wear at a box's real pace: bytes ``/proc/self/io`` counts for one durable put when puts
-come seconds apart and when they come a minute apart (really waiting), for this agent's outbox
-and, as the baseline, a bare O_DIRECT 4 KiB ``pwrite`` + ``fdatasync`` to a preallocated file.
+"""SD wear at a box's real pace: what one durable put costs when the puts really come seconds or
+a minute apart, for this agent's outbox beside the baseline (SQLite's WAL alone, one commit per
+reading: the outbox before the intake log) and the floor of any design (a bare O_DIRECT 4 KiB
+``pwrite`` + ``fdatasync`` to a preallocated file), on ext4 with its journal (mke2fs's default,
+and how Raspberry Pi OS formats its root, mounted ``noatime`` as it does) and without one (like
+this VM's root).
 
-    .venv/bin/python bench/bench_outbox_pace.py [--dir DIR] [--gaps 1,40] [--puts 3]
+    sudo .venv/bin/python bench/bench_outbox_pace.py [--gaps 1,60] [--puts 5] [--dir /work]
 
-Why: bench/bench_outbox.py puts its readings "a minute apart" without waiting (it fsyncs the
-files between puts instead), which takes seconds; the idle agent, which waits, showed twice the
-bytes per reading (docs/PERFORMANCE.md "A Pi Zero's budget"). This bench shows that gap with
-real waits. DIR must be a real disk (write_bytes is 0 on tmpfs).
+Each (filesystem, design) pair runs in its own process on its own freshly made ext4 on a loop
+device (sparse images in DIR, removed afterwards), all at once. Two figures per put:
+
+* process: ``/proc/self/io`` (what the issue measures): the pages the put dirtied or wrote;
+* device: bytes the loop device received from before the first put until 40 s after the last
+  (the kernel's writeback has run), over the puts: the journal, the inode and the data, all of it.
+
+Why a bench of its own: bench/bench_outbox.py puts its readings "a minute apart" without
+waiting (it cleans the pages between puts instead), and that misses what the kernel does after a
+real pause (docs/PERFORMANCE.md "SD wear at a box's pace"). Without root or loop devices, each
+design runs in turn in its own directory of DIR (not at once: files made together share an
+inode-table block, and the first to dirty it is charged for it), with the process figure only.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import mmap
 import os
+import shutil
+import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,57 +39,166 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.telemetry.outbox import Outbox  # noqa: E402
+from tests.fixtures.diskio import written  # noqa: E402
 
-
-def write_bytes() -> int:
-    with open("/proc/self/io") as f:
-        for line in f:
-            if line.startswith("write_bytes:"):
-                return int(line.split()[1])
-    raise RuntimeError("no write_bytes in /proc/self/io")
+DESIGNS = {
+    "agent": "this agent's outbox",
+    "wal": "baseline: SQLite WAL alone",
+    "bare": "floor: bare O_DIRECT block",
+}
+FILESYSTEMS = {"journal": "ext4, journal (Pi OS root)", "nojournal": "ext4, no journal (this VM's root)"}
+SETTLE_S = 40.0       # the kernel writes dirty pages back 30 s after they were dirtied (+5 s period)
 
 
 def reading(i: int) -> dict[str, object]:
     return {"sensor": "env.temperature", "type": "temperature", "value": 20.0 + i / 10, "unit": "°C"}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dir", default="/work")
-    ap.add_argument("--gaps", default="1,40", help="seconds between puts, comma-separated")
-    ap.add_argument("--puts", type=int, default=3, help="timed puts per gap")
-    args = ap.parse_args()
-    d = Path(tempfile.mkdtemp(dir=args.dir, prefix="bench-pace-"))
-    box = Outbox(d / "outbox.sqlite3", "bench-pace", max_rows=10**6, max_bytes=10**9)
-    bare_path = d / "bare.bin"
-    with open(bare_path, "wb") as f:          # preallocated and written, like the intake log
+def device_bytes(dev: str | None) -> int:
+    """Bytes the block device ``dev`` (e.g. ``loop3``) has been sent: sectors written x 512."""
+    if dev is None:
+        return 0
+    return int(Path(f"/sys/block/{dev}/stat").read_text().split()[6]) * 512
+
+
+def make_put(design: str, d: Path):
+    """The durable put of one reading for ``design``, its files made in ``d``."""
+    if design == "agent":
+        from agent.telemetry.outbox import Outbox
+        box = Outbox(d / "outbox.sqlite3", "bench-pace", max_rows=10**6, max_bytes=10**9)
+        return lambda i: box.put([reading(i)])
+    if design == "wal":      # the outbox's settings before the intake log, one commit per reading
+        db = sqlite3.connect(d / "wal.sqlite3", isolation_level=None)
+        for pragma in ("page_size=512", "locking_mode=EXCLUSIVE", "journal_mode=WAL", "synchronous=FULL"):
+            db.execute(f"PRAGMA {pragma}")
+        db.execute("CREATE TABLE outbox (seq INTEGER PRIMARY KEY, payload BLOB NOT NULL)")
+
+        def put_wal(i: int) -> None:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT INTO outbox VALUES (?, ?)", (i, json.dumps(reading(i)).encode()))
+            db.execute("COMMIT")
+        return put_wal
+    path = d / "bare.bin"
+    with open(path, "wb") as f:          # written once, blocks allocated: like the intake log
         f.write(b"\0" * 65536)
         f.flush()
         os.fsync(f.fileno())
-    fd = os.open(bare_path, os.O_RDWR | os.O_DIRECT)
+    fd = os.open(path, os.O_RDWR | os.O_DIRECT)
     block = mmap.mmap(-1, 4096)
-    box.put([reading(0)])
-    n = 1
-    print(f"bytes counted by /proc/self/io per durable put, median of {args.puts}, dir {args.dir}")
+
+    def put_bare(i: int) -> None:
+        block[:8] = i.to_bytes(8, "little")
+        os.pwrite(fd, block, 4096 * (i % 16))
+        os.fdatasync(fd)
+    return put_bare
+
+
+def child(design: str, d: Path, dev: str | None, gap: float, puts: int) -> None:
+    """One design on one filesystem: a first put (files made), everything written back, then
+    ``puts`` puts ``gap`` s apart; prints one JSON line."""
+    put = make_put(design, d)
+    put(0)
+    os.sync()
+    dev0 = device_bytes(dev)
+    process = []
+    for i in range(1, puts + 1):
+        time.sleep(gap)
+        before = written()
+        put(i)
+        process.append(written() - before)
+    time.sleep(SETTLE_S)
+    print(json.dumps({"process": process, "device": (device_bytes(dev) - dev0) / puts}))
+
+
+class LoopFs:
+    """A fresh ext4 on a loop device, mounted noatime; removed on exit."""
+
+    def __init__(self, base: Path, kind: str) -> None:
+        self.image = Path(tempfile.mkstemp(dir=base, prefix=f"bench-pace-{kind}-", suffix=".img")[1])
+        os.truncate(self.image, 1 << 30)
+        extra = ["-O", "^has_journal"] if kind == "nojournal" else []
+        # inode tables and journal zeroed now, not by ext4lazyinit while the bench counts
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-I", "256", "-E",
+                        "lazy_itable_init=0,lazy_journal_init=0", *extra, str(self.image)], check=True)
+        self.loop = subprocess.run(["losetup", "--find", "--show", str(self.image)], check=True,
+                                   capture_output=True, text=True).stdout.strip()
+        self.mnt = Path(tempfile.mkdtemp(dir=base, prefix="bench-pace-mnt-"))
+        subprocess.run(["mount", "-o", "noatime", self.loop, str(self.mnt)], check=True)
+
+    @property
+    def dev(self) -> str:
+        return Path(self.loop).name
+
+    def close(self) -> None:
+        subprocess.run(["umount", str(self.mnt)], check=False)
+        subprocess.run(["losetup", "-d", self.loop], check=False)
+        self.mnt.rmdir()
+        self.image.unlink()
+
+
+def can_loop() -> bool:
+    return os.geteuid() == 0 and shutil.which("losetup") is not None and shutil.which("mkfs.ext4") is not None \
+        and Path("/dev/loop-control").exists()
+
+
+def spawn(design: str, d: Path, dev: str | None, gap: float, puts: int) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, __file__, "--child", design, str(d), dev or "-", str(gap), str(puts)],
+                            stdout=subprocess.PIPE, text=True)
+
+
+def collect(p: subprocess.Popen[str]) -> dict[str, object]:
+    out, _ = p.communicate()
+    if p.returncode != 0:
+        raise SystemExit(f"a bench child failed (exit {p.returncode})")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dir", default="/work", help="a real disk: loop images, or the designs' files")
+    ap.add_argument("--gaps", default="1,60", help="seconds between puts, comma-separated")
+    ap.add_argument("--puts", type=int, default=5, help="puts per gap")
+    ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        design, d, dev, gap, puts = args.child
+        child(design, Path(d), None if dev == "-" else dev, float(gap), int(puts))
+        return
+    base = Path(args.dir)
+    loops = can_loop()
+    print(f"bytes per durable put, {args.puts} puts per gap, one reading per put; "
+          + ("each design on its own fresh ext4 (loop device), all at once" if loops else
+             f"no loop devices (needs root): each design in turn in {base}, process figures only"))
+    print(f"  {'filesystem':34} {'design':32} {'gap':>5}  {'process (median; each)':>34}  {'device':>8}")
     for gap in [float(g) for g in args.gaps.split(",")]:
-        agent, bare = [], []
-        for _ in range(args.puts):
-            time.sleep(gap)
-            a = write_bytes()
-            box.put([reading(n)])
-            b = write_bytes()
-            block[:8] = n.to_bytes(8, "little")
-            os.pwrite(fd, block, 0)
-            os.fdatasync(fd)
-            c = write_bytes()
-            agent.append(b - a)
-            bare.append(c - b)
-            n += 1
-        print(f"  {gap:5.0f} s apart: this agent's outbox {statistics.median(agent):6.0f} B "
-              f"({', '.join(map(str, agent))}); bare O_DIRECT block {statistics.median(bare):6.0f} B")
-    box.close()
-    os.close(fd)
+        rows: list[tuple[str, str, dict[str, object]]] = []
+        if loops:
+            mounts: list[LoopFs] = []
+            try:
+                procs = []
+                for kind in FILESYSTEMS:
+                    for design in DESIGNS:
+                        fs = LoopFs(base, kind)
+                        mounts.append(fs)
+                        procs.append((kind, design, spawn(design, fs.mnt, fs.dev, gap, args.puts)))
+                rows = [(kind, design, collect(p)) for kind, design, p in procs]
+            finally:
+                for fs in mounts:
+                    fs.close()
+        else:
+            for design in DESIGNS:
+                d = Path(tempfile.mkdtemp(dir=base, prefix=f"bench-pace-{design}-"))
+                try:
+                    rows.append(("here", design, collect(spawn(design, d, None, gap, args.puts))))
+                finally:
+                    shutil.rmtree(d)
+        for kind, design, r in rows:
+            process = r["process"]
+            assert isinstance(process, list)
+            each = ", ".join(str(b) for b in process)
+            device = f"{r['device']:8.0f}" if loops else "       -"
+            print(f"  {FILESYSTEMS.get(kind, str(base)):34} {DESIGNS[design]:32} {gap:4.0f}s  "
+                  f"{statistics.median(process):6.0f} ({each:>25})  {device}")
 
 
 if __name__ == "__main__":
