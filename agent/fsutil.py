@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
+
+# isort: off
+import hw  # noqa: F401 - first: it defers shutil, which tempfile imports (hw/__init__.py)
+import tempfile
+# isort: on
 
 
 def atomic_write(path: Path, data: bytes, *, mode: int = 0o600, durable: bool = True) -> None:

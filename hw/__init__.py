@@ -13,3 +13,11 @@ if "PIL.Image" not in _sys.modules:
     else:
         _defer("PIL.ExifTags")
         _defer("PIL.TiffTags")
+
+# tempfile imports shutil at its top for TemporaryDirectory's cleanup and SpooledTemporaryFile's
+# rollover only; mkstemp and gettempdir, all that the png panel and the agent's files take from
+# it, need none of it. shutil's code (with bz2, lzma and their libraries; zipfile binds it too)
+# runs on first use instead: ~0.3 MiB of a Pi Zero's process (docs/PERFORMANCE.md "Memory").
+# Here, the bottom of the import order, before anything imports tempfile.
+_defer("shutil")
+

@@ -10,7 +10,8 @@ importing library binds the same object, and anything that ever uses it gets the
 Unlike ``importlib.util.LazyLoader`` the import system's own look-ups (``__spec__``) do not set
 it off. The empty module is made by the import system itself (a finder first on
 ``sys.meta_path`` serves the deferred names), so it hangs from its package as any submodule does,
-and deferring a module imports nothing, not even its package.
+and deferring a module imports nothing, not even its package. A top-level module (``shutil``) is
+deferred the same way when it is a file on ``sys.path`` (not a built-in one).
 
 Two more shapes of import, for libraries that name what they take:
 
@@ -44,10 +45,10 @@ _planned: dict[str, _Plan] = {}      # name -> what it answers before it runs, u
 
 def defer(name: str, *, stand_ins: Iterable[str] = (),
           answers: Mapping[str, Callable[..., Any]] | None = None) -> bool:
-    """Defer ``name`` (``package.module``) unless it is already imported (then nothing
-    changes). Imports nothing and looks nothing up (each look-up costs a start ~0.2 ms): a
+    """Defer ``name`` (``package.module``, or a top-level module) unless it is already imported
+    (then nothing changes). Imports nothing and looks nothing up (each look-up costs a start ~0.2 ms): a
     name that does not exist fails at its import as it always would. True if deferred."""
-    if "." not in name or name in sys.modules:
+    if name in sys.modules:
         return False
     with _lock:
         _planned[name] = _Plan(frozenset(stand_ins), dict(answers or {}))

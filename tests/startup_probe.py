@@ -7,7 +7,10 @@ display, the modules imported by then (and which of them wait for their first us
 hw.lazymodule, and how many regular expressions came from the cache directory or were compiled,
 agent/regexcache.py) are written as JSON to ``$STARTUP_PROBE_OUT``; a second
 line follows once the outbox holds a reading, saying whether the cyclic garbage collector runs
-and the GIL's switch interval is back to what it was.
+and the GIL's switch interval is back to what it was. With ``$STARTUP_PROBE_STEADY`` instead of
+that line, the modules still waiting for their first use are written there (replaced) every
+0.2 s for as long as the agent runs: what the steady state keeps out (the probe itself then
+uses nothing the agent does not).
 """
 
 from __future__ import annotations
@@ -52,7 +55,8 @@ def show(self: Any, image: Any) -> None:
         _write({"when": "code shown", "modules": sorted(sys.modules),
                 "deferred": sorted(k for k, m in list(sys.modules.items()) if m is not None and is_deferred(m)),
                 "regex": {"loaded": _regex.loaded, "compiled": _regex.compiled} if _regex else None})
-        threading.Thread(target=_after_first_reading, daemon=True).start()
+        after = _steady if os.environ.get("STARTUP_PROBE_STEADY") else _after_first_reading
+        threading.Thread(target=after, daemon=True).start()
 
 
 def _after_first_reading() -> None:
@@ -77,6 +81,21 @@ def _after_first_reading() -> None:
             pass
         time.sleep(0.02)
     _write({"when": "no reading within 10 s"})
+
+
+def _steady() -> None:
+    import time
+
+    from hw.lazymodule import is_deferred
+
+    steady = os.environ["STARTUP_PROBE_STEADY"]
+    while True:
+        tmp = steady + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"time": time.time(), "deferred": sorted(
+                k for k, m in list(sys.modules.items()) if m is not None and is_deferred(m))}, f)
+        os.replace(tmp, steady)
+        time.sleep(0.2)
 
 
 screens.render_code = render_code

@@ -31,7 +31,10 @@ NOT_BEFORE_THE_CODE = ("sqlite3", "paho", "agent.telemetry", "agent.mqtt", "agen
                        "pyexpat", "importlib.resources")
 # Imported by a library at its top, its code run only on first use (hw.lazymodule).
 DEFERRED_AT_THE_CODE = ("msal.oauth2cli.authcode", "urllib3.http2", "certifi.core", "xml.etree.cElementTree",
-                        "PIL.ExifTags", "PIL.TiffTags", "segno.writers")
+                        "PIL.ExifTags", "PIL.TiffTags", "segno.writers", "shutil", "zipfile")
+# ... and still waiting once signed in, readings sampled, stored and uploaded (docs/PERFORMANCE.md
+# "Memory": what a Pi Zero's steady state keeps out).
+DEFERRED_IN_THE_STEADY_STATE = DEFERRED_AT_THE_CODE
 
 
 def _probe_lines(path: Path, n: int, timeout_s: float) -> list[dict[str, Any]]:
@@ -71,6 +74,48 @@ def test_nothing_heavy_is_imported_before_the_code_and_gc_runs_by_the_first_read
         assert sorted(set(DEFERRED_AT_THE_CODE) - set(shown["deferred"])) == [], "ran before the code"
         assert "agent.signin.authenticator" in shown["modules"]      # the probe saw a real start
         assert stored == {"when": "reading stored", "gc_enabled": True, "switch_interval_restored": True}
+        rc, _ = agent.terminate()
+        assert rc == 0
+    finally:
+        agent.close()
+
+
+@pytest.mark.slow
+def test_what_waits_for_its_first_use_still_waits_once_readings_are_uploaded(
+        tmp_path: Path, idp: Any, idp_api: Any, tls: Any) -> None:
+    state = tmp_path / "state"
+    config = write_config(tmp_path / "config.toml", {
+        "device": {"id": "start-04", "state_dir": str(state)},
+        "auth": {"client_id": "sim-device-agent", "authority": idp.authority, "instance_discovery": False,
+                 "scopes": ["api://telemetry/Readings.Write"], "ca_file": str(tls.ca_file)},
+        "display": {"driver": "png", "path": str(tmp_path / "screen.png"), "sleep_after_s": 0},
+        "sensors": [{"name": "temp", "type": "simulated", "interval_s": 0.05}],
+        "upload": {"sink": "http", "url": idp_api.url, "ca_file": str(tls.ca_file), "interval_s": 1},
+    })
+    idp.auto_approve_after_s = 0.0
+    steady = tmp_path / "steady.json"
+    probe = str(ROOT / "tests" / "startup_probe.py")
+    agent = AgentProcess(config, env={"STARTUP_PROBE_OUT": str(tmp_path / "probe.jsonl"),
+                                      "STARTUP_PROBE_STEADY": str(steady)},
+                         wrap=lambda argv: [sys.executable, probe, *argv[argv.index("run"):]])
+    try:
+        deadline = time.monotonic() + 30
+        uploads: list[int] = []         # readings the API holds, each time the count grew
+        while len(uploads) < 3:
+            assert time.monotonic() < deadline, f"uploads seen: {uploads}\n{agent.output[-2000:]}"
+            n = len(idp_api.seqs("start-04"))
+            if n and (not uploads or n > uploads[-1]):
+                uploads.append(n)
+            time.sleep(0.05)
+        after = time.time()
+        while True:
+            assert time.monotonic() < deadline, "the probe stopped writing"
+            seen = json.loads(steady.read_text())
+            if seen["time"] > after:
+                break
+            time.sleep(0.05)
+        ran = sorted(set(DEFERRED_IN_THE_STEADY_STATE) - set(seen["deferred"]))
+        assert ran == [], f"ran in the steady state: {ran}"
         rc, _ = agent.terminate()
         assert rc == 0
     finally:

@@ -30,6 +30,8 @@ from hw.lazymodule import load as _load
 #   package pip installs as plain files. where() is answered with that file's path; a package
 #   that is no plain directory runs the real one. The agent verifies with its own context
 #   (agent.net.tls), so requests' default bundle is not read.
+# - zipfile, which requests.utils imports for extract_zipped_paths: a CA bundle inside a zip
+#   archive (a path that does not exist as a file). ~0.2 MiB (docs/PERFORMANCE.md "Memory").
 if "msal" not in _sys.modules and "xml.etree.ElementTree" not in _sys.modules:
     _defer("xml.etree.ElementTree")
     _defer("xml.etree.cElementTree")
@@ -37,6 +39,8 @@ if "msal" not in _sys.modules:
     _defer("msal.oauth2cli.authcode", stand_ins=("AuthCodeReceiver", "is_wsl"))
 if "urllib3" not in _sys.modules:
     _defer("urllib3.http2")
+if "requests" not in _sys.modules:
+    _defer("zipfile")
 if "certifi" not in _sys.modules:
     def _certifi_where() -> str:
         """certifi.where(): its cacert.pem, the path importlib.resources gives a plain package."""

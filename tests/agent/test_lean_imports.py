@@ -141,3 +141,41 @@ def test_certifi_answers_its_path_without_importlib_resources_and_runs_on_other_
     assert out["where"] == out["requests"] == real
     assert out["resources"] is False and out["deferred"] is True
     assert out["contents"] is True and out["after"] == [real, False]
+
+
+STDLIB_PROBE = textwrap.dedent("""
+    import json, os, sys
+    import agent.fsutil, agent.signin.authenticator, agent.telemetry.sinks.http, hw.png
+    import requests.utils, tempfile
+    from hw.lazymodule import is_deferred
+    out = {"before": [is_deferred(sys.modules[m]) for m in ("shutil", "zipfile")]}
+    with tempfile.TemporaryDirectory() as d:          # its cleanup is shutil.rmtree
+        os.makedirs(os.path.join(d, "a", "b"))
+        agent.fsutil.atomic_write(__import__("pathlib").Path(d, "a", "b", "f"), b"x")
+    out["cleaned"] = not os.path.exists(d)
+    fd, archive = tempfile.mkstemp(suffix=".zip")
+    os.close(fd)
+    import zipfile
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("certs/ca.pem", "PEM")
+    inside = requests.utils.extract_zipped_paths(os.path.join(archive, "certs", "ca.pem"))
+    out["extracted"] = [inside != os.path.join(archive, "certs", "ca.pem"), open(inside).read()]
+    os.unlink(archive)
+    out["after"] = [is_deferred(sys.modules[m]) for m in ("shutil", "zipfile")]
+    print(json.dumps(out))
+""")
+
+
+def test_shutil_and_zipfile_wait_for_their_first_use_and_then_work() -> None:
+    """tempfile and requests import them at their top (hw/__init__.py, agent/signin/__init__.py):
+    nothing runs them until a temporary directory is cleaned up or requests opens a CA bundle
+    inside a zip archive, each through the real module."""
+    res = subprocess.run([sys.executable, "-c", STDLIB_PROBE], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    import json
+
+    out = json.loads(res.stdout)
+    assert out["before"] == [True, True], "imported, not run"
+    assert out["cleaned"] is True, "TemporaryDirectory removed its tree (shutil.rmtree)"
+    assert out["extracted"] == [True, "PEM"], "requests read the member out of the archive"
+    assert out["after"] == [False, False]
