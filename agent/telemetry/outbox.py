@@ -89,7 +89,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from agent.clock import Stamp, iso_epoch
 from agent.fsutil import atomic_write
 from agent.state import OutboxCounts
-from agent.telemetry import intake
+from agent.telemetry import corruption, intake
 from agent.telemetry.intake import IntakeLog
 from agent.telemetry.storage import (
     RESERVE_BYTES,
@@ -481,7 +481,7 @@ class Outbox:
         try:
             db = connect_read_only(path, timeout=5)
         except sqlite3.DatabaseError as err:
-            if _is_corruption(err):
+            if corruption.is_corruption(err):
                 log.warning("outbox %s is corrupt (%s); the service will move it aside", path, err)
                 return OutboxCounts()
             raise
@@ -498,7 +498,7 @@ class Outbox:
         except sqlite3.DatabaseError as err:
             if "no such table" in str(err):
                 return OutboxCounts()
-            if _is_corruption(err):
+            if corruption.is_corruption(err):
                 log.warning("outbox %s is corrupt (%s); the service will move it aside", path, err)
                 return OutboxCounts()
             raise
@@ -1042,10 +1042,10 @@ class Outbox:
                 raise
             self._open_degraded(problem, err)
         except sqlite3.DatabaseError as err:
-            if not _is_corruption(err):
+            if not corruption.is_corruption(err):
                 raise
             aside = self._set_aside()
-            salvage = _salvage(aside)
+            salvage = corruption.salvage(aside)
             self._open()
             # What the aside copy held and the intake log did not bring back (its rows, its
             # acks) nor count again (its absolute ``dropped``).
@@ -1440,13 +1440,13 @@ class Outbox:
         self._side.setdefault("seq_reserved", {})[self.device_id] = upto
         self._write_side()
 
-    # ---- corruption
+    # ---- corruption (the steps themselves: agent/telemetry/corruption.py)
 
     def _retry_corrupt(self, op: Callable[[], T]) -> T:
         try:
             return op()
         except sqlite3.DatabaseError as err:
-            if not _is_corruption(err):
+            if not corruption.is_corruption(err):
                 raise
             # Found while running: we know how many readings the old file held, so they are
             # accounted for as dropped (with those dropped before) in the new database.
@@ -1469,40 +1469,13 @@ class Outbox:
         self._report_corrupt(err, self._set_aside(), lost)
 
     def _unrescued(self, runs: list[list[int]], old_dropped: int) -> int:
-        """Of what a corrupt file held (``runs`` of the seqs it had pending, its ``dropped``), what
-        the new database did not get back from the intake log: rows neither there nor deleted by
-        the log (acks), and the dropped count beyond the one the log restored."""
-        db = self._conn()
-        deleted, unknown = self._replayed
-
-        def there(a: int, b: int) -> int:
-            return db.execute("SELECT count(*) FROM outbox WHERE seq BETWEEN ? AND ?", (a, b)).fetchone()[0]
-
-        rows = 0
-        for a, b in runs:
-            kept = there(a, b)
-            for d0, d1 in deleted:
-                lo, hi = max(a, d0), min(b, d1)
-                if lo <= hi:
-                    kept += (hi - lo + 1) - there(lo, hi)
-            rows += (b - a + 1) - kept
-        return rows + max(0, old_dropped - (self._dropped - unknown))
+        """What a corrupt file held that the new database did not get back (corruption.unrescued)."""
+        return corruption.unrescued(self._conn(), runs, old_dropped, replayed=self._replayed,
+                                    dropped=self._dropped)
 
     def _set_aside(self) -> Path:
         """Move the corrupt file (and its -wal) aside to ``<db>.corrupt-<n>``; counted in the side file."""
-        n = 1
-        while self.path.with_name(f"{self.path.name}.corrupt-{n}").exists():
-            n += 1
-        aside = self.path.with_name(f"{self.path.name}.corrupt-{n}")
-        if self.path.exists():
-            os.replace(self.path, aside)
-        for suffix in ("-wal", "-shm"):
-            extra = self.path.with_name(self.path.name + suffix)
-            if extra.exists():
-                if suffix == "-wal":
-                    os.replace(extra, aside.with_name(aside.name + suffix))
-                else:
-                    extra.unlink()
+        aside = corruption.move_aside(self.path)
         self.corrupt_files.append(aside)
         self._side["corrupt_replaced"] = int(self._side.get("corrupt_replaced", 0)) + 1
         self._write_side()
@@ -1742,43 +1715,6 @@ def _count_dropped(db: sqlite3.Connection, total: int, n: int, reason: str) -> N
     db.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)", (total,))
     db.execute("INSERT OR REPLACE INTO meta VALUES (?, coalesce((SELECT value FROM meta WHERE key = ?), 0) + ?)",
                (f"dropped:{reason}", f"dropped:{reason}", n))
-
-
-def _is_corruption(err: sqlite3.Error) -> bool:
-    """SQLITE_CORRUPT / SQLITE_NOTADB only: a constraint or I/O error must never replace a good file."""
-    code = getattr(err, "sqlite_errorcode", None)
-    if code is not None:
-        return code & 0xFF in (11, 26)           # SQLITE_CORRUPT, SQLITE_NOTADB (extended codes too)
-    text = str(err).lower()
-    return any(s in text for s in ("malformed", "not a database", "corrupt", "disk image"))
-
-
-def _salvage(aside: Path) -> tuple[list[list[int]], int] | None:
-    """What a corrupt file held (runs of its pending seqs, its dropped count), if SQLite can still
-    read that much of it; None when it cannot. Read-only: the aside copy is evidence, kept as it is."""
-    try:
-        db = sqlite3.connect(f"{aside.resolve().as_uri()}?mode=ro", uri=True, timeout=1)
-    except sqlite3.Error:
-        return None
-    try:
-        runs: list[list[int]] = []      # streamed: a backlog of a million rows is a few runs
-        for (q,) in db.execute("SELECT seq FROM outbox ORDER BY seq"):
-            if runs and q == runs[-1][1] + 1:
-                runs[-1][1] = q
-            else:
-                runs.append([q, q])
-    except sqlite3.Error as err:
-        log.warning("outbox: %s cannot be counted (%s)", aside.name, err)
-        db.close()
-        return None
-    try:
-        row = db.execute("SELECT value FROM meta WHERE key = 'dropped'").fetchone()
-        dropped = int(row[0]) if row else 0
-    except (sqlite3.Error, ValueError, TypeError):
-        dropped = 0
-    finally:
-        db.close()
-    return runs, dropped
 
 
 def add_stamp_columns(db: sqlite3.Connection) -> None:
