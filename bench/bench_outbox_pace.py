@@ -44,7 +44,7 @@ from tests.fixtures.diskio import written  # noqa: E402
 DESIGNS = {
     "agent": "this agent's outbox",
     "wal": "baseline: SQLite WAL alone",
-    "bare": "floor: bare O_DIRECT block",
+    "bare": "floor: a bare O_DIRECT block",
 }
 FILESYSTEMS = {"journal": "ext4, journal (Pi OS root)", "nojournal": "ext4, no journal (this VM's root)"}
 SETTLE_S = 40.0       # the kernel writes dirty pages back 30 s after they were dirtied (+5 s period)
@@ -169,7 +169,7 @@ def main() -> None:
     print(f"bytes per durable put, {args.puts} puts per gap, one reading per put; "
           + ("each design on its own fresh ext4 (loop device), all at once" if loops else
              f"no loop devices (needs root): each design in turn in {base}, process figures only"))
-    print(f"  {'filesystem':34} {'design':32} {'gap':>5}  {'process (median; each)':>34}  {'device':>8}")
+    print(f"  {'filesystem':34} {'design':28} {'gap':>5}  {'process: mean (each put)':>40}  {'device':>7}")
     for gap in [float(g) for g in args.gaps.split(",")]:
         rows: list[tuple[str, str, dict[str, object]]] = []
         if loops:
@@ -196,9 +196,9 @@ def main() -> None:
             process = r["process"]
             assert isinstance(process, list)
             each = ", ".join(str(b) for b in process)
-            device = f"{r['device']:8.0f}" if loops else "       -"
-            print(f"  {FILESYSTEMS.get(kind, str(base)):34} {DESIGNS[design]:32} {gap:4.0f}s  "
-                  f"{statistics.median(process):6.0f} ({each:>25})  {device}")
+            device = f"{r['device']:7.0f}" if loops else "      -"
+            print(f"  {FILESYSTEMS.get(kind, str(base)):34} {DESIGNS[design]:28} {gap:4.0f}s  "
+                  f"{statistics.mean(process):6.0f} ({each:>32})  {device}")
 
 
 if __name__ == "__main__":
