@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from agent.telemetry import intake
-from agent.telemetry.outbox import STAMP_COLUMNS, Outbox, add_stamp_columns
+from agent.telemetry.outbox import Outbox
+from agent.telemetry.rowcodec import STAMP_COLUMNS, add_stamp_columns
 
 BUSY_TIMEOUT_S = 10.0
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 78   # a wrong command line is a config error (78)

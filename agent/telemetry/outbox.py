@@ -39,12 +39,13 @@ Why it looks like this:
   while puts fill the log's last quarter; the readings stay in the log and in the open
   transaction (applied again from the log when SQLite rolled it back). When the log is full
   too, that is the storage state as for any write: new readings are refused until it recovers.
-- Compact rows (SD-card wear): a reading as the sampler makes it (sensor, type, value, unit, and
-  its stamp's time) is stored as 11 bytes, its sensor/type/unit and its boot as numbers kept in
-  ``meta`` (``word:<n>``, written with the first row that uses one, and logged again with
-  its first use in each generation of the intake log: self-contained), ~40 bytes a row, so a put
-  rarely needs a new page. Anything else, and every row of older files, is JSON and read as
-  such. (A file with compact rows cannot be read by an agent from before them.)
+- Compact rows (SD-card wear; the format: agent/telemetry/rowcodec.py): a reading as the sampler
+  makes it (sensor, type, value, unit, and its stamp's time) is stored as 11 bytes, its
+  sensor/type/unit and its boot as numbers kept in ``meta`` (``word:<n>``, written with the
+  first row that uses one, and logged again with its first use in each generation of the intake
+  log: self-contained), ~40 bytes a row, so a put rarely needs a new page. Anything else, and
+  every row of older files, is JSON and read as such. (A file with compact rows cannot be read
+  by an agent from before them.)
 - Each row keeps how its reading was stamped (``wall``, ``mono``, ``boot``, ``synced``: see
   agent/clock.py) beside the payload, so its time can be corrected just before upload. A
   dead-lettered row keeps them too (the ``dead`` table has the same four columns), so a reading
@@ -76,7 +77,6 @@ import logging
 import math
 import os
 import sqlite3
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -86,11 +86,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from agent.clock import Stamp, iso_epoch
+from agent.clock import Stamp
 from agent.fsutil import atomic_write
 from agent.state import OutboxCounts
 from agent.telemetry import corruption, intake, readonly
 from agent.telemetry.intake import IntakeLog
+from agent.telemetry.rowcodec import (
+    STAMP_COLUMNS,
+    add_stamp_columns,
+    decode_reading,
+    encode_reading,
+    foreign_records,
+    stamp_of,
+)
 from agent.telemetry.storage import (
     RESERVE_BYTES,
     Reserve,
@@ -125,13 +133,7 @@ STORAGE_RECHECK_S = 5.0     # while storage is full/read-only: how often to look
 STORAGE_LOG_EVERY_S = 600.0
 RECOVER_ROOM_RESERVES = 4   # store again once free space (filesystem + free pages inside the database)
                             # is this many reserves: hysteresis, so a disk at the brink does not flap
-_STAMP_KINDS = (("wall", "REAL"), ("mono", "REAL"), ("boot", "TEXT"), ("synced", "INTEGER"))
-STAMP_COLUMNS = ", ".join(name for name, _ in _STAMP_KINDS)   # how a row was stamped, in both tables
 _SQL_VARS = 500             # chunk size for IN (...) lists (SQLite's limit is 999 on old builds)
-_COMPACT = b"\x01"          # a compact payload (a JSON one starts with "{"): kind number, value
-_COMPACT_ROW = struct.Struct("<Hd")
-_COMPACT_KEYS = ["sensor", "type", "value", "unit", "time"]   # a reading as the sampler makes it
-_BOOT_TAG = "\x01"          # boot column: "\x01<n>" is word n (a kernel boot id is a UUID)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, payload BLOB NOT NULL,
@@ -791,7 +793,7 @@ class Outbox:
             return generation, db_id
         records, unknown = run.records, 0
         if replay and run.db_id != db_id:
-            records, unknown = _decoded(run.records)
+            records, unknown = foreign_records(run.records)
             spans = sorted(r for ops in records for kind, arg in ops if kind == "d" for r in arg)
             self._replayed = (_merged(spans), unknown)
         with _tx(db):
@@ -1086,7 +1088,8 @@ class Outbox:
         seqs = list(range(first, first + len(readings)))
         new_words: dict[str, int] = {}
         used: set[int] = set()
-        rows = [(q, *self._encode(r, st, new_words, used)) for q, r, st in zip(seqs, readings, stamps, strict=True)]
+        rows = [(q, *encode_reading(r, st, self._words, self._texts, new_words, used))
+                for q, r, st in zip(seqs, readings, stamps, strict=True)]
         # Every word a row uses is defined in the same generation of the log (its first use there):
         # a log applied to another database (the file replaced after corruption, or deleted while
         # stopped) then never leaves a row whose numbers that database does not know.
@@ -1226,50 +1229,11 @@ class Outbox:
         return Row(seq, self._reading(seq, payload, wall), self._stamp_of(wall, mono, boot, synced))
 
     def _reading(self, seq: int, payload: bytes, wall: float | None) -> dict[str, Any]:
-        if payload[:1] == _COMPACT and wall is not None:
-            kind, value = _COMPACT_ROW.unpack_from(payload, 1)
-            try:
-                sensor, kind_type, unit = json.loads(self._texts[kind])
-            except (KeyError, ValueError, TypeError):
-                sensor, kind_type, unit = f"unknown-{kind}", "unknown", ""
-            return {"id": f"{self.device_id}:{seq}", "seq": seq, "sensor": sensor, "type": kind_type,
-                    "value": value, "unit": unit, "time": iso_epoch(wall)}
-        body = json.loads(payload)
-        return {"id": f"{self.device_id}:{seq}", "seq": seq, **body}
-
-    def _encode(self, reading: Mapping[str, Any], st: Stamp | None, new_words: dict[str, int],
-                used: set[int]) -> tuple[bytes, float | None, float | None, str | None, int | None]:
-        """A row (payload, wall, mono, boot, synced). A stamped reading as the sampler makes it
-        is 11 bytes of payload (its sensor, type and unit a number, its time the stamp's wall
-        time) and its boot a number: ~40-byte rows, a dozen to a 512 B page, so a put rarely
-        needs a new page (SD-card wear). Anything else is stored as JSON, as it came."""
-        def word(text: str) -> int:
-            n = self._words.get(text, new_words.get(text))
-            if n is None:
-                n = new_words[text] = max([0, *self._texts, *new_words.values()]) + 1
-            used.add(n)
-            return n
-
-        payload = None
-        if (st is not None and list(reading) == _COMPACT_KEYS and type(reading["value"]) is float
-                and reading["time"] == iso_epoch(st.wall)
-                and all(type(reading[k]) is str for k in ("sensor", "type", "unit"))):
-            kind = word(json.dumps([reading["sensor"], reading["type"], reading["unit"]],
-                                   ensure_ascii=False, separators=(",", ":")))
-            if kind <= 0xFFFF:
-                payload = _COMPACT + _COMPACT_ROW.pack(kind, reading["value"])
-        if payload is None:
-            payload = json.dumps(dict(reading), ensure_ascii=False, separators=(",", ":")).encode()
-        if st is None:
-            return payload, None, None, None, None
-        # The boot column has TEXT affinity: the number goes in as a short tagged string.
-        return payload, st.wall, st.mono, f"{_BOOT_TAG}{word(st.boot)}", int(st.synced)
+        return decode_reading(self.device_id, seq, payload, wall, self._texts)
 
     def _stamp_of(self, wall: float | None, mono: float | None, boot: str | None,
                   synced: int | None) -> Stamp | None:
-        if isinstance(boot, str) and boot.startswith(_BOOT_TAG) and boot[1:].isdigit():
-            boot = self._texts.get(int(boot[1:]), boot)
-        return _stamp(wall, mono, boot, synced)
+        return stamp_of(wall, mono, boot, synced, self._texts)
 
     def _delete(self, db: sqlite3.Connection, seqs: list[int], dead_reason: str | None, *,
                 hw_implied: bool = False) -> tuple[int, int]:
@@ -1465,60 +1429,6 @@ def _small_pages(db: sqlite3.Connection, path: Path) -> None:
         db.execute("PRAGMA journal_mode=WAL").fetchone()
 
 
-def _decoded(records: list[list[Any]]) -> tuple[list[list[Any]], int]:
-    """Another database's intake records, for this one: its compact rows decoded to JSON (their
-    sensor/type/unit and boot numbers are that database's ``word:<n>``, which this one may use
-    for other words) and its word definitions left out. Returns (records, rows left out because
-    a number they use is not defined in the records: never stored mislabelled)."""
-    words: dict[int, str] = {}
-    out: list[list[Any]] = []
-    unknown = 0
-    for ops in records:
-        new_ops: list[Any] = []
-        for kind, arg in ops:
-            if kind == "m":
-                keep = []
-                for key, value in arg:
-                    if isinstance(key, str) and key.startswith("word:") and key[5:].isdigit():
-                        words[int(key[5:])] = str(value)
-                    else:
-                        keep.append([key, value])
-                if keep:
-                    new_ops.append(["m", keep])
-            elif kind == "i":
-                rows = []
-                for q, p, w, m, b, y in arg:
-                    row = _plain_row(q, p, w, m, b, y, words)
-                    if row is None:
-                        unknown += 1
-                    else:
-                        rows.append(row)
-                if rows:
-                    new_ops.append(["i", rows])
-            else:
-                new_ops.append([kind, arg])
-        out.append(new_ops)
-    return out, unknown
-
-
-def _plain_row(q: int, p: str, w: Any, m: Any, b: Any, y: Any, words: Mapping[int, str]) -> list[Any] | None:
-    """An intake row with its word numbers replaced by what they stand for; None when one is unknown."""
-    if isinstance(b, str) and b.startswith(_BOOT_TAG) and b[1:].isdigit():
-        b = words.get(int(b[1:]))
-        if b is None:
-            return None
-    payload = base64.b64decode(p)
-    if payload[:1] == _COMPACT and w is not None:
-        kind, value = _COMPACT_ROW.unpack_from(payload, 1)
-        try:
-            sensor, kind_type, unit = json.loads(words[kind])
-        except (KeyError, ValueError, TypeError):
-            return None
-        body = {"sensor": sensor, "type": kind_type, "value": value, "unit": unit, "time": iso_epoch(w)}
-        p = base64.b64encode(json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()).decode()
-    return [q, p, w, m, b, y]
-
-
 def _merged(spans: list[list[int]]) -> list[list[int]]:
     """Sorted [first, last] ranges, overlapping or adjacent ones merged."""
     out: list[list[int]] = []
@@ -1555,23 +1465,6 @@ def _count_dropped(db: sqlite3.Connection, total: int, n: int, reason: str) -> N
     db.execute("INSERT OR REPLACE INTO meta VALUES ('dropped', ?)", (total,))
     db.execute("INSERT OR REPLACE INTO meta VALUES (?, coalesce((SELECT value FROM meta WHERE key = ?), 0) + ?)",
                (f"dropped:{reason}", f"dropped:{reason}", n))
-
-
-def add_stamp_columns(db: sqlite3.Connection) -> None:
-    """Migrate an outbox from before stamps (``outbox`` and ``dead``): add the columns, old rows
-    keep NULLs. Also run by ``device-agent dead-letter``, which may meet a file the service has
-    not opened since an upgrade."""
-    for table in ("outbox", "dead"):
-        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
-        for name, kind in _STAMP_KINDS:
-            if have and name not in have:
-                db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
-
-
-def _stamp(wall: float | None, mono: float | None, boot: str | None, synced: int | None) -> Stamp | None:
-    if wall is None or mono is None or boot is None:
-        return None
-    return Stamp(wall=float(wall), mono=float(mono), boot=str(boot), synced=bool(synced))
 
 
 def _now_iso() -> str:
