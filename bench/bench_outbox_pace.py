@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.fixtures.diskio import written  # noqa: E402
+from tests.fixtures.diskio import LoopFs, can_loop, device_bytes, written  # noqa: E402
 
 DESIGNS = {
     "agent": "this agent's outbox",
@@ -52,13 +52,6 @@ SETTLE_S = 40.0       # the kernel writes dirty pages back 30 s after they were 
 
 def reading(i: int) -> dict[str, object]:
     return {"sensor": "env.temperature", "type": "temperature", "value": 20.0 + i / 10, "unit": "°C"}
-
-
-def device_bytes(dev: str | None) -> int:
-    """Bytes the block device ``dev`` (e.g. ``loop3``) has been sent: sectors written x 512."""
-    if dev is None:
-        return 0
-    return int(Path(f"/sys/block/{dev}/stat").read_text().split()[6]) * 512
 
 
 def make_put(design: str, d: Path):
@@ -108,37 +101,6 @@ def child(design: str, d: Path, dev: str | None, gap: float, puts: int) -> None:
         process.append(written() - before)
     time.sleep(SETTLE_S)
     print(json.dumps({"process": process, "device": (device_bytes(dev) - dev0) / puts}))
-
-
-class LoopFs:
-    """A fresh ext4 on a loop device, mounted noatime; removed on exit."""
-
-    def __init__(self, base: Path, kind: str) -> None:
-        self.image = Path(tempfile.mkstemp(dir=base, prefix=f"bench-pace-{kind}-", suffix=".img")[1])
-        os.truncate(self.image, 1 << 30)
-        extra = ["-O", "^has_journal"] if kind == "nojournal" else []
-        # inode tables and journal zeroed now, not by ext4lazyinit while the bench counts
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-I", "256", "-E",
-                        "lazy_itable_init=0,lazy_journal_init=0", *extra, str(self.image)], check=True)
-        self.loop = subprocess.run(["losetup", "--find", "--show", str(self.image)], check=True,
-                                   capture_output=True, text=True).stdout.strip()
-        self.mnt = Path(tempfile.mkdtemp(dir=base, prefix="bench-pace-mnt-"))
-        subprocess.run(["mount", "-o", "noatime", self.loop, str(self.mnt)], check=True)
-
-    @property
-    def dev(self) -> str:
-        return Path(self.loop).name
-
-    def close(self) -> None:
-        subprocess.run(["umount", str(self.mnt)], check=False)
-        subprocess.run(["losetup", "-d", self.loop], check=False)
-        self.mnt.rmdir()
-        self.image.unlink()
-
-
-def can_loop() -> bool:
-    return os.geteuid() == 0 and shutil.which("losetup") is not None and shutil.which("mkfs.ext4") is not None \
-        and Path("/dev/loop-control").exists()
 
 
 def spawn(design: str, d: Path, dev: str | None, gap: float, puts: int) -> subprocess.Popen[str]:

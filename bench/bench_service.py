@@ -33,19 +33,21 @@ from agent.sim.api import SimApi  # noqa: E402
 from agent.sim.idp import SimIdp  # noqa: E402
 from agent.sim.tls import make_tls  # noqa: E402
 from tests.agentproc import service_environment, unit_environment, write_config  # noqa: E402
+from tests.fixtures.diskio import LoopFs, can_loop, device_bytes  # noqa: E402
 
 CLIENT = "sim-device-agent"
 SCOPE = "api://telemetry/Readings.Write"
 
 
 def config(tmp: Path, idp: SimIdp, api: SimApi, tls: Any, *, interval_s: float, state: str,
-           mqtt_url: str | None = None, device: str = "bench-01", png_dir: Path | None = None) -> Path:
+           mqtt_url: str | None = None, device: str = "bench-01", png_dir: Path | None = None,
+           state_root: Path | None = None) -> Path:
     extra: dict[str, Any] = {}
     if mqtt_url:
         extra = {"mqtt": {"url": mqtt_url},
                  "gpio": {"backend": "fake", "button": 17, "led": 27}}
     return write_config(tmp / f"{state}.toml", {**extra,
-        "device": {"id": device, "state_dir": str(tmp / state)},
+        "device": {"id": device, "state_dir": str((state_root or tmp) / state)},
         "auth": {"client_id": CLIENT, "authority": idp.authority, "instance_discovery": False,
                  "scopes": [SCOPE], "ca_file": str(tls.ca_file)},
         "display": {"driver": "png", "path": str((png_dir or tmp) / f"{state}.png"), "sleep_after_s": 0},
@@ -238,6 +240,13 @@ def idle(minutes: float, baseline_tree: Path | None, trace: bool = False) -> Non
     with tempfile.TemporaryDirectory() as d, tempfile.TemporaryDirectory(dir="/dev/shm") as shm_dir:  # noqa: S108
         tmp, shm = Path(d), Path(shm_dir)
         tmp_fs = subprocess.run(["stat", "-f", "-c", "%T", d], capture_output=True, text=True).stdout.strip()
+        # each agent's state dir on an ext4 of its own (with a journal, as a Pi's root) when root
+        # can make one: on a shared filesystem the agents' files share inode-table blocks, and
+        # whichever writes first after writeback is charged for the block (docs/PERFORMANCE.md,
+        # "SD wear at a box's pace")
+        disks = [LoopFs(tmp, "journal") for _ in trees] if can_loop() else []
+        if disks:
+            tmp_fs = "its own ext4 with a journal"
         tls = make_tls(tmp / "tls")
         broker = Broker("/usr/sbin/mosquitto", tmp / "broker").start()
         with SimIdp(tls, client_id=CLIENT) as idp:
@@ -247,7 +256,8 @@ def idle(minutes: float, baseline_tree: Path | None, trace: bool = False) -> Non
             try:
                 for n, (_, tree) in enumerate(trees):
                     cfg = config(tmp, idp, api, tls, interval_s=60, state=f"idle{n}", mqtt_url=broker.url,
-                                 device=f"bench-{n:02d}", png_dir=shm)
+                                 device=f"bench-{n:02d}", png_dir=shm,
+                                 state_root=disks[n].mnt if disks else None)
                     run_dir = shm / f"run{n}"         # systemd's RuntimeDirectory= (/run/device-agent)
                     run_dir.mkdir(mode=0o700)
                     env = dict(os.environ, PYTHONPATH=str(tree), RUNTIME_DIRECTORY=str(run_dir),
@@ -262,6 +272,7 @@ def idle(minutes: float, baseline_tree: Path | None, trace: bool = False) -> Non
                     time.sleep(0.2)
                 time.sleep(5)                    # start-up done: the first upload, MQTT truth
                 before = [(proc_stats(p.pid)[0], wakeups(p.pid), write_bytes(p.pid)) for p in procs]
+                dev0 = [device_bytes(disk.dev) for disk in disks]
                 t0 = time.monotonic()
                 rounds = max(1, round(minutes))
                 samples: list[list[int]] = [[] for _ in procs]
@@ -273,6 +284,7 @@ def idle(minutes: float, baseline_tree: Path | None, trace: bool = False) -> Non
                     for i, p in enumerate(procs):
                         samples[i].append(proc_stats(p.pid)[1])
                 after = [(proc_stats(p.pid), wakeups(p.pid), write_bytes(p.pid)) for p in procs]
+                device = [device_bytes(disk.dev) - b for disk, b in zip(disks, dev0, strict=True)]
                 elapsed = time.monotonic() - t0
                 delivered = [len(api.seqs(f"bench-{n:02d}")) for n in range(len(trees))]
             finally:
@@ -281,6 +293,8 @@ def idle(minutes: float, baseline_tree: Path | None, trace: bool = False) -> Non
                     p.wait(10)
                 api.stop()
                 broker.stop()
+                for disk in disks:
+                    disk.close()
     print(f"idle, signed in, 1 reading/min, MQTT + png panel (in /dev/shm, as /run) + button/LED, "
           f"{elapsed / 60:.1f} min:")
     figures = []
@@ -294,7 +308,8 @@ def idle(minutes: float, baseline_tree: Path | None, trace: bool = False) -> Non
               f"over {len(per_thread)} threads ({', '.join(_thread_figure(w, n) for w, n in per_thread)}); RSS end "
               f"{rss / 1024:.1f} MiB (median {statistics.median(samples[i]) / 1024:.1f}, peak "
               f"{hwm / 1024:.1f}); readings delivered {delivered[i]}; written to disk "
-              f"{(wb1 - wb0) * 86400 / elapsed / 1e6:.1f} MB/day (state dir on {tmp_fs})")
+              f"{(wb1 - wb0) * 86400 / elapsed / 1e6:.1f} MB/day (state dir on {tmp_fs}"
+              + (f"; that device received {device[i] * 86400 / elapsed / 1e6:.1f} MB/day)" if disks else ")"))
     if len(figures) == 2:
         (pa, wa), (pb, wb) = figures
         print(f"  ratio this agent / baseline: CPU {pa / pb:.3f}, wake-ups {wa / wb:.3f}")
