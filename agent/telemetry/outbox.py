@@ -26,7 +26,7 @@ Why it looks like this:
   acks, which only re-sends readings the receiver de-duplicates by id.
 - ``seq`` is assigned here, from 1 per device, and never reused. The database holds the
   high-water mark (``meta.seq_hw:<device>`` plus the pending rows). Because a corrupt database is
-  replaced by an empty one, a small side file (``<db>.meta.json``, written atomically) reserves
+  replaced by an empty one, a small side file (``<db>.meta.json``, agent/telemetry/sidefile.py) reserves
   seqs in blocks of ``SEQ_BLOCK``: the fresh database continues after the reserved block, so a
   seq already sent can never be sent again for a different reading. Writing the side file once
   per block keeps SD-card wear at one small file per ``SEQ_BLOCK`` readings.
@@ -72,7 +72,6 @@ Thread-safe: one connection guarded by a lock (the sampler puts, the uploader cl
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import math
 import os
@@ -87,7 +86,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from agent.clock import Stamp
-from agent.fsutil import atomic_write
 from agent.state import OutboxCounts
 from agent.telemetry import corruption, intake, readonly
 from agent.telemetry.intake import IntakeLog
@@ -99,6 +97,7 @@ from agent.telemetry.rowcodec import (
     foreign_records,
     stamp_of,
 )
+from agent.telemetry.sidefile import SideFile
 from agent.telemetry.storage import (
     RESERVE_BYTES,
     Reserve,
@@ -182,8 +181,7 @@ class Outbox:
         self._state = state
         self.clock = clock
         self._lock = threading.RLock()
-        self._side_path = self.path.with_name(self.path.name + ".meta.json")
-        self._side = self._read_side()
+        self._side = SideFile(self.path.with_name(self.path.name + ".meta.json"))   # seq reservations
         self.corrupt_files: list[Path] = []
         self._db: sqlite3.Connection | None = None
         self._pending = 0
@@ -339,8 +337,8 @@ class Outbox:
             # We know exactly what the old file handed out: continue right after it.
             top = self._conn().execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0]
             self._next_seq = max(next_seq, top + 1)
-            if self._next_seq - 1 + SEQ_BLOCK > self._reserved() or not self._side_path.exists():
-                self._reserve(self._next_seq - 1 + SEQ_BLOCK)
+            if self._next_seq - 1 + SEQ_BLOCK > self._side.reserved(self.device_id) or not self._side.path.exists():
+                self._side.reserve(self.device_id, self._next_seq - 1 + SEQ_BLOCK)
             total = max(self._dropped, old_dropped) + lost
             try:
                 with self._durable() as db:
@@ -393,7 +391,7 @@ class Outbox:
     @property
     def corrupt_replaced(self) -> int:
         """How many corrupt database files were moved aside over the device's life."""
-        return int(self._side.get("corrupt_replaced", 0))
+        return self._side.corrupt_replaced
 
     @property
     def next_seq(self) -> int:
@@ -1060,10 +1058,10 @@ class Outbox:
         self._dead = db.execute("SELECT count(*) FROM dead").fetchone()[0]
         self._dropped = int(meta.get("dropped", 0))
         hw = max(int(meta.get(f"seq_hw:{dev}", 0)), max_pending)
-        if hw == 0 and self._reserved():
+        if hw == 0 and self._side.reserved(self.device_id):
             # A new database (the old one was corrupt or deleted): continue after everything the
             # old one may have handed out, so no seq is ever reused.
-            hw = self._reserved()
+            hw = self._side.reserved(self.device_id)
             if not self._replacing:       # check_file() says where seq continues itself
                 log.warning("outbox: new database; seq continues at %d", hw + 1)
         self._next_seq = hw + 1
@@ -1097,8 +1095,8 @@ class Outbox:
         if self._intake is not None:
             define.update((n, self._texts[n]) for n in used - self._logged_words if n in self._texts)
         generation = self._intake.generation if self._intake is not None else None
-        if seqs[-1] > self._reserved():
-            self._reserve(seqs[-1] + SEQ_BLOCK)
+        if seqs[-1] > self._side.reserved(self.device_id):
+            self._side.reserve(self.device_id, seqs[-1] + SEQ_BLOCK)
         added = sum(len(row[1]) for row in rows)
         acked = sorted(s for s, r in self._held.items() if r is None)
         dropped = 0
@@ -1315,28 +1313,6 @@ class Outbox:
         _count_dropped(db, self._dropped + n, n, "dead-letter table full")
         return n
 
-    # ---- seq reservation side file
-
-    def _read_side(self) -> dict[str, Any]:
-        try:
-            data = json.loads(self._side_path.read_bytes())
-            return data if isinstance(data, dict) else {}
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as err:
-            log.error("outbox: %s unreadable (%s); seq reservations start afresh", self._side_path, err)
-            return {}
-
-    def _write_side(self) -> None:
-        atomic_write(self._side_path, json.dumps(self._side, sort_keys=True).encode(), mode=0o600)
-
-    def _reserved(self) -> int:
-        return int(self._side.get("seq_reserved", {}).get(self.device_id, 0))
-
-    def _reserve(self, upto: int) -> None:
-        self._side.setdefault("seq_reserved", {})[self.device_id] = upto
-        self._write_side()
-
     # ---- corruption (the steps themselves: agent/telemetry/corruption.py)
 
     def _retry_corrupt(self, op: Callable[[], T]) -> T:
@@ -1374,8 +1350,7 @@ class Outbox:
         """Move the corrupt file (and its -wal) aside to ``<db>.corrupt-<n>``; counted in the side file."""
         aside = corruption.move_aside(self.path)
         self.corrupt_files.append(aside)
-        self._side["corrupt_replaced"] = int(self._side.get("corrupt_replaced", 0)) + 1
-        self._write_side()
+        self._side.count_corrupt()
         self._pending = self._pending_bytes = self._dead = self._dropped = 0
         self._replayed = ([], 0)
         return aside
