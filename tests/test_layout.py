@@ -97,6 +97,17 @@ def test_every_module_is_in_a_room_and_every_package_says_what_lives_there() -> 
         assert doc and len(doc) > 40, f"{init.relative_to(ROOT)} needs a docstring saying what lives there"
 
 
+OUTBOX_PARTS = ("intake", "storage", "corruption", "readonly", "rowcodec", "sidefile")
+
+
+def test_the_outbox_parts_never_import_the_outbox() -> None:
+    """agent/telemetry/outbox.py uses its parts (agent/telemetry/__init__.py); one importing it
+    back would make the small modules a cycle around the big one."""
+    for name in OUTBOX_PARTS:
+        found = imports_of(ROOT / "agent" / "telemetry" / f"{name}.py")
+        assert "agent.telemetry.outbox" not in found, f"agent/telemetry/{name}.py imports the outbox"
+
+
 @pytest.mark.parametrize("source, expected", [
     ("from agent.signin import authenticator\n", "agent.telemetry.uploader (agent.telemetry) imports agent.signin"),
     ("import agent.service\n", "imports agent.service (process)"),
