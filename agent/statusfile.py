@@ -325,17 +325,17 @@ def read_status(settings: Settings) -> dict[str, Any]:
         return doc
     # Not running (or not written its status yet): derive from the files, never writing them.
     from agent.clock import kernel_synchronized
-    from agent.telemetry.outbox import Outbox
+    from agent.telemetry import readonly
 
     # A service that runs but has not written its status yet holds the outbox exclusively:
     # it is not opened then (that would wait for the lock), the figures follow once it writes.
     readable = pid is None and settings.outbox_path.exists()
-    counts = Outbox.read_counts(settings.outbox_path) if readable else None
+    counts = readonly.read_counts(settings.outbox_path) if readable else None
     account = _cached_account(settings.token_cache_path)
     if account is None and settings.auth.flow == "client_certificate":
         # App-only tokens have no account; the identity is the app (as the running service says).
         account = f"app {settings.auth.client_id}" if _has_app_token(settings.token_cache_path) else None
-    oldest = Outbox.read_oldest_wall(settings.outbox_path) if counts and counts.pending else None
+    oldest = readonly.read_oldest_wall(settings.outbox_path) if counts and counts.pending else None
     refreshed = refresh_token_time(settings.token_cache_path)
     lapse = (None if refreshed is None else
              max(0.0, round((refreshed + settings.auth.refresh_lifetime_days * 86400.0 - time.time())

@@ -461,22 +461,6 @@ class Outbox:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @staticmethod
-    def read_counts(path: Path) -> OutboxCounts:
-        """Counts for ``device-agent status`` while no service runs, read-only
-        (agent/telemetry/readonly.py).
-
-        Raises:
-            sqlite3.OperationalError: the file cannot be read (permissions, locked for > 5 s).
-        """
-        return readonly.read_counts(path)
-
-    @staticmethod
-    def read_oldest_wall(path: Path) -> float | None:
-        """Wall time (epoch) the oldest pending reading was sampled, read-only as ``read_counts``;
-        None when there is none or it cannot be read (agent/telemetry/readonly.py)."""
-        return readonly.read_oldest_wall(path)
-
     # ----------------------------------------------------------------- internals
 
     # ---- storage trouble (see agent/telemetry/storage.py)

@@ -15,6 +15,7 @@ from agent import clock as clockmod
 from agent.clock import ClockTrust, Stamp, describe_offset, iso_epoch
 from agent.config import UploadSettings
 from agent.sim.api import SimApi
+from agent.telemetry import readonly
 from agent.telemetry.outbox import Outbox
 from agent.telemetry.sinks.http import HttpSink
 from tests.fixtures.api import DEVICE, FakeTokens
@@ -194,7 +195,7 @@ def test_an_outbox_from_before_stamps_is_migrated_and_its_rows_still_upload(
     old.commit()
     old.close()
     # `status` without the service: the old row's own time (it has no stamp columns yet)
-    assert Outbox.read_oldest_wall(path) == pytest.approx(seconds({"time": "2026-11-20T08:00:00.000Z"}))
+    assert readonly.read_oldest_wall(path) == pytest.approx(seconds({"time": "2026-11-20T08:00:00.000Z"}))
     c = Clocks(DAYS3)
     trust = c.trust()
     trust.observe_date(c.date_header())

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from agent.state import AgentState, OutboxCounts
+from agent.telemetry import readonly
 from agent.telemetry.outbox import SEQ_BLOCK, Outbox
 from tests.fixtures.api import DEVICE, reading
 from tests.outbox_files import counts_on_disk
@@ -201,7 +202,7 @@ def test_the_open_outbox_is_its_own_and_every_accepted_reading_is_on_disk(outbox
     assert counts_on_disk(path) == outbox.counts() == OutboxCounts(3, 1, 0)
     assert outbox.put([reading()]) == [5], "the writer is undisturbed"
     assert counts_on_disk(path) == OutboxCounts(4, 1, 0)
-    assert Outbox.read_counts(tmp_path / "missing.sqlite3") == OutboxCounts()
+    assert readonly.read_counts(tmp_path / "missing.sqlite3") == OutboxCounts()
 
 
 def test_acks_ride_on_the_next_put_and_are_never_handed_out_again(tmp_path: Path) -> None:
@@ -239,9 +240,9 @@ def test_read_counts_when_the_service_is_stopped_or_the_file_corrupt(tmp_path: P
     path = tmp_path / "outbox.sqlite3"
     with open_box(path) as box:
         box.put([reading(i) for i in range(3)])
-    assert Outbox.read_counts(path) == OutboxCounts(pending=3, dead=0, dropped=0)
+    assert readonly.read_counts(path) == OutboxCounts(pending=3, dead=0, dropped=0)
     path.write_bytes(b"\0garbage" * 1000)
-    assert Outbox.read_counts(path) == OutboxCounts()
+    assert readonly.read_counts(path) == OutboxCounts()
 
 
 def test_device_id_change_dead_letters_old_rows(tmp_path: Path) -> None:
@@ -336,7 +337,7 @@ def test_corrupt_at_start_but_partly_readable_counts_the_lost_rows_as_dropped(tm
     assert box.counts() == OutboxCounts(pending=0, dead=0, dropped=700 + 200)
     assert state.snapshot.notice and "900 readings lost" in state.snapshot.notice
     box.close()
-    assert Outbox.read_counts(path).dropped == 900, "persisted in the new database"
+    assert readonly.read_counts(path).dropped == 900, "persisted in the new database"
 
 
 def test_corrupt_at_start_and_unreadable_says_the_loss_could_not_be_counted(tmp_path: Path) -> None:
@@ -363,7 +364,7 @@ def test_count_lost_after_a_side_file_write_error(tmp_path: Path) -> None:
     assert box.count_lost(len(batch)) is True
     assert box.counts() == OutboxCounts(pending=1, dead=0, dropped=SEQ_BLOCK + 5)
     box.close()
-    assert Outbox.read_counts(path).dropped == SEQ_BLOCK + 5
+    assert readonly.read_counts(path).dropped == SEQ_BLOCK + 5
 
 
 def test_dead_letter_table_is_bounded_oldest_dropped_and_counted(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import pytest
 
 from agent.clock import Stamp, iso_epoch
 from agent.state import OutboxCounts
-from agent.telemetry import intake
+from agent.telemetry import intake, readonly
 from agent.telemetry.outbox import Outbox
 from tests.fixtures.api import DEVICE, reading
 from tests.fixtures.diskio import clean, written
@@ -150,7 +150,7 @@ def test_a_crash_after_the_batch_commit_before_the_next_generation_does_not_appl
     with open_box(cut) as again:
         assert again.counts() == OutboxCounts(pending=3, dead=1, dropped=0)
         assert seqs_of(again) == [2, 3, 4]
-    assert Outbox.read_counts(cut) == OutboxCounts(pending=3, dead=1, dropped=0)
+    assert readonly.read_counts(cut) == OutboxCounts(pending=3, dead=1, dropped=0)
 
 
 def test_a_batch_commits_when_the_log_is_three_quarters_full_and_readings_keep_their_order(
@@ -202,8 +202,8 @@ def test_status_with_the_service_stopped_counts_what_the_log_holds(tmp_path: Pat
     assert box.counts() == OutboxCounts(pending=5, dead=0, dropped=3)
     cut = power_cut(live, tmp_path / "cut")
     box.close()
-    assert Outbox.read_counts(cut) == OutboxCounts(pending=5, dead=0, dropped=3)
-    assert Outbox.read_oldest_wall(cut) == st.wall + 4, "seq 5: 1 (committed) to 3 dropped, 4 acked, in the log"
+    assert readonly.read_counts(cut) == OutboxCounts(pending=5, dead=0, dropped=3)
+    assert readonly.read_oldest_wall(cut) == st.wall + 4, "seq 5: 1 (committed) to 3 dropped, 4 acked, in the log"
     with open_box(cut, max_rows=5) as again:
         assert again.counts() == OutboxCounts(pending=5, dead=0, dropped=3)
         assert seqs_of(again) == [5, 6, 7, 8, 9]
@@ -612,12 +612,12 @@ def test_dead_letter_commands_with_the_service_stopped_after_a_crash_see_and_kee
     box.put([reading(9)])
     cut = power_cut(live, tmp_path / "cut")
     box.close()
-    assert Outbox.read_counts(cut) == OutboxCounts(pending=3, dead=1, dropped=2)
+    assert readonly.read_counts(cut) == OutboxCounts(pending=3, dead=1, dropped=2)
     out = io.StringIO()
     assert dead_letters.run(cut, DEVICE, "list", out=out) == 0
     assert "1 dead-lettered; 2 dropped in total" in out.getvalue()
     assert dead_letters.run(cut, DEVICE, "purge", out=io.StringIO()) == 0
-    assert Outbox.read_counts(cut) == OutboxCounts(pending=3, dead=0, dropped=3)
+    assert readonly.read_counts(cut) == OutboxCounts(pending=3, dead=0, dropped=3)
     with open_box(cut) as again:
         assert again.counts() == OutboxCounts(pending=3, dead=0, dropped=3), "2 lost + 1 purged"
         assert seqs_of(again) == [2, 3, 4]
@@ -741,7 +741,7 @@ def test_a_record_this_agent_cannot_read_ends_the_log_there_with_one_error_and_n
     with log_path.open("r+b") as f:
         f.seek(run.end)
         f.write(record)
-    assert Outbox.read_counts(cut) == OutboxCounts(pending=2, dead=0, dropped=0)
+    assert readonly.read_counts(cut) == OutboxCounts(pending=2, dead=0, dropped=0)
     with caplog.at_level(logging.ERROR, logger="agent.telemetry"):
         with open_box(cut) as again:
             assert seqs_of(again) == [1, 2]

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from agent.clock import Stamp, iso_epoch
+from agent.telemetry import readonly
 from agent.telemetry.outbox import Outbox
 from tests.agentproc import write_config
 from tests.fixtures.api import DEVICE, reading
@@ -96,9 +97,9 @@ def test_a_read_only_open_still_sees_uncheckpointed_commits_a_killed_service_lef
         for name in ("outbox.sqlite3", "outbox.sqlite3-wal", "outbox.sqlite3.intake"):   # as the kill leaves them
             shutil.copyfile(tmp_path / name, left / name)
     assert not (left / "outbox.sqlite3-shm").exists()
-    assert Outbox.read_counts(left / "outbox.sqlite3").pending == 4
-    assert Outbox.read_counts(path).pending == 4, "after a clean stop"
-    assert Outbox.read_oldest_wall(left / "outbox.sqlite3") == Outbox.read_oldest_wall(path) is not None
+    assert readonly.read_counts(left / "outbox.sqlite3").pending == 4
+    assert readonly.read_counts(path).pending == 4, "after a clean stop"
+    assert readonly.read_oldest_wall(left / "outbox.sqlite3") == readonly.read_oldest_wall(path) is not None
     with Outbox(left / "outbox.sqlite3", DEVICE, max_rows=100, max_bytes=10**6) as restarted:
         assert [r.seq for r in restarted.claim(10)] == [2, 3, 4, 5], "what status counted"
 
