@@ -380,3 +380,15 @@ def _free_name(path: Path, what: str) -> Path:
     while path.with_name(f"{path.name}.{what}-{n}").exists():
         n += 1
     return path.with_name(f"{path.name}.{what}-{n}")
+
+
+def merged_ranges(spans: list[list[int]]) -> list[list[int]]:
+    """The [first, last] seq ranges of the log's deletes, sorted, overlapping or adjacent ones
+    merged: what replaying them deletes (the outbox after another database's log, ``status``)."""
+    out: list[list[int]] = []
+    for first, last in sorted(spans):
+        if out and first <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], last)
+        else:
+            out.append([first, last])
+    return out

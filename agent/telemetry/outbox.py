@@ -776,8 +776,8 @@ class Outbox:
         records, unknown = run.records, 0
         if replay and run.db_id != db_id:
             records, unknown = foreign_records(run.records)
-            spans = sorted(r for ops in records for kind, arg in ops if kind == "d" for r in arg)
-            self._replayed = (_merged(spans), unknown)
+            spans = [r for ops in records for kind, arg in ops if kind == "d" for r in arg]
+            self._replayed = (intake.merged_ranges(spans), unknown)
         with _tx(db):
             if fresh:
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('intake_id', ?)", (db_id,))
@@ -1386,17 +1386,6 @@ def _small_pages(db: sqlite3.Connection, path: Path) -> None:
         log.info("outbox: %s keeps its %d B pages (%s)", path.name, page, err)
     finally:
         db.execute("PRAGMA journal_mode=WAL").fetchone()
-
-
-def _merged(spans: list[list[int]]) -> list[list[int]]:
-    """Sorted [first, last] ranges, overlapping or adjacent ones merged."""
-    out: list[list[int]] = []
-    for first, last in spans:
-        if out and first <= out[-1][1] + 1:
-            out[-1][1] = max(out[-1][1], last)
-        else:
-            out.append([first, last])
-    return out
 
 
 def _ranges(seqs: list[int]) -> list[list[int]]:

@@ -186,11 +186,7 @@ class _Uncommitted:
                         spans.append([first, last])
                 elif kind == "m":
                     view.meta.update((k, v) for k, v in arg)
-        for first, last in sorted(spans):
-            if view.deleted and first <= view.deleted[-1][1] + 1:
-                view.deleted[-1][1] = max(view.deleted[-1][1], last)
-            else:
-                view.deleted.append([first, last])
+        view.deleted = intake.merged_ranges(spans)
         return view
 
     def committed_deleted(self, db: sqlite3.Connection) -> int:
