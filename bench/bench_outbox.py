@@ -52,7 +52,7 @@ from agent.fsutil import atomic_write  # noqa: E402
 from agent.state import AgentState  # noqa: E402
 from agent.statusfile import StatusWriter  # noqa: E402
 from agent.telemetry import outbox as current  # noqa: E402
-from tests.fixtures.diskio import clean  # noqa: E402
+from tests.fixtures.diskio import clean, written  # noqa: E402
 
 SENSORS_PER_BOX = 5          # the daily figure: 5 sensors sampled once a minute, uploaded each minute
 MINUTES_PER_DAY = 24 * 60
@@ -61,16 +61,6 @@ STATUS_WRITES_PER_MINUTE = 3  # status.json rewrites a minute on such a box (a r
 TOKEN_SAVES_PER_DAY = 24 * 3600 / 3300   # 1 h access tokens, refreshed with 300 s left (26/day)
 TOKEN_CACHE_BYTES = 6_500    # msal's cache with one account: access, refresh and id token, metadata
 WAL_FRAME_HEADER = 24
-
-
-def io_bytes() -> int:
-    """Bytes this process sent (or will send) to the block device."""
-    out = {}
-    with open("/proc/self/io") as f:
-        for line in f:
-            k, v = line.split(":")
-            out[k.strip()] = int(v)
-    return out["write_bytes"] - out["cancelled_write_bytes"]
 
 
 def wchar() -> int:
@@ -133,7 +123,7 @@ def paced(base: Path, module: ModuleType, cycles: int, group: int, *, upload: bo
     if upload:
         box.ack([r.seq for r in box.claim(500)])
     clean(d)
-    before = io_bytes()
+    before = written()
     for c in range(cycles):
         clock.now += 60.0
         box.put([reading(c * group + j) for j in range(group)], [stamp(c * group + j) for j in range(group)])
@@ -142,7 +132,7 @@ def paced(base: Path, module: ModuleType, cycles: int, group: int, *, upload: bo
         clean(d)
     box.close()
     clean(d)
-    after = io_bytes()
+    after = written()
     shutil.rmtree(d)
     return (after - before) / (cycles * group)
 
@@ -157,19 +147,19 @@ def backlog(base: Path, module: ModuleType, readings: int, batch: int) -> tuple[
     box.put([reading(0)], [stamp(0)])
     box.ack([1])
     clean(d)
-    t0 = io_bytes()
+    t0 = written()
     for i in range(1, readings + 1):
         clock.now += 60.0
         box.put([reading(i)], [stamp(i)])
         clean(d)
-    t1 = io_bytes()
+    t1 = written()
     while rows := box.claim(batch):
         clock.now += 0.05
         box.ack([r.seq for r in rows])
         clean(d)
     box.close()
     clean(d)
-    t2 = io_bytes()
+    t2 = written()
     shutil.rmtree(d)
     return (t1 - t0) / readings, (t2 - t1) / readings
 
@@ -179,12 +169,12 @@ def burst(base: Path, group: int, ticks: int) -> tuple[float, float, float]:
     d = Path(tempfile.mkdtemp(dir=base))
     box = current.Outbox(d / "outbox.sqlite3", "bench-01", max_rows=10**7, max_bytes=10**10)
     box.put([reading(0)], [stamp(0)])
-    b0, w0, t0 = io_bytes(), wchar(), time.perf_counter()
+    b0, w0, t0 = written(), wchar(), time.perf_counter()
     for tick in range(ticks):
         box.put([reading(tick * group + j) for j in range(group)], [stamp(tick * group + j) for j in range(group)])
     elapsed = time.perf_counter() - t0
     n = ticks * group
-    out = (n / elapsed, (io_bytes() - b0) / n, (wchar() - w0) / n)
+    out = (n / elapsed, (written() - b0) / n, (wchar() - w0) / n)
     box.close()
     shutil.rmtree(d)
     return out
@@ -203,11 +193,11 @@ def wal_floor(base: Path, page_size: int, commits: int) -> float:
     db.execute("CREATE TABLE t (k INTEGER PRIMARY KEY, v BLOB)")
     db.execute("INSERT INTO t VALUES (1, zeroblob(40))")
     clean(d)
-    before = io_bytes()
+    before = written()
     for i in range(commits):
         db.execute("UPDATE t SET v = ? WHERE k = 1", (i.to_bytes(8, "big") * 5,))
         clean(d)
-    after = io_bytes()
+    after = written()
     db.close()
     shutil.rmtree(d)
     return (after - before) / commits
@@ -246,11 +236,11 @@ def lever(base: Path, *, page: int, exclusive: bool, compact: bool, online: bool
     for seq in range(1, 31):
         put(seq)
     clean(d)
-    before = io_bytes()
+    before = written()
     for seq in range(31, 31 + commits):
         put(seq)
         clean(d)
-    after = io_bytes()
+    after = written()
     db.close()
     shutil.rmtree(d)
     return (after - before) / commits
@@ -290,14 +280,14 @@ def rollback_journal(base: Path, mode: str, commits: int) -> float:
     db.execute("CREATE TABLE outbox (seq INTEGER PRIMARY KEY, payload BLOB)")
     db.execute("INSERT INTO outbox VALUES (0, x'00')")
     clean(d)
-    before = io_bytes()
+    before = written()
     for seq in range(1, commits + 1):
         db.execute("BEGIN IMMEDIATE")
         db.execute("INSERT INTO outbox VALUES (?, zeroblob(40))", (seq,))
         db.execute("DELETE FROM outbox WHERE seq < ?", (seq,))
         db.execute("COMMIT")
         clean(d)
-    after = io_bytes()
+    after = written()
     db.close()
     shutil.rmtree(d)
     return (after - before) / commits
@@ -310,11 +300,11 @@ def append_floor(base: Path, commits: int) -> float:
     try:
         os.write(fd, b"\0" * 40)
         os.fdatasync(fd)
-        before = io_bytes()
+        before = written()
         for _ in range(commits):
             os.write(fd, b"r" * 40)
             os.fdatasync(fd)
-        after = io_bytes()
+        after = written()
     finally:
         os.close(fd)
     shutil.rmtree(d)
@@ -326,11 +316,11 @@ def per_write(base: Path, write: Callable[[Path], None], n: int = 20) -> float:
     d = Path(tempfile.mkdtemp(dir=base))
     write(d)
     clean(d)
-    before = io_bytes()
+    before = written()
     for _ in range(n):
         write(d)
         clean(d)
-    after = io_bytes()
+    after = written()
     shutil.rmtree(d)
     return (after - before) / n
 
