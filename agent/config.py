@@ -15,7 +15,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import field, fields
 from pathlib import Path
-from typing import Any, Literal, cast, get_args
+from typing import Any, Literal, NoReturn, cast, get_args
 from urllib.parse import urlsplit
 
 from agent.errors import ConfigError
@@ -491,7 +491,7 @@ def _upload(c: _Checker, t: Mapping[str, Any]) -> UploadSettings:
 
 def masked(settings: Settings) -> dict[str, Any]:
     """The effective config as plain data, secrets masked (for ``check-config``)."""
-    data = _plain(dataclasses.asdict(settings))
+    data: dict[str, Any] = _plain(dataclasses.asdict(settings))   # _plain keeps a dict a dict
     for sensor in data["sensors"]:
         sensor.update(sensor.pop("options"))      # shown as written: one flat table per sensor
     if not data["auth"].get("dropped_scopes"):
@@ -547,7 +547,7 @@ class _Checker:
         self.path = path
         self._loadable_ca: set[str] = set()      # CA files already loaded (auth's is often upload's)
 
-    def fail(self, key: str, message: str) -> Any:
+    def fail(self, key: str, message: str) -> NoReturn:
         raise ConfigError(f"{self.path}: {key}: {message}")
 
     def _key(self, section: str, name: str) -> str:

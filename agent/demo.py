@@ -14,10 +14,13 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import config, logs
 from agent.service import Service
+
+if TYPE_CHECKING:      # imported in run_demo: the sims load only when a demo runs
+    from agent.sim.idp import SimIdp
 
 log = logging.getLogger("agent.demo")
 
@@ -46,7 +49,7 @@ def demo_config(tmp: Path, *, authority: str, api_url: str, ca_file: Path, displ
     }
 
 
-def certificate_auth(raw: dict[str, Any], tmp: Path, idp: Any) -> str:
+def certificate_auth(raw: dict[str, Any], tmp: Path, idp: SimIdp) -> str:
     """--flow client_certificate: a throwaway certificate, uploaded to the simulated app
     registration with the application permission granted; ``raw``'s [auth] switched to it.
     Returns the certificate's thumbprint."""

@@ -50,7 +50,8 @@ _DIGEST = 32
 # The dict re._compile looks a pattern up in first: its FIFO one from 3.12 on, else its cache.
 _FIRST = "_cache2" if isinstance(getattr(re, "_cache2", None), dict) else "_cache"
 _Key = tuple[bool, Any, int]
-_Entry = tuple[bool, Any, int, int, bytes, int, dict[str, int], tuple[Any, ...]]
+_Args = tuple[int, bytes, int, dict[str, int], tuple[Any, ...]]     # what _sre.compile got, after pattern
+_Entry = tuple[bool, Any, int, int, bytes, int, dict[str, int], tuple[Any, ...]]     # _Key + _Args
 
 
 class _Recorder:
@@ -59,7 +60,7 @@ class _Recorder:
 
     def __init__(self, sre: Any) -> None:
         self._sre = sre
-        self.made: list[tuple[Any, tuple[Any, ...]]] = []
+        self.made: list[tuple[Any, _Args]] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sre, name)
@@ -175,7 +176,7 @@ class RegexCache:
                 continue
             key = (kind is bytes, pattern, int(key_flags))
             if key not in entries:
-                entries[key] = (*key, *found[1])       # type: ignore[assignment]
+                entries[key] = (*key, *found[1])
                 new += 1
         if not new:
             if self._held:

@@ -82,9 +82,9 @@ def name_os_thread(name: str | None = None) -> None:
     """Give the calling thread its Python name in the kernel too (``/proc/PID/task/TID/comm``,
     15 bytes), so ``top -H`` and the idle bench can say which thread wakes; Python 3.11 leaves
     every thread called "python". Never raises: a name is a convenience."""
-    name = (name or threading.current_thread().name).encode()[:15]
+    comm = (name or threading.current_thread().name).encode()[:15]
     try:
         with open(f"/proc/self/task/{threading.get_native_id()}/comm", "wb") as f:
-            f.write(name)
+            f.write(comm)
     except OSError:
         pass

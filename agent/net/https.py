@@ -109,7 +109,7 @@ class HttpsSession(requests.Session):
         self.last_status: int | None = None
         self.sent = 0
 
-    def request(self, method: str | bytes, url: str | bytes,  # type: ignore[override]
+    def request(self, method: str | bytes, url: str | bytes,
                 *args: Any, **kwargs: Any) -> requests.Response:
         kwargs["timeout"] = self.timeout_s
         if not self.follow_redirects:

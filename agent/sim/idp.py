@@ -625,7 +625,7 @@ class SimIdp:
                                    wall_clock=self.wall_clock)
         except AssertionRefused as err:
             log.info("client credentials refused for %s: AADSTS%d", client_id, err.aadsts)
-            raise OAuthError(err.aadsts, **err.fmt) from err
+            raise OAuthError(err.aadsts, 400, **err.fmt) from err    # status by position: fmt is all message fields
         log.info("app-only token issued for %s", client_id)
         return body
 

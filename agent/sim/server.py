@@ -8,7 +8,7 @@ import ssl
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, cast
 
 from agent.sim.tls import TlsFiles
 
@@ -37,7 +37,8 @@ class LoopbackHTTPSServer(ThreadingHTTPServer):
 
     @property
     def base_url(self) -> str:
-        host, port = self.server_address[:2]
+        # getsockname() of an AF_INET socket: host is a str (the stubs allow bytes for binding)
+        host, port = cast(tuple[str, int], self.server_address[:2])
         return f"https://{host}:{port}"
 
     def start(self) -> LoopbackHTTPSServer:

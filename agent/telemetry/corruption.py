@@ -93,7 +93,8 @@ def unrescued(db: sqlite3.Connection, runs: list[list[int]], old_dropped: int, *
     deleted, unknown = replayed
 
     def there(a: int, b: int) -> int:
-        return db.execute("SELECT count(*) FROM outbox WHERE seq BETWEEN ? AND ?", (a, b)).fetchone()[0]
+        count: int = db.execute("SELECT count(*) FROM outbox WHERE seq BETWEEN ? AND ?", (a, b)).fetchone()[0]
+        return count
 
     rows = 0
     for a, b in runs:

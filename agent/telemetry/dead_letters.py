@@ -22,7 +22,7 @@ import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import IO, Any
 
 from agent.telemetry import intake
 from agent.telemetry.outbox import Outbox
@@ -74,7 +74,7 @@ def check_args(action: str, seqs: Sequence[str], *, all_: bool) -> list[int]:
 
 
 def run(path: Path, device_id: str, action: str, seqs: Sequence[str] = (), *, all_: bool = False,
-        out: TextIO = sys.stdout) -> int:
+        out: IO[str] = sys.stdout) -> int:
     """One ``dead-letter`` command against the outbox file at ``path`` (no service running).
     Returns the exit code.
 
@@ -121,7 +121,7 @@ def _apply_intake_log(path: Path, device_id: str) -> None:
     Outbox(path, device_id, max_rows=2**62, max_bytes=2**62, reserve_bytes=0).close()
 
 
-def run_on(db: sqlite3.Connection, device_id: str, action: str, wanted: list[int], out: TextIO) -> int:
+def run_on(db: sqlite3.Connection, device_id: str, action: str, wanted: list[int], out: IO[str]) -> int:
     """One checked command on an open outbox connection (the file's, or the running service's)."""
     if action == "retry":
         add_stamp_columns(db)      # a file the service has not opened since an upgrade
@@ -149,7 +149,7 @@ def serve(outbox: Outbox, device_id: str, action: str, wanted: list[int], *, all
     return {"exit": code, "output": out.getvalue()}
 
 
-def _list(db: sqlite3.Connection, device_id: str, out: TextIO) -> int:
+def _list(db: sqlite3.Connection, device_id: str, out: IO[str]) -> int:
     rows = db.execute("SELECT seq, device, at, reason FROM dead ORDER BY seq, id").fetchall()
     if rows:
         print(f"{'SEQ':>10}  {'DEAD-LETTERED AT':<24}  REASON", file=out)
@@ -163,7 +163,7 @@ def _list(db: sqlite3.Connection, device_id: str, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _retry(db: sqlite3.Connection, device_id: str, wanted: list[int], out: TextIO) -> int:
+def _retry(db: sqlite3.Connection, device_id: str, wanted: list[int], out: IO[str]) -> int:
     db.execute("BEGIN IMMEDIATE")
     try:
         dead = db.execute("SELECT seq, device FROM dead").fetchall()
@@ -205,7 +205,7 @@ def _retry(db: sqlite3.Connection, device_id: str, wanted: list[int], out: TextI
     return EXIT_OK
 
 
-def _purge(db: sqlite3.Connection, out: TextIO) -> int:
+def _purge(db: sqlite3.Connection, out: IO[str]) -> int:
     db.execute("BEGIN IMMEDIATE")
     try:
         n = db.execute("DELETE FROM dead").rowcount

@@ -227,7 +227,7 @@ class Outbox:
         """
         if not readings:
             return []
-        marks = list(stamps) if stamps is not None else [None] * len(readings)
+        marks: list[Stamp | None] = list(stamps) if stamps is not None else [None] * len(readings)
         if len(marks) != len(readings):
             raise ValueError("one stamp per reading")
         with self._lock:

@@ -276,7 +276,7 @@ class Uploader:
         """``tokens.token_rejected(claims_challenge)``; sources without the parameter get the
         plain call (a claims challenge then is an ordinary refresh)."""
         if self._takes_claims:
-            return self.tokens.token_rejected(claims)  # type: ignore[call-arg]
+            return self.tokens.token_rejected(claims)
         return self.tokens.token_rejected()
 
     def _check_outbox_file(self) -> None:
