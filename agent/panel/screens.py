@@ -149,18 +149,84 @@ def _ink_box(text: str, f: Font, fontmode: str) -> tuple[int, int, int, int]:
     # The box depends on the text, the font and the draw's font mode, never on the image.
     probe = ImageDraw.Draw(Image.new("1", (1, 1)))
     probe.fontmode = fontmode
-    box = probe.textbbox((0, 0), text, font=f)
+    box = probe.textbbox((0, 0), _shown(text, f, fontmode, False)[0], font=f)   # points inside
     return int(box[0]), int(box[1]), int(box[2]), int(box[3])
+
+
+# A decimal point between digits: the bundled font draws it 1 px wide, touching the digit before
+# it ("24.0" reads as "240" on the glass). Such a point becomes a gap of spaces, and the point is
+# drawn by hand in it: a square on the digit's baseline, clear of both digits.
+_DECIMAL_POINT = re.compile(r"(?<=\d)\.(?=\d)")
+
+
+def _ink_columns(text: str, f: Font, fontmode: str, bold: bool) -> tuple[list[int], Image.Image]:
+    """``text`` drawn at (0, 0) (twice, 1 px apart, when ``bold``): the x of every column with
+    ink, and the image."""
+    probe = ImageDraw.Draw(Image.new("1", (1, 1)))
+    probe.fontmode = fontmode
+    _, _, right, bottom = probe.textbbox((0, 0), text, font=f)
+    img = Image.new("1", (max(1, int(right) + 3), max(1, int(bottom) + 2)))
+    draw = ImageDraw.Draw(img)
+    draw.fontmode = fontmode
+    for dx in (0, 1) if bold else (0,):
+        draw.text((dx, 0), text, font=f, fill=1)
+    cols = [x for x in range(img.width) if any(img.getpixel((x, y)) for y in range(img.height))]
+    return cols, img
+
+
+@functools.lru_cache(maxsize=256)
+def _shown(text: str, f: Font, fontmode: str, bold: bool) -> tuple[str, tuple[tuple[int, int, int], ...]]:
+    """``text`` as drawn (decimal points as gaps) and (x, bottom, size) of each point, drawn at
+    (0, 0), the point ``size`` px high and as wide once drawn (bold draws it twice). Measured on
+    the ink, not the advances: in mode "1" this font's glyphs overhang their advances, and
+    Pillow moves a string a pixel up or down depending on what it holds."""
+    found = [m.start() for m in _DECIMAL_POINT.finditer(text)]
+    size = max(1, round(getattr(f, "size", 9) / 9))
+    wide = size + (1 if bold else 0)
+    shown, points = text, []
+    for spaces in (1, 2, 3):                 # the fewest spaces that leave the point clear
+        shown = _DECIMAL_POINT.sub(" " * spaces, text)
+        cols, img = _ink_columns(shown, f, fontmode, bold)
+        points = [_point_in_gap(shown, at + k * (spaces - 1), f, fontmode, bold, cols, img, wide)
+                  for k, at in enumerate(found)]
+        if all(gap >= wide + 2 for _, _, gap in points):
+            break
+    return shown, tuple((x, bottom, size) for x, bottom, _ in points)
+
+
+def _point_in_gap(shown: str, at: int, f: Font, fontmode: str, bold: bool, cols: list[int],
+                  img: Image.Image, wide: int) -> tuple[int, int, int]:
+    """(x, bottom, blank columns) of the point in the gap at ``shown[at]``: centred between the
+    digit before (its last ink column, from the text up to it) and the next ink; its bottom that
+    digit's lowest row in ``img`` (``shown`` drawn whole)."""
+    before = _ink_columns(shown[:at], f, fontmode, bold)[0]
+    earlier = _ink_columns(shown[:at - 1], f, fontmode, bold)[0]
+    right = before[-1] if before else 0
+    left = next((x for x in cols if x > right), right + wide + 3)
+    digit = [x for x in before if not earlier or x > earlier[-1]]
+    rows = [y for y in range(img.height) for x in digit if img.getpixel((x, y))]
+    gap = left - right - 1
+    return right + 1 + (gap - wide) // 2, max(rows, default=img.height - 2) + 1, gap
+
+
+def _draw_text(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, f: Font, fill: int,
+               bold: bool = False) -> None:
+    """The one place the panel draws text (at Pillow's origin for ``xy``, like ``draw.text``),
+    decimal points as _shown places them; ``bold``: 1-px strokes of the bundled font are thin
+    on an OLED, so everything is drawn twice, 1 px apart sideways."""
+    shown, points = _shown(text, f, draw.fontmode, bold)
+    for dx in (0, 1) if bold else (0,):
+        x, y = xy[0] + dx, xy[1]
+        draw.text((x, y), shown, font=f, fill=fill)
+        for px, bottom, size in points:     # (x, bottom) measured with this pass's shift in
+            draw.rectangle((x + px, y + bottom - size, x + px + size - 1, y + bottom - 1), fill=fill)
 
 
 def _ink_text(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, f: Font,
               fill: int = 1, bold: bool = False) -> None:
     """Draw ``text`` so its ink's top-left lands on ``xy`` (fonts carry blank space above caps)."""
     left, top, _, _ = _text_size(draw, text, f)
-    x, y = xy[0] - left, xy[1] - top
-    draw.text((x, y), text, font=f, fill=fill)
-    if bold:   # 1-px strokes of the bundled font are thin on an OLED; double them sideways
-        draw.text((x + 1, y), text, font=f, fill=fill)
+    _draw_text(draw, (xy[0] - left, xy[1] - top), text, f, fill, bold)
 
 
 def _fit_size(draw: ImageDraw.ImageDraw, lines: Sequence[str], width: int, height: int,
@@ -248,7 +314,7 @@ def _text_block(draw: ImageDraw.ImageDraw, lines: Sequence[str], f: Font, x: int
     for line in lines:
         left, _, right, _ = _text_size(draw, line, f)
         lx = x + (width - (right - left)) // 2 if center else x
-        draw.text((lx - left, y - top_hg), line, font=f, fill=1)
+        _draw_text(draw, (lx - left, y - top_hg), line, f, 1)
         y += lh + gap
     return y - gap
 
@@ -260,7 +326,7 @@ def _title(draw: ImageDraw.ImageDraw, text: str, width: int) -> int:
     draw.rectangle((0, 0, width - 1, h - 1), fill=1)
     _, top, _, _ = _text_size(draw, "Hgjy", f)
     left, _, right, _ = _text_size(draw, text, f)
-    draw.text(((width - (right - left)) // 2 - left, 2 - top), text, font=f, fill=0)
+    _draw_text(draw, ((width - (right - left)) // 2 - left, 2 - top), text, f, 0)
     return h + 2
 
 

@@ -193,3 +193,41 @@ def test_error_screen_shows_the_short_panel_line_and_drops_it_with_its_error() -
                       screens.render_error("Something else went wrong: see the journal")) is None
     state.update(phase="signed_in", error=None)
     assert state.snapshot.error_panel is None
+
+
+def _ink_runs(img: Image.Image) -> list[tuple[int, int]]:
+    """(first, last) x of each run of columns holding ink: one per glyph when none touch."""
+    cols = [any(img.getpixel((x, y)) for y in range(img.height)) for x in range(img.width)]
+    runs: list[tuple[int, int]] = []
+    for x, inked in enumerate(cols):
+        if inked and runs and runs[-1][1] == x - 1:
+            runs[-1] = (runs[-1][0], x)
+        elif inked:
+            runs.append((x, x))
+    return runs
+
+
+@pytest.mark.parametrize("size,bold", [(9, False), (10, False), (11, False), (14, True), (18, True)])
+def test_a_decimal_point_stands_clear_of_both_digits(size: int, bold: bool) -> None:
+    """The bundled font's 1-px point touches the digit before it in mode "1" ("24.0" read as
+    "240" on the glass, seen in the demo): every point between digits is a blot of its own, a
+    blank column on each side, on the digits' baseline."""
+    from PIL import ImageDraw
+
+    f = screens.font(size)
+    for text in ("24.0", "21.4", "7.75", "1.5", "v2.1"):
+        img = Image.new("1", (90, 30))
+        draw = ImageDraw.Draw(img)
+        draw.fontmode = "1"
+        screens._ink_text(draw, (2, 2), text, f, bold=bold)
+
+        def rows(run: tuple[int, int]) -> list[int]:
+            return [y for y in range(img.height) for x in range(run[0], run[1] + 1) if img.getpixel((x, y))]
+
+        runs = _ink_runs(img)
+        points = [r for r in runs if max(rows(r)) - min(rows(r)) < 3]     # blots no taller than 3 px
+        assert len(points) == 1, (text, size, runs)
+        digit = runs[0] if text[0].isdigit() else runs[1]
+        assert max(rows(points[0])) == max(rows(digit)), f"{text} at {size}: the point sits on the baseline"
+    width = [screens._text_size(draw, t, f) for t in ("24.0", "240")]
+    assert width[0][2] - width[0][0] > width[1][2] - width[1][0], "the point takes room of its own"
