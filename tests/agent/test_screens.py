@@ -207,6 +207,10 @@ def _ink_runs(img: Image.Image) -> list[tuple[int, int]]:
     return runs
 
 
+def _ink_rows(img: Image.Image, run: tuple[int, int]) -> list[int]:
+    return [y for y in range(img.height) for x in range(run[0], run[1] + 1) if img.getpixel((x, y))]
+
+
 @pytest.mark.parametrize("size,bold", [(9, False), (10, False), (11, False), (14, True), (18, True)])
 def test_a_decimal_point_stands_clear_of_both_digits(size: int, bold: bool) -> None:
     """The bundled font's 1-px point touches the digit before it in mode "1" ("24.0" read as
@@ -220,14 +224,10 @@ def test_a_decimal_point_stands_clear_of_both_digits(size: int, bold: bool) -> N
         draw = ImageDraw.Draw(img)
         draw.fontmode = "1"
         screens._ink_text(draw, (2, 2), text, f, bold=bold)
-
-        def rows(run: tuple[int, int]) -> list[int]:
-            return [y for y in range(img.height) for x in range(run[0], run[1] + 1) if img.getpixel((x, y))]
-
         runs = _ink_runs(img)
-        points = [r for r in runs if max(rows(r)) - min(rows(r)) < 3]     # blots no taller than 3 px
+        points = [r for r in runs if max(_ink_rows(img, r)) - min(_ink_rows(img, r)) < 3]  # <= 3 px high
         assert len(points) == 1, (text, size, runs)
         digit = runs[0] if text[0].isdigit() else runs[1]
-        assert max(rows(points[0])) == max(rows(digit)), f"{text} at {size}: the point sits on the baseline"
+        assert max(_ink_rows(img, points[0])) == max(_ink_rows(img, digit)), f"{text} at {size}: on the baseline"
     width = [screens._text_size(draw, t, f) for t in ("24.0", "240")]
     assert width[0][2] - width[0][0] > width[1][2] - width[1][0], "the point takes room of its own"
