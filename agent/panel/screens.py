@@ -149,19 +149,32 @@ def _ink_box(text: str, f: Font, fontmode: str) -> tuple[int, int, int, int]:
     # The box depends on the text, the font and the draw's font mode, never on the image.
     probe = ImageDraw.Draw(Image.new("1", (1, 1)))
     probe.fontmode = fontmode
-    box = probe.textbbox((0, 0), _shown(text, f, fontmode, False)[0], font=f)   # points inside
+    box = probe.textbbox((0, 0), _shown(text, f, fontmode, True)[0], font=f)   # points inside
     return int(box[0]), int(box[1]), int(box[2]), int(box[3])
 
 
 # A decimal point between digits: the bundled font draws it 1 px wide, touching the digit before
-# it ("24.0" reads as "240" on the glass). Such a point becomes a gap of spaces, and the point is
-# drawn by hand in it: a square on the digit's baseline, clear of both digits.
-_DECIMAL_POINT = re.compile(r"(?<=\d)\.(?=\d)")
+# it ("24.0" read as "240" on the glass). Such a point becomes a gap of spaces, and the point is
+# drawn by hand in it: a square on the digit's baseline, clear of both digits. Decimal numbers
+# only: dotted runs (an IP address in a sign-in URL, a version) keep the font's dots, and the
+# code screen pays nothing for this at start.
+_DECIMAL = re.compile(r"(?<![\d.])\d+\.\d+(?![\d.])")
 
 
-def _ink_columns(text: str, f: Font, fontmode: str, bold: bool) -> tuple[list[int], Image.Image]:
-    """``text`` drawn at (0, 0) (twice, 1 px apart, when ``bold``): the x of every column with
-    ink, and the image."""
+def _decimal_points(text: str) -> list[int]:
+    """Where the point of each decimal number in ``text`` is."""
+    return [m.start() + m.group().index(".") for m in _DECIMAL.finditer(text)]
+
+
+def _gapped(text: str, points: list[int], spaces: int) -> str:
+    """``text`` with each of those points replaced by ``spaces`` spaces."""
+    for at in reversed(points):
+        text = text[:at] + " " * spaces + text[at + 1:]
+    return text
+
+
+def _drawn(text: str, f: Font, fontmode: str, bold: bool) -> Image.Image:
+    """``text`` drawn at (0, 0), twice 1 px apart when ``bold``, on an image just large enough."""
     probe = ImageDraw.Draw(Image.new("1", (1, 1)))
     probe.fontmode = fontmode
     _, _, right, bottom = probe.textbbox((0, 0), text, font=f)
@@ -170,8 +183,13 @@ def _ink_columns(text: str, f: Font, fontmode: str, bold: bool) -> tuple[list[in
     draw.fontmode = fontmode
     for dx in (0, 1) if bold else (0,):
         draw.text((dx, 0), text, font=f, fill=1)
-    cols = [x for x in range(img.width) if any(img.getpixel((x, y)) for y in range(img.height))]
-    return cols, img
+    return img
+
+
+def _ink_right(text: str, f: Font, fontmode: str, bold: bool) -> int:
+    """The last column with ink of ``text`` drawn at (0, 0); -1 when there is none."""
+    box = _drawn(text, f, fontmode, bold).getbbox() if text else None
+    return box[2] - 1 if box else -1
 
 
 @functools.lru_cache(maxsize=256)
@@ -179,34 +197,35 @@ def _shown(text: str, f: Font, fontmode: str, bold: bool) -> tuple[str, tuple[tu
     """``text`` as drawn (decimal points as gaps) and (x, bottom, size) of each point, drawn at
     (0, 0), the point ``size`` px high and as wide once drawn (bold draws it twice). Measured on
     the ink, not the advances: in mode "1" this font's glyphs overhang their advances, and
-    Pillow moves a string a pixel up or down depending on what it holds."""
-    found = [m.start() for m in _DECIMAL_POINT.finditer(text)]
+    Pillow moves a string a pixel up or down depending on what it holds. Bold may need a space
+    more: ``_ink_box`` measures the bold layout, the wider one."""
+    found = _decimal_points(text)
+    if not found:
+        return text, ()
     size = max(1, round(getattr(f, "size", 9) / 9))
     wide = size + (1 if bold else 0)
-    shown, points = text, []
     for spaces in (1, 2, 3):                 # the fewest spaces that leave the point clear
-        shown = _DECIMAL_POINT.sub(" " * spaces, text)
-        cols, img = _ink_columns(shown, f, fontmode, bold)
-        points = [_point_in_gap(shown, at + k * (spaces - 1), f, fontmode, bold, cols, img, wide)
-                  for k, at in enumerate(found)]
-        if all(gap >= wide + 2 for _, _, gap in points):
+        shown = _gapped(text, found, spaces)
+        gaps = _gaps(shown, found, spaces, f, fontmode, bold)
+        if all(gap >= wide + 2 for _, _, gap in gaps):
             break
-    return shown, tuple((x, bottom, size) for x, bottom, _ in points)
+    return shown, tuple((right + 1 + (gap - wide) // 2, bottom, size) for right, bottom, gap in gaps)
 
 
-def _point_in_gap(shown: str, at: int, f: Font, fontmode: str, bold: bool, cols: list[int],
-                  img: Image.Image, wide: int) -> tuple[int, int, int]:
-    """(x, bottom, blank columns) of the point in the gap at ``shown[at]``: centred between the
-    digit before (its last ink column, from the text up to it) and the next ink; its bottom that
-    digit's lowest row in ``img`` (``shown`` drawn whole)."""
-    before = _ink_columns(shown[:at], f, fontmode, bold)[0]
-    earlier = _ink_columns(shown[:at - 1], f, fontmode, bold)[0]
-    right = before[-1] if before else 0
-    left = next((x for x in cols if x > right), right + wide + 3)
-    digit = [x for x in before if not earlier or x > earlier[-1]]
-    rows = [y for y in range(img.height) for x in digit if img.getpixel((x, y))]
-    gap = left - right - 1
-    return right + 1 + (gap - wide) // 2, max(rows, default=img.height - 2) + 1, gap
+def _gaps(shown: str, found: list[int], spaces: int, f: Font, fontmode: str,
+          bold: bool) -> list[tuple[int, int, int]]:
+    """(last column of the digit before, that digit's bottom, blank columns after it) of each
+    point's gap in ``shown``."""
+    img = _drawn(shown, f, fontmode, bold)
+    out = []
+    for k, at in enumerate(found):
+        at += k * (spaces - 1)           # where this point's gap starts in ``shown``
+        right = _ink_right(shown[:at], f, fontmode, bold)
+        after = img.crop((right + 1, 0, img.width, img.height)).getbbox()
+        gap = after[0] if after else spaces * 4
+        digit = img.crop((_ink_right(shown[:at - 1], f, fontmode, bold) + 1, 0, right + 1, img.height))
+        out.append((right, (digit.getbbox() or (0, 0, 0, img.height - 1))[3], gap))
+    return out
 
 
 def _draw_text(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, f: Font, fill: int,
