@@ -96,7 +96,7 @@ class _Finder:
         real = importlib.machinery.PathFinder.find_spec(fullname, path)
         if real is None or real.loader is None:
             return real
-        spec = importlib.machinery.ModuleSpec(fullname, _Loader(real, plan), origin=real.origin,
+        spec = importlib.machinery.ModuleSpec(fullname, _Loader(real, plan), origin=real.origin,  # type: ignore[arg-type]  # stubs want abc.Loader; any loader works
                                               is_package=real.submodule_search_locations is not None)
         spec.submodule_search_locations = real.submodule_search_locations
         spec.has_location, spec.cached = real.has_location, real.cached

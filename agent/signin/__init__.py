@@ -47,6 +47,7 @@ if "certifi" not in _sys.modules:
         core = _sys.modules["certifi.core"]
         if not _is_deferred(core):
             return str(core.where())
+        assert core.__spec__ is not None          # a deferred module has the spec hw.lazymodule made
         path = _os.path.join(_os.path.dirname(core.__spec__.origin or ""), "cacert.pem")
         return path if _os.path.isfile(path) else str(_load(core).where())
 
