@@ -42,10 +42,13 @@ class SideFile:
         """Reserve seqs up to ``upto`` for ``device_id``.
 
         Raises:
-            OSError: the file cannot be written (the reservation is kept in memory).
+            OSError: the file cannot be written. Nothing is reserved then, not even in memory:
+                a reservation only the memory holds would let the next puts hand out seqs past
+                what the file promises, and a new database after a restart would reuse them.
         """
-        self._data.setdefault("seq_reserved", {})[device_id] = upto
-        self._write()
+        data = {**self._data, "seq_reserved": {**self._data.get("seq_reserved", {}), device_id: upto}}
+        self._write(data)
+        self._data = data
 
     @property
     def corrupt_replaced(self) -> int:
@@ -59,7 +62,7 @@ class SideFile:
             OSError: the file cannot be written (the count is kept in memory).
         """
         self._data["corrupt_replaced"] = self.corrupt_replaced + 1
-        self._write()
+        self._write(self._data)
 
     def _read(self) -> dict[str, Any]:
         try:
@@ -71,5 +74,5 @@ class SideFile:
             log.error("outbox: %s unreadable (%s); seq reservations start afresh", self.path, err)
             return {}
 
-    def _write(self) -> None:
-        atomic_write(self.path, json.dumps(self._data, sort_keys=True).encode(), mode=0o600)
+    def _write(self, data: dict[str, Any]) -> None:
+        atomic_write(self.path, json.dumps(data, sort_keys=True).encode(), mode=0o600)

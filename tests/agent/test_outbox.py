@@ -570,3 +570,45 @@ def test_oldest_without_waiting_says_busy_while_a_put_holds_the_outbox(outbox: O
         t.join()
     row = outbox.oldest(wait=False)
     assert row is not None and row.seq == 1
+
+
+def test_a_seq_reservation_the_disk_refused_is_written_by_the_next_put(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A side-file write that fails (a full disk for a moment) reserves nothing, not even in
+    memory: the next put writes the reservation, so a database deleted or replaced after that
+    never hands out a seq again that was already sent (the receiver would drop the new reading
+    as a duplicate)."""
+    import errno
+
+    from agent.telemetry import outbox as outbox_module
+    from agent.telemetry import sidefile
+    from agent.telemetry.storage import StorageUnavailable
+
+    monkeypatch.setattr(outbox_module, "SEQ_BLOCK", 5)
+    monkeypatch.setattr(outbox_module, "STORAGE_RECHECK_S", 0.0)      # room again at the next put
+    real, refuse = sidefile.atomic_write, {"left": 0}
+
+    def atomic_write(*args: object, **kwargs: object) -> None:
+        if refuse["left"]:
+            refuse["left"] -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sidefile, "atomic_write", atomic_write)
+    path = tmp_path / "outbox.sqlite3"
+    side = tmp_path / "outbox.sqlite3.meta.json"
+    box = open_box(path)
+    handed_out = box.put([reading()] * 6)            # seqs 1-6: reserved up to 6 + 5
+    refuse["left"] = 1
+    for _ in range(8):                               # past the reservation; the first write fails
+        try:
+            handed_out += box.put([reading()])
+        except StorageUnavailable:                   # the moment the disk was full: refused
+            continue
+        on_disk = json.loads(side.read_text())["seq_reserved"][DEVICE]
+        assert on_disk >= max(handed_out), f"seq {max(handed_out)} handed out, the file reserves {on_disk}"
+    box.close()
+    path.unlink()                                    # the database lost: seq continues after the file
+    box = open_box(path)
+    assert box.put([reading()])[0] > max(handed_out)
+    box.close()
