@@ -26,6 +26,10 @@ Two more shapes of import, for libraries that name what they take:
 - ``answers``: a name a library calls at its import whose answer the caller can give without
   the module (``certifi.where()``, a path): the given function answers until the module has run
   (it may run it with ``load``, e.g. where its shortcut does not apply).
+
+Until its first use a deferred module is empty: ``dir()`` lists nothing, and a name *assigned*
+to it before then is overwritten when its code runs (``mock.patch`` and ``monkeypatch`` read the
+name first, which runs it). Defer only what the agent never patches that way.
 """
 
 from __future__ import annotations

@@ -32,6 +32,8 @@ from hw.lazymodule import load as _load
 #   (agent.net.tls), so requests' default bundle is not read.
 # - zipfile, which requests.utils imports for extract_zipped_paths: a CA bundle inside a zip
 #   archive (a path that does not exist as a file). ~0.2 MiB (docs/PERFORMANCE.md "Memory").
+#   Only while it is one module (Python 3.11): from 3.12 on it is a package whose submodules
+#   import it, and a deferred package's submodule runs without its package's code.
 if "msal" not in _sys.modules and "xml.etree.ElementTree" not in _sys.modules:
     _defer("xml.etree.ElementTree")
     _defer("xml.etree.cElementTree")
@@ -39,7 +41,7 @@ if "msal" not in _sys.modules:
     _defer("msal.oauth2cli.authcode", stand_ins=("AuthCodeReceiver", "is_wsl"))
 if "urllib3" not in _sys.modules:
     _defer("urllib3.http2")
-if "requests" not in _sys.modules:
+if "requests" not in _sys.modules and _sys.version_info < (3, 12):
     _defer("zipfile")
 if "certifi" not in _sys.modules:
     def _certifi_where() -> str:
