@@ -31,7 +31,8 @@ NOT_BEFORE_THE_CODE = ("sqlite3", "paho", "agent.telemetry", "agent.mqtt", "agen
                        "pyexpat", "importlib.resources")
 # Imported by a library at its top, its code run only on first use (hw.lazymodule).
 DEFERRED_AT_THE_CODE = ("msal.oauth2cli.authcode", "urllib3.http2", "certifi.core", "xml.etree.cElementTree",
-                        "PIL.ExifTags", "PIL.TiffTags", "segno.writers", "shutil", "zipfile")
+                        "PIL.ExifTags", "PIL.TiffTags", "segno.writers", "shutil",
+                        *(("zipfile",) if sys.version_info < (3, 12) else ()))   # a package from 3.12
 # ... and still waiting once signed in, readings sampled, stored and uploaded (docs/PERFORMANCE.md
 # "Memory": what a Pi Zero's steady state keeps out).
 DEFERRED_IN_THE_STEADY_STATE = DEFERRED_AT_THE_CODE

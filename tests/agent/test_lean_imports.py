@@ -175,7 +175,7 @@ def test_shutil_and_zipfile_wait_for_their_first_use_and_then_work() -> None:
     import json
 
     out = json.loads(res.stdout)
-    assert out["before"] == [True, True], "imported, not run"
+    assert out["before"] == [True, sys.version_info < (3, 12)], "imported, not run (zipfile: while one module)"
     assert out["cleaned"] is True, "TemporaryDirectory removed its tree (shutil.rmtree)"
     assert out["extracted"] == [True, "PEM"], "requests read the member out of the archive"
     assert out["after"] == [False, False]
