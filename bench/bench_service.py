@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import compileall
+import contextlib
 import os
 import statistics
 import subprocess
@@ -229,6 +230,18 @@ def _trace(pid: int, t0: float, until: float, every_s: float = 0.1) -> None:
         last = now
 
 
+def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM each agent and wait for it; one that does not stop in 10 s is killed."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 def idle(minutes: float, baseline_tree: Path | None, trace: bool = False) -> None:
     """A signed-in box at rest: one sensor read a minute, uploads every 10 s, png panel, the
     button and LED (fake GPIO), MQTT. Read once a minute: CPU time of the process and the
@@ -244,57 +257,59 @@ def idle(minutes: float, baseline_tree: Path | None, trace: bool = False) -> Non
         # can make one: on a shared filesystem the agents' files share inode-table blocks, and
         # whichever writes first after writeback is charged for the block (docs/PERFORMANCE.md,
         # "SD wear at a box's pace")
-        disks = [LoopFs(tmp, "journal") for _ in trees] if can_loop() else []
-        if disks:
-            tmp_fs = "its own ext4 with a journal"
-        tls = make_tls(tmp / "tls")
-        broker = Broker("/usr/sbin/mosquitto", tmp / "broker").start()
-        with SimIdp(tls, client_id=CLIENT) as idp:
+        with contextlib.ExitStack() as undo:      # each clean-up runs even when one before it fails
+            disks: list[LoopFs] = []
+            for _ in trees if can_loop() else []:
+                disks.append(LoopFs(tmp, "journal"))
+                undo.callback(disks[-1].close)
+            if disks:
+                tmp_fs = "its own ext4 with a journal"
+            tls = make_tls(tmp / "tls")
+            broker = Broker("/usr/sbin/mosquitto", tmp / "broker").start()
+            undo.callback(broker.stop)
+            idp = undo.enter_context(SimIdp(tls, client_id=CLIENT))
             idp.auto_approve_after_s = 0.0
             api = SimApi(tls, jwks_url=idp.jwks_url, ca_file=str(tls.ca_file)).start()
-            procs = []
-            try:
-                for n, (_, tree) in enumerate(trees):
-                    cfg = config(tmp, idp, api, tls, interval_s=60, state=f"idle{n}", mqtt_url=broker.url,
-                                 device=f"bench-{n:02d}", png_dir=shm,
-                                 state_root=disks[n].mnt if disks else None)
-                    run_dir = shm / f"run{n}"         # systemd's RuntimeDirectory= (/run/device-agent)
-                    run_dir.mkdir(mode=0o700)
-                    env = dict(os.environ, PYTHONPATH=str(tree), RUNTIME_DIRECTORY=str(run_dir),
-                               **unit_environment(tree))   # as systemd runs it
-                    procs.append(subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)],
-                                                  cwd=tree, env=env, stdout=subprocess.DEVNULL,
-                                                  stderr=subprocess.DEVNULL))
-                deadline = time.monotonic() + 60
-                while not all(api.seqs(f"bench-{n:02d}") for n in range(len(trees))):
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("an agent never delivered a reading")
-                    time.sleep(0.2)
-                time.sleep(5)                    # start-up done: the first upload, MQTT truth
-                before = [(proc_stats(p.pid)[0], wakeups(p.pid), write_bytes(p.pid)) for p in procs]
-                dev0 = [device_bytes(disk.dev) for disk in disks]
-                t0 = time.monotonic()
-                rounds = max(1, round(minutes))
-                samples: list[list[int]] = [[] for _ in procs]
-                for k in range(rounds):         # one reading a minute, like the box it models
-                    end = t0 + 60 * minutes * (k + 1) / rounds
-                    if trace:
-                        _trace(procs[0].pid, t0, end)
-                    time.sleep(max(0.0, end - time.monotonic()))
-                    for i, p in enumerate(procs):
-                        samples[i].append(proc_stats(p.pid)[1])
-                after = [(proc_stats(p.pid), wakeups(p.pid), write_bytes(p.pid)) for p in procs]
-                device = [device_bytes(disk.dev) - b for disk, b in zip(disks, dev0, strict=True)]
-                elapsed = time.monotonic() - t0
-                delivered = [len(api.seqs(f"bench-{n:02d}")) for n in range(len(trees))]
-            finally:
-                for p in procs:
-                    p.terminate()
-                    p.wait(10)
-                api.stop()
-                broker.stop()
-                for disk in disks:
-                    disk.close()
+            undo.callback(api.stop)
+            procs: list[subprocess.Popen[bytes]] = []
+            undo.callback(_stop_all, procs)
+            for n, (_, tree) in enumerate(trees):
+                cfg = config(tmp, idp, api, tls, interval_s=60, state=f"idle{n}", mqtt_url=broker.url,
+                             device=f"bench-{n:02d}", png_dir=shm,
+                             state_root=disks[n].mnt if disks else None)
+                run_dir = shm / f"run{n}"         # systemd's RuntimeDirectory= (/run/device-agent)
+                run_dir.mkdir(mode=0o700)
+                env = dict(os.environ, PYTHONPATH=str(tree), RUNTIME_DIRECTORY=str(run_dir),
+                           **unit_environment(tree))   # as systemd runs it
+                procs.append(subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)],
+                                              cwd=tree, env=env, stdout=subprocess.DEVNULL,
+                                              stderr=subprocess.DEVNULL))
+            deadline = time.monotonic() + 60
+            while not all(api.seqs(f"bench-{n:02d}") for n in range(len(trees))):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("an agent never delivered a reading")
+                time.sleep(0.2)
+            time.sleep(5)                    # start-up done: the first upload, MQTT truth
+            if disks:
+                os.sync()                    # start-up's writes before the window, not in it
+            before = [(proc_stats(p.pid)[0], wakeups(p.pid), write_bytes(p.pid)) for p in procs]
+            dev0 = [device_bytes(disk.dev) for disk in disks]
+            t0 = time.monotonic()
+            rounds = max(1, round(minutes))
+            samples: list[list[int]] = [[] for _ in procs]
+            for k in range(rounds):         # one reading a minute, like the box it models
+                end = t0 + 60 * minutes * (k + 1) / rounds
+                if trace:
+                    _trace(procs[0].pid, t0, end)
+                time.sleep(max(0.0, end - time.monotonic()))
+                for i, p in enumerate(procs):
+                    samples[i].append(proc_stats(p.pid)[1])
+            after = [(proc_stats(p.pid), wakeups(p.pid), write_bytes(p.pid)) for p in procs]
+            elapsed = time.monotonic() - t0
+            if disks:
+                os.sync()                    # the window's writes, which writeback would send later
+            device = [device_bytes(disk.dev) - b for disk, b in zip(disks, dev0, strict=True)]
+            delivered = [len(api.seqs(f"bench-{n:02d}")) for n in range(len(trees))]
     print(f"idle, signed in, 1 reading/min, MQTT + png panel (in /dev/shm, as /run) + button/LED, "
           f"{elapsed / 60:.1f} min:")
     figures = []
