@@ -41,6 +41,18 @@ def power_cut(src: Path, dst: Path) -> Path:
     return dst / "outbox.sqlite3"
 
 
+def cut_after_two_puts(tmp_path: Path) -> Path:
+    """Readings 1 and 2 put, then the power cut: the outbox as the disk holds it (both in the
+    intake log, none committed to SQLite yet), in ``tmp_path / "cut"``."""
+    live = tmp_path / "live"
+    box = open_box(live / "outbox.sqlite3")
+    box.put([reading(0)])
+    box.put([reading(1)])
+    cut = power_cut(live, tmp_path / "cut")
+    box.close()
+    return cut
+
+
 def seqs_of(box: Outbox) -> list[int]:
     return [r.seq for r in box.claim(10**6)]
 
@@ -220,12 +232,7 @@ def test_a_damaged_or_short_intake_log_is_handled_once_and_nothing_committed_is_
         assert seqs_of(box) == [1, 2, 3]
         assert box.put([reading()]) == [4]
     # A short file (truncated): its valid records are used, the file is set aside once.
-    live = tmp_path / "live"
-    box = open_box(live / "outbox.sqlite3")
-    box.put([reading(0)])
-    box.put([reading(1)])
-    cut = power_cut(live, tmp_path / "cut")
-    box.close()
+    cut = cut_after_two_puts(tmp_path)
     short = cut.with_name("outbox.sqlite3.intake")
     short.write_bytes(short.read_bytes()[:4096])
     with caplog.at_level(logging.ERROR, logger="agent.telemetry.intake"):
@@ -725,12 +732,7 @@ def test_a_record_this_agent_cannot_read_ends_the_log_there_with_one_error_and_n
     """After a downgrade the log may hold a whole record (its CRC right) with an operation or a
     format this agent does not know: the records before it are applied, it and what follows are
     set aside (one ERROR line), `status` and the service start as usual."""
-    live = tmp_path / "live"
-    box = open_box(live / "outbox.sqlite3")
-    box.put([reading(0)])
-    box.put([reading(1)])
-    cut = power_cut(live, tmp_path / "cut")
-    box.close()
+    cut = cut_after_two_puts(tmp_path)
     log_path = cut.with_name("outbox.sqlite3.intake")
     run = intake.read(log_path)[0]
     body = intake.payload([["x", [[1, 2]]]] if newer == "operation" else [["m", [["k", 1]]]])
