@@ -38,6 +38,22 @@ DEFERRED_AT_THE_CODE = ("msal.oauth2cli.authcode", "urllib3.http2", "certifi.cor
 DEFERRED_IN_THE_STEADY_STATE = DEFERRED_AT_THE_CODE
 
 
+def _config(path: Path, device: str, state: Path, screen: Path, idp: Any, api: Any, tls: Any, *,
+            sample_s: float = 60, upload_s: float | None = None) -> Path:
+    """An agent signing in at the simulated IdP, one simulated sensor, the png panel."""
+    upload: dict[str, Any] = {"sink": "http", "url": api.url, "ca_file": str(tls.ca_file)}
+    if upload_s is not None:
+        upload["interval_s"] = upload_s
+    return write_config(path, {
+        "device": {"id": device, "state_dir": str(state)},
+        "auth": {"client_id": "sim-device-agent", "authority": idp.authority, "instance_discovery": False,
+                 "scopes": ["api://telemetry/Readings.Write"], "ca_file": str(tls.ca_file)},
+        "display": {"driver": "png", "path": str(screen), "sleep_after_s": 0},
+        "sensors": [{"name": "temp", "type": "simulated", "interval_s": sample_s}],
+        "upload": upload,
+    })
+
+
 def _probe_lines(path: Path, n: int, timeout_s: float) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -53,14 +69,7 @@ def _probe_lines(path: Path, n: int, timeout_s: float) -> list[dict[str, Any]]:
 def test_nothing_heavy_is_imported_before_the_code_and_gc_runs_by_the_first_reading(
         tmp_path: Path, idp: Any, idp_api: Any, tls: Any) -> None:
     state = tmp_path / "state"
-    config = write_config(tmp_path / "config.toml", {
-        "device": {"id": "start-02", "state_dir": str(state)},
-        "auth": {"client_id": "sim-device-agent", "authority": idp.authority, "instance_discovery": False,
-                 "scopes": ["api://telemetry/Readings.Write"], "ca_file": str(tls.ca_file)},
-        "display": {"driver": "png", "path": str(tmp_path / "screen.png"), "sleep_after_s": 0},
-        "sensors": [{"name": "temp", "type": "simulated", "interval_s": 60}],
-        "upload": {"sink": "http", "url": idp_api.url, "ca_file": str(tls.ca_file)},
-    })
+    config = _config(tmp_path / "config.toml", "start-02", state, tmp_path / "screen.png", idp, idp_api, tls)
     out = tmp_path / "probe.jsonl"
     probe = str(ROOT / "tests" / "startup_probe.py")
     agent = AgentProcess(config, env={"STARTUP_PROBE_OUT": str(out),
@@ -85,14 +94,8 @@ def test_nothing_heavy_is_imported_before_the_code_and_gc_runs_by_the_first_read
 def test_what_waits_for_its_first_use_still_waits_once_readings_are_uploaded(
         tmp_path: Path, idp: Any, idp_api: Any, tls: Any) -> None:
     state = tmp_path / "state"
-    config = write_config(tmp_path / "config.toml", {
-        "device": {"id": "start-04", "state_dir": str(state)},
-        "auth": {"client_id": "sim-device-agent", "authority": idp.authority, "instance_discovery": False,
-                 "scopes": ["api://telemetry/Readings.Write"], "ca_file": str(tls.ca_file)},
-        "display": {"driver": "png", "path": str(tmp_path / "screen.png"), "sleep_after_s": 0},
-        "sensors": [{"name": "temp", "type": "simulated", "interval_s": 0.05}],
-        "upload": {"sink": "http", "url": idp_api.url, "ca_file": str(tls.ca_file), "interval_s": 1},
-    })
+    config = _config(tmp_path / "config.toml", "start-04", state, tmp_path / "screen.png", idp, idp_api, tls,
+                     sample_s=0.05, upload_s=1)
     idp.auto_approve_after_s = 0.0
     steady = tmp_path / "steady.json"
     probe = str(ROOT / "tests" / "startup_probe.py")
@@ -133,14 +136,8 @@ def test_a_second_start_takes_its_regular_expressions_from_the_cache_directory(
     figures = []
     for n in (1, 2):
         state = tmp_path / f"state{n}"
-        config = write_config(tmp_path / f"config{n}.toml", {
-            "device": {"id": "start-03", "state_dir": str(state)},
-            "auth": {"client_id": "sim-device-agent", "authority": idp.authority, "instance_discovery": False,
-                     "scopes": ["api://telemetry/Readings.Write"], "ca_file": str(tls.ca_file)},
-            "display": {"driver": "png", "path": str(tmp_path / f"screen{n}.png"), "sleep_after_s": 0},
-            "sensors": [{"name": "temp", "type": "simulated", "interval_s": 60}],
-            "upload": {"sink": "http", "url": idp_api.url, "ca_file": str(tls.ca_file)},
-        })
+        config = _config(tmp_path / f"config{n}.toml", "start-03", state, tmp_path / f"screen{n}.png",
+                         idp, idp_api, tls)
         out = tmp_path / f"probe{n}.jsonl"
         agent = AgentProcess(config, env={"STARTUP_PROBE_OUT": str(out), "CACHE_DIRECTORY": str(cache),
                                           "STARTUP_PROBE_OUTBOX": str(state / "outbox.sqlite3")},
