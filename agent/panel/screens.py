@@ -166,13 +166,6 @@ def _decimal_points(text: str) -> list[int]:
     return [m.start() + m.group().index(".") for m in _DECIMAL.finditer(text)]
 
 
-def _gapped(text: str, points: list[int], spaces: int) -> str:
-    """``text`` with each of those points replaced by ``spaces`` spaces."""
-    for at in reversed(points):
-        text = text[:at] + " " * spaces + text[at + 1:]
-    return text
-
-
 def _drawn(text: str, f: Font, fontmode: str, bold: bool) -> Image.Image:
     """``text`` drawn at (0, 0), twice 1 px apart when ``bold``, on an image just large enough."""
     probe = ImageDraw.Draw(Image.new("1", (1, 1)))
@@ -186,46 +179,57 @@ def _drawn(text: str, f: Font, fontmode: str, bold: bool) -> Image.Image:
     return img
 
 
-def _ink_right(text: str, f: Font, fontmode: str, bold: bool) -> int:
-    """The last column with ink of ``text`` drawn at (0, 0); -1 when there is none."""
-    box = _drawn(text, f, fontmode, bold).getbbox() if text else None
-    return box[2] - 1 if box else -1
+@functools.lru_cache(maxsize=512)
+def _gap_between(before: str, after: str, f: Font, fontmode: str, bold: bool) -> tuple[int, int]:
+    """(spaces, dx) for a point between the digits ``before`` and ``after``: the fewest spaces
+    that leave it a blank column on each side, and its x from the end of ``before``'s advance.
+    Measured on the ink of the three characters alone: a digit's ink sits the same way on its
+    advance wherever it is drawn (mode "1" advances are whole pixels), while this font's glyphs
+    overhang their advances, so advances alone would put the point on a digit."""
+    probe = ImageDraw.Draw(Image.new("1", (1, 1)))
+    probe.fontmode = fontmode
+    size = max(1, round(getattr(f, "size", 9) / 9))
+    wide = size + (1 if bold else 0)
+    right = (_drawn(before, f, fontmode, bold).getbbox() or (0, 0, 1, 0))[2] - 1   # the digit's last column
+    for spaces in (1, 2, 3):
+        img = _drawn(before + " " * spaces + after, f, fontmode, bold)
+        rest = img.crop((right + 1, 0, img.width, img.height)).getbbox()
+        gap = rest[0] if rest else wide + 2
+        if gap >= wide + 2 or spaces == 3:
+            return spaces, right + 1 + (gap - wide) // 2 - math.floor(probe.textlength(before, font=f))
+    raise AssertionError("unreachable")
 
 
 @functools.lru_cache(maxsize=256)
 def _shown(text: str, f: Font, fontmode: str, bold: bool) -> tuple[str, tuple[tuple[int, int, int], ...]]:
     """``text`` as drawn (decimal points as gaps) and (x, bottom, size) of each point, drawn at
-    (0, 0), the point ``size`` px high and as wide once drawn (bold draws it twice). Measured on
-    the ink, not the advances: in mode "1" this font's glyphs overhang their advances, and
-    Pillow moves a string a pixel up or down depending on what it holds. Bold may need a space
+    (0, 0), the point ``size`` px high and as wide once drawn (bold draws it twice). The gaps
+    come from ``_gap_between``; the bottom from the text drawn whole, the digit's lowest row
+    (Pillow moves a string a pixel up or down depending on what it holds). Bold may need a space
     more: ``_ink_box`` measures the bold layout, the wider one."""
     found = _decimal_points(text)
     if not found:
         return text, ()
+    probe = ImageDraw.Draw(Image.new("1", (1, 1)))
+    probe.fontmode = fontmode
     size = max(1, round(getattr(f, "size", 9) / 9))
-    wide = size + (1 if bold else 0)
-    for spaces in (1, 2, 3):                 # the fewest spaces that leave the point clear
-        shown = _gapped(text, found, spaces)
-        gaps = _gaps(shown, found, spaces, f, fontmode, bold)
-        if all(gap >= wide + 2 for _, _, gap in gaps):
-            break
-    return shown, tuple((right + 1 + (gap - wide) // 2, bottom, size) for right, bottom, gap in gaps)
-
-
-def _gaps(shown: str, found: list[int], spaces: int, f: Font, fontmode: str,
-          bold: bool) -> list[tuple[int, int, int]]:
-    """(last column of the digit before, that digit's bottom, blank columns after it) of each
-    point's gap in ``shown``."""
+    shown, places = "", []
+    last = 0
+    for at in found:
+        spaces, dx = _gap_between(text[at - 1], text[at + 1], f, fontmode, bold)
+        shown += text[last:at]
+        places.append((len(shown), dx))
+        shown += " " * spaces
+        last = at + 1
+    shown += text[last:]
     img = _drawn(shown, f, fontmode, bold)
-    out = []
-    for k, at in enumerate(found):
-        at += k * (spaces - 1)           # where this point's gap starts in ``shown``
-        right = _ink_right(shown[:at], f, fontmode, bold)
-        after = img.crop((right + 1, 0, img.width, img.height)).getbbox()
-        gap = after[0] if after else spaces * 4
-        digit = img.crop((_ink_right(shown[:at - 1], f, fontmode, bold) + 1, 0, right + 1, img.height))
-        out.append((right, (digit.getbbox() or (0, 0, 0, img.height - 1))[3], gap))
-    return out
+    points = []
+    for gap_at, dx in places:
+        start = math.floor(probe.textlength(shown[:gap_at], font=f))
+        digit_from = math.floor(probe.textlength(shown[:gap_at - 1], font=f))
+        box = img.crop((digit_from, 0, start + 1, img.height)).getbbox()
+        points.append((start + dx, box[3] if box else img.height - 1, size))
+    return shown, tuple(points)
 
 
 def _draw_text(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, f: Font, fill: int,
@@ -647,9 +651,7 @@ def render_status(snap: Snapshot, size: tuple[int, int] = SIZE, *,
         big_h = queue_y - y - name_h - 2
         big = font(_fit_size(draw, [text], w - 2, big_h, 0, bold=True, max_size=18))
         _ink_text(draw, (1, y), text, big, bold=True)
-        name = _wrap_pixels(draw, r.sensor, small, w - 2, break_anywhere=True)
-        label = name[0] if len(name) == 1 else name[0][:-1] + "\u2026"
-        _ink_text(draw, (1, queue_y - name_h - 1), label, small)
+        _ink_text(draw, (1, queue_y - name_h - 1), _ellipsized(draw, r.sensor, small, w - 2), small)
     o: OutboxCounts = snap.outbox
     queue = f"queued {o.pending}"
     oldest = snap.oldest_pending_s(now_monotonic)
@@ -688,7 +690,12 @@ def _segno() -> Any:
 def _ellipsized(draw: ImageDraw.ImageDraw, text: str, f: Font, width: int) -> str:
     """``text`` on one line of ``width`` px, cut with an ellipsis when it does not fit."""
     lines = _wrap_pixels(draw, text, f, width, break_anywhere=True)
-    return lines[0] if len(lines) <= 1 else lines[0][:-1] + "\u2026"
+    if len(lines) <= 1:
+        return lines[0] if lines else ""
+    cut = lines[0][:-1] + "\u2026"
+    while _width(draw, cut, f) > width and len(cut) > 1:   # the ellipsis is wider than a letter
+        cut = cut[:-2] + "\u2026"
+    return cut
 
 
 def warm_up(size: tuple[int, int] = SIZE) -> None:

@@ -231,3 +231,23 @@ def test_a_decimal_point_stands_clear_of_both_digits(size: int, bold: bool) -> N
         assert max(_ink_rows(img, points[0])) == max(_ink_rows(img, digit)), f"{text} at {size}: on the baseline"
     width = [screens._text_size(draw, t, f) for t in ("24.0", "240")]
     assert width[0][2] - width[0][0] > width[1][2] - width[1][0], "the point takes room of its own"
+
+
+def test_an_ellipsized_line_fits_its_width_even_when_the_cut_makes_a_decimal_number() -> None:
+    """The ellipsis is wider than the letter it replaces, and a cut like "x77.3." -> "x77.3…"
+    makes "77.3" a decimal number with a wider point: the line is shortened until it fits."""
+    import random
+
+    from PIL import ImageDraw
+
+    draw = ImageDraw.Draw(Image.new("1", screens.SIZE))
+    draw.fontmode = "1"
+    rnd = random.Random(7)
+    f = screens.font(9)
+    names = ["greenhouse.bench.x77.3.temperature.sensor"] + [
+        "".join(rnd.choice("abcdefghijklmnopqrstuvwxyz0123456789._-WM") for _ in range(rnd.randint(20, 60)))
+        for _ in range(300)]
+    for name in names:
+        line = screens._ellipsized(draw, name, f, 126)
+        left, _, right, _ = screens._text_size(draw, line, f)
+        assert right - left <= 126, (name, line, right - left)
