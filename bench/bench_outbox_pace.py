@@ -91,7 +91,7 @@ def child(design: str, d: Path, dev: str | None, gap: float, puts: int) -> None:
     ``puts`` puts ``gap`` s apart; prints one JSON line."""
     put = make_put(design, d)
     put(0)
-    os.sync()
+    subprocess.run(["sync", "-f", str(d)], check=False)   # this filesystem only, not the others
     dev0 = device_bytes(dev)
     process = []
     for i in range(1, puts + 1):

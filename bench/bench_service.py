@@ -265,8 +265,9 @@ def idle(minutes: float, baseline_tree: Path | None, trace: bool = False) -> Non
             if disks:
                 tmp_fs = "its own ext4 with a journal"
             tls = make_tls(tmp / "tls")
-            broker = Broker("/usr/sbin/mosquitto", tmp / "broker").start()
+            broker = Broker("/usr/sbin/mosquitto", tmp / "broker")
             undo.callback(broker.stop)
+            broker.start()
             idp = undo.enter_context(SimIdp(tls, client_id=CLIENT))
             idp.auto_approve_after_s = 0.0
             api = SimApi(tls, jwks_url=idp.jwks_url, ca_file=str(tls.ca_file)).start()
@@ -290,8 +291,8 @@ def idle(minutes: float, baseline_tree: Path | None, trace: bool = False) -> Non
                     raise RuntimeError("an agent never delivered a reading")
                 time.sleep(0.2)
             time.sleep(5)                    # start-up done: the first upload, MQTT truth
-            if disks:
-                os.sync()                    # start-up's writes before the window, not in it
+            for disk in disks:
+                disk.sync()                  # start-up's writes before the window, not in it
             before = [(proc_stats(p.pid)[0], wakeups(p.pid), write_bytes(p.pid)) for p in procs]
             dev0 = [device_bytes(disk.dev) for disk in disks]
             t0 = time.monotonic()
@@ -306,8 +307,8 @@ def idle(minutes: float, baseline_tree: Path | None, trace: bool = False) -> Non
                     samples[i].append(proc_stats(p.pid)[1])
             after = [(proc_stats(p.pid), wakeups(p.pid), write_bytes(p.pid)) for p in procs]
             elapsed = time.monotonic() - t0
-            if disks:
-                os.sync()                    # the window's writes, which writeback would send later
+            for disk in disks:
+                disk.sync()                  # the window's writes, which writeback would send later
             device = [device_bytes(disk.dev) - b for disk, b in zip(disks, dev0, strict=True)]
             delivered = [len(api.seqs(f"bench-{n:02d}")) for n in range(len(trees))]
     print(f"idle, signed in, 1 reading/min, MQTT + png panel (in /dev/shm, as /run) + button/LED, "

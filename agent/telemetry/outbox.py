@@ -338,7 +338,10 @@ class Outbox:
             top = self._conn().execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()[0]
             self._next_seq = max(next_seq, top + 1)
             if self._next_seq - 1 + SEQ_BLOCK > self._side.reserved(self.device_id) or not self._side.path.exists():
-                self._side.reserve(self.device_id, self._next_seq - 1 + SEQ_BLOCK)
+                try:
+                    self._side.reserve(self.device_id, self._next_seq - 1 + SEQ_BLOCK)
+                except OSError as err:      # the loss is still counted; a put past it tries again
+                    log.warning("outbox: seq reservation not written (%s)", err)
             total = max(self._dropped, old_dropped) + lost
             try:
                 with self._durable() as db:

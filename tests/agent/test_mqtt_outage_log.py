@@ -158,8 +158,9 @@ def test_after_a_lost_311_connection_trying_mqtt_5_again_waits_the_back_off(
     finally:
         n.stop()
     # Backoff(1.5, 1.5) with jitter factor 1.0: one wait of 1.5 s, not none (the bug was 0.01 s)
-    # and not two (3 s); the rest is margin for paho noticing the drop on a loaded 2-core box
-    assert 1.4 <= waited <= 2.6, waited
+    # and not two (3 s). Up to 1 s more is the old client's shutdown after the wait (paho's
+    # reconnect loop sleeps in 1 s steps; 2.51 s seen once in 19 runs), hence 2.9 s.
+    assert 1.4 <= waited <= 2.9, waited
 
 
 def test_a_publishing_bug_logs_its_traceback_once_then_counts(

@@ -612,3 +612,31 @@ def test_a_seq_reservation_the_disk_refused_is_written_by_the_next_put(tmp_path:
     box = open_box(path)
     assert box.put([reading()])[0] > max(handed_out)
     box.close()
+
+
+def test_a_deleted_outbox_is_replaced_and_its_loss_counted_even_when_the_side_file_cannot_be_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The outbox files deleted while running, and the disk refusing the side file at that
+    moment: check_file still opens a new database and counts what the old one held as dropped
+    (one WARNING for the reservation), instead of raising into the uploader's thread."""
+    import errno
+
+    from agent.telemetry import sidefile
+
+    path = tmp_path / "outbox.sqlite3"
+    box = open_box(path)
+    box.put([reading()] * 3)
+    for p in tmp_path.iterdir():
+        p.unlink()
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sidefile, "atomic_write", refused)
+    with caplog.at_level(logging.WARNING, logger="agent.telemetry.outbox"):
+        assert box.check_file() is True
+    assert box.counts().dropped == 3
+    assert "seq reservation not written" in caplog.text
+    monkeypatch.undo()
+    assert box.put([reading()])[0] == 4
+    box.close()
