@@ -239,17 +239,21 @@ class MqttPublisher:
                              properties=receive_maximum() if self._protocol == mqtt.MQTTv5 else None)
         client.loop_start()
 
-    def _rebuild(self, protocol: MQTTProtocolVersion) -> None:
-        """Runs on the publisher thread: paho fixes the protocol per Client, so build a new one."""
+    def _retire_client(self) -> None:
+        """The current client off and its network thread stopped (its callbacks are ignored
+        from here on: they check for the current client)."""
         with self._lock:
-            old = self._client
-            self._protocol = protocol
-            self._client = None
+            old, self._client = self._client, None
         if old is not None:
             shutdown_client(old, 2.0)
+
+    def _rebuild(self, protocol: MQTTProtocolVersion) -> None:
+        """Runs on the publisher thread: paho fixes the protocol per Client, so build a new one."""
+        self._retire_client()
         if self._stopping.is_set():
             return
         with self._lock:
+            self._protocol = protocol
             self._client = client = self._make_client()
         self._connect(client)
 
@@ -478,7 +482,15 @@ class MqttPublisher:
                 self._crashed.failed("MQTT: rebuilding the client failed", exc_info=True)
 
     def _rebuild_after(self, delay: float, protocol: MQTTProtocolVersion) -> None:
-        if delay > 0 and self._stopping.wait(delay):   # the back-off; stop ends it
+        """The old client retired first, then the back-off, then the new client: a client that
+        called ``disconnect()`` in its own ``on_disconnect`` still reconnects by itself (paho
+        marks the connection lost after the callback), so left running through the wait it
+        could connect again with the old protocol, and its shutdown after the wait made the
+        wait up to 1 s longer (paho's reconnect sleeps in 1 s steps)."""
+        began = time.monotonic()
+        self._retire_client()
+        left = delay - (time.monotonic() - began)
+        if left > 0 and self._stopping.wait(left):   # the back-off; stop ends it
             return
         self._rebuild(protocol)
         self._wake.set()
